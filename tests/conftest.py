@@ -44,11 +44,11 @@ def build_spm_tokenizer(directory: Path) -> None:
     corpus = directory / "corpus.txt"
     corpus.write_text(TRAINING_TEXT.replace("\r\n", "\n"))
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(directory / "tokenizer"), vocab_size=300, model_type="bpe",
+        input=str(corpus), model_prefix=str(directory / "tokenizer"), vocab_size=400, model_type="bpe",
         byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, minloglevel=2,
     )
     corpus.unlink()
-    LlamaTokenizer(vocab_file=str(directory / "tokenizer.model"), legacy=False).save_pretrained(directory)
+    LlamaTokenizer.from_pretrained(directory).save_pretrained(directory)
 
 
 def build_tiny_llama(directory: Path, vocab_size: int, *, tied: bool = True, rope_scaling: dict | None = None,
@@ -85,7 +85,7 @@ def tiny_spm_llama(tmp_path: Path) -> Path:
     d = tmp_path / "tiny-spm"
     d.mkdir()
     build_spm_tokenizer(d)
-    return build_tiny_llama(d, 300, tied=False)
+    return build_tiny_llama(d, 400, tied=False)
 
 
 @pytest.fixture(scope="session")

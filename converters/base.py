@@ -1,0 +1,204 @@
+"""The machinery shared by every architecture: tensor naming, the Q/K permutation, dtypes and the write.
+
+Modelled on llama.cpp's `conversion/` package: this base does the work, and each architecture module
+(`llama.py`, `deci.py`) only says how the per-layer shape goes into the metadata. Shapes always come from
+the model's weights (`edgeprune.shapes.shape_of`), so pruned models go through unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import gguf
+import numpy as np
+import torch
+
+from edgeprune.atomic import atomic_output
+from edgeprune.errors import EdgepruneError
+from edgeprune.shapes import ModelShape, shape_of
+
+from .vocab import Vocab
+
+T = gguf.MODEL_TENSOR
+# transformers module path inside a decoder layer -> GGUF tensor kind
+LAYER_TENSORS: dict[str, gguf.MODEL_TENSOR] = {
+    "input_layernorm": T.ATTN_NORM,
+    "self_attn.q_proj": T.ATTN_Q,
+    "self_attn.k_proj": T.ATTN_K,
+    "self_attn.v_proj": T.ATTN_V,
+    "self_attn.o_proj": T.ATTN_OUT,
+    "post_attention_layernorm": T.FFN_NORM,
+    "mlp.gate_proj": T.FFN_GATE,
+    "mlp.up_proj": T.FFN_UP,
+    "mlp.down_proj": T.FFN_DOWN,
+}
+OUTPUT_TYPES = {
+    "F32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
+    "F16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "BF16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+}
+
+
+def gguf_tensor_name(hf_module: str) -> str | None:
+    """GGUF name of the weight of a transformers module, e.g. model.layers.3.mlp.down_proj -> blk.3.ffn_down.weight."""
+    if hf_module == "lm_head":
+        return "output.weight"
+    parts = hf_module.split(".")
+    if len(parts) >= 4 and parts[:2] == ["model", "layers"]:
+        kind = LAYER_TENSORS.get(".".join(parts[3:]))
+        if kind is not None:
+            return f"{gguf.TENSOR_NAMES[kind].format(bid=int(parts[2]))}.weight"
+    return None
+
+
+def permute_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Reorder q/k rows from transformers' rotate-half layout to llama.cpp's interleaved RoPE layout, per head."""
+    rows = weight.shape[0]
+    return weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+@dataclass
+class ConversionInput:
+    """Everything the writer needs: a float torch Llama model, its vocab and descriptive metadata."""
+
+    model: torch.nn.Module
+    vocab: Vocab
+    name: str
+    context_length: int
+    metadata: dict[str, str] = field(default_factory=dict)  # extra edgeprune.* string keys (provenance)
+
+
+class ModelWriter:
+    """Writes a GGUF for one architecture; subclasses fill in `arch` and `add_shape_parameters`."""
+
+    arch: gguf.MODEL_ARCH
+
+    def __init__(self, source: ConversionInput, shape: ModelShape | None = None):
+        self.source = source
+        self.shape = shape or shape_of(source.model)
+        self.config = source.model.config
+        self.arch_name = gguf.MODEL_ARCH_NAMES[self.arch]
+
+    # --- the hook each architecture implements
+    def add_shape_parameters(self, writer: gguf.GGUFWriter) -> None:
+        raise NotImplementedError
+
+    # --- shared machinery
+    def write(self, path: str | Path, out_type: str = "F16", progress: Callable[[str], None] | None = None) -> Path:
+        if out_type not in OUTPUT_TYPES:
+            raise EdgepruneError(f"unknown GGUF output type {out_type!r}: the converter writes {', '.join(OUTPUT_TYPES)}")
+        tensor_type, file_type = OUTPUT_TYPES[out_type]
+        path = Path(path)
+        with atomic_output(path) as tmp:
+            writer = gguf.GGUFWriter(tmp, self.arch_name)
+            self.add_metadata(writer, file_type)
+            for name, data in self.tensors():
+                array, raw_dtype = self.encode(data, tensor_type)
+                writer.add_tensor(name, array, raw_dtype=raw_dtype)
+            if progress:
+                progress(f"writing {path.name} ({self.arch_name}, {out_type}, {len(self.shape.layers)} layers)")
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+        return path
+
+    def add_metadata(self, writer: gguf.GGUFWriter, file_type: int) -> None:
+        c, s = self.config, self.shape
+        writer.add_name(self.source.name)
+        writer.add_file_type(int(file_type))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_context_length(self.source.context_length)
+        writer.add_embedding_length(s.hidden_size)
+        writer.add_block_count(s.n_layers)
+        writer.add_vocab_size(s.vocab_size)
+        writer.add_rope_dimension_count(s.head_dim)
+        writer.add_key_length(s.head_dim)
+        writer.add_value_length(s.head_dim)
+        writer.add_layer_norm_rms_eps(float(c.rms_norm_eps))
+        rope = self.rope_parameters()
+        writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+        if rope.get("rope_type") == "linear" and rope.get("factor"):
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(float(rope["factor"]))
+        self.add_shape_parameters(writer)
+        self.source.vocab.write_to(writer)
+        for key, value in sorted(self.source.metadata.items()):
+            writer.add_string(key, value)
+
+    def rope_parameters(self) -> dict:
+        """transformers 5 keeps rope settings in `rope_parameters`; 4.x in rope_theta/rope_scaling."""
+        params = dict(getattr(self.config, "rope_parameters", None) or {})
+        params.setdefault("rope_theta", getattr(self.config, "rope_theta", 10000.0))
+        scaling = getattr(self.config, "rope_scaling", None) or {}
+        params.update({k: v for k, v in scaling.items() if k not in params})
+        if "type" in params and "rope_type" not in params:
+            params["rope_type"] = params["type"]
+        return params
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        model, s = self.source.model, self.shape
+        yield gguf.TENSOR_NAMES[T.TOKEN_EMBD] + ".weight", model.model.embed_tokens.weight
+        if (rope_freqs := self.llama3_rope_factors()) is not None:
+            yield gguf.TENSOR_NAMES[T.ROPE_FREQS] + ".weight", rope_freqs
+        for bid, (block, layer) in enumerate(zip(model.model.layers, s.layers)):
+            for module_path, kind in LAYER_TENSORS.items():
+                module = block.get_submodule(module_path) if _has_submodule(block, module_path) else None
+                if module is None:
+                    continue  # a layer without attention (deci n_head == 0) has no attention tensors
+                name = gguf.TENSOR_NAMES[kind].format(bid=bid)
+                weight = module.weight
+                if kind == T.ATTN_Q:
+                    weight = permute_rows(weight, layer.n_head)
+                elif kind == T.ATTN_K:
+                    weight = permute_rows(weight, layer.n_head_kv)
+                yield name + ".weight", weight
+                if getattr(module, "bias", None) is not None:
+                    yield name + ".bias", module.bias
+        yield gguf.TENSOR_NAMES[T.OUTPUT_NORM] + ".weight", model.model.norm.weight
+        if not s.tied_embeddings:
+            yield gguf.TENSOR_NAMES[T.OUTPUT] + ".weight", model.lm_head.weight
+
+    def llama3_rope_factors(self) -> torch.Tensor | None:
+        """Llama-3.1 style rope scaling is stored as a per-frequency factor tensor (rope_freqs)."""
+        rope = self.rope_parameters()
+        if str(rope.get("rope_type", "")).lower() != "llama3":
+            return None
+        dim, base = self.shape.head_dim, float(rope.get("rope_theta", 10000.0))
+        factor = float(rope.get("factor", 8.0))
+        low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
+        old_ctx = float(rope.get("original_max_position_embeddings", 8192))
+        factors = []
+        for i in range(0, dim, 2):
+            wavelen = 2 * math.pi * base ** (i / dim)
+            if wavelen < old_ctx / high:
+                factors.append(1.0)
+            elif wavelen > old_ctx / low:
+                factors.append(factor)
+            else:
+                smooth = (old_ctx / wavelen - low) / (high - low)
+                factors.append(1.0 / ((1 - smooth) / factor + smooth))
+        return torch.tensor(factors, dtype=torch.float32)
+
+    @staticmethod
+    def encode(data: torch.Tensor, tensor_type: gguf.GGMLQuantizationType) -> tuple[np.ndarray, gguf.GGMLQuantizationType | None]:
+        """Vectors stay F32 as llama.cpp expects; matrices take the requested float type (BF16 as raw bytes)."""
+        array = data.detach().to(torch.float32).cpu().numpy()
+        if not np.isfinite(array).all():
+            raise EdgepruneError("the model has NaN or Inf weights: the checkpoint is damaged or overflowed")
+        if array.ndim == 1 or tensor_type == gguf.GGMLQuantizationType.F32:
+            return array, None
+        if tensor_type == gguf.GGMLQuantizationType.F16:
+            return array.astype(np.float16), None
+        return gguf.quants.quantize(array, tensor_type), tensor_type
+
+
+def _has_submodule(block: torch.nn.Module, path: str) -> bool:
+    try:
+        block.get_submodule(path)
+        return True
+    except AttributeError:
+        return False

@@ -1,0 +1,173 @@
+"""The tokenizer as GGUF stores it, read from a Hugging Face directory or carried over from a source GGUF.
+
+A `Vocab` is plain data, so the writer does not care where it came from. From a GGUF input we copy the
+tokenizer keys verbatim (nothing can be lost); from a Hugging Face directory we build them the way
+llama.cpp's convert_hf_to_gguf.py does, with gguf-py's helpers for merges, special ids and the template.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+
+from edgeprune.errors import EdgepruneError
+
+# Keys of a GGUF's tokenizer section that are carried over verbatim from a GGUF input.
+_GGUF_TOKENIZER_PREFIX = "tokenizer."
+
+LLAMA3_PATTERN_MARK = "\\p{N}{1,3}"
+
+
+@dataclass
+class Vocab:
+    model: str  # tokenizer.ggml.model: "gpt2" (byte-level BPE) or "llama" (SentencePiece)
+    pre: str | None  # tokenizer.ggml.pre: selects llama.cpp's pre-tokenizer regexes
+    tokens: list[str]
+    token_types: list[int]
+    scores: list[float] | None = None
+    merges: list[str] = field(default_factory=list)
+    special_ids: dict[str, int] = field(default_factory=dict)  # "bos", "eos", "unk", "pad", ...
+    add_bos: bool | None = None
+    add_eos: bool | None = None
+    add_space_prefix: bool | None = None
+    chat_template: str | None = None
+
+    def write_to(self, writer: gguf.GGUFWriter) -> None:
+        writer.add_tokenizer_model(self.model)
+        if self.pre is not None:
+            writer.add_tokenizer_pre(self.pre)
+        writer.add_token_list(self.tokens)
+        writer.add_token_types(self.token_types)
+        if self.scores is not None:
+            writer.add_token_scores(self.scores)
+        if self.merges:
+            writer.add_token_merges(self.merges)
+        for kind, token_id in self.special_ids.items():
+            writer.add_uint32(f"tokenizer.ggml.{kind}_token_id", token_id)
+        if self.add_bos is not None:
+            writer.add_add_bos_token(self.add_bos)
+        if self.add_eos is not None:
+            writer.add_add_eos_token(self.add_eos)
+        if self.add_space_prefix is not None:
+            writer.add_add_space_prefix(self.add_space_prefix)
+        if self.chat_template:
+            writer.add_chat_template(self.chat_template)
+
+
+def vocab_from_gguf(reader: gguf.GGUFReader) -> Vocab:
+    """Carry a source GGUF's tokenizer over unchanged."""
+
+    def value(key: str):
+        f = reader.fields.get(_GGUF_TOKENIZER_PREFIX + key)
+        return None if f is None else f.contents()
+
+    tokens = value("ggml.tokens")
+    if tokens is None:
+        raise EdgepruneError("the GGUF has no tokenizer (tokenizer.ggml.tokens): use a GGUF with its vocabulary")
+    special = {}
+    for kind in ("bos", "eos", "unk", "sep", "pad", "cls", "mask", "eot", "eom"):
+        token_id = value(f"ggml.{kind}_token_id")
+        if token_id is not None:
+            special[kind] = int(token_id)
+    return Vocab(
+        model=value("ggml.model"),
+        pre=value("ggml.pre"),
+        tokens=list(tokens),
+        token_types=[int(t) for t in value("ggml.token_type")],
+        scores=[float(s) for s in value("ggml.scores")] if value("ggml.scores") is not None else None,
+        merges=list(value("ggml.merges") or []),
+        special_ids=special,
+        add_bos=value("ggml.add_bos_token"),
+        add_eos=value("ggml.add_eos_token"),
+        add_space_prefix=value("ggml.add_space_prefix"),
+        chat_template=value("chat_template"),
+    )
+
+
+def vocab_from_hf_dir(directory: Path, vocab_size: int) -> Vocab:
+    """Build the GGUF tokenizer from tokenizer.model (SentencePiece) or tokenizer.json (byte-level BPE)."""
+    if (directory / "tokenizer.model").is_file():
+        vocab = _sentencepiece_vocab(directory, vocab_size)
+    elif (directory / "tokenizer.json").is_file():
+        vocab = _bpe_vocab(directory, vocab_size)
+    else:
+        raise EdgepruneError(
+            f"no tokenizer in {directory}: expected tokenizer.json or tokenizer.model next to config.json"
+        )
+    special = gguf.SpecialVocab(directory, load_merges=vocab.model == "gpt2", n_vocab=vocab_size)
+    vocab.merges = [m if isinstance(m, str) else " ".join(m) for m in special.merges]
+    vocab.special_ids = dict(special.special_token_ids)
+    vocab.add_bos = special.add_special_token.get("bos")
+    vocab.add_eos = special.add_special_token.get("eos")
+    template = special.chat_template
+    vocab.chat_template = template if isinstance(template, str) else None
+    config_path = directory / "tokenizer_config.json"
+    if config_path.is_file():
+        vocab.add_space_prefix = json.loads(config_path.read_text(encoding="utf-8")).get("add_prefix_space")
+    return vocab
+
+
+def _read_tokenizer_json(directory: Path) -> dict:
+    path = directory / "tokenizer.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EdgepruneError(f"{path} is not valid JSON ({exc}): the file is truncated or damaged") from exc
+
+
+def _bpe_vocab(directory: Path, vocab_size: int) -> Vocab:
+    spec = _read_tokenizer_json(directory)
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        raise EdgepruneError(
+            f"{directory / 'tokenizer.json'} holds a {model.get('type')} tokenizer: supported are BPE and SentencePiece"
+        )
+    by_id: dict[int, tuple[str, int]] = {i: (t, gguf.TokenType.NORMAL) for t, i in model["vocab"].items()}
+    for added in spec.get("added_tokens", []):
+        kind = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+        by_id[added["id"]] = (added["content"], kind)
+    if by_id and max(by_id) >= vocab_size:
+        raise EdgepruneError(
+            f"tokenizer has token id {max(by_id)} but the model's vocab_size is {vocab_size}: tokenizer and weights disagree"
+        )
+    tokens, types = [], []
+    for i in range(vocab_size):
+        text, kind = by_id.get(i, (f"[PAD{i}]", gguf.TokenType.UNUSED))
+        tokens.append(text)
+        types.append(int(kind))
+    return Vocab(model="gpt2", pre=_bpe_pre_tokenizer(spec.get("pre_tokenizer")), tokens=tokens, token_types=types)
+
+
+def _bpe_pre_tokenizer(pre: dict | None) -> str:
+    """Name llama.cpp's pre-tokenizer that reproduces this tokenizer.json's pre-tokenization."""
+    if pre is None:
+        return "default"
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in parts]
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
+        return "smollm"
+    if kinds and kinds[0] == "Split" and LLAMA3_PATTERN_MARK in json.dumps(parts[0].get("pattern", {})).replace("\\\\", "\\"):
+        return "llama-bpe"
+    raise EdgepruneError(
+        f"unsupported BPE pre-tokenizer {kinds}: edgeprune knows GPT-2, Llama-3 and SmolLM byte-level BPE"
+    )
+
+
+def _sentencepiece_vocab(directory: Path, vocab_size: int) -> Vocab:
+    try:
+        pieces = list(gguf.vocab.SentencePieceVocab(directory).all_tokens())
+    except Exception as exc:  # sentencepiece raises bare RuntimeError on a damaged model file
+        raise EdgepruneError(f"cannot read {directory / 'tokenizer.model'}: {str(exc).splitlines()[0]}") from exc
+    if len(pieces) > vocab_size:
+        raise EdgepruneError(
+            f"tokenizer has {len(pieces)} tokens but the model's vocab_size is {vocab_size}: tokenizer and weights disagree"
+        )
+    tokens = [p.decode("utf-8") for p, _, _ in pieces] + [f"[PAD{i}]" for i in range(len(pieces), vocab_size)]
+    scores = [float(s) for _, s, _ in pieces] + [-1000.0] * (vocab_size - len(pieces))
+    types = [int(t) for _, _, t in pieces] + [int(gguf.TokenType.UNUSED)] * (vocab_size - len(pieces))
+    return Vocab(model="llama", pre="default", tokens=tokens, token_types=types, scores=scores)

@@ -1,0 +1,174 @@
+"""Model input: a Hugging Face Llama directory or a `llama` GGUF becomes a float torch model plus tokenizer.
+
+Model files are untrusted input. Everything is checked before it is loaded: the architecture, the
+safetensors headers against the file sizes, the GGUF header against its tensors. Pickle weights are
+refused unless the user names the risk, and remote code never runs.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from converters.vocab import Vocab, vocab_from_gguf, vocab_from_hf_dir
+
+from .errors import EdgepruneError
+from .gguf_check import read_gguf
+
+SUPPORTED = "a Hugging Face Llama directory (config.json, *.safetensors, tokenizer) or a llama-architecture .gguf"
+Progress = Callable[[str], None]
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module  # transformers LlamaForCausalLM, float32, eval mode
+    tokenizer: object  # transformers tokenizer, used to tokenize calibration text
+    vocab: Vocab  # what the GGUF's tokenizer section will hold
+    name: str
+    source: Path
+    context_length: int
+
+
+def load_model(path: str | Path, *, allow_pickle: bool = False, progress: Progress | None = None) -> LoadedModel:
+    path = Path(path)
+    say = progress or (lambda _msg: None)
+    if not path.exists():
+        raise EdgepruneError(f"model path {path} does not exist: give {SUPPORTED}")
+    say(f"loading {path}")
+    if path.is_dir():
+        loaded = _load_hf_directory(path, allow_pickle)
+    elif path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
+        loaded = _load_gguf(path)
+    else:
+        raise EdgepruneError(f"{path} is neither a directory nor a GGUF file: give {SUPPORTED}")
+    _check_finite(loaded.model, path)
+    loaded.model.eval()
+    return loaded
+
+
+def save_hf_directory(loaded: LoadedModel, directory: str | Path) -> Path:
+    """Write a plain Hugging Face checkpoint (safetensors + tokenizer), e.g. to compare with other converters."""
+    directory = Path(directory)
+    loaded.model.save_pretrained(directory, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(directory)
+    return directory
+
+
+# --- Hugging Face directories
+
+def _load_hf_directory(directory: Path, allow_pickle: bool) -> LoadedModel:
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    config = _read_llama_config(directory)
+    safetensors = sorted(directory.glob("*.safetensors"))
+    pickles = sorted(directory.glob("*.bin")) + sorted(directory.glob("*.pt")) + sorted(directory.glob("*.pth"))
+    if safetensors:
+        for f in safetensors:
+            _check_safetensors(f)
+    elif pickles and not allow_pickle:
+        raise EdgepruneError(
+            f"{directory} has only pickle weights ({pickles[0].name}), which can run arbitrary code when loaded: "
+            "convert them to safetensors, or pass --allow-pickle if you trust the file"
+        )
+    elif not pickles:
+        raise EdgepruneError(f"{directory} has no weights: expected model.safetensors (or shards) next to config.json")
+    if not ((directory / "tokenizer.json").is_file() or (directory / "tokenizer.model").is_file()):
+        raise EdgepruneError(f"{directory} has no tokenizer: expected tokenizer.json or tokenizer.model")
+    try:
+        model = LlamaForCausalLM.from_pretrained(
+            directory, dtype=torch.float32, use_safetensors=bool(safetensors), trust_remote_code=False
+        )
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise EdgepruneError(f"cannot load {directory}: {_first_line(exc)}") from exc
+    vocab = vocab_from_hf_dir(directory, model.config.vocab_size)
+    return LoadedModel(model, tokenizer, vocab, config.get("_name_or_path") or directory.name, directory,
+                       int(config.get("max_position_embeddings", 2048)))
+
+
+def _read_llama_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise EdgepruneError(f"{directory} has no config.json: give {SUPPORTED}")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EdgepruneError(f"{path} is not valid JSON: {exc}") from exc
+    model_type = config.get("model_type")
+    if model_type != "llama":
+        archs = ", ".join(config.get("architectures") or []) or "unknown"
+        raise EdgepruneError(
+            f"{directory} holds a {model_type!r} model ({archs}): edgeprune supports Llama-family models (model_type 'llama')"
+        )
+    return config
+
+
+def _check_safetensors(path: Path) -> None:
+    """Check the header and that every tensor lies inside the file, before anything is allocated."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise EdgepruneError(f"{path} is truncated ({size} bytes): download it again")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(size - 8, 100 << 20):
+            raise EdgepruneError(f"{path} has a corrupt header (claims {header_len} bytes): download it again")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise EdgepruneError(f"{path} has a corrupt header: download it again") from exc
+    data_size = size - 8 - header_len
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if end > data_size:
+        raise EdgepruneError(
+            f"{path} is truncated: its tensors need {end} bytes of data but the file has {data_size}: download it again"
+        )
+
+
+# --- GGUF files
+
+def _has_gguf_magic(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _load_gguf(path: Path) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    info = read_gguf(path)
+    if info.architecture != "llama":
+        raise EdgepruneError(
+            f"{path} is a {info.architecture!r} GGUF: edgeprune reads llama-architecture GGUFs (or a Hugging Face directory)"
+        )
+    vocab = vocab_from_gguf(info.reader)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        dequantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError, KeyError, NotImplementedError) as exc:
+        raise EdgepruneError(f"cannot load {path}: {_first_line(exc)}") from exc
+    # A GGUF-loaded model carries a quantization flag that blocks save_pretrained; rebuild a plain model.
+    config = dequantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = LlamaForCausalLM(config)
+    missing, unexpected = model.load_state_dict(dequantized.state_dict(), strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise EdgepruneError(f"{path} does not match its own metadata: tensors {sorted(unexpected or missing)[:3]} disagree")
+    model.tie_weights()
+    return LoadedModel(model, tokenizer, vocab, info.name or path.stem, path, info.context_length)
+
+
+def _check_finite(model: torch.nn.Module, path: Path) -> None:
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise EdgepruneError(f"{path} has NaN or Inf values in {name}: the checkpoint is damaged")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

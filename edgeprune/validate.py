@@ -1,0 +1,597 @@
+"""Validate a GGUF through llama.cpp: perplexity, KL divergence against a reference, speed and memory, in one report.
+
+The numbers follow llama.cpp's own tools (llama-perplexity, llama-bench), so users can reproduce them on their
+devices. Every model runs in a child process: a native crash (llama.cpp #20824 segfaults on Intel AMX CPUs)
+becomes a one-line error instead of killing the caller, and the child's peak RSS is the model's own.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .atomic import write_text_atomic
+from .errors import EdgepruneError
+from .gguf_check import GGUFInfo, read_gguf
+from .texts import Text, default_evaluation_text
+
+MIB = 1024 * 1024
+N_PROMPT = 128  # llama-bench style prompt-processing test
+N_GEN = 32  # llama-bench style token-generation test
+REPETITIONS = 3
+SPEED_BATCH = 512  # llama.cpp's default n_ubatch: how apps on the device feed a long prompt
+KV_PAD = 256  # llama.cpp rounds the context up to a multiple of 256 before allocating the KV cache
+KV_BYTES_PER_VALUE = 2  # f16 K and V, llama.cpp's default cache type
+ROW_BLOCK = 32  # logit rows turned into float64 at a time: bounds memory for 128k vocabularies
+PROGRESS_MARK = "@edgeprune-progress "
+AT_LEAST = {"decode_tps"}  # budget checks whose measurement must reach the limit rather than stay under it
+AMX_FIX = (
+    'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" '
+    "pip install --force-reinstall --no-cache-dir llama-cpp-python==0.3.36"
+)
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float
+    nll_mean: float
+    n_chunks: int
+    n_ctx: int
+    n_tokens_scored: int
+
+
+@dataclass
+class DivergenceResult:
+    """KL(reference || candidate) per scored token, as llama-perplexity --kl-divergence reports it."""
+
+    kld_mean: float
+    kld_median: float
+    kld_p90: float
+    kld_p99: float
+    kld_max: float
+    top1_agreement: float
+    delta_p_mean: float
+    delta_p_rms: float
+    n_tokens: int
+    reference_gguf: str
+    reference_ppl: float
+
+
+@dataclass
+class SpeedResult:
+    prefill_tps: float
+    decode_tps: float
+    ttft_s: float
+    n_prompt: int
+    n_gen: int
+    repetitions: int
+    threads: int
+    ttft_prompt_tokens: int
+
+
+@dataclass
+class MemoryResult:
+    """`total_bytes` is what the device must hold: file + KV cache + compute buffers, or peak RSS when llama.cpp
+    did not report its compute buffers."""
+
+    file_bytes: int
+    n_params: int
+    kv_cache_bytes: int
+    peak_rss_bytes: int
+    context_length: int
+    compute_buffer_bytes: int | None
+    total_bytes: int
+
+
+@dataclass
+class BudgetCheck:
+    name: str
+    limit: float
+    measured: float
+    unit: str
+    passed: bool
+
+
+@dataclass
+class ValidationReport:
+    gguf: str
+    eval_text: str
+    perplexity: PerplexityResult
+    divergence: DivergenceResult | None
+    speed: SpeedResult
+    memory: MemoryResult
+    checks: list[BudgetCheck]
+    passed: bool | None  # None when no budgets were given
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ValidationReport:
+        return cls(
+            gguf=data["gguf"],
+            eval_text=data["eval_text"],
+            perplexity=PerplexityResult(**data["perplexity"]),
+            divergence=DivergenceResult(**data["divergence"]) if data["divergence"] else None,
+            speed=SpeedResult(**data["speed"]),
+            memory=MemoryResult(**data["memory"]),
+            checks=[BudgetCheck(**c) for c in data["checks"]],
+            passed=data["passed"],
+        )
+
+
+def print_to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def validate_gguf(
+    gguf_path: str | Path,
+    *,
+    reference_gguf: str | Path | None = None,
+    eval_text: Text | None = None,
+    n_ctx: int = 512,
+    max_chunks: int | None = 20,
+    threads: int | None = None,
+    budgets: Any = None,
+    progress: Callable[[str], None] = print_to_stderr,
+) -> ValidationReport:
+    """Measure one GGUF with llama.cpp and, when `budgets` (a profile's Budgets) is given, check it against them."""
+    if n_ctx < 8:
+        raise EdgepruneError(f"n_ctx {n_ctx} is too small for perplexity: use 128 or more")
+    path = Path(gguf_path)
+    progress(f"checking {path}")
+    info = read_gguf(path)
+    if reference_gguf is not None:
+        read_gguf(reference_gguf)
+    text = eval_text or default_evaluation_text()
+    threads = threads or os.cpu_count() or 1
+    context_length = _budget(budgets, "context_length") or n_ctx
+    ttft_tokens = _budget(budgets, "ttft_prompt_tokens") or N_PROMPT
+
+    quality = _run_child({
+        "kind": "quality", "gguf": str(path), "reference": str(reference_gguf) if reference_gguf else None,
+        "text": text.content, "text_name": text.name, "n_ctx": n_ctx, "max_chunks": max_chunks, "threads": threads,
+    }, f"measuring the perplexity of {path}", progress)
+    probe = _run_child({
+        "kind": "speed", "gguf": str(path), "n_ctx": max(context_length, ttft_tokens + 1, N_PROMPT + N_GEN),
+        "threads": threads, "ttft_tokens": ttft_tokens,
+    }, f"measuring the speed of {path}", progress)
+
+    speed = SpeedResult(**probe["speed"])
+    file_bytes = path.stat().st_size
+    kv_bytes = kv_cache_bytes(info, context_length)
+    compute = probe["compute_buffer_bytes"]
+    memory = MemoryResult(
+        file_bytes=file_bytes, n_params=probe["n_params"], kv_cache_bytes=kv_bytes,
+        peak_rss_bytes=probe["peak_rss_bytes"], context_length=context_length, compute_buffer_bytes=compute,
+        total_bytes=file_bytes + kv_bytes + compute if compute is not None else probe["peak_rss_bytes"],
+    )
+    checks = check_budgets(speed, memory, budgets) if budgets is not None else []
+    return ValidationReport(
+        gguf=str(path),
+        eval_text=text.name,
+        perplexity=PerplexityResult(**quality["perplexity"]),
+        divergence=DivergenceResult(**quality["divergence"]) if quality["divergence"] else None,
+        speed=speed,
+        memory=memory,
+        checks=checks,
+        passed=all(c.passed for c in checks) if budgets is not None else None,
+    )
+
+
+def _budget(budgets: Any, name: str) -> Any:
+    return getattr(budgets, name, None) if budgets is not None else None
+
+
+def check_budgets(speed: SpeedResult, memory: MemoryResult, budgets: Any) -> list[BudgetCheck]:
+    """Compare measurements with a profile's budgets; a budget set to None is not checked.
+
+    `memory` must have been measured at budgets.context_length and `speed` with budgets.ttft_prompt_tokens.
+    """
+    wanted = [
+        ("memory", _budget(budgets, "memory_mib"), memory.total_bytes / MIB, "MiB"),
+        ("decode_tps", _budget(budgets, "min_decode_tps"), speed.decode_tps, "tok/s"),
+        ("ttft", _budget(budgets, "max_ttft_s"), speed.ttft_s, "s"),
+        ("file_size", _budget(budgets, "max_file_mib"), memory.file_bytes / MIB, "MiB"),
+    ]
+    return [
+        BudgetCheck(name, float(limit), float(measured), unit,
+                    measured >= limit if name in AT_LEAST else measured <= limit)
+        for name, limit, measured, unit in wanted
+        if limit is not None
+    ]
+
+
+def kv_cache_bytes(info: GGUFInfo, n_ctx: int) -> int:
+    """Bytes of llama.cpp's f16 KV cache at `n_ctx` without flash attention, allocated as llama-kv-cache.cpp does.
+
+    Per-layer head counts (deci) give per-layer K widths; V is stored transposed without flash attention, so
+    every layer's V is padded to the widest one.
+    """
+    n_layer = int(info.arch_value("block_count"))
+    heads = _per_layer(info.arch_value("attention.head_count"), n_layer)
+    heads_kv = _per_layer(info.arch_value("attention.head_count_kv", heads), n_layer)
+    default_head_dim = int(info.arch_value("embedding_length")) // heads[0]
+    k_len = int(info.arch_value("attention.key_length", default_head_dim))
+    v_len = int(info.arch_value("attention.value_length", default_head_dim))
+    cells = -(-n_ctx // KV_PAD) * KV_PAD
+    k_width = sum(k_len * h for h in heads_kv)
+    v_width = n_layer * v_len * max(heads_kv)
+    return cells * (k_width + v_width) * KV_BYTES_PER_VALUE
+
+
+def _per_layer(value: Any, n_layer: int) -> list[int]:
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)] * n_layer
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64: float32 loses the small probabilities that KL divergence sums."""
+    x = np.asarray(logits, dtype=np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def token_logprobs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Log-probability each logits row gives its target token (next-token NLL is its negation)."""
+    out = np.empty(len(targets))
+    for start in range(0, len(targets), ROW_BLOCK):
+        rows = slice(start, start + ROW_BLOCK)
+        lp = log_softmax(logits[rows])
+        out[rows] = lp[np.arange(len(lp)), targets[rows]]
+    return out
+
+
+def divergence_rows(ref_logits: np.ndarray, cand_logits: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
+    """Per position: KL(ref || cand), whether both pick the same top token, and both target log-probs."""
+    n = len(targets)
+    out = {"kld": np.empty(n), "same_top": np.empty(n, dtype=bool), "ref_logp": np.empty(n), "cand_logp": np.empty(n)}
+    for start in range(0, n, ROW_BLOCK):
+        rows = slice(start, start + ROW_BLOCK)
+        ref_lp, cand_lp = log_softmax(ref_logits[rows]), log_softmax(cand_logits[rows])
+        idx, tgt = np.arange(len(ref_lp)), targets[rows]
+        out["kld"][rows] = (np.exp(ref_lp) * (ref_lp - cand_lp)).sum(axis=1)
+        out["same_top"][rows] = ref_lp.argmax(axis=1) == cand_lp.argmax(axis=1)
+        out["ref_logp"][rows] = ref_lp[idx, tgt]
+        out["cand_logp"][rows] = cand_lp[idx, tgt]
+    return out
+
+
+def summarize_divergence(rows: dict[str, np.ndarray], reference_gguf: str) -> DivergenceResult:
+    """Aggregate `divergence_rows` over all chunks; percentiles interpolate linearly like llama-perplexity's."""
+    kld = rows["kld"]
+    p_diff = np.exp(rows["cand_logp"]) - np.exp(rows["ref_logp"])
+    return DivergenceResult(
+        kld_mean=float(kld.mean()),
+        kld_median=float(np.median(kld)),
+        kld_p90=float(np.percentile(kld, 90)),
+        kld_p99=float(np.percentile(kld, 99)),
+        kld_max=float(kld.max()),
+        top1_agreement=float(rows["same_top"].mean()),
+        delta_p_mean=float(p_diff.mean()),
+        delta_p_rms=float(np.sqrt(np.mean(p_diff**2))),
+        n_tokens=len(kld),
+        reference_gguf=reference_gguf,
+        reference_ppl=float(math.exp(-rows["ref_logp"].mean())),
+    )
+
+
+def format_summary(report: ValidationReport) -> str:
+    """A short table for the terminal; the JSON report holds everything."""
+    ppl, speed, mem = report.perplexity, report.speed, report.memory
+    lines = [
+        f"GGUF        {report.gguf}",
+        f"size        {mem.file_bytes / MIB:.1f} MiB, {mem.n_params / 1e6:.1f} M parameters",
+        f"PPL         {ppl.ppl:.3f}  ({report.eval_text}: {ppl.n_chunks} chunks of {ppl.n_ctx} tokens, "
+        f"{ppl.n_tokens_scored} scored)",
+    ]
+    if (d := report.divergence) is not None:
+        lines += [
+            f"reference   {d.reference_gguf}  (PPL {d.reference_ppl:.3f})",
+            f"KLD         mean {d.kld_mean:.5f}  median {d.kld_median:.5f}  p90 {d.kld_p90:.5f}  "
+            f"p99 {d.kld_p99:.5f}  max {d.kld_max:.5f}",
+            f"top-1       {100 * d.top1_agreement:.2f}% same as reference;  Δp mean {100 * d.delta_p_mean:+.3f}%  "
+            f"rms {100 * d.delta_p_rms:.3f}%",
+        ]
+    compute = f"{mem.compute_buffer_bytes / MIB:.1f} MiB" if mem.compute_buffer_bytes is not None else "unknown"
+    lines += [
+        f"speed       prefill {speed.prefill_tps:.1f} tok/s (pp{speed.n_prompt}), decode {speed.decode_tps:.1f} tok/s "
+        f"(tg{speed.n_gen}), median of {speed.repetitions}, {speed.threads} threads on this machine",
+        f"TTFT        {speed.ttft_s:.3f} s for a {speed.ttft_prompt_tokens}-token prompt",
+        f"memory      {mem.total_bytes / MIB:.1f} MiB = file + KV cache {mem.kv_cache_bytes / MIB:.1f} MiB "
+        f"(ctx {mem.context_length}) + compute {compute};  peak RSS {mem.peak_rss_bytes / MIB:.1f} MiB",
+    ]
+    for c in report.checks:
+        op = ">=" if c.name in AT_LEAST else "<="
+        lines.append(f"{'PASS' if c.passed else 'FAIL':<11} {c.name}: {c.measured:.3f} {c.unit} {op} {c.limit:g}")
+    if report.passed is not None:
+        lines.append(f"verdict     {'PASS' if report.passed else 'FAIL'}")
+    return "\n".join(lines)
+
+
+def write_report(report: ValidationReport, path: str | Path) -> None:
+    write_text_atomic(path, json.dumps(report.to_dict(), indent=2) + "\n")
+
+
+# --- the parent side of the child process ------------------------------------------------------------------
+
+
+def _run_child(task: dict, doing: str, progress: Callable[[str], None]) -> dict:
+    """Run one measuring task in a fresh interpreter, relaying its progress lines and turning deaths into errors."""
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+    with tempfile.TemporaryDirectory(prefix="edgeprune-validate-") as tmp:
+        task_path = Path(tmp) / "task.json"
+        task_path.write_text(json.dumps(task), encoding="utf-8")
+        code = "import sys; from edgeprune.validate import _child_main; _child_main(sys.argv[1])"
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(task_path)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True, errors="replace", env=env,
+        )
+        other_lines: deque[str] = deque(maxlen=20)
+        try:
+            for line in proc.stderr:
+                if line.startswith(PROGRESS_MARK):
+                    progress(line[len(PROGRESS_MARK):].rstrip("\n"))
+                elif line.strip():
+                    other_lines.append(line.strip())
+            returncode = proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        result_path = task_path.with_name("result.json")
+        if returncode < 0:
+            raise _death_error(-returncode, doing, other_lines)
+        if returncode != 0 or not result_path.is_file():
+            last = other_lines[-1] if other_lines else f"exit status {returncode}"
+            raise EdgepruneError(f"llama.cpp failed while {doing}: {last}")
+        result = json.loads(result_path.read_text(encoding="utf-8"))
+    if "error" in result:
+        raise EdgepruneError(result["error"])
+    return result
+
+
+def _death_error(signum: int, doing: str, other_lines: deque[str]) -> EdgepruneError:
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    if signum in (signal.SIGSEGV, signal.SIGILL):
+        return EdgepruneError(
+            f"llama.cpp crashed ({name}) while {doing}: native builds of llama-cpp-python crash on quantized models "
+            f"on Intel AMX CPUs (llama.cpp #20824); rebuild it portably: {AMX_FIX}"
+        )
+    if signum == signal.SIGKILL:
+        return EdgepruneError(f"llama.cpp was killed (SIGKILL) while {doing}, most likely out of memory: "
+                              "free memory, or lower n_ctx or the profile's context_length")
+    detail = f": {other_lines[-1]}" if other_lines else ""
+    return EdgepruneError(f"llama.cpp died ({name}) while {doing}{detail}")
+
+
+# --- the child side: everything below runs in the measuring process ----------------------------------------
+
+_llama_log: list[str] = []
+_log_callback = None  # the ctypes callback must stay referenced for as long as llama.cpp may call it
+
+
+def _child_main(task_path: str) -> None:
+    """Entry point of the measuring process: run one task and write its result next to the task file."""
+    task_file = Path(task_path)
+    task = json.loads(task_file.read_text(encoding="utf-8"))
+    try:
+        result = _TASKS[task["kind"]](task)
+    except EdgepruneError as exc:
+        result = {"error": str(exc)}
+    task_file.with_name("result.json").write_text(json.dumps(result), encoding="utf-8")
+
+
+def _report(line: str) -> None:
+    print(PROGRESS_MARK + line, file=sys.stderr, flush=True)
+
+
+def _import_llama_cpp():
+    """Import llama_cpp and route its log into `_llama_log`: silent, yet the sizes it reports stay readable."""
+    global _log_callback
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise EdgepruneError("llama-cpp-python is not installed: pip install llama-cpp-python==0.3.36") from exc
+    if _log_callback is None:
+        @llama_cpp.llama_log_callback
+        def on_log(level, text, user_data):  # noqa: ARG001 - ggml_log_callback signature
+            _llama_log.append(text.decode("utf-8", errors="replace"))
+
+        _log_callback = on_log
+        llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+    return llama_cpp
+
+
+class _Model:
+    """A loaded model and one reusable llama_batch: the raw calls llama-perplexity and llama-bench make."""
+
+    def __init__(self, path: str, *, n_ctx: int, n_batch: int, threads: int):
+        self.lib = _import_llama_cpp()
+        try:
+            self.llm = self.lib.Llama(
+                model_path=path, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(n_batch, SPEED_BATCH),
+                n_threads=threads, n_threads_batch=threads, verbose=False,
+            )
+        except (ValueError, RuntimeError) as exc:
+            errors = [line.strip() for line in "".join(_llama_log).splitlines() if "error" in line.lower()]
+            reason = errors[-1] if errors else str(exc)
+            raise EdgepruneError(f"llama.cpp could not load {path}: {reason}") from exc
+        self.ctx = self.llm.ctx
+        vocab = self.lib.llama_model_get_vocab(self.llm.model)
+        self.n_vocab = self.lib.llama_vocab_n_tokens(vocab)
+        self.add_bos = bool(self.lib.llama_vocab_get_add_bos(vocab))
+        self.bos = self.lib.llama_vocab_bos(vocab)
+        self.n_batch = n_batch
+        self.batch = self.lib.llama_batch_init(n_batch, 0, 1)
+        for i in range(n_batch):
+            self.batch.n_seq_id[i] = 1
+            self.batch.seq_id[i][0] = 0
+        self.tokens = np.ctypeslib.as_array(self.batch.token, shape=(n_batch,))
+        self.positions = np.ctypeslib.as_array(self.batch.pos, shape=(n_batch,))
+        self.wants_logits = np.ctypeslib.as_array(self.batch.logits, shape=(n_batch,))
+
+    def tokenize(self, text: str) -> list[int]:
+        """Tokens of `text` with BOS when the vocab asks for one: llama-perplexity's common_tokenize(..., true)."""
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+
+    def clear(self) -> None:
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
+
+    def decode(self, tokens, first_pos: int, outputs: range) -> None:
+        """Decode `tokens` at positions first_pos..., asking for logits at the indices in `outputs`."""
+        n = len(tokens)
+        self.tokens[:n] = tokens
+        self.positions[:n] = np.arange(first_pos, first_pos + n)
+        self.wants_logits[:n] = 0
+        self.wants_logits[outputs.start:outputs.stop] = 1
+        self.batch.n_tokens = n
+        status = self.lib.llama_decode(self.ctx, self.batch)
+        if status != 0:
+            raise EdgepruneError(f"llama.cpp could not decode a batch of {n} tokens (llama_decode returned {status})")
+        self.lib.llama_synchronize(self.ctx)
+
+    def logits(self, n_outputs: int) -> np.ndarray:
+        """A float32 copy of the logits asked for in the last decode, in batch order."""
+        data = np.ctypeslib.as_array(self.lib.llama_get_logits(self.ctx), shape=(n_outputs * self.n_vocab,))
+        return data.reshape(n_outputs, self.n_vocab).copy()
+
+    def score(self, chunk: list[int], first: int) -> np.ndarray:
+        """Logits of positions first..n-2 of a chunk decoded on a cleared cache: the ones that predict a scored token."""
+        self.clear()
+        self.decode(chunk, 0, range(first, len(chunk) - 1))
+        return self.logits(len(chunk) - 1 - first)
+
+
+def _measure_quality(task: dict) -> dict:
+    """Perplexity (and KL divergence against the reference) the llama-perplexity way, chunk by chunk."""
+    n_ctx, threads = task["n_ctx"], task["threads"]
+    _report(f"loading {task['gguf']}")
+    cand = _Model(task["gguf"], n_ctx=n_ctx, n_batch=n_ctx, threads=threads)
+    tokens = cand.tokenize(task["text"])
+    ref = None
+    if task["reference"]:
+        _report(f"loading reference {task['reference']}")
+        ref = _Model(task["reference"], n_ctx=n_ctx, n_batch=n_ctx, threads=threads)
+        if ref.n_vocab != cand.n_vocab or ref.tokenize(task["text"]) != tokens:
+            raise EdgepruneError(
+                f"{task['gguf']} and reference {task['reference']} have different vocabularies: KL divergence needs a "
+                "reference with the same tokenizer (the unpruned, unquantized model as GGUF)"
+            )
+    if len(tokens) < 2 * n_ctx:
+        raise EdgepruneError(
+            f"evaluation text {task['text_name']} has only {len(tokens)} tokens; perplexity at n_ctx {n_ctx} needs "
+            f"at least {2 * n_ctx}: give a longer text or a smaller n_ctx"
+        )
+    n_chunks = len(tokens) // n_ctx if task["max_chunks"] is None else min(task["max_chunks"], len(tokens) // n_ctx)
+    first = n_ctx // 2
+    rows: dict[str, list[np.ndarray]] = {}
+    for i in range(n_chunks):
+        chunk = list(tokens[i * n_ctx:(i + 1) * n_ctx])
+        if cand.add_bos:
+            chunk[0] = cand.bos
+        targets = np.asarray(chunk[first + 1:])
+        cand_logits = cand.score(chunk, first)
+        if ref is None:
+            part = {"cand_logp": token_logprobs(cand_logits, targets)}
+        else:
+            part = divergence_rows(ref.score(chunk, first), cand_logits, targets)
+        for key, values in part.items():
+            rows.setdefault(key, []).append(values)
+        nll_mean = -float(np.concatenate(rows["cand_logp"]).mean())
+        line = f"perplexity chunk {i + 1}/{n_chunks}: PPL {math.exp(nll_mean):.3f}"
+        if ref is not None:
+            line += f", mean KLD {float(np.concatenate(rows['kld']).mean()):.5f}"
+        _report(line)
+    scored = len(rows["cand_logp"]) * (n_ctx - 1 - first)
+    perplexity = {"ppl": math.exp(nll_mean), "nll_mean": nll_mean, "n_chunks": n_chunks, "n_ctx": n_ctx,
+                  "n_tokens_scored": scored}
+    divergence = None
+    if ref is not None:
+        _report("divergence: summarizing")
+        merged = {key: np.concatenate(values) for key, values in rows.items()}
+        divergence = dataclasses.asdict(summarize_divergence(merged, task["reference"]))
+    return {"perplexity": perplexity, "divergence": divergence}
+
+
+def _measure_speed(task: dict) -> dict:
+    """llama-bench's pp and tg tests plus time to first token, with the context the device will allocate."""
+    threads, ttft_tokens = task["threads"], task["ttft_tokens"]
+    _report(f"speed: loading {task['gguf']} with a {task['n_ctx']}-token context, {threads} threads")
+    model = _Model(task["gguf"], n_ctx=task["n_ctx"], n_batch=SPEED_BATCH, threads=threads)
+    rng = np.random.default_rng(0)
+
+    def random_prompt(n: int) -> np.ndarray:
+        """Random tokens after BOS, as llama-bench feeds: the cost of a token does not depend on which it is."""
+        tokens = rng.integers(0, model.n_vocab, n)
+        if model.add_bos:
+            tokens[0] = model.bos
+        return tokens
+
+    def process_prompt(tokens: np.ndarray) -> None:
+        model.clear()
+        for start in range(0, len(tokens), model.n_batch):
+            part = tokens[start:start + model.n_batch]
+            model.decode(part, start, range(len(part) - 1, len(part)))
+
+    def generate(n: int) -> None:
+        model.clear()
+        token = model.bos if model.add_bos else int(rng.integers(model.n_vocab))
+        for pos in range(n):
+            model.decode([token], pos, range(0, 1))
+            token = int(rng.integers(model.n_vocab))
+
+    def timed(fn, *args) -> float:
+        start = time.perf_counter()
+        fn(*args)
+        return time.perf_counter() - start
+
+    def first_token(tokens: np.ndarray) -> int:
+        process_prompt(tokens)
+        return int(model.logits(1)[0].argmax())
+
+    process_prompt(random_prompt(N_PROMPT))  # warm-up, as llama-bench does
+    generate(1)
+    pp, tg, ttft = [], [], []
+    for rep in range(REPETITIONS):
+        _report(f"speed: repetition {rep + 1}/{REPETITIONS} (pp{N_PROMPT}, tg{N_GEN}, TTFT at {ttft_tokens} tokens)")
+        pp.append(N_PROMPT / timed(process_prompt, random_prompt(N_PROMPT)))
+        tg.append(N_GEN / timed(generate, N_GEN))
+        ttft.append(timed(first_token, random_prompt(ttft_tokens)))
+    compute = re.findall(r"compute buffer size =\s*([0-9.]+) MiB", "".join(_llama_log))
+    return {
+        "speed": {"prefill_tps": float(np.median(pp)), "decode_tps": float(np.median(tg)),
+                  "ttft_s": float(np.median(ttft)), "n_prompt": N_PROMPT, "n_gen": N_GEN, "repetitions": REPETITIONS,
+                  "threads": threads, "ttft_prompt_tokens": ttft_tokens},
+        "n_params": int(model.lib.llama_model_n_params(model.llm.model)),
+        "compute_buffer_bytes": round(sum(float(mib) for mib in compute) * MIB) if compute else None,
+        "peak_rss_bytes": _peak_rss_bytes(),
+    }
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+
+
+_TASKS = {"quality": _measure_quality, "speed": _measure_speed}
