@@ -246,7 +246,8 @@ def _check(path: Path, section: str, key: str, value, spec: _Field):
             raise EdgepruneError(f"{where} must be a plain number of {spec.unit}, without quotes or units, "
                                  f"e.g. {key} = {spec.example}")
         if not math.isfinite(value) or value <= 0:
-            raise EdgepruneError(f"{where} must be a finite number of {spec.unit} above zero, e.g. {key} = {spec.example}")
+            raise EdgepruneError(f"{where} must be a finite number of {spec.unit} above zero, "
+                                 f"e.g. {key} = {spec.example}")
         return float(value)
     if spec.kind == "count":
         if not isinstance(value, int) or isinstance(value, bool):
@@ -278,7 +279,7 @@ def _check(path: Path, section: str, key: str, value, spec: _Field):
             raise EdgepruneError(f"{where} is not a KV cache type llama.cpp offers here; use one of "
                                  f"{', '.join(KV_CACHE_TYPES)} in quotes")
         return value
-    if not isinstance(value, str) or not value.strip() or "\n" in value:
+    if not isinstance(value, str) or not value.strip() or len(value.splitlines()) > 1:
         raise EdgepruneError(f"{where} must be one line of text in quotes, e.g. {key} = {spec.example}")
     return value
 
@@ -295,8 +296,8 @@ def _check_consistency(profile: Profile) -> None:
     """Rules that tie fields together, each a load failure in llama.cpp or a budget nobody can measure."""
     path, runtime, budgets = profile.path, profile.runtime, profile.budgets
     if runtime.default_quant not in runtime.quant_types:
-        raise EdgepruneError(f"{path}: [runtime] default_quant = {_toml_value(runtime.default_quant)} is not in quant_types; "
-                             f"add it there or pick one of {', '.join(runtime.quant_types)}")
+        raise EdgepruneError(f"{path}: [runtime] default_quant = {_toml_value(runtime.default_quant)} is not in "
+                             f"quant_types; add it there or pick one of {', '.join(runtime.quant_types)}")
     if runtime.kv_cache_type == "q8_0" and not runtime.flash_attention:
         raise EdgepruneError(f"{path}: [runtime] kv_cache_type = \"q8_0\" needs flash_attention = true "
                              f"(llama.cpp quantizes the V cache only with flash attention); set it or use \"f16\"")
@@ -308,7 +309,7 @@ def _check_consistency(profile: Profile) -> None:
 def _syntax_detail(exc: tomllib.TOMLDecodeError, text: str) -> str:
     """tomllib's message plus the offending line, so that the user sees which field is broken."""
     found = re.search(r"at line (\d+)", str(exc))
-    lines = text.splitlines()
+    lines = text.split("\n")  # TOML counts lines by LF only
     if found and int(found.group(1)) <= len(lines):
         return f"{exc} in `{lines[int(found.group(1)) - 1].strip()}`"
     return str(exc)

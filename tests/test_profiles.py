@@ -17,7 +17,6 @@ SHIPPED = {
     "raspberry-pi-5-8gb", "raspberry-pi-4-4gb", "jetson-orin-nano-8gb", "apple-m1-8gb", "snapdragon-8-gen-3-phone",
     "x86-laptop-16gb",
 }
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "profiles"
 
 VALID = """\
 # Test device. Source: made up for the test.
@@ -95,9 +94,9 @@ def test_every_shipped_profile_loads():
 
 
 def test_shipped_profiles_cite_their_sources():
-    for path in SHIPPED_DIR.glob("*.toml"):
-        head = path.read_text(encoding="utf-8").split("[device]")[0]
-        assert "Source" in head and head.lstrip().startswith("#"), path.name
+    for profile in list_profiles():
+        head = profile.path.read_text(encoding="utf-8").split("[device]")[0]
+        assert "Source" in head and head.startswith("#"), profile.path
 
 
 def test_budgets_bind_somewhere_and_not_everywhere():
@@ -157,38 +156,75 @@ BAD_INPUTS = {
     "misspelt section": (edited("[runtime]", "[runtmie]"), ["[runtmie]", "did you mean runtime"]),
     "field above every section": ("threads = 4\n" + edited("threads = 4\n", ""), ["threads", "move it under [device]"]),
     "section given as a value": ("budgets = 3\n" + VALID[:VALID.index("[budgets]")], ["budgets", "must be a section"]),
-    "units in a string": (edited("memory_mib = 200", 'memory_mib = "3 GB"'), ["memory_mib", "plain number of MiB", "3 GB"]),
-    "quoted number": (edited("min_decode_tps = 25.0", 'min_decode_tps = "25"'), ["min_decode_tps", "tokens per second"]),
+    "units in a string": (
+        edited("memory_mib = 200", 'memory_mib = "3 GB"'),
+        ["memory_mib", "plain number of MiB", "3 GB"],
+    ),
+    "quoted number": (
+        edited("min_decode_tps = 25.0", 'min_decode_tps = "25"'),
+        ["min_decode_tps", "tokens per second"],
+    ),
     "bandwidth with unit": (edited("memory_bandwidth_gbs = 17 ", 'memory_bandwidth_gbs = "17 GB/s" '),
                             ["memory_bandwidth_gbs", "plain number of GB/s"]),
     "bool for a number": (edited("max_ttft_s = 2.0", "max_ttft_s = true"), ["max_ttft_s", "seconds"]),
     "list for a number": (edited("compute_gflops = 60.0", "compute_gflops = [60]"), ["compute_gflops", "plain number"]),
     "fractional count": (edited("threads = 4", "threads = 4.5"), ["threads", "whole number"]),
-    "count with units": (edited("context_length = 2048", 'context_length = "2k"'), ["context_length", "whole number of tokens"]),
+    "count with units": (
+        edited("context_length = 2048", 'context_length = "2k"'),
+        ["context_length", "whole number of tokens"],
+    ),
     "zero memory": (edited("memory_mib = 200", "memory_mib = 0"), ["memory_mib", "above zero"]),
-    "negative bandwidth": (edited("memory_bandwidth_gbs = 17 ", "memory_bandwidth_gbs = -17 "), ["memory_bandwidth_gbs", "above zero"]),
+    "negative bandwidth": (
+        edited("memory_bandwidth_gbs = 17 ", "memory_bandwidth_gbs = -17 "),
+        ["memory_bandwidth_gbs", "above zero"],
+    ),
     "infinite compute": (edited("compute_gflops = 60.0", "compute_gflops = inf"), ["compute_gflops", "finite"]),
     "nan budget": (edited("min_decode_tps = 25.0", "min_decode_tps = nan"), ["min_decode_tps", "finite"]),
     "zero threads": (edited("threads = 4", "threads = 0"), ["threads", "at least 1"]),
     "negative context": (edited("context_length = 2048", "context_length = -1"), ["context_length", "at least 1"]),
     "zero file budget": (edited("max_file_mib = 120", "max_file_mib = 0"), ["max_file_mib", "above zero"]),
     "zero efficiency": (edited("decode_efficiency = 0.6", "decode_efficiency = 0"), ["decode_efficiency", "(0, 1]"]),
-    "efficiency above one": (edited("prefill_efficiency = 1", "prefill_efficiency = 1.01"), ["prefill_efficiency", "(0, 1]"]),
-    "efficiency in percent": (edited("decode_efficiency = 0.6", "decode_efficiency = 60"), ["decode_efficiency", "60%"]),
-    "efficiency as text": (edited("decode_efficiency = 0.6", 'decode_efficiency = "60%"'), ["decode_efficiency", "(0, 1]"]),
+    "efficiency above one": (
+        edited("prefill_efficiency = 1", "prefill_efficiency = 1.01"),
+        ["prefill_efficiency", "(0, 1]"],
+    ),
+    "efficiency in percent": (
+        edited("decode_efficiency = 0.6", "decode_efficiency = 60"),
+        ["decode_efficiency", "60%"],
+    ),
+    "efficiency as text": (
+        edited("decode_efficiency = 0.6", 'decode_efficiency = "60%"'),
+        ["decode_efficiency", "(0, 1]"],
+    ),
     "bool as text": (edited("allow_deci = true", 'allow_deci = "yes"'), ["allow_deci", "true or false"]),
     "bool as number": (edited("flash_attention = false", "flash_attention = 0"), ["flash_attention", "true or false"]),
     "empty name": (edited('name = "Test board"', 'name = ""'), ["name", "text"]),
     "multi-line name": (edited('name = "Test board"', 'name = "Test\\nboard"'), ["name", "one line"]),
-    "unknown kv cache type": (edited('kv_cache_type = "f16"', 'kv_cache_type = "q4_0"'), ["kv_cache_type", "f16, q8_0, f32"]),
+    "name with a carriage return": (edited('name = "Test board"', 'name = "Test\\rboard"'), ["name", "one line"]),
+    "unknown kv cache type": (
+        edited('kv_cache_type = "f16"', 'kv_cache_type = "q4_0"'),
+        ["kv_cache_type", "f16, q8_0, f32"],
+    ),
     "quantized kv without flash attention": (edited('kv_cache_type = "f16"', 'kv_cache_type = "q8_0"'),
                                              ["kv_cache_type", "flash_attention"]),
-    "default quant not allowed": (edited('default_quant = "Q4_K_M"', 'default_quant = "Q6_K"'), ["default_quant", "quant_types"]),
-    "default quant unknown": (edited('default_quant = "Q4_K_M"', 'default_quant = "Q4_K_X"'), ["default_quant", "Q4_K_X"]),
+    "default quant not allowed": (
+        edited('default_quant = "Q4_K_M"', 'default_quant = "Q6_K"'),
+        ["default_quant", "quant_types"],
+    ),
+    "default quant unknown": (
+        edited('default_quant = "Q4_K_M"', 'default_quant = "Q4_K_X"'),
+        ["default_quant", "Q4_K_X"],
+    ),
     "quant type unknown": (edited('"Q4_0"]', '"Q4_K_XL"]'), ["quant_types", "Q4_K_XL"]),
     "quant type lower case": (edited('"Q4_0"]', '"q4_0"]'), ["quant_types", "did you mean Q4_0"]),
-    "quant types not a list": (edited('quant_types = ["Q8_0", "Q4_K_M", "Q4_0"]', 'quant_types = "Q4_K_M"'), ["quant_types", "list"]),
-    "quant types empty": (edited('quant_types = ["Q8_0", "Q4_K_M", "Q4_0"]', "quant_types = []"), ["quant_types", "non-empty"]),
+    "quant types not a list": (
+        edited('quant_types = ["Q8_0", "Q4_K_M", "Q4_0"]', 'quant_types = "Q4_K_M"'),
+        ["quant_types", "list"],
+    ),
+    "quant types empty": (
+        edited('quant_types = ["Q8_0", "Q4_K_M", "Q4_0"]', "quant_types = []"),
+        ["quant_types", "non-empty"],
+    ),
     "quant type twice": (edited('"Q4_0"]', '"Q4_0", "Q8_0"]'), ["quant_types", "twice"]),
     "quant type not text": (edited('"Q4_0"]', "4]"), ["quant_types", "not a llama.cpp quant type"]),
     "prompt longer than context": (edited("ttft_prompt_tokens = 128", "ttft_prompt_tokens = 4096"),
