@@ -36,3 +36,7 @@ def fetch_smollm2(cache_dir: Path = DEFAULT_CACHE) -> Path:
                 while chunk := src.read(1 << 20):
                     dst.write(chunk)
     return target
+
+
+if __name__ == "__main__":
+    print(fetch_smollm2())

@@ -1,0 +1,149 @@
+"""The `edgeprune` command line: export, prune, validate and profiles.
+
+Every user error ends as one line on stderr and a non-zero exit; Ctrl-C and SIGTERM unwind through the
+same cleanup, so no half-written file is left under a final name.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .atomic import install_signal_handlers, write_text_atomic
+from .errors import EdgepruneError
+
+_START = time.perf_counter()
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def progress(message: str) -> None:
+    click.echo(f"[{time.perf_counter() - _START:7.1f}s] {message}", err=True)
+
+
+def _profile(name_or_path: str):
+    from .profiles import load_profile
+
+    return load_profile(name_or_path)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="edgeprune")
+def cli() -> None:
+    """Prune and quantize a Llama-family model into a GGUF that fits a device, and prove that it does.
+
+    \b
+    Typical use:
+      edgeprune profiles list
+      edgeprune export ./SmolLM2-135M-Instruct --profile raspberry-pi-5-8gb --out out/pi5
+      edgeprune validate out/pi5/SmolLM2-135M-Instruct-Q4_K_M.gguf --profile raspberry-pi-5-8gb
+    """
+
+
+def text_options(fn):
+    fn = click.option("--eval", "eval_path", type=click.Path(path_type=Path),
+                      help="Evaluation text (UTF-8). Default: built-in Python reference text, odd topics.")(fn)
+    fn = click.option("--threads", type=int, default=None, help="Threads for llama.cpp here. Default: all cores.")(fn)
+    fn = click.option("--eval-chunks", type=int, default=20, show_default=True, help="Perplexity chunks to score.")(fn)
+    fn = click.option("--eval-ctx", type=int, default=512, show_default=True, help="Perplexity chunk length.")(fn)
+    return fn
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--profile", "profile_name", required=True, help="Shipped profile name or path to a profile TOML.")
+@click.option("--quant", default=None, help="llama.cpp quant type (Q4_K_M, Q8_0, ...). Default: the profile's.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Output directory.")
+@click.option("--calib", type=click.Path(path_type=Path), help="Calibration text (UTF-8). Default: built-in, offline.")
+@click.option("--no-imatrix", is_flag=True, help="Quantize without an importance matrix.")
+@click.option("--allow-pickle", is_flag=True, help="Load pickle .bin weights (they can run code: trusted files only).")
+@text_options
+def export(model, profile_name, quant, out_dir, calib, no_imatrix, allow_pickle, eval_path, threads, eval_chunks,
+           eval_ctx):
+    """Export MODEL (a Hugging Face Llama directory or a llama GGUF) for a device profile.
+
+    Writes DIR/<model>-<QUANT>.gguf, the unpruned F16 reference DIR/reference-F16.gguf and DIR/report.json,
+    and prints the validation summary. Exits 1 when the model misses a budget of the profile.
+    """
+    from .pipeline import ExportOptions, export_model
+
+    profile = _profile(profile_name)
+    options = ExportOptions(quant=quant, calib=calib, eval=eval_path, imatrix=not no_imatrix, eval_ctx=eval_ctx,
+                            eval_chunks=eval_chunks, threads=threads, allow_pickle=allow_pickle)
+    result = export_model(model, profile, out_dir, options, progress)
+    click.echo(result.summary)
+    click.echo(f"wrote {result.gguf} and {result.report_path}")
+    if result.report.passed is False:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("gguf", type=click.Path(path_type=Path))
+@click.option("--reference", type=click.Path(path_type=Path), help="Unquantized, unpruned GGUF for KL divergence.")
+@click.option("--profile", "profile_name", default=None, help="Judge the budgets of this profile (name or TOML).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the report as JSON here.")
+@text_options
+def validate(gguf, reference, profile_name, json_path, eval_path, threads, eval_chunks, eval_ctx):
+    """Measure GGUF with llama.cpp: perplexity, KL divergence, speed and memory, judged against a profile."""
+    from .texts import evaluation_text
+    from .validate import format_summary, validate_gguf
+
+    profile = _profile(profile_name) if profile_name else None
+    report = validate_gguf(gguf, reference_gguf=reference, eval_text=evaluation_text(eval_path), n_ctx=eval_ctx,
+                           max_chunks=eval_chunks, threads=threads, budgets=profile.budgets if profile else None,
+                           progress=progress)
+    click.echo(format_summary(report))
+    if json_path:
+        write_text_atomic(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
+    if report.passed is False:
+        sys.exit(1)
+
+
+@cli.group()
+def profiles() -> None:
+    """List and show device profiles."""
+
+
+@profiles.command("list")
+def profiles_list() -> None:
+    """List the shipped device profiles with their main budgets."""
+    from .profiles import list_profiles
+
+    for p in list_profiles():
+        b = p.budgets
+        click.echo(f"{p.name:28} {p.device.name:34} {b.memory_mib:>7.0f} MiB  ctx {b.context_length:>5}  "
+                   f">= {b.min_decode_tps:g} tok/s  TTFT <= {b.max_ttft_s:g} s")
+
+
+@profiles.command("show")
+@click.argument("name")
+def profiles_show(name: str) -> None:
+    """Print a profile (shipped name or TOML path) as TOML."""
+    from .profiles import profile_to_toml
+
+    click.echo(profile_to_toml(_profile(name)), nl=False)
+
+
+def main() -> None:
+    install_signal_handlers()
+    try:
+        cli.main(standalone_mode=False)
+    except EdgepruneError as exc:
+        click.echo(f"edgeprune: error: {exc}", err=True)
+        sys.exit(EXIT_USER_ERROR)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, click.Abort):
+        click.echo("edgeprune: interrupted; no partial output was kept", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""The export pipeline: model → calibration statistics → plan → pruned model → GGUF → quantized GGUF → report.
+
+Each stage is its own module; this one only wires them together so that the CLI and Python users run the
+same steps. Bad input that can be checked cheaply (texts, output directory, quant type) is checked before
+the long work starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from converters import ConversionInput, gguf_tensor_name, write_gguf
+
+from .atomic import ensure_writable_dir, write_text_atomic
+from .calibration import collect_calibration
+from .loading import load_model
+from .profiles import Profile
+from .quantize import QUANT_TYPES, QuantizeResult, check_quant_type, quantize_gguf
+from .texts import calibration_text, evaluation_text
+from .validate import ValidationReport, format_summary, validate_gguf
+
+Progress = Callable[[str], None]
+REFERENCE_NAME = "reference-F16.gguf"
+REPORT_NAME = "report.json"
+
+
+@dataclass
+class ExportOptions:
+    quant: str | None = None  # None: the profile's default_quant
+    calib: Path | None = None  # None: the built-in offline calibration text
+    eval: Path | None = None  # None: the built-in offline evaluation text
+    imatrix: bool = True
+    calib_sequences: int = 64
+    calib_seq_len: int = 256
+    eval_ctx: int = 512
+    eval_chunks: int = 20
+    threads: int | None = None
+    allow_pickle: bool = False
+    prune: object | None = None  # edgeprune.pruning.PruneOptions
+
+
+@dataclass
+class ExportResult:
+    gguf: Path
+    reference_gguf: Path
+    report_path: Path
+    report: ValidationReport
+    quantization: QuantizeResult
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def summary(self) -> str:
+        return format_summary(self.report)
+
+
+def export_model(model_path: str | Path, profile: Profile, out_dir: str | Path, options: ExportOptions | None = None,
+                 progress: Progress | None = None) -> ExportResult:
+    options = options or ExportOptions()
+    say = progress or (lambda _msg: None)
+    out_dir = Path(out_dir)
+    quant = check_quant_type(options.quant or profile.runtime.default_quant)
+    ensure_writable_dir(out_dir)
+    calib = calibration_text(options.calib)
+    evaluation = evaluation_text(options.eval)
+    threads = options.threads or os.cpu_count() or 1  # validation runs here, on this machine's cores
+    timings: dict[str, float] = {}
+
+    def timed(stage: str, fn, *args, **kwargs):
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        timings[stage] = round(time.perf_counter() - start, 2)
+        return result
+
+    loaded = timed("load", load_model, model_path, allow_pickle=options.allow_pickle, progress=say)
+    source = ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length,
+                             metadata={"edgeprune.source": Path(model_path).name, "edgeprune.profile": profile.name})
+    reference = timed("write_reference", write_gguf, source, out_dir / REFERENCE_NAME, "F16", say)
+    say("tokenizing calibration text")
+    tokens = loaded.tokenizer(calib.content, add_special_tokens=False)["input_ids"]
+
+    model, float_gguf, prune_details = loaded.model, reference, None
+    if options.prune is not None:
+        from .pruning import prune_model
+
+        pruned = timed("prune", prune_model, loaded.model, tokens, options.prune, progress=say)
+        model, prune_details = pruned.model, _prune_summary(pruned)
+        source.model = model
+        float_gguf = timed("write_pruned", write_gguf, source, out_dir / "pruned-F16.gguf", "F16", say)
+
+    imatrix = None
+    if options.imatrix and quant not in ("F32", "F16", "BF16"):
+        stats = timed("calibrate", collect_calibration, model, tokens, n_seq=options.calib_sequences,
+                      seq_len=options.calib_seq_len, text_name=calib.name, progress=say)
+        imatrix = {gguf_tensor_name(k): v for k, v in stats.imatrix().items() if gguf_tensor_name(k)}
+    final = out_dir / f"{output_stem(model_path)}-{quant}.gguf"
+    quantized = timed("quantize", quantize_gguf, float_gguf, final, quant, imatrix=imatrix,
+                      imatrix_text=calib.name, threads=threads, progress=say)
+    report = timed("validate", validate_gguf, final, reference_gguf=reference, eval_text=evaluation,
+                   n_ctx=options.eval_ctx, max_chunks=options.eval_chunks, threads=threads,
+                   budgets=profile.budgets, progress=say)
+    document = {
+        "export": {
+            "model": str(model_path), "profile": profile.name, "quant": quant, "gguf": final.name,
+            "imatrix": {"used": imatrix is not None, "text": calib.name, "entries": len(imatrix or {})},
+            "fallbacks": [asdict(f) for f in quantized.fallbacks], "pruning": prune_details, "seconds": timings,
+        },
+        "validation": report.to_dict(),
+    }
+    report_path = out_dir / REPORT_NAME
+    write_text_atomic(report_path, json.dumps(document, indent=2) + "\n")
+    return ExportResult(final, reference, report_path, report, quantized, timings)
+
+
+def _prune_summary(result) -> dict:
+    return {
+        "architecture": result.shape.architecture,
+        "removed_params": result.removed_params,
+        "decoder_params_before": result.decoder_params_before,
+        "layers": [asdict(layer) for layer in result.shape.layers],
+        "details": result.details,
+    }
+
+
+def output_stem(model_path: str | Path) -> str:
+    """Name outputs after the input: SmolLM2-135M-Instruct.Q4_1.gguf -> SmolLM2-135M-Instruct."""
+    path = Path(model_path)
+    stem = path.name if path.is_dir() else path.stem
+    base, _, suffix = stem.rpartition(".")
+    if base and suffix.upper() in QUANT_TYPES:
+        stem = base
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "-" for c in stem).strip("-.")
+    return cleaned or "model"

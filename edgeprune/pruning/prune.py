@@ -1,0 +1,206 @@
+"""prune_model: score, allocate, cut and recover, in one or more steps, on a transformers Llama in place."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..calibration import calibration_batches, collect_calibration
+from ..errors import EdgepruneError
+from ..shapes import LayerShape, ModelShape, shape_of
+from .allocation import (
+    LayerPlan, build_plans, channel_units, head_units, select_adaptive, select_uniform,
+)
+from .criteria import CRITERIA, accumulate_gradients, release_gradients, score_layers
+from .evaluate import mean_nll
+from .recovery import bias_compensation, plain_removal, reconstruct_sequentially
+from .surgery import add_output_bias, head_index, remove_layers, shrink_attention, shrink_mlp, sync_config
+
+DEFAULT_METHOD = "edgeprune"
+METHODS = (DEFAULT_METHOD, *CRITERIA)
+ALLOCATIONS = ("uniform", "adaptive")
+HEAD_MODES = ("auto", "per-group", "kv-groups")
+RECOVERIES = ("none", "bias", "reconstruct")
+RIDGE = 0.01  # relative to the mean input energy; see recovery.ridge_refit
+TAYLOR_SEQUENCES = 8  # backward passes cost ~3 forwards; a few sequences rank channels well enough
+AUTO_SEQUENCES = 8  # calibration sequences that decide head_mode="auto"
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class PruneOptions:
+    """What to remove. Ratios are fractions of the attention (q,k,v,o) and MLP parameters of the layers
+    left after `layers` whole layers are dropped."""
+
+    heads: float = 0.0
+    ffn: float = 0.0
+    layers: int = 0
+    method: str = DEFAULT_METHOD
+    allocation: str = "adaptive"
+    head_mode: str = "auto"
+    recovery: str = "reconstruct"
+    align: int = 32
+    steps: int = 1
+    calib_sequences: int = 32
+    calib_seq_len: int = 256
+    seed: int = 0
+
+    def validate(self, n_layers: int) -> None:
+        for name, allowed in (("method", METHODS), ("allocation", ALLOCATIONS), ("head_mode", HEAD_MODES),
+                              ("recovery", RECOVERIES)):
+            if getattr(self, name) not in allowed:
+                raise EdgepruneError(f"unknown {name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        for name in ("heads", "ffn"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise EdgepruneError(f"{name} ratio {getattr(self, name)} is outside [0, 1): give e.g. 0.2")
+        if not 0 <= self.layers < n_layers:
+            raise EdgepruneError(f"cannot remove {self.layers} of {n_layers} layers: give 0 … {n_layers - 1}")
+        for name in ("align", "steps", "calib_sequences", "calib_seq_len"):
+            if getattr(self, name) < 1:
+                raise EdgepruneError(f"{name} must be a positive integer, got {getattr(self, name)}")
+
+    @property
+    def criterion(self) -> str:
+        return "flap" if self.method == DEFAULT_METHOD else self.method
+
+
+@dataclass
+class PruneResult:
+    model: torch.nn.Module
+    shape: ModelShape
+    removed_params: int
+    decoder_params_before: int
+    seconds: float
+    details: dict = field(default_factory=dict)
+
+
+def _attention_params(s: LayerShape, d: int, head_dim: int) -> int:
+    return 2 * d * head_dim * (s.n_head + s.n_head_kv)
+
+
+def _mlp_params(s: LayerShape, d: int) -> int:
+    return 3 * d * s.n_ff
+
+
+def _drop_layers(model, ids, options: PruneOptions, progress: Progress | None) -> list[int]:
+    """ShortGPT: remove the layers whose output is most like their input; layer 0 always stays."""
+    stats = collect_calibration(model, ids, n_seq=options.calib_sequences, seq_len=options.calib_seq_len,
+                                include_lm_head=False, progress=progress)
+    influence = stats.block_influence()
+    influence[0] = np.inf
+    drop = sorted(int(i) for i in np.argsort(influence, kind="stable")[: options.layers])
+    remove_layers(model, drop)
+    return drop
+
+
+def _plan(shape: ModelShape, scores, options: PruneOptions, head_mode: str, head_target: int,
+          ffn_target: int) -> list[LayerPlan]:
+    d, hd = shape.hidden_size, shape.head_dim
+    heads = [head_units(i, s, sc.heads, head_mode, d, hd) for i, (s, sc) in enumerate(zip(shape.layers, scores))]
+    chans = [channel_units(i, s.n_ff, sc.channels, options.align, d) for i, (s, sc) in enumerate(zip(shape.layers, scores))]
+    if options.allocation == "uniform":
+        head_taken = select_uniform(heads, head_target, keep_last=True)
+        chan_taken = select_uniform(chans, ffn_target, keep_last=False)
+    else:
+        head_taken = select_adaptive(heads, head_target, protected_last={0})
+        chan_taken = select_adaptive(chans, ffn_target, protected_last=set())
+    return build_plans(list(shape.layers), head_taken, chan_taken)
+
+
+def _apply_direct(model, plans: list[LayerPlan], stats, recovery: str, head_dim: int) -> None:
+    """Cut every layer with bias compensation or none; the statistics come from the unpruned model."""
+    for i, (layer, plan) in enumerate(zip(model.model.layers, plans)):
+        prefix = f"model.layers.{i}"
+        if getattr(layer.self_attn, "q_proj", None) is not None:
+            o_proj, keep = layer.self_attn.o_proj, head_index(plan.keep_heads, head_dim)
+            if recovery == "bias":
+                w, b = bias_compensation(o_proj, keep, stats.mean(f"{prefix}.self_attn.o_proj"))
+            else:
+                w, b = plain_removal(o_proj, keep)
+            if len(plan.keep_heads) == 0 and b is not None:  # deci has no attention tensors: move the bias up
+                previous = model.model.layers[i - 1].mlp
+                previous.down_proj = add_output_bias(previous.down_proj, b)
+            shrink_attention(layer, plan.keep_heads, plan.keep_kv, head_dim, w, b)
+        down, keep = layer.mlp.down_proj, torch.as_tensor(plan.keep_channels, dtype=torch.long)
+        if recovery == "bias":
+            w, b = bias_compensation(down, keep, stats.mean(f"{prefix}.mlp.down_proj"))
+        else:
+            w, b = plain_removal(down, keep)
+        shrink_mlp(layer, plan.keep_channels, w, b)
+
+
+def _choose_head_mode(model, shape, scores, options, head_target, stats, batches) -> tuple[str, dict]:
+    """head_mode="auto": cut the heads both ways on copies (bias recovery, cheap) and keep the lower loss."""
+    losses = {}
+    recovery = "none" if options.recovery == "none" else "bias"
+    for mode in ("per-group", "kv-groups"):
+        trial = copy.deepcopy(model)
+        _apply_direct(trial, _plan(shape, scores, options, mode, head_target, 0), stats, recovery, shape.head_dim)
+        losses[mode] = mean_nll(trial, batches[:AUTO_SEQUENCES], first=0)
+        del trial
+    return min(losses, key=losses.get), losses
+
+
+def prune_model(
+    model: torch.nn.Module, calib_token_ids: list[int], options: PruneOptions, progress: Progress | None = None
+) -> PruneResult:
+    """Prune `model` in place and return it with its new shape; see PruneOptions for what is removed."""
+    start = time.perf_counter()
+    before = shape_of(model)
+    options.validate(before.n_layers)
+    batches = calibration_batches(calib_token_ids, options.calib_sequences, options.calib_seq_len,
+                                  model.config.bos_token_id)
+    details: dict = {"method": options.method, "criterion": options.criterion, "allocation": options.allocation,
+                     "recovery": options.recovery, "calibration_tokens": batches.numel(), "steps": []}
+    if options.layers:
+        details["dropped_layers"] = _drop_layers(model, calib_token_ids, options, progress)
+    base = shape_of(model)
+    d, hd = base.hidden_size, base.head_dim
+    attn_total = sum(_attention_params(s, d, hd) for s in base.layers)
+    mlp_total = sum(_mlp_params(s, d) for s in base.layers)
+    head_mode = options.head_mode
+    for step in range(1, options.steps + 1 if options.heads or options.ffn else 1):
+        shape = shape_of(model)
+        fraction = step / options.steps
+        head_target = options.heads * attn_total * fraction - (attn_total - sum(
+            _attention_params(s, d, hd) for s in shape.layers))
+        ffn_target = options.ffn * mlp_total * fraction - (mlp_total - sum(_mlp_params(s, d) for s in shape.layers))
+        stats = collect_calibration(model, calib_token_ids, n_seq=options.calib_sequences,
+                                    seq_len=options.calib_seq_len, include_lm_head=False, progress=progress)
+        if options.criterion == "taylor":
+            accumulate_gradients(model, batches[:TAYLOR_SEQUENCES])
+        scores = score_layers(model, options.criterion, stats, hd, seed=options.seed)
+        if options.criterion == "taylor":
+            release_gradients(model)
+        step_details: dict = {}
+        if head_mode == "auto":
+            head_mode = "per-group"
+            if options.heads:
+                head_mode, step_details["head_mode_losses"] = _choose_head_mode(
+                    model, shape, scores, options, head_target, stats, batches)
+        plans = _plan(shape, scores, options, head_mode, head_target, ffn_target)
+        if options.recovery == "reconstruct":
+            reconstruct_sequentially(model, plans, batches, hd, RIDGE, progress)
+        else:
+            _apply_direct(model, plans, stats, options.recovery, hd)
+        if progress:
+            progress(f"pruning step {step}/{options.steps} done")
+        details["steps"].append(step_details)
+    details["head_mode"] = head_mode
+    sync_config(model)
+    after = shape_of(model)
+    details["widths"] = [(s.n_head, s.n_head_kv, s.n_ff) for s in after.layers]
+    return PruneResult(
+        model=model,
+        shape=after,
+        removed_params=before.decoder_params() - after.decoder_params(),
+        decoder_params_before=before.decoder_params(),
+        seconds=time.perf_counter() - start,
+        details=details,
+    )

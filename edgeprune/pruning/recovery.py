@@ -1,0 +1,143 @@
+"""Recovery after removing input columns of o_proj / down_proj: none, FLAP's bias compensation, or a ridge
+least-squares refit of the kept columns and a bias, layer by layer on the pruned model's own activations.
+
+Bias compensation is the special case of the refit that may only move the bias, and only towards the
+original model's mean; the refit also lets the kept columns absorb what correlated with the removed ones,
+and it targets the original model's residual stream, so each layer corrects drift left by the ones before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from transformers.masking_utils import create_causal_mask
+
+from .allocation import LayerPlan
+from .surgery import add_output_bias, head_index, shrink_attention, shrink_mlp
+
+
+def bias_compensation(
+    linear: torch.nn.Linear, keep: torch.Tensor, input_mean: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kept columns unchanged; the removed columns' mean contribution becomes (part of) the bias."""
+    w = linear.weight.detach()
+    removed = torch.ones(w.shape[1], dtype=torch.bool, device=w.device)
+    removed[keep] = False
+    mean = torch.as_tensor(input_mean, dtype=torch.float64, device=w.device)
+    bias = w[:, removed].double() @ mean[removed]
+    if linear.bias is not None:
+        bias += linear.bias.detach().double()
+    return w[:, keep], bias.to(w.dtype)
+
+
+def plain_removal(linear: torch.nn.Linear, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    bias = linear.bias.detach() if linear.bias is not None else None
+    return linear.weight.detach()[:, keep], bias
+
+
+def ridge_refit(
+    linear: torch.nn.Linear, keep: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, ridge: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias over the kept columns that best map `inputs` (tokens × in) to `targets` (tokens × out).
+
+    The ridge pulls towards the original kept columns and bias (not towards zero), scaled by the mean input
+    energy, so few calibration tokens cannot wreck a wide layer.
+    """
+    w = linear.weight.detach()
+    z = torch.cat([inputs[:, keep].double(), torch.ones(len(inputs), 1, dtype=torch.float64, device=inputs.device)], 1)
+    gzz = z.T @ z / len(z)
+    gtz = targets.double().T @ z / len(z)
+    prior = torch.cat([w[:, keep].double(), _bias_or_zero(linear)[:, None]], 1)
+    energy = float(gzz.diagonal()[:-1].mean()) if z.shape[1] > 1 else 0.0
+    reg = torch.full((z.shape[1],), ridge * energy, dtype=torch.float64, device=z.device)
+    reg[-1] = 0.0  # the bias is free: a constant shift costs nothing to fit
+    solved = torch.linalg.solve(gzz + torch.diag(reg), (gtz + prior * reg).T).T
+    return solved[:, :-1].to(w.dtype), solved[:, -1].to(w.dtype)
+
+
+def _bias_or_zero(linear: torch.nn.Linear) -> torch.Tensor:
+    if linear.bias is None:
+        return torch.zeros(linear.out_features, dtype=torch.float64, device=linear.weight.device)
+    return linear.bias.detach().double()
+
+
+class _Capture:
+    """Forward pre-hook that keeps the inputs a module sees, flattened to tokens × features."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.parts: list[torch.Tensor] = []
+        self.handle = module.register_forward_pre_hook(lambda m, args: self.parts.append(args[0].detach().flatten(0, -2)))
+
+    def take(self) -> torch.Tensor:
+        self.handle.remove()
+        return torch.cat(self.parts)
+
+
+def reconstruct_sequentially(
+    model: torch.nn.Module,
+    plans: list[LayerPlan],
+    batches: torch.Tensor,
+    head_dim: int,
+    ridge: float,
+    progress: Callable[[str], None] | None = None,
+    batch_size: int = 8,
+) -> None:
+    """Prune layer by layer, refitting o_proj and down_proj so the pruned model's residual stream after each
+    sub-layer matches the original model's on the calibration tokens."""
+    device = next(model.parameters()).device
+    inner = model.model
+    with torch.no_grad():  # not inference_mode: the new weights must stay trainable
+        chunks = [batches[s : s + batch_size].to(device) for s in range(0, len(batches), batch_size)]
+        original = [inner.embed_tokens(c) for c in chunks]
+        pruned = [x.clone() for x in original]
+        pos = torch.arange(batches.shape[1], device=device)[None]
+        rope = inner.rotary_emb(original[0], position_ids=pos)
+        masks = [create_causal_mask(config=model.config, inputs_embeds=x, attention_mask=None, cache=None,
+                                    position_ids=pos) for x in original]
+
+        def run(fn, xs):
+            return [fn(x, m) for x, m in zip(xs, masks)]
+
+        def attention(layer):
+            def f(x, mask):
+                out, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), attention_mask=mask,
+                                         position_embeddings=rope, position_ids=pos)
+                return x + out
+
+            return f
+
+        def mlp(layer):
+            return lambda x, mask: x + layer.mlp(layer.post_attention_layernorm(x))
+
+        for i, (layer, plan) in enumerate(zip(inner.layers, plans)):
+            has_attention = getattr(layer.self_attn, "q_proj", None) is not None
+            # the original sub-layers on the original stream give the targets
+            mid_o = run(attention(layer), original) if has_attention else original
+            out_o = run(mlp(layer), mid_o)
+            if has_attention:
+                capture = _Capture(layer.self_attn.o_proj)
+                run(attention(layer), pruned)  # kept heads' outputs are the same before and after shrinking
+                targets = torch.cat([(m - p).flatten(0, -2) for m, p in zip(mid_o, pruned)])
+                keep = head_index(plan.keep_heads, head_dim)
+                o_weight, o_bias = ridge_refit(layer.self_attn.o_proj, keep, capture.take(), targets, ridge)
+                if len(plan.keep_heads) == 0:  # deci has no attention tensors left: move the constant upstream
+                    previous = inner.layers[i - 1].mlp
+                    previous.down_proj = add_output_bias(previous.down_proj, o_bias)
+                    pruned = [p + o_bias for p in pruned]
+                shrink_attention(layer, plan.keep_heads, plan.keep_kv, head_dim, o_weight, o_bias)
+                mid_p = run(attention(layer), pruned) if len(plan.keep_heads) else pruned
+            else:
+                mid_p = pruned
+            capture = _Capture(layer.mlp.down_proj)
+            run(mlp(layer), mid_p)
+            inputs = capture.take()
+            targets = torch.cat([(o - m).flatten(0, -2) for o, m in zip(out_o, mid_p)])
+            keep = torch.as_tensor(plan.keep_channels, dtype=torch.long)
+            d_weight, d_bias = ridge_refit(layer.mlp.down_proj, keep, inputs, targets, ridge)
+            shrink_mlp(layer, plan.keep_channels, d_weight, d_bias)
+            pruned = run(mlp(layer), mid_p)
+            original = out_o
+            if progress:
+                progress(f"reconstruct: layer {i + 1}/{len(plans)}")

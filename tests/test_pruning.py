@@ -1,0 +1,195 @@
+"""Structured pruning: tiny random Llamas for the mechanics, SmolLM2-135M for the claim that it works."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from edgeprune.errors import EdgepruneError
+from edgeprune.pruning import CRITERIA, NoAttention, PruneOptions, perplexity, prune_model
+from edgeprune.pruning.evaluate import chunk_tokens
+from edgeprune.pruning.recovery import bias_compensation, ridge_refit
+from edgeprune.shapes import shape_of
+
+TINY = dict(align=16, calib_sequences=8, calib_seq_len=64)  # tiny model: hidden 64, 4 heads / 2 KV, n_ff 96
+
+
+@pytest.fixture
+def tiny(tiny_bpe_llama):
+    def load() -> LlamaForCausalLM:
+        return LlamaForCausalLM.from_pretrained(tiny_bpe_llama, dtype=torch.float32).eval()
+
+    return load
+
+
+@pytest.fixture(scope="module")
+def ids() -> list[int]:
+    return torch.randint(3, 300, (4096,), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+def _runs(model: LlamaForCausalLM, ids: list[int]) -> None:
+    logits = model(input_ids=torch.tensor([ids[:40]])).logits
+    assert torch.isfinite(logits).all()
+    out = model.generate(torch.tensor([ids[:5]]), max_new_tokens=6, do_sample=False)
+    assert out.shape == (1, 11)
+
+
+def test_ratio_zero_leaves_logits_unchanged(tiny, ids):
+    model, reference = tiny(), tiny()
+    result = prune_model(model, ids, PruneOptions(**TINY))
+    x = torch.tensor([ids[:50]])
+    torch.testing.assert_close(model(input_ids=x).logits, reference(input_ids=x).logits, rtol=0, atol=0)
+    assert result.removed_params == 0 and result.shape == shape_of(reference)
+
+
+def test_uniform_per_group_exports_as_llama_and_generates(tiny, ids):
+    model = tiny()
+    result = prune_model(model, ids, PruneOptions(heads=0.4, ffn=0.5, allocation="uniform", head_mode="per-group",
+                                                  recovery="none", **TINY))
+    # one query head per KV group (1/3 of attention params, nearest to 0.4), n_ff 96 → 48
+    assert [(l.n_head, l.n_head_kv, l.n_ff) for l in result.shape.layers] == [(2, 2, 48)] * 3
+    assert result.shape.architecture == "llama"
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads, model.config.intermediate_size) == (2, 2, 48)
+    assert model.model.layers[1].self_attn.num_key_value_groups == 1
+    assert result.removed_params == result.decoder_params_before - result.shape.decoder_params()
+    _runs(model, ids)
+
+
+def test_kv_groups_mode_drops_whole_groups(tiny, ids):
+    model = tiny()
+    result = prune_model(model, ids, PruneOptions(heads=0.5, allocation="uniform", head_mode="kv-groups",
+                                                  recovery="bias", **TINY))
+    assert [(l.n_head, l.n_head_kv) for l in result.shape.layers] == [(2, 1)] * 3
+    assert model.model.layers[0].self_attn.num_key_value_groups == 2
+    assert all(l.attn_output_bias for l in result.shape.layers)
+    _runs(model, ids)
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_every_criterion_prunes_adaptively_to_aligned_widths(tiny, ids, criterion):
+    model = tiny()
+    result = prune_model(model, ids, PruneOptions(ffn=0.4, method=criterion, recovery="none", **TINY))
+    widths = [l.n_ff for l in result.shape.layers]
+    assert all(w % 16 == 0 and w >= 16 for w in widths)
+    assert abs(sum(widths) - 0.6 * 3 * 96) <= 16  # within one block of the budget
+    _runs(model, ids)
+
+
+def test_adaptive_attention_removal_keeps_layer_zero_and_uses_no_attention_module(tiny, ids):
+    model = tiny()
+    result = prune_model(model, ids, PruneOptions(heads=0.9, ffn=0.9, recovery="bias", **TINY))
+    layers = result.shape.layers
+    assert layers[0].n_head > 0
+    dropped = [i for i, l in enumerate(layers) if l.n_head == 0]
+    assert dropped, "0.9 of attention cannot be removed without dropping a layer's attention"
+    for i in dropped:
+        assert isinstance(model.model.layers[i].self_attn, NoAttention) and layers[i].n_head_kv == 0
+    assert all(l.n_ff >= 16 for l in layers)
+    assert result.shape.architecture == "deci"
+    _runs(model, ids)
+
+
+def test_layer_removal_renumbers_and_updates_config(tiny, ids):
+    model = tiny()
+    result = prune_model(model, ids, PruneOptions(layers=1, **TINY))
+    assert result.shape.n_layers == 2 and model.config.num_hidden_layers == 2
+    assert 0 not in result.details["dropped_layers"]
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1]
+    assert result.removed_params == result.decoder_params_before // 3
+    _runs(model, ids)
+
+
+def test_iterative_steps_reach_the_same_budget(tiny, ids):
+    model = tiny()
+    result = prune_model(model, ids, PruneOptions(ffn=0.5, steps=2, **TINY))
+    assert len(result.details["steps"]) == 2
+    assert sum(l.n_ff for l in result.shape.layers) == 3 * 48
+    _runs(model, ids)
+
+
+def test_reconstruction_tracks_the_original_logits_on_calibration_text(tiny, ids):
+    """What the refit optimises: the pruned model's outputs stay closest to the original's on calibration."""
+    reference = tiny()
+    x = chunk_tokens(ids, 64, 8, reference.config.bos_token_id)
+    with torch.no_grad():
+        target = reference(input_ids=x).logits
+    errors = {}
+    for recovery in ("none", "bias", "reconstruct"):
+        model = tiny()
+        prune_model(model, ids, PruneOptions(heads=0.3, ffn=0.5, method="flap", recovery=recovery, **TINY))
+        with torch.no_grad():
+            errors[recovery] = (model(input_ids=x).logits - target).square().mean().item()
+    assert errors["reconstruct"] < 0.8 * errors["bias"] and errors["bias"] < errors["none"], errors
+
+
+def test_bias_compensation_keeps_the_mean_output():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(8, 5, bias=False)
+    x = torch.randn(1000, 8) + torch.arange(8.0)
+    keep = torch.tensor([0, 2, 3, 7])
+    w, b = bias_compensation(linear, keep, x.double().mean(0).numpy())
+    torch.testing.assert_close((x[:, keep] @ w.T + b).mean(0), linear(x).mean(0), rtol=1e-4, atol=1e-4)
+
+
+def test_ridge_refit_recovers_a_redundant_column_exactly():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(4, 3, bias=True)
+    x = torch.randn(500, 4)
+    x[:, 3] = 2 * x[:, 0] - x[:, 1] + 0.5  # the removed column is a linear function of the kept ones
+    keep = torch.tensor([0, 1, 2])
+    w, b = ridge_refit(linear, keep, x, linear(x).detach(), ridge=1e-9)
+    torch.testing.assert_close(x[:, keep] @ w.T + b, linear(x).detach(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (PruneOptions(method="l1"), "unknown method 'l1'"),
+        (PruneOptions(ffn=1.0), "ffn ratio 1.0 is outside"),
+        (PruneOptions(heads=-0.1), "heads ratio -0.1 is outside"),
+        (PruneOptions(layers=3), "cannot remove 3 of 3 layers"),
+        (PruneOptions(head_mode="rows"), "unknown head_mode"),
+        (PruneOptions(align=0), "align must be a positive integer"),
+    ],
+)
+def test_bad_options_are_one_line_errors(tiny, ids, options, message):
+    with pytest.raises(EdgepruneError, match=message) as err:
+        prune_model(tiny(), ids, options)
+    assert "\n" not in str(err.value)
+
+
+# --- SmolLM2-135M: the default must beat the textbook criterion by far -------------------------------------
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(
+            smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32).eval()
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    return load, tokenizer
+
+
+@pytest.mark.slow
+def test_smollm2_default_beats_magnitude_at_20_percent(smollm2):
+    from edgeprune.texts import default_calibration_text, default_evaluation_text
+
+    load, tokenizer = smollm2
+    calib = tokenizer(default_calibration_text().content)["input_ids"]
+    evaluation = tokenizer(default_evaluation_text().content)["input_ids"]
+    ppl = {}
+    for name, options in {
+        "default": PruneOptions(ffn=0.267, calib_sequences=16),
+        "magnitude": PruneOptions(ffn=0.267, method="magnitude", allocation="uniform", recovery="none"),
+    }.items():
+        model = load()
+        result = prune_model(model, calib, options)
+        assert 0.19 < result.removed_params / result.decoder_params_before < 0.21
+        ppl[name] = perplexity(model, evaluation, n_chunks=4)
+    assert math.isfinite(ppl["default"]) and ppl["default"] * 3 < ppl["magnitude"], ppl

@@ -1,0 +1,166 @@
+"""validate.py against the real llama.cpp and the real SmolLM2-135M GGUF: no mocks, a few small chunks."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+from types import SimpleNamespace
+
+import gguf
+import numpy as np
+import pytest
+
+from edgeprune.errors import EdgepruneError
+from edgeprune.gguf_check import read_gguf
+from edgeprune.texts import Text
+from edgeprune.validate import (
+    AMX_FIX,
+    ValidationReport,
+    _death_error,
+    check_budgets,
+    divergence_rows,
+    format_summary,
+    kv_cache_bytes,
+    log_softmax,
+    token_logprobs,
+    validate_gguf,
+    write_report,
+)
+
+CONTEXT = 256
+LOOSE = SimpleNamespace(memory_mib=4096, context_length=CONTEXT, min_decode_tps=0.1, max_ttft_s=600.0,
+                        ttft_prompt_tokens=64, max_file_mib=1024)
+TIGHT = SimpleNamespace(memory_mib=1, context_length=CONTEXT, min_decode_tps=1e6, max_ttft_s=1e-6,
+                        ttft_prompt_tokens=64, max_file_mib=1)
+
+
+@pytest.fixture(scope="module")
+def validated(smollm2_gguf):
+    """One validation of SmolLM2 against itself, shared below: every llama.cpp run costs seconds on 2 cores.
+
+    One thread: on a busy shared 2-core machine, two OpenMP threads run twice as slow as one.
+    """
+    lines: list[str] = []
+    report = validate_gguf(smollm2_gguf, reference_gguf=smollm2_gguf, n_ctx=CONTEXT, max_chunks=4, threads=1,
+                           budgets=LOOSE, progress=lines.append)
+    return report, lines
+
+
+def test_perplexity_is_llama_perplexity_style_and_sane(validated):
+    ppl = validated[0].perplexity
+    assert 5 < ppl.ppl < 60
+    assert (ppl.n_chunks, ppl.n_ctx) == (4, CONTEXT)
+    assert ppl.n_tokens_scored == 4 * (CONTEXT - 1 - CONTEXT // 2)
+    assert math.isclose(ppl.ppl, math.exp(ppl.nll_mean))
+
+
+def test_divergence_of_a_model_against_itself_is_zero(validated):
+    report = validated[0]
+    d = report.divergence
+    assert abs(d.kld_mean) < 1e-6 and abs(d.kld_max) < 1e-5
+    assert d.top1_agreement == 1.0
+    assert abs(d.delta_p_mean) < 1e-6 and d.delta_p_rms < 1e-6
+    assert d.n_tokens == report.perplexity.n_tokens_scored
+    assert math.isclose(d.reference_ppl, report.perplexity.ppl, rel_tol=1e-9)
+
+
+def test_speed_and_memory_are_measured(validated, smollm2_gguf):
+    report = validated[0]
+    speed, mem = report.speed, report.memory
+    assert speed.prefill_tps > 0 and speed.decode_tps > 0 and speed.ttft_s > 0
+    assert speed.ttft_prompt_tokens == 64 and speed.repetitions >= 1 and speed.threads == 1
+    assert mem.file_bytes == smollm2_gguf.stat().st_size
+    assert 130e6 < mem.n_params < 140e6
+    assert mem.kv_cache_bytes == 30 * CONTEXT * (3 * 64 + 3 * 64) * 2  # 30 layers, 3 KV heads of 64, f16
+    assert mem.compute_buffer_bytes > 0
+    assert mem.total_bytes == mem.file_bytes + mem.kv_cache_bytes + mem.compute_buffer_bytes
+    assert mem.peak_rss_bytes > mem.kv_cache_bytes
+
+
+def test_progress_is_reported(validated):
+    lines = validated[1]
+    assert any("perplexity chunk 4/4" in line for line in lines)
+    assert any(line.startswith("speed") for line in lines)
+
+
+def test_budgets_pass_when_loose_and_fail_when_impossible(validated):
+    report = validated[0]
+    assert report.passed is True
+    assert {c.name for c in report.checks} == {"memory", "decode_tps", "ttft", "file_size"}
+    tight = check_budgets(report.speed, report.memory, TIGHT)
+    assert len(tight) == 4 and not any(c.passed for c in tight)
+    no_file_limit = check_budgets(report.speed, report.memory, SimpleNamespace(**{**vars(LOOSE), "max_file_mib": None}))
+    assert "file_size" not in {c.name for c in no_file_limit}
+
+
+def test_summary_and_json_report_round_trip(validated, tmp_path):
+    report = validated[0]
+    summary = format_summary(report)
+    assert "PPL" in summary and "KLD" in summary and "verdict     PASS" in summary
+    assert len(summary.splitlines()) < 25
+    out = tmp_path / "report.json"
+    write_report(report, out)
+    data = json.loads(out.read_text())
+    assert data["perplexity"]["ppl"] == report.perplexity.ppl
+    assert ValidationReport.from_dict(data) == report
+
+
+def _truncated(path, tmp_path):
+    out = tmp_path / "truncated.gguf"
+    with open(path, "rb") as f:
+        out.write_bytes(f.read(1 << 20))
+    return out
+
+
+@pytest.mark.parametrize("make", [
+    _truncated,
+    lambda path, tmp: tmp / "missing.gguf",
+    lambda path, tmp: (tmp / "text.gguf").write_text("not a model") and tmp / "text.gguf",
+])
+def test_bad_files_fail_in_one_line_before_llama_cpp(smollm2_gguf, tmp_path, make):
+    with pytest.raises(EdgepruneError) as err:
+        validate_gguf(make(smollm2_gguf, tmp_path), progress=lambda line: None)
+    assert "\n" not in str(err.value)
+
+
+def test_too_short_text_fails_in_one_line(smollm2_gguf):
+    with pytest.raises(EdgepruneError, match="needs at least 512") as err:
+        validate_gguf(smollm2_gguf, eval_text=Text("tiny", "Hello world."), n_ctx=CONTEXT, threads=1,
+                      progress=lambda line: None)
+    assert "\n" not in str(err.value)
+
+
+def test_kv_cache_of_per_layer_deci_shapes(tmp_path):
+    """Per-layer KV heads give per-layer K widths; V is padded to the widest layer (no flash attention)."""
+    path = tmp_path / "deci-meta.gguf"
+    writer = gguf.GGUFWriter(path, "deci")
+    writer.add_block_count(3)
+    writer.add_embedding_length(64)
+    writer.add_head_count([4, 4, 0])
+    writer.add_head_count_kv([2, 1, 0])
+    writer.add_key_length(16)
+    writer.add_value_length(16)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    cells = 256  # 100 rounded up to llama.cpp's padding
+    assert kv_cache_bytes(read_gguf(path), 100) == cells * (16 * (2 + 1 + 0) + 3 * 16 * 2) * 2
+
+
+def test_log_softmax_and_divergence_math():
+    ref = np.log(np.array([[0.5, 0.5, 1e-30], [0.7, 0.2, 0.1]], dtype=np.float32))
+    cand = np.log(np.array([[0.9, 0.1, 1e-30], [0.7, 0.2, 0.1]], dtype=np.float32)) + 3.0  # a shift changes nothing
+    assert np.allclose(np.exp(log_softmax(cand)).sum(axis=1), 1.0)
+    targets = np.array([1, 0])
+    assert np.allclose(token_logprobs(cand, targets), np.log([0.1, 0.7]), atol=1e-6)
+    rows = divergence_rows(ref, cand, targets)
+    assert np.allclose(rows["kld"], [0.5 * np.log(0.5 / 0.9) + 0.5 * np.log(0.5 / 0.1), 0.0], atol=1e-6)
+    assert rows["same_top"].tolist() == [True, True]
+    assert np.allclose(np.exp(rows["cand_logp"]) - np.exp(rows["ref_logp"]), [0.1 - 0.5, 0.0], atol=1e-6)
+
+
+def test_native_crash_names_the_amx_bug_and_the_fix():
+    message = str(_death_error(signal.SIGSEGV, "measuring the speed of m.gguf", []))
+    assert "#20824" in message and AMX_FIX in message and "\n" not in message
