@@ -19,6 +19,12 @@ from edgeprune.errors import EdgepruneError
 _GGUF_TOKENIZER_PREFIX = "tokenizer."
 
 LLAMA3_PATTERN_MARK = "\\p{N}{1,3}"
+# gguf-py's SpecialVocab names special tokens by kind; these are their GGUF keys.
+_K = gguf.Keys.Tokenizer
+SPECIAL_TOKEN_KEYS = {
+    "bos": _K.BOS_ID, "eos": _K.EOS_ID, "unk": _K.UNK_ID, "sep": _K.SEP_ID, "pad": _K.PAD_ID,
+    "mask": _K.MASK_ID, "eot": _K.EOT_ID, "eom": _K.EOM_ID,
+}
 
 
 @dataclass
@@ -46,7 +52,7 @@ class Vocab:
         if self.merges:
             writer.add_token_merges(self.merges)
         for kind, token_id in self.special_ids.items():
-            writer.add_uint32(f"tokenizer.ggml.{kind}_token_id", token_id)
+            writer.add_uint32(SPECIAL_TOKEN_KEYS[kind], token_id)
         if self.add_bos is not None:
             writer.add_add_bos_token(self.add_bos)
         if self.add_eos is not None:
@@ -61,15 +67,15 @@ def vocab_from_gguf(reader: gguf.GGUFReader) -> Vocab:
     """Carry a source GGUF's tokenizer over unchanged."""
 
     def value(key: str):
-        f = reader.fields.get(_GGUF_TOKENIZER_PREFIX + key)
+        f = reader.fields.get(key if key.startswith(_GGUF_TOKENIZER_PREFIX) else _GGUF_TOKENIZER_PREFIX + key)
         return None if f is None else f.contents()
 
     tokens = value("ggml.tokens")
     if tokens is None:
         raise EdgepruneError("the GGUF has no tokenizer (tokenizer.ggml.tokens): use a GGUF with its vocabulary")
     special = {}
-    for kind in ("bos", "eos", "unk", "sep", "pad", "cls", "mask", "eot", "eom"):
-        token_id = value(f"ggml.{kind}_token_id")
+    for kind, key in SPECIAL_TOKEN_KEYS.items():
+        token_id = value(key)
         if token_id is not None:
             special[kind] = int(token_id)
     return Vocab(
@@ -99,8 +105,10 @@ def vocab_from_hf_dir(directory: Path, vocab_size: int) -> Vocab:
         )
     special = gguf.SpecialVocab(directory, load_merges=vocab.model == "gpt2", n_vocab=vocab_size)
     vocab.merges = [m if isinstance(m, str) else " ".join(m) for m in special.merges]
-    vocab.special_ids = dict(special.special_token_ids)
+    vocab.special_ids = {k: v for k, v in special.special_token_ids.items() if k in SPECIAL_TOKEN_KEYS}
     vocab.add_bos = special.add_special_token.get("bos")
+    if vocab.add_bos is None and (directory / "tokenizer.json").is_file():
+        vocab.add_bos = _post_processor_adds_bos(_read_tokenizer_json(directory).get("post_processor"))
     vocab.add_eos = special.add_special_token.get("eos")
     template = special.chat_template
     vocab.chat_template = template if isinstance(template, str) else None
@@ -138,17 +146,32 @@ def _bpe_vocab(directory: Path, vocab_size: int) -> Vocab:
         text, kind = by_id.get(i, (f"[PAD{i}]", gguf.TokenType.UNUSED))
         tokens.append(text)
         types.append(int(kind))
-    return Vocab(model="gpt2", pre=_bpe_pre_tokenizer(spec.get("pre_tokenizer")), tokens=tokens, token_types=types)
+    pre = _bpe_pre_tokenizer(spec.get("pre_tokenizer"), model["vocab"])
+    return Vocab(model="gpt2", pre=pre, tokens=tokens, token_types=types)
 
 
-def _bpe_pre_tokenizer(pre: dict | None) -> str:
-    """Name llama.cpp's pre-tokenizer that reproduces this tokenizer.json's pre-tokenization."""
+def _post_processor_adds_bos(post: dict | None) -> bool | None:
+    """Whether transformers prepends a special token: the first item of the single-sequence template."""
+    if not post or post.get("type") != "TemplateProcessing" or not post.get("single"):
+        return None
+    return "SpecialToken" in post["single"][0]
+
+
+def _bpe_pre_tokenizer(pre: dict | None, vocab: dict[str, int]) -> str:
+    """Name llama.cpp's pre-tokenizer that reproduces this tokenizer.json's pre-tokenization.
+
+    A plain GPT-2 ByteLevel pre-tokenizer over a vocabulary without a single multi-digit token comes from a
+    model trained with digits split one by one (SmolLM; transformers drops the Digits step when it rebuilds
+    the tokenizer from a GGUF). llama.cpp's `smollm` pre-tokenizer is the one that splits digits, and it is
+    what llama.cpp's own converter picks for such a directory.
+    """
     if pre is None:
         return "default"
     parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [p.get("type") for p in parts]
     if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
-        return "gpt-2"
+        digits_split = not any(sum(ch.isdigit() for ch in token) > 1 for token in vocab)
+        return "smollm" if digits_split else "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
         return "smollm"
     if kinds and kinds[0] == "Split" and LLAMA3_PATTERN_MARK in json.dumps(parts[0].get("pattern", {})).replace("\\\\", "\\"):

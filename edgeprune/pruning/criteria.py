@@ -15,7 +15,8 @@ import torch
 
 from ..calibration import CalibrationStats
 
-CRITERIA = ("magnitude", "wanda-sp", "flap", "taylor", "random")
+CRITERIA = ("magnitude", "wanda-sp", "flap", "taylor", "random", "conditional")
+NEEDS_SECOND_MOMENTS = ("conditional",)
 
 
 @dataclass
@@ -43,21 +44,43 @@ class _Group:
     inputs: list[torch.nn.Linear]
     output: torch.nn.Linear
     output_name: str  # HF module name of `output`, the key of its input statistics
+    block: int  # input columns per structure: head_dim for heads, 1 for FFN channels
+
+    def per_block(self, column_scores: np.ndarray) -> np.ndarray:
+        return column_scores.reshape(-1, self.block).sum(1)
 
 
 def _magnitude(g: _Group, stats: CalibrationStats, rng: np.random.Generator) -> np.ndarray:
     """Squared L2 norm of every weight the structure owns: the textbook criterion, blind to activations."""
-    return sum(_rows(m.weight, torch.square) for m in g.inputs) + _cols(g.output.weight, torch.square)
+    return g.per_block(sum(_rows(m.weight, torch.square) for m in g.inputs) + _cols(g.output.weight, torch.square))
 
 
 def _wanda_sp(g: _Group, stats: CalibrationStats, rng: np.random.Generator) -> np.ndarray:
     """Σ|W|·‖x‖ over the output projection's column: Wanda made structured, as in the FLAP paper's baseline."""
-    return _cols(g.output.weight, torch.abs) * np.sqrt(stats.mean_square(g.output_name))
+    return g.per_block(_cols(g.output.weight, torch.abs) * np.sqrt(stats.mean_square(g.output_name)))
 
 
 def _flap(g: _Group, stats: CalibrationStats, rng: np.random.Generator) -> np.ndarray:
     """Fluctuation: input variance × squared column norm; a steady column can be replaced by a bias."""
-    return _cols(g.output.weight, torch.square) * stats.variance(g.output_name)
+    return g.per_block(_cols(g.output.weight, torch.square) * stats.variance(g.output_name))
+
+
+def _conditional(g: _Group, stats: CalibrationStats, rng: np.random.Generator) -> np.ndarray:
+    """FLAP's fluctuation conditioned on the other columns: the output error left after removing one
+    structure and refitting the rest by least squares, tr(W_B [Σ⁻¹]_BB⁻¹ W_Bᵀ) with Σ the input second
+    moment augmented by a constant. Equals FLAP's score for uncorrelated columns; lower when the others
+    can stand in, which is what reconstruction exploits.
+    """
+    n, b = g.output.in_features, g.block
+    sigma = np.empty((n + 1, n + 1))
+    sigma[:n, :n] = stats.second_moment(g.output_name)
+    sigma[:n, n] = sigma[n, :n] = stats.mean(g.output_name)
+    sigma[n, n] = 1.0
+    sigma[np.diag_indices(n)] += 1e-6 * np.trace(sigma[:n, :n]) / n  # dead columns would make Σ singular
+    inv = np.linalg.inv(sigma)[:n, :n]
+    w = _np(g.output.weight).T.reshape(n // b, b, -1)  # structure × its columns × outputs
+    blocks = np.stack([inv[i * b : (i + 1) * b, i * b : (i + 1) * b] for i in range(n // b)])
+    return np.einsum("kio,kij,kjo->k", w, np.linalg.inv(blocks), w)
 
 
 def _taylor(g: _Group, stats: CalibrationStats, rng: np.random.Generator) -> np.ndarray:
@@ -66,14 +89,15 @@ def _taylor(g: _Group, stats: CalibrationStats, rng: np.random.Generator) -> np.
     def saliency(m: torch.nn.Linear) -> torch.Tensor:
         return (m.weight.detach() * m.weight.grad).double().abs()
 
-    return sum(_np(saliency(m).sum(1)) for m in g.inputs) + _np(saliency(g.output).sum(0))
+    return g.per_block(sum(_np(saliency(m).sum(1)) for m in g.inputs) + _np(saliency(g.output).sum(0)))
 
 
 def _random(g: _Group, stats: CalibrationStats, rng: np.random.Generator) -> np.ndarray:
-    return rng.random(g.output.in_features)
+    return rng.random(g.output.in_features // g.block)
 
 
-_SCORERS = {"magnitude": _magnitude, "wanda-sp": _wanda_sp, "flap": _flap, "taylor": _taylor, "random": _random}
+_SCORERS = {"magnitude": _magnitude, "wanda-sp": _wanda_sp, "flap": _flap, "taylor": _taylor, "random": _random,
+            "conditional": _conditional}
 
 
 def accumulate_gradients(model: torch.nn.Module, batches: torch.Tensor, batch_size: int = 4) -> None:
@@ -103,10 +127,9 @@ def score_layers(
     result = []
     for i, layer in enumerate(model.model.layers):
         attn, mlp, prefix = layer.self_attn, layer.mlp, f"model.layers.{i}"
-        channels = scorer(_Group([mlp.gate_proj, mlp.up_proj], mlp.down_proj, f"{prefix}.mlp.down_proj"), stats, rng)
+        channels = scorer(_Group([mlp.gate_proj, mlp.up_proj], mlp.down_proj, f"{prefix}.mlp.down_proj", 1), stats, rng)
         heads = np.zeros(0)
         if getattr(attn, "q_proj", None) is not None:
-            columns = scorer(_Group([attn.q_proj], attn.o_proj, f"{prefix}.self_attn.o_proj"), stats, rng)
-            heads = columns.reshape(-1, head_dim).sum(1)
+            heads = scorer(_Group([attn.q_proj], attn.o_proj, f"{prefix}.self_attn.o_proj", head_dim), stats, rng)
         result.append(LayerScores(heads, channels))
     return result

@@ -16,7 +16,7 @@ from ..shapes import LayerShape, ModelShape, shape_of
 from .allocation import (
     LayerPlan, build_plans, channel_units, head_units, select_adaptive, select_uniform,
 )
-from .criteria import CRITERIA, accumulate_gradients, release_gradients, score_layers
+from .criteria import CRITERIA, NEEDS_SECOND_MOMENTS, accumulate_gradients, release_gradients, score_layers
 from .evaluate import mean_nll
 from .recovery import bias_compensation, plain_removal, reconstruct_sequentially
 from .surgery import add_output_bias, head_index, remove_layers, shrink_attention, shrink_mlp, sync_config
@@ -171,7 +171,8 @@ def prune_model(
         head_target = options.heads * attn_total * fraction - (attn_total - sum(
             _attention_params(s, d, hd) for s in shape.layers))
         ffn_target = options.ffn * mlp_total * fraction - (mlp_total - sum(_mlp_params(s, d) for s in shape.layers))
-        stats = collect_calibration(model, calib_token_ids, n_seq=options.calib_sequences,
+        gram_of = ("self_attn.o_proj", "mlp.down_proj") if options.criterion in NEEDS_SECOND_MOMENTS else ()
+        stats = collect_calibration(model, calib_token_ids, n_seq=options.calib_sequences, gram_of=gram_of,
                                     seq_len=options.calib_seq_len, include_lm_head=False, progress=progress)
         if options.criterion == "taylor":
             accumulate_gradients(model, batches[:TAYLOR_SEQUENCES])
