@@ -310,7 +310,7 @@ def format_summary(report: ValidationReport) -> str:
     compute = f"{mem.compute_buffer_bytes / MIB:.1f} MiB" if mem.compute_buffer_bytes is not None else "unknown"
     lines += [
         f"speed       prefill {speed.prefill_tps:.1f} tok/s (pp{speed.n_prompt}), decode {speed.decode_tps:.1f} tok/s "
-        f"(tg{speed.n_gen}), median of {speed.repetitions}, {speed.threads} threads on this machine",
+        f"(tg{speed.n_gen}), median of {speed.repetitions}, {speed.threads} thread(s) on this machine",
         f"TTFT        {speed.ttft_s:.3f} s for a {speed.ttft_prompt_tokens}-token prompt",
         f"memory      {mem.total_bytes / MIB:.1f} MiB = file + KV cache {mem.kv_cache_bytes / MIB:.1f} MiB "
         f"(ctx {mem.context_length}) + compute {compute};  peak RSS {mem.peak_rss_bytes / MIB:.1f} MiB",
@@ -324,6 +324,7 @@ def format_summary(report: ValidationReport) -> str:
 
 
 def write_report(report: ValidationReport, path: str | Path) -> None:
+    """JSON, written atomically: a pipeline that reads reports never sees half of one."""
     write_text_atomic(path, json.dumps(report.to_dict(), indent=2) + "\n")
 
 
@@ -367,6 +368,7 @@ def _run_child(task: dict, doing: str, progress: Callable[[str], None]) -> dict:
 
 
 def _death_error(signum: int, doing: str, other_lines: deque[str]) -> EdgepruneError:
+    """One line for a child killed by a signal: the known AMX crash gets its fix, OOM kills get theirs."""
     try:
         name = signal.Signals(signum).name
     except ValueError:

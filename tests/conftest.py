@@ -93,3 +93,36 @@ def smollm2_gguf() -> Path:
     from edgeprune.fetch import fetch_smollm2
 
     return fetch_smollm2()
+
+
+def llama_cpp_logits(gguf_path: Path, token_ids: list[int], n_ctx: int = 512):
+    """Logits for every position, computed by the real llama.cpp through llama-cpp-python."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(str(gguf_path), n_ctx=n_ctx, n_threads=2, logits_all=True, verbose=False)
+    llm.reset()
+    llm.eval(token_ids)
+    logits = np.array(llm.scores[: len(token_ids)], dtype=np.float64)
+    llm.close()
+    return logits
+
+
+def torch_logits(model, token_ids: list[int]):
+    import numpy as np
+
+    with torch.no_grad():
+        return model(torch.tensor([token_ids])).logits[0].double().numpy().astype(np.float64)
+
+
+def agreement(reference, candidate) -> tuple[float, float]:
+    """(top-1 agreement, mean KL(reference || candidate)) between two logit matrices."""
+    import numpy as np
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    lr, lc = log_softmax(reference), log_softmax(candidate)
+    kld = (np.exp(lr) * (lr - lc)).sum(-1)
+    return float((reference.argmax(-1) == candidate.argmax(-1)).mean()), float(kld.mean())
