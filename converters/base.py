@@ -106,7 +106,55 @@ class ModelWriter:
             writer.close()
         return path
 
-    def add_metadata(self, writer: gguf.GGUFWriter, file_type: int) -> None:
+    def write_skeleton(self, path: str | Path, with_vocab: bool = False) -> Path:
+        """An F16 GGUF of `self.shape` whose tensor data is left as a sparse hole: enough for llama.cpp's
+        quantizer to plan every tensor's type in a dry run, for shapes that do not exist as weights yet.
+        The vocabulary is left out unless asked for: the quantizer does not read it, and it is slow to write."""
+        path = Path(path)
+        writer = gguf.GGUFWriter(path, self.arch_name)
+        self.add_metadata(writer, gguf.LlamaFileType.MOSTLY_F16, with_vocab)
+        data_bytes = 0
+        for name, shape in self.tensor_layout():
+            dtype = np.float16 if len(shape) == 2 else np.float32
+            nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            writer.add_tensor_info(name, shape, np.dtype(dtype), nbytes)
+            data_bytes += gguf.GGUFWriter.ggml_pad(nbytes, writer.data_alignment)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.close()
+        with open(path, "r+b") as f:
+            f.truncate(gguf.GGUFWriter.ggml_pad(path.stat().st_size, writer.data_alignment) + data_bytes)
+        return path
+
+    def tensor_layout(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Every tensor the writer emits for `self.shape`, with its numpy-order shape, without needing weights."""
+        s, d, hd = self.shape, self.shape.hidden_size, self.shape.head_dim
+        layout = [(gguf.TENSOR_NAMES[T.TOKEN_EMBD] + ".weight", (s.vocab_size, d))]
+        if self.llama3_rope_factors() is not None:
+            layout.append((gguf.TENSOR_NAMES[T.ROPE_FREQS] + ".weight", (hd // 2,)))
+        for bid, layer in enumerate(s.layers):
+            def add(kind, shape, bias=False):
+                name = gguf.TENSOR_NAMES[kind].format(bid=bid)
+                layout.append((name + ".weight", shape))
+                if bias:
+                    layout.append((name + ".bias", (shape[0],)))
+            add(T.ATTN_NORM, (d,))
+            if layer.n_head:
+                add(T.ATTN_Q, (layer.n_head * hd, d))
+                add(T.ATTN_K, (layer.n_head_kv * hd, d))
+                add(T.ATTN_V, (layer.n_head_kv * hd, d))
+                add(T.ATTN_OUT, (d, layer.n_head * hd), layer.attn_output_bias)
+            add(T.FFN_NORM, (d,))
+            add(T.FFN_GATE, (layer.n_ff, d))
+            add(T.FFN_UP, (layer.n_ff, d))
+            add(T.FFN_DOWN, (d, layer.n_ff), layer.ffn_down_bias)
+        layout.append((gguf.TENSOR_NAMES[T.OUTPUT_NORM] + ".weight", (d,)))
+        if not s.tied_embeddings:
+            layout.append((gguf.TENSOR_NAMES[T.OUTPUT] + ".weight", (s.vocab_size, d)))
+        return layout
+
+    def add_metadata(self, writer: gguf.GGUFWriter, file_type: int, with_vocab: bool = True) -> None:
         c, s = self.config, self.shape
         writer.add_name(self.source.name)
         writer.add_file_type(int(file_type))
@@ -125,7 +173,8 @@ class ModelWriter:
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(float(rope["factor"]))
         self.add_shape_parameters(writer)
-        self.source.vocab.write_to(writer)
+        if with_vocab:
+            self.source.vocab.write_to(writer)
         for key, value in sorted(self.source.metadata.items()):
             writer.add_string(key, value)
 

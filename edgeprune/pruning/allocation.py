@@ -15,6 +15,9 @@ import numpy as np
 from ..shapes import LayerShape
 
 
+STANDARDISE = True
+
+
 @dataclass(frozen=True)
 class LayerPlan:
     keep_heads: np.ndarray  # query heads kept, ascending; empty removes the layer's attention
@@ -34,6 +37,8 @@ class _Unit:
 
 def _standardise(x: np.ndarray) -> np.ndarray:
     """Per-layer z-score, so layers compete on how unusual a structure is, not on raw scale."""
+    if not STANDARDISE:
+        return x
     std = x.std()
     return (x - x.mean()) / (std if std > 0 else 1.0)
 

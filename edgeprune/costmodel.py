@@ -1,0 +1,185 @@
+"""Predict a GGUF's size, memory, decode and prefill speed on a device, before building it.
+
+Pure functions of (model shape, quant type, profile), plus one exact oracle: llama.cpp's own quantizer in
+dry-run mode decides every tensor's type, K-quant fallbacks and the Q4_K_M "more bits" layers included,
+on a skeleton GGUF whose data is a sparse hole. Nothing here re-implements llama.cpp's type rules.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+
+from converters import WRITERS, ConversionInput
+
+from .errors import EdgepruneError
+from .quantize import QUANT_TYPES, _captured_llama_log, check_quant_type
+from .shapes import ModelShape
+
+KV_PAD = 256  # llama.cpp allocates KV cells in multiples of 256
+N_UBATCH = 512  # llama.cpp's default micro-batch: the compute buffer is sized for it
+KV_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}
+_DRY_RUN_LINE = re.compile(r"\]\s+(\S+)\s+- \[.*?type =\s+(\w+),.*?MiB(?: \((\w+)\))?\s*$")
+
+
+@dataclass(frozen=True)
+class TensorCost:
+    name: str
+    row_length: int  # GGUF ne[0], the input width: what block alignment applies to
+    rows: int
+    type_name: str  # the type llama.cpp will really store it in
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class SizeEstimate:
+    quant: str
+    tensors: tuple[TensorCost, ...]
+    metadata_bytes: int  # header, key/values (vocabulary included) and tensor infos, padded
+
+    @property
+    def file_bytes(self) -> int:
+        return self.metadata_bytes + sum(gguf.GGUFWriter.ggml_pad(t.nbytes, gguf.GGUF_DEFAULT_ALIGNMENT) for t in self.tensors)
+
+    def fallbacks(self, wanted_block: int = 256) -> list[TensorCost]:
+        """Tensors whose row length is not a multiple of the K-quant block."""
+        return [t for t in self.tensors if t.rows > 1 and t.row_length % wanted_block]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    size: SizeEstimate
+    kv_cache_bytes: int
+    compute_buffer_bytes: int
+    decode_tps: float
+    prefill_tps: float
+    ttft_s: float
+
+    @property
+    def memory_bytes(self) -> int:
+        """What validation measures as total memory: file + KV cache + llama.cpp's compute buffer."""
+        return self.size.file_bytes + self.kv_cache_bytes + self.compute_buffer_bytes
+
+
+def estimate_size(source: ConversionInput, shape: ModelShape, quant: str) -> SizeEstimate:
+    """Exact per-tensor types and bytes of `shape` quantized to `quant`, from llama.cpp's dry run."""
+    quant = check_quant_type(quant)
+    writer = WRITERS[shape.architecture](source, shape)
+    metadata = _metadata_bytes(writer)
+    types = _dry_run_types(writer, quant)
+    tensors = []
+    for name, dims in writer.tensor_layout():
+        row_length, rows = dims[-1], (dims[0] if len(dims) == 2 else 1)
+        type_name = types.get(name, "f16" if len(dims) == 2 else "f32")
+        block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name.upper()]]
+        tensors.append(TensorCost(name, row_length, rows, type_name, rows * row_length // block * type_size))
+    return SizeEstimate(quant, tuple(tensors), metadata)
+
+
+def _metadata_bytes(writer) -> int:
+    """Bytes before the tensor data: measured on a skeleton with the vocabulary (they do not depend on quant)."""
+    key = (id(writer.source.vocab), writer.arch_name, writer.shape.n_layers)
+    if key not in _METADATA_CACHE:
+        _METADATA_CACHE[key] = _measure_metadata_bytes(writer)
+    return _METADATA_CACHE[key]
+
+
+_METADATA_CACHE: dict = {}
+
+
+def _measure_metadata_bytes(writer) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = writer.write_skeleton(Path(tmp) / "skeleton.gguf", with_vocab=True)
+        data = sum(gguf.GGUFWriter.ggml_pad(_nbytes(dims), gguf.GGUF_DEFAULT_ALIGNMENT) for _, dims in writer.tensor_layout())
+        return path.stat().st_size - data + _IMATRIX_KEYS_BYTES
+
+
+_IMATRIX_KEYS_BYTES = 256  # quantize.imatrix.* keys added by the quantizer
+
+
+def _nbytes(dims: tuple[int, ...]) -> int:
+    n = 1
+    for d in dims:
+        n *= d
+    return n * (2 if len(dims) == 2 else 4)
+
+
+def _dry_run_types(writer, quant: str) -> dict[str, str]:
+    key = (writer.arch_name, writer.shape, quant, writer.llama3_rope_factors() is not None)
+    if key not in _DRY_RUN_CACHE:
+        _DRY_RUN_CACHE[key] = _run_dry_run(writer, quant)
+    return _DRY_RUN_CACHE[key]
+
+
+_DRY_RUN_CACHE: dict[tuple, dict[str, str]] = {}
+
+
+def _run_dry_run(writer, quant: str) -> dict[str, str]:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = QUANT_TYPES[quant]
+    params.dry_run = True
+    with tempfile.TemporaryDirectory() as tmp:
+        skeleton = writer.write_skeleton(Path(tmp) / "skeleton.gguf")
+        with _captured_llama_log() as log:
+            status = llama_cpp.llama_model_quantize(str(skeleton).encode(), str(Path(tmp) / "out.gguf").encode(),
+                                                   ctypes.byref(params))
+    if status != 0:
+        raise EdgepruneError(f"llama.cpp could not plan a {quant} quantization of this shape")
+    matches = (_DRY_RUN_LINE.search(line) for line in "".join(log).splitlines())
+    return {m[1]: (m[3] or m[2]).lower() for m in matches if m}
+
+
+def kv_cache_bytes(shape: ModelShape, n_ctx: int, kv_type: str = "f16", flash_attention: bool = False) -> int:
+    """llama.cpp's KV cache: K per layer at its own width; without flash attention V is stored transposed and
+    every layer's V is padded to the widest layer."""
+    cells = -(-n_ctx // KV_PAD) * KV_PAD
+    widths = [l.n_head_kv * shape.head_dim for l in shape.layers if l.n_head]
+    v_widths = widths if flash_attention else [max(widths)] * len(widths)
+    return int(cells * (sum(widths) + sum(v_widths)) * KV_TYPE_BYTES[kv_type])
+
+
+def compute_buffer_bytes(shape: ModelShape, n_ctx: int) -> int:
+    """llama.cpp's CPU compute buffer for a 512-token micro-batch: the logits of the batch dominate it,
+    then the widest activations and the attention scores."""
+    n_ff = max(l.n_ff for l in shape.layers)
+    n_head = max(l.n_head for l in shape.layers)
+    cells = -(-n_ctx // KV_PAD) * KV_PAD
+    per_token = shape.vocab_size + 2 * shape.hidden_size + 2 * n_ff
+    return 4 * N_UBATCH * per_token + 4 * N_UBATCH * min(cells, N_UBATCH) * n_head // 8
+
+
+def bytes_per_token(size: SizeEstimate) -> int:
+    """Weight bytes decode reads per token: every matrix, except that an untied embedding is only gathered."""
+    tied = not any(t.name == "output.weight" for t in size.tensors)
+    return sum(t.nbytes for t in size.tensors if t.name != "token_embd.weight" or tied)
+
+
+def flops_per_token(shape: ModelShape, n_ctx: int) -> float:
+    """Prefill FLOPs per token: 2 per matrix weight, plus attention over the prompt (n_ctx/2 on average)."""
+    d, hd = shape.hidden_size, shape.head_dim
+    matrices = sum(2 * d * hd * (l.n_head + l.n_head_kv) + 3 * d * l.n_ff for l in shape.layers) + shape.vocab_size * d
+    attention = sum(4 * l.n_head * hd * n_ctx / 2 for l in shape.layers)
+    return 2.0 * matrices + attention
+
+
+def predict(source: ConversionInput, shape: ModelShape, quant: str, profile) -> Prediction:
+    """Everything the budgets are judged on, predicted for `profile`'s device and runtime."""
+    size = estimate_size(source, shape, quant)
+    b, dev, rt = profile.budgets, profile.device, profile.runtime
+    decode = dev.memory_bandwidth_gbs * 1e9 * dev.decode_efficiency / bytes_per_token(size)
+    prefill = dev.compute_gflops * 1e9 * dev.prefill_efficiency / flops_per_token(shape, b.ttft_prompt_tokens)
+    return Prediction(
+        size=size,
+        kv_cache_bytes=kv_cache_bytes(shape, b.context_length, rt.kv_cache_type, rt.flash_attention),
+        compute_buffer_bytes=compute_buffer_bytes(shape, b.context_length),
+        decode_tps=decode,
+        prefill_tps=prefill,
+        ttft_s=b.ttft_prompt_tokens / prefill + 1.0 / decode,
+    )
