@@ -137,10 +137,10 @@ def _run_dry_run(writer, quant: str) -> dict[str, str]:
 
 
 def kv_cache_bytes(shape: ModelShape, n_ctx: int, kv_type: str = "f16", flash_attention: bool = False) -> int:
-    """llama.cpp's KV cache: K per layer at its own width; without flash attention V is stored transposed and
-    every layer's V is padded to the widest layer."""
+    """llama.cpp's KV cache (llama-kv-cache.cpp): every layer gets K at its own width; without flash attention V
+    is stored transposed and every layer's V, attention-free layers included, is padded to the widest layer."""
     cells = -(-n_ctx // KV_PAD) * KV_PAD
-    widths = [l.n_head_kv * shape.head_dim for l in shape.layers if l.n_head]
+    widths = [l.n_head_kv * shape.head_dim for l in shape.layers]
     v_widths = widths if flash_attention else [max(widths)] * len(widths)
     return int(cells * (sum(widths) + sum(v_widths)) * KV_TYPE_BYTES[kv_type])
 
@@ -169,9 +169,25 @@ def flops_per_token(shape: ModelShape, n_ctx: int) -> float:
     return 2.0 * matrices + attention
 
 
+def size_of_gguf(info) -> SizeEstimate:
+    """The same accounting, read off an existing GGUF (an edgeprune.gguf_check.GGUFInfo)."""
+    tensors = tuple(
+        TensorCost(t.name, int(t.shape[0]), int(t.shape[1]) if len(t.shape) > 1 else 1, t.tensor_type.name.lower(),
+                   int(t.n_bytes))
+        for t in info.reader.tensors
+    )
+    first_data = min(t.data_offset for t in info.reader.tensors)
+    ftype = info.value("general.file_type")
+    quant = next((name for name, value in QUANT_TYPES.items() if value == ftype), "unknown")
+    return SizeEstimate(quant, tensors, int(first_data))
+
+
 def predict(source: ConversionInput, shape: ModelShape, quant: str, profile) -> Prediction:
     """Everything the budgets are judged on, predicted for `profile`'s device and runtime."""
-    size = estimate_size(source, shape, quant)
+    return predict_for_size(estimate_size(source, shape, quant), shape, profile)
+
+
+def predict_for_size(size: SizeEstimate, shape: ModelShape, profile) -> Prediction:
     b, dev, rt = profile.budgets, profile.device, profile.runtime
     decode = dev.memory_bandwidth_gbs * 1e9 * dev.decode_efficiency / bytes_per_token(size)
     prefill = dev.compute_gflops * 1e9 * dev.prefill_efficiency / flops_per_token(shape, b.ttft_prompt_tokens)

@@ -76,3 +76,27 @@ def shape_of(model: torch.nn.Module) -> ModelShape:
         layers=tuple(layers),
         tied_embeddings=head.data_ptr() == embed.data_ptr(),
     )
+
+
+def shape_from_gguf(info) -> ModelShape:
+    """Read the per-layer shape of a `llama` or `deci` GGUF (an edgeprune.gguf_check.GGUFInfo)."""
+    n_layer = info.block_count
+    tensors = {t.name: t for t in info.reader.tensors}
+
+    def per_layer(key: str, default=None) -> list[int]:
+        value = info.arch_value(key, default)
+        return [int(v) for v in value] if isinstance(value, list) else [int(value)] * n_layer
+
+    heads = per_layer("attention.head_count")
+    heads_kv = per_layer("attention.head_count_kv", info.arch_value("attention.head_count"))
+    n_ff = per_layer("feed_forward_length")
+    n_embd = int(info.arch_value("embedding_length"))
+    head_dim = int(info.arch_value("attention.key_length", n_embd // max(heads)))
+    layers = tuple(
+        LayerShape(heads[i], heads_kv[i], n_ff[i], f"blk.{i}.attn_output.bias" in tensors,
+                   f"blk.{i}.ffn_down.bias" in tensors)
+        for i in range(n_layer)
+    )
+    embd = tensors.get("token_embd.weight")
+    vocab = int(embd.shape[1]) if embd is not None else 0
+    return ModelShape(vocab, n_embd, head_dim, layers, tied_embeddings="output.weight" not in tensors)

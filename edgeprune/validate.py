@@ -27,7 +27,9 @@ import numpy as np
 
 from .atomic import write_text_atomic
 from .errors import EdgepruneError
-from .gguf_check import GGUFInfo, read_gguf
+from .costmodel import kv_cache_bytes
+from .gguf_check import read_gguf
+from .shapes import shape_from_gguf
 from .texts import Text, default_evaluation_text
 
 MIB = 1024 * 1024
@@ -35,8 +37,6 @@ N_PROMPT = 128  # llama-bench style prompt-processing test
 N_GEN = 32  # llama-bench style token-generation test
 REPETITIONS = 3
 SPEED_BATCH = 512  # llama.cpp's default n_ubatch: how apps on the device feed a long prompt
-KV_PAD = 256  # llama.cpp rounds the context up to a multiple of 256 before allocating the KV cache
-KV_BYTES_PER_VALUE = 2  # f16 K and V, llama.cpp's default cache type
 ROW_BLOCK = 32  # logit rows turned into float64 at a time: bounds memory for 128k vocabularies
 PROGRESS_MARK = "@edgeprune-progress "
 AT_LEAST = {"decode_tps"}  # budget checks whose measurement must reach the limit rather than stay under it
@@ -174,7 +174,7 @@ def validate_gguf(
 
     speed = SpeedResult(**probe["speed"])
     file_bytes = path.stat().st_size
-    kv_bytes = kv_cache_bytes(info, context_length)
+    kv_bytes = kv_cache_bytes(shape_from_gguf(info), context_length)
     compute = probe["compute_buffer_bytes"]
     memory = MemoryResult(
         file_bytes=file_bytes, n_params=probe["n_params"], kv_cache_bytes=kv_bytes,
@@ -215,28 +215,6 @@ def check_budgets(speed: SpeedResult, memory: MemoryResult, budgets: Any) -> lis
         for name, limit, measured, unit in wanted
         if limit is not None
     ]
-
-
-def kv_cache_bytes(info: GGUFInfo, n_ctx: int) -> int:
-    """Bytes of llama.cpp's f16 KV cache at `n_ctx` without flash attention, allocated as llama-kv-cache.cpp does.
-
-    Per-layer head counts (deci) give per-layer K widths; V is stored transposed without flash attention, so
-    every layer's V is padded to the widest one.
-    """
-    n_layer = int(info.arch_value("block_count"))
-    heads = _per_layer(info.arch_value("attention.head_count"), n_layer)
-    heads_kv = _per_layer(info.arch_value("attention.head_count_kv", heads), n_layer)
-    default_head_dim = int(info.arch_value("embedding_length")) // heads[0]
-    k_len = int(info.arch_value("attention.key_length", default_head_dim))
-    v_len = int(info.arch_value("attention.value_length", default_head_dim))
-    cells = -(-n_ctx // KV_PAD) * KV_PAD
-    k_width = sum(k_len * h for h in heads_kv)
-    v_width = n_layer * v_len * max(heads_kv)
-    return cells * (k_width + v_width) * KV_BYTES_PER_VALUE
-
-
-def _per_layer(value: Any, n_layer: int) -> list[int]:
-    return [int(v) for v in value] if isinstance(value, list) else [int(value)] * n_layer
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

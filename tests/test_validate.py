@@ -11,8 +11,10 @@ import gguf
 import numpy as np
 import pytest
 
+from edgeprune.costmodel import kv_cache_bytes
 from edgeprune.errors import EdgepruneError
 from edgeprune.gguf_check import read_gguf
+from edgeprune.shapes import shape_from_gguf
 from edgeprune.texts import Text
 from edgeprune.validate import (
     AMX_FIX,
@@ -21,7 +23,6 @@ from edgeprune.validate import (
     check_budgets,
     divergence_rows,
     format_summary,
-    kv_cache_bytes,
     log_softmax,
     token_logprobs,
     validate_gguf,
@@ -139,6 +140,7 @@ def test_kv_cache_of_per_layer_deci_shapes(tmp_path):
     writer.add_embedding_length(64)
     writer.add_head_count([4, 4, 0])
     writer.add_head_count_kv([2, 1, 0])
+    writer.add_feed_forward_length([32, 32, 32])
     writer.add_key_length(16)
     writer.add_value_length(16)
     writer.write_header_to_file()
@@ -146,7 +148,7 @@ def test_kv_cache_of_per_layer_deci_shapes(tmp_path):
     writer.write_tensors_to_file()
     writer.close()
     cells = 256  # 100 rounded up to llama.cpp's padding
-    assert kv_cache_bytes(read_gguf(path), 100) == cells * (16 * (2 + 1 + 0) + 3 * 16 * 2) * 2
+    assert kv_cache_bytes(shape_from_gguf(read_gguf(path)), 100) == cells * (16 * (2 + 1 + 0) + 3 * 16 * 2) * 2
 
 
 def test_log_softmax_and_divergence_math():
