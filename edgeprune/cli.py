@@ -45,6 +45,10 @@ def cli() -> None:
 
 
 def text_options(fn):
+    fn = click.option("--on-device", is_flag=True,
+                      help="This machine is the target device: judge measured speed, not predicted.")(fn)
+    fn = click.option("--host-profile", type=click.Path(path_type=Path),
+                      help="This machine's profile (edgeprune profiles measure): predictions beside measurements.")(fn)
     fn = click.option("--eval", "eval_path", type=click.Path(path_type=Path),
                       help="Evaluation text (UTF-8). Default: built-in Python reference text, odd topics.")(fn)
     fn = click.option("--threads", type=int, default=None, help="Threads for llama.cpp here. Default: all cores.")(fn)
@@ -63,7 +67,7 @@ def text_options(fn):
 @click.option("--allow-pickle", is_flag=True, help="Load pickle .bin weights (they can run code: trusted files only).")
 @text_options
 def export(model, profile_name, quant, out_dir, calib, no_imatrix, allow_pickle, eval_path, threads, eval_chunks,
-           eval_ctx):
+           eval_ctx, host_profile, on_device):
     """Export MODEL (a Hugging Face Llama directory or a llama GGUF) for a device profile.
 
     Writes DIR/<model>-<QUANT>.gguf, the unpruned F16 reference DIR/reference-F16.gguf and DIR/report.json,
@@ -73,7 +77,8 @@ def export(model, profile_name, quant, out_dir, calib, no_imatrix, allow_pickle,
 
     profile = _profile(profile_name)
     options = ExportOptions(quant=quant, calib=calib, eval=eval_path, imatrix=not no_imatrix, eval_ctx=eval_ctx,
-                            eval_chunks=eval_chunks, threads=threads, allow_pickle=allow_pickle)
+                            eval_chunks=eval_chunks, threads=threads, allow_pickle=allow_pickle,
+                            host_profile=_profile(host_profile) if host_profile else None, on_device=on_device)
     result = export_model(model, profile, out_dir, options, progress)
     click.echo(result.summary)
     click.echo(f"wrote {result.gguf} and {result.report_path}")
@@ -86,21 +91,40 @@ def export(model, profile_name, quant, out_dir, calib, no_imatrix, allow_pickle,
 @click.option("--reference", type=click.Path(path_type=Path), help="Unquantized, unpruned GGUF for KL divergence.")
 @click.option("--profile", "profile_name", default=None, help="Judge the budgets of this profile (name or TOML).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the report as JSON here.")
+@click.option("--update-profile", is_flag=True,
+              help="Write the efficiencies measured here back into the --profile file (use with --on-device).")
 @text_options
-def validate(gguf, reference, profile_name, json_path, eval_path, threads, eval_chunks, eval_ctx):
+def validate(gguf, reference, profile_name, json_path, update_profile, eval_path, threads, eval_chunks, eval_ctx,
+             host_profile, on_device):
     """Measure GGUF with llama.cpp: perplexity, KL divergence, speed and memory, judged against a profile."""
     from .texts import evaluation_text
     from .validate import format_summary, validate_gguf
 
     profile = _profile(profile_name) if profile_name else None
     report = validate_gguf(gguf, reference_gguf=reference, eval_text=evaluation_text(eval_path), n_ctx=eval_ctx,
-                           max_chunks=eval_chunks, threads=threads, budgets=profile.budgets if profile else None,
+                           max_chunks=eval_chunks, threads=threads, profile=profile,
+                           host_profile=_profile(host_profile) if host_profile else None, on_device=on_device,
                            progress=progress)
     click.echo(format_summary(report))
     if json_path:
         write_text_atomic(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
+    if update_profile:
+        _write_back_efficiency(profile, report)
     if report.passed is False:
         sys.exit(1)
+
+
+def _write_back_efficiency(profile, report) -> None:
+    """Scale the profile's efficiencies so that its prediction equals what was just measured."""
+    from .profiles import update_efficiency
+
+    if profile is None or report.predicted_device is None:
+        raise EdgepruneError("--update-profile needs --profile: the profile file whose efficiencies to update")
+    dev, predicted = profile.device, report.predicted_device
+    decode = min(1.0, dev.decode_efficiency * report.speed.decode_tps / predicted.decode_tps)
+    prefill = min(1.0, dev.prefill_efficiency * report.speed.prefill_tps / predicted.prefill_tps)
+    update_efficiency(profile.path, decode_efficiency=round(decode, 4), prefill_efficiency=round(prefill, 4))
+    click.echo(f"updated {profile.path}: decode_efficiency {decode:.4f}, prefill_efficiency {prefill:.4f}")
 
 
 @cli.group()
@@ -117,6 +141,25 @@ def profiles_list() -> None:
         b = p.budgets
         click.echo(f"{p.name:28} {p.device.name:34} {b.memory_mib:>7.0f} MiB  ctx {b.context_length:>5}  "
                    f">= {b.min_decode_tps:g} tok/s  TTFT <= {b.max_ttft_s:g} s")
+
+
+@profiles.command("measure")
+@click.option("--out", "out_path", type=click.Path(path_type=Path), required=True, help="Profile TOML to write.")
+@click.option("--gguf", "gguf_path", type=click.Path(path_type=Path),
+              help="GGUF to calibrate the efficiencies with. Default: SmolLM2-135M from PyPI.")
+@click.option("--threads", type=int, default=None, help="Threads for llama.cpp. Default: all cores.")
+def profiles_measure(out_path: Path, gguf_path: Path | None, threads: int | None) -> None:
+    """Measure this machine (bandwidth, compute, threads, llama.cpp efficiencies) into a profile."""
+    from .fetch import fetch_smollm2
+    from .hostprobe import measure_host_profile
+    from .profiles import profile_to_toml
+
+    profile = measure_host_profile(gguf_path or fetch_smollm2(), threads=threads, progress=progress)
+    header = "# This machine, measured by `edgeprune profiles measure`; budgets are placeholders to edit.\n\n"
+    write_text_atomic(out_path, header + profile_to_toml(profile).rstrip("\n") + "\n")
+    d = profile.device
+    click.echo(f"wrote {out_path}: {d.memory_bandwidth_gbs:.1f} GB/s, {d.compute_gflops:.1f} GFLOPS, {d.threads} threads, "
+               f"decode efficiency {d.decode_efficiency:.3f}, prefill efficiency {d.prefill_efficiency:.3f}")
 
 
 @profiles.command("show")

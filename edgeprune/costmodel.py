@@ -199,3 +199,10 @@ def predict_for_size(size: SizeEstimate, shape: ModelShape, profile) -> Predicti
         prefill_tps=prefill,
         ttft_s=b.ttft_prompt_tokens / prefill + 1.0 / decode,
     )
+
+
+def predict_gguf(info, profile) -> Prediction:
+    """Predict an existing GGUF (an edgeprune.gguf_check.GGUFInfo) on `profile`'s device."""
+    from .shapes import shape_from_gguf
+
+    return predict_for_size(size_of_gguf(info), shape_from_gguf(info), profile)

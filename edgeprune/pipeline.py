@@ -41,6 +41,8 @@ class ExportOptions:
     eval_chunks: int = 20
     threads: int | None = None
     allow_pickle: bool = False
+    host_profile: Profile | None = None  # this machine's measured profile: predictions next to measurements
+    on_device: bool = False  # validation runs on the target device itself: judge measured speed
     prune: object | None = None  # edgeprune.pruning.PruneOptions
 
 
@@ -102,7 +104,8 @@ def export_model(model_path: str | Path, profile: Profile, out_dir: str | Path, 
                       imatrix_text=calib.name, threads=threads, progress=say)
     report = timed("validate", validate_gguf, final, reference_gguf=reference, eval_text=evaluation,
                    n_ctx=options.eval_ctx, max_chunks=options.eval_chunks, threads=threads,
-                   budgets=profile.budgets, progress=say)
+                   profile=profile, host_profile=options.host_profile, on_device=options.on_device,
+                   progress=say)
     document = {
         "export": {
             "model": str(model_path), "profile": profile.name, "quant": quant, "gguf": final.name,

@@ -27,7 +27,7 @@ import numpy as np
 
 from .atomic import write_text_atomic
 from .errors import EdgepruneError
-from .costmodel import kv_cache_bytes
+from .costmodel import kv_cache_bytes, predict_gguf
 from .gguf_check import read_gguf
 from .shapes import shape_from_gguf
 from .texts import Text, default_evaluation_text
@@ -105,6 +105,24 @@ class BudgetCheck:
     measured: float
     unit: str
     passed: bool
+    basis: str = "measured here"  # or "predicted for <device>" when the speed was not measured on the device
+
+
+@dataclass
+class Predicted:
+    """The cost model's numbers for one device, reported next to what was measured."""
+
+    device: str
+    decode_tps: float
+    prefill_tps: float
+    ttft_s: float
+    memory_bytes: int
+    file_bytes: int
+
+    @classmethod
+    def of(cls, info, profile) -> Predicted:
+        p = predict_gguf(info, profile)
+        return cls(profile.device.name, p.decode_tps, p.prefill_tps, p.ttft_s, p.memory_bytes, p.size.file_bytes)
 
 
 @dataclass
@@ -117,6 +135,8 @@ class ValidationReport:
     memory: MemoryResult
     checks: list[BudgetCheck]
     passed: bool | None  # None when no budgets were given
+    predicted_device: Predicted | None = None  # the target device, from its profile
+    predicted_host: Predicted | None = None  # this machine, from a measured host profile: prediction accuracy
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -132,6 +152,8 @@ class ValidationReport:
             memory=MemoryResult(**data["memory"]),
             checks=[BudgetCheck(**c) for c in data["checks"]],
             passed=data["passed"],
+            predicted_device=Predicted(**data["predicted_device"]) if data.get("predicted_device") else None,
+            predicted_host=Predicted(**data["predicted_host"]) if data.get("predicted_host") else None,
         )
 
 
@@ -147,10 +169,18 @@ def validate_gguf(
     n_ctx: int = 512,
     max_chunks: int | None = 20,
     threads: int | None = None,
-    budgets: Any = None,
+    profile: Any = None,
+    host_profile: Any = None,
+    on_device: bool = False,
     progress: Callable[[str], None] = print_to_stderr,
 ) -> ValidationReport:
-    """Measure one GGUF with llama.cpp and, when `budgets` (a profile's Budgets) is given, check it against them."""
+    """Measure one GGUF with llama.cpp and, when a device `profile` is given, judge it against its budgets.
+
+    Memory and file size are judged as measured. Speed is judged as measured only `on_device`; elsewhere this
+    machine says nothing about the device's speed, so the cost model's prediction for the device is judged.
+    A `host_profile` (from `edgeprune profiles measure`) adds predictions for this machine next to measurements.
+    """
+    budgets = profile.budgets if profile is not None else None
     if n_ctx < 8:
         raise EdgepruneError(f"n_ctx {n_ctx} is too small for perplexity: use 128 or more")
     path = Path(gguf_path)
@@ -167,11 +197,7 @@ def validate_gguf(
         "kind": "quality", "gguf": str(path), "reference": str(reference_gguf) if reference_gguf else None,
         "text": text.content, "text_name": text.name, "n_ctx": n_ctx, "max_chunks": max_chunks, "threads": threads,
     }, f"measuring the perplexity of {path}", progress)
-    probe = _run_child({
-        "kind": "speed", "gguf": str(path), "n_ctx": max(context_length, ttft_tokens + 1, N_PROMPT + N_GEN),
-        "threads": threads, "ttft_tokens": ttft_tokens,
-    }, f"measuring the speed of {path}", progress)
-
+    probe = measure_speed(path, threads=threads, n_ctx=context_length, ttft_tokens=ttft_tokens, progress=progress)
     speed = SpeedResult(**probe["speed"])
     file_bytes = path.stat().st_size
     kv_bytes = kv_cache_bytes(shape_from_gguf(info), context_length)
@@ -181,7 +207,9 @@ def validate_gguf(
         peak_rss_bytes=probe["peak_rss_bytes"], context_length=context_length, compute_buffer_bytes=compute,
         total_bytes=file_bytes + kv_bytes + compute if compute is not None else probe["peak_rss_bytes"],
     )
-    checks = check_budgets(speed, memory, budgets) if budgets is not None else []
+    device = Predicted.of(info, profile) if profile is not None else None
+    host = Predicted.of(info, host_profile) if host_profile is not None else None
+    checks = check_budgets(speed, memory, budgets, None if on_device else device) if budgets is not None else []
     return ValidationReport(
         gguf=str(path),
         eval_text=text.name,
@@ -191,28 +219,44 @@ def validate_gguf(
         memory=memory,
         checks=checks,
         passed=all(c.passed for c in checks) if budgets is not None else None,
+        predicted_device=device,
+        predicted_host=host,
     )
+
+
+def measure_speed(path: Path, *, threads: int, n_ctx: int, ttft_tokens: int = N_PROMPT,
+                  progress: Callable[[str], None] = print_to_stderr) -> dict:
+    """llama-bench's pp and tg, TTFT, compute buffer and peak RSS of `path`, measured in a child process."""
+    return _run_child({
+        "kind": "speed", "gguf": str(path), "n_ctx": max(n_ctx, ttft_tokens + 1, N_PROMPT + N_GEN),
+        "threads": threads, "ttft_tokens": ttft_tokens,
+    }, f"measuring the speed of {path}", progress)
 
 
 def _budget(budgets: Any, name: str) -> Any:
     return getattr(budgets, name, None) if budgets is not None else None
 
 
-def check_budgets(speed: SpeedResult, memory: MemoryResult, budgets: Any) -> list[BudgetCheck]:
-    """Compare measurements with a profile's budgets; a budget set to None is not checked.
+def check_budgets(speed: SpeedResult, memory: MemoryResult, budgets: Any,
+                  device: Predicted | None = None) -> list[BudgetCheck]:
+    """Compare with a profile's budgets; a budget set to None is not checked. Speed comes from `device`'s
+    prediction when given (validation off the device), else from the measurement.
 
     `memory` must have been measured at budgets.context_length and `speed` with budgets.ttft_prompt_tokens.
     """
+    measured = "measured here"
+    speed_basis = f"predicted for {device.device}" if device else measured
     wanted = [
-        ("memory", _budget(budgets, "memory_mib"), memory.total_bytes / MIB, "MiB"),
-        ("decode_tps", _budget(budgets, "min_decode_tps"), speed.decode_tps, "tok/s"),
-        ("ttft", _budget(budgets, "max_ttft_s"), speed.ttft_s, "s"),
-        ("file_size", _budget(budgets, "max_file_mib"), memory.file_bytes / MIB, "MiB"),
+        ("memory", _budget(budgets, "memory_mib"), memory.total_bytes / MIB, "MiB", measured),
+        ("decode_tps", _budget(budgets, "min_decode_tps"), device.decode_tps if device else speed.decode_tps,
+         "tok/s", speed_basis),
+        ("ttft", _budget(budgets, "max_ttft_s"), device.ttft_s if device else speed.ttft_s, "s", speed_basis),
+        ("file_size", _budget(budgets, "max_file_mib"), memory.file_bytes / MIB, "MiB", measured),
     ]
     return [
-        BudgetCheck(name, float(limit), float(measured), unit,
-                    measured >= limit if name in AT_LEAST else measured <= limit)
-        for name, limit, measured, unit in wanted
+        BudgetCheck(name, float(limit), float(value), unit,
+                    value >= limit if name in AT_LEAST else value <= limit, basis)
+        for name, limit, value, unit, basis in wanted
         if limit is not None
     ]
 
@@ -293,9 +337,14 @@ def format_summary(report: ValidationReport) -> str:
         f"memory      {mem.total_bytes / MIB:.1f} MiB = file + KV cache {mem.kv_cache_bytes / MIB:.1f} MiB "
         f"(ctx {mem.context_length}) + compute {compute};  peak RSS {mem.peak_rss_bytes / MIB:.1f} MiB",
     ]
+    for label, p in (("predicted", report.predicted_device), ("host model", report.predicted_host)):
+        if p is not None:
+            lines.append(f"{label:<11} {p.device}: decode {p.decode_tps:.1f} tok/s, prefill {p.prefill_tps:.1f} tok/s, "
+                         f"TTFT {p.ttft_s:.3f} s, memory {p.memory_bytes / MIB:.1f} MiB")
     for c in report.checks:
         op = ">=" if c.name in AT_LEAST else "<="
-        lines.append(f"{'PASS' if c.passed else 'FAIL':<11} {c.name}: {c.measured:.3f} {c.unit} {op} {c.limit:g}")
+        lines.append(f"{'PASS' if c.passed else 'FAIL':<11} {c.name}: {c.measured:.3f} {c.unit} {op} {c.limit:g}"
+                     f"  ({c.basis})")
     if report.passed is not None:
         lines.append(f"verdict     {'PASS' if report.passed else 'FAIL'}")
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -14,6 +15,7 @@ import pytest
 from edgeprune.costmodel import kv_cache_bytes
 from edgeprune.errors import EdgepruneError
 from edgeprune.gguf_check import read_gguf
+from edgeprune.profiles import load_profile
 from edgeprune.shapes import shape_from_gguf
 from edgeprune.texts import Text
 from edgeprune.validate import (
@@ -32,6 +34,8 @@ from edgeprune.validate import (
 CONTEXT = 256
 LOOSE = SimpleNamespace(memory_mib=4096, context_length=CONTEXT, min_decode_tps=0.1, max_ttft_s=600.0,
                         ttft_prompt_tokens=64, max_file_mib=1024)
+LAPTOP = load_profile("x86-laptop-16gb")
+LOOSE_PROFILE = dataclasses.replace(LAPTOP, budgets=dataclasses.replace(LAPTOP.budgets, **vars(LOOSE)))
 TIGHT = SimpleNamespace(memory_mib=1, context_length=CONTEXT, min_decode_tps=1e6, max_ttft_s=1e-6,
                         ttft_prompt_tokens=64, max_file_mib=1)
 
@@ -44,7 +48,7 @@ def validated(smollm2_gguf):
     """
     lines: list[str] = []
     report = validate_gguf(smollm2_gguf, reference_gguf=smollm2_gguf, n_ctx=CONTEXT, max_chunks=4, threads=1,
-                           budgets=LOOSE, progress=lines.append)
+                           profile=LOOSE_PROFILE, on_device=True, progress=lines.append)
     return report, lines
 
 
