@@ -44,6 +44,34 @@ def cli() -> None:
     """
 
 
+def pruning_options(fn):
+    """The same pruning flags for `export` and `prune`; giving any of them turns the planner's pruning off."""
+    fn = click.option("--allocation", default=None,
+                      help="uniform: same widths in every layer (llama GGUF); adaptive: per-layer widths (deci GGUF).")(fn)
+    fn = click.option("--method", default=None,
+                      help="Importance criterion: edgeprune (default), flap, wanda-sp, taylor, magnitude, random.")(fn)
+    fn = click.option("--layers", type=int, default=None, help="Whole layers to remove.")(fn)
+    fn = click.option("--ffn", type=float, default=None, help="Fraction of FFN parameters to remove, e.g. 0.2.")(fn)
+    fn = click.option("--heads", type=float, default=None, help="Fraction of attention parameters to remove.")(fn)
+    return fn
+
+
+def _prune_options(quant: str | None, heads, ffn, layers, method, allocation):
+    """PruneOptions from the flags, aligned to the quant block; None when no pruning flag was given."""
+    if all(v is None for v in (heads, ffn, layers, method, allocation)):
+        return None
+    from .planner import k_quant
+    from .pruning import PruneOptions
+
+    options = PruneOptions(heads=heads or 0.0, ffn=ffn or 0.0, layers=layers or 0,
+                           align=256 if quant and k_quant(quant.upper()) else 32)
+    if method:
+        options.method = method
+    if allocation:
+        options.allocation = allocation
+    return options
+
+
 def text_options(fn):
     fn = click.option("--on-device", is_flag=True,
                       help="This machine is the target device: judge measured speed, not predicted.")(fn)
@@ -65,25 +93,51 @@ def text_options(fn):
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration text (UTF-8). Default: built-in, offline.")
 @click.option("--no-imatrix", is_flag=True, help="Quantize without an importance matrix.")
 @click.option("--allow-pickle", is_flag=True, help="Load pickle .bin weights (they can run code: trusted files only).")
+@pruning_options
 @text_options
-def export(model, profile_name, quant, out_dir, calib, no_imatrix, allow_pickle, eval_path, threads, eval_chunks,
-           eval_ctx, host_profile, on_device):
+def export(model, profile_name, quant, out_dir, calib, no_imatrix, allow_pickle, heads, ffn, layers, method,
+           allocation, eval_path, threads, eval_chunks, eval_ctx, host_profile, on_device):
     """Export MODEL (a Hugging Face Llama directory or a llama GGUF) for a device profile.
 
-    Writes DIR/<model>-<QUANT>.gguf, the unpruned F16 reference DIR/reference-F16.gguf and DIR/report.json,
-    and prints the validation summary. Exits 1 when the model misses a budget of the profile.
+    The profile decides: the planner picks the quant type and the pruning that meet its budgets with the least
+    estimated quality loss (see `edgeprune plan`). --quant narrows the planner to one type; pruning flags
+    replace its pruning. Writes DIR/<model>-<QUANT>.gguf, the unpruned F16 reference DIR/reference-F16.gguf and
+    DIR/report.json, and prints the validation summary. Exits 1 when the model misses a budget of the profile.
     """
     from .pipeline import ExportOptions, export_model
 
     profile = _profile(profile_name)
+    prune = _prune_options(quant or profile.runtime.default_quant, heads, ffn, layers, method, allocation)
     options = ExportOptions(quant=quant, calib=calib, eval=eval_path, imatrix=not no_imatrix, eval_ctx=eval_ctx,
                             eval_chunks=eval_chunks, threads=threads, allow_pickle=allow_pickle,
-                            host_profile=_profile(host_profile) if host_profile else None, on_device=on_device)
+                            host_profile=_profile(host_profile) if host_profile else None, on_device=on_device,
+                            prune=prune)
     result = export_model(model, profile, out_dir, options, progress)
     click.echo(result.summary)
     click.echo(f"wrote {result.gguf} and {result.report_path}")
     if result.report.passed is False:
         sys.exit(1)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Output directory.")
+@click.option("--quant", default="F16", show_default=True, help="llama.cpp quant type of the pruned GGUF.")
+@click.option("--calib", type=click.Path(path_type=Path), help="Calibration text (UTF-8). Default: built-in, offline.")
+@click.option("--allow-pickle", is_flag=True, help="Load pickle .bin weights (they can run code: trusted files only).")
+@pruning_options
+def prune(model, out_dir, quant, calib, allow_pickle, heads, ffn, layers, method, allocation):
+    """Prune MODEL and write the pruned GGUF (llama or deci, picked from the shapes) into DIR."""
+    from .pipeline import ExportOptions, export_model
+
+    options = _prune_options(quant, heads, ffn, layers, method, allocation)
+    if options is None:
+        raise EdgepruneError("nothing to prune: give at least one of --heads, --ffn or --layers")
+    result = export_model(model, None, out_dir, ExportOptions(quant=quant, calib=calib, allow_pickle=allow_pickle,
+                                                              prune=options), progress)
+    details = json.loads(result.report_path.read_text())["export"]["pruning"]
+    click.echo(f"wrote {result.gguf} ({details['architecture']}, {details['removed_params'] / 1e6:.1f} M parameters "
+               f"removed of {details['decoder_params_before'] / 1e6:.1f} M in the decoder)")
 
 
 @cli.command()
@@ -125,6 +179,32 @@ def _write_back_efficiency(profile, report) -> None:
     prefill = min(1.0, dev.prefill_efficiency * report.speed.prefill_tps / predicted.prefill_tps)
     update_efficiency(profile.path, decode_efficiency=round(decode, 4), prefill_efficiency=round(prefill, 4))
     click.echo(f"updated {profile.path}: decode_efficiency {decode:.4f}, prefill_efficiency {prefill:.4f}")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--profile", "profile_name", required=True, help="Shipped profile name or path to a profile TOML.")
+@click.option("--quant", "quants", multiple=True, help="Only consider these quant types (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON instead of text.")
+@click.option("--allow-pickle", is_flag=True, help="Load pickle .bin weights (they can run code: trusted files only).")
+def plan(model, profile_name, quants, as_json, allow_pickle):
+    """Choose quantization and pruning for MODEL on a device, and explain why, without building anything."""
+    from converters import ConversionInput
+
+    from .loading import load_model
+    from .planner import format_plan, make_plan
+    from .quantize import check_quant_type
+    from .shapes import shape_of
+
+    profile = _profile(profile_name)
+    quants = tuple(check_quant_type(q) for q in quants) or None
+    loaded = load_model(model, allow_pickle=allow_pickle, progress=progress)
+    source = ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length)
+    result = make_plan(source, shape_of(loaded.model), profile, quants=quants, progress=progress)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        click.echo(format_plan(result, loaded.name, profile))
 
 
 @cli.group()

@@ -330,8 +330,17 @@ def _check_tokenizer(info: GGUFInfo, path: Path) -> None:
         if field.types[0] != _V.ARRAY or field.types[-1] not in allowed or len(field.data) != len(tokens):
             raise EdgepruneError(f"{path}: {key} does not match the {len(tokens)} tokens: the file is corrupt")
     merges = fields.get(gguf.Keys.Tokenizer.MERGES)
-    if merges is not None and merges.types != [_V.ARRAY, _V.STRING] and merges.data:
-        raise EdgepruneError(f"{path}: tokenizer.ggml.merges is not a list of strings: the file is corrupt")
+    if merges is not None and merges.data:
+        if merges.types != [_V.ARRAY, _V.STRING]:
+            raise EdgepruneError(f"{path}: tokenizer.ggml.merges is not a list of strings: the file is corrupt")
+        # A BPE merge "a b" joins two tokens into a third; all three must be in the vocabulary, or the
+        # tokenizers library refuses the whole tokenizer (llama.cpp silently keeps the useless merge).
+        vocab = set(tokens)
+        for merge in merges.contents():
+            left, space, right = merge.partition(" ")
+            if not space or not left or not right or " " in right or not {left, right, left + right} <= vocab:
+                raise EdgepruneError(f"{path}: tokenizer merge {merge!r} does not join two tokens of the "
+                                     "vocabulary: the file is corrupt")
     for key in _SPECIAL_ID_KEYS:
         field = fields.get(key)
         if field is not None and field.types[0] not in _INTEGER_TYPES:

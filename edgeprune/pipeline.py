@@ -19,8 +19,10 @@ from converters import ConversionInput, gguf_tensor_name, write_gguf
 from .atomic import ensure_writable_dir, write_text_atomic
 from .calibration import collect_calibration
 from .loading import load_model
+from .planner import Plan, make_plan
 from .profiles import Profile
 from .quantize import QUANT_TYPES, QuantizeResult, check_quant_type, quantize_gguf
+from .shapes import shape_of
 from .texts import calibration_text, evaluation_text
 from .validate import ValidationReport, format_summary, validate_gguf
 
@@ -31,7 +33,7 @@ REPORT_NAME = "report.json"
 
 @dataclass
 class ExportOptions:
-    quant: str | None = None  # None: the profile's default_quant
+    quant: str | None = None  # None: the planner's choice for the profile (F16 without a profile)
     calib: Path | None = None  # None: the built-in offline calibration text
     eval: Path | None = None  # None: the built-in offline evaluation text
     imatrix: bool = True
@@ -43,32 +45,38 @@ class ExportOptions:
     allow_pickle: bool = False
     host_profile: Profile | None = None  # this machine's measured profile: predictions next to measurements
     on_device: bool = False  # validation runs on the target device itself: judge measured speed
-    prune: object | None = None  # edgeprune.pruning.PruneOptions
+    prune: object | None = None  # edgeprune.pruning.PruneOptions; None: the planner decides
 
 
 @dataclass
 class ExportResult:
     gguf: Path
-    reference_gguf: Path
+    reference_gguf: Path | None  # None without a profile: nothing to validate against
     report_path: Path
-    report: ValidationReport
-    quantization: QuantizeResult
+    report: ValidationReport | None
+    quantization: QuantizeResult | None  # None for an F16 output
+    plan: Plan | None
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def summary(self) -> str:
-        return format_summary(self.report)
+        lines = [f"plan        {self.plan.chosen.candidate.label(self.plan.base)}"] if self.plan else []
+        if self.report is not None:
+            lines.append(format_summary(self.report))
+        return "\n".join(lines)
 
 
-def export_model(model_path: str | Path, profile: Profile, out_dir: str | Path, options: ExportOptions | None = None,
-                 progress: Progress | None = None) -> ExportResult:
+def export_model(model_path: str | Path, profile: Profile | None, out_dir: str | Path,
+                 options: ExportOptions | None = None, progress: Progress | None = None) -> ExportResult:
+    """Run the whole pipeline. With a profile and no explicit pruning, the planner chooses quant and pruning
+    (an explicit --quant narrows its search); without a profile, nothing is planned or validated."""
     options = options or ExportOptions()
     say = progress or (lambda _msg: None)
     out_dir = Path(out_dir)
-    quant = check_quant_type(options.quant or profile.runtime.default_quant)
+    explicit_quant = check_quant_type(options.quant) if options.quant else None
     ensure_writable_dir(out_dir)
     calib = calibration_text(options.calib)
-    evaluation = evaluation_text(options.eval)
+    evaluation = evaluation_text(options.eval) if profile is not None else None
     threads = options.threads or os.cpu_count() or 1  # validation runs here, on this machine's cores
     timings: dict[str, float] = {}
 
@@ -79,44 +87,68 @@ def export_model(model_path: str | Path, profile: Profile, out_dir: str | Path, 
         return result
 
     loaded = timed("load", load_model, model_path, allow_pickle=options.allow_pickle, progress=say)
-    source = ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length,
-                             metadata={"edgeprune.source": Path(model_path).name, "edgeprune.profile": profile.name})
-    reference = timed("write_reference", write_gguf, source, out_dir / REFERENCE_NAME, "F16", say)
+    provenance = {"edgeprune.source": Path(model_path).name}
+    if profile is not None:
+        provenance["edgeprune.profile"] = profile.name
+    source = ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length, metadata=provenance)
+    base_shape = shape_of(loaded.model)
+    plan, quant, prune = None, explicit_quant, options.prune
+    if profile is not None and prune is None:
+        plan = timed("plan", make_plan, source, base_shape, profile,
+                     quants=(explicit_quant,) if explicit_quant else None, progress=say)
+        say(f"plan: {plan.chosen.candidate.label(base_shape)}")
+        quant, prune = plan.chosen.candidate.quant, plan.chosen.candidate.prune_options(base_shape)
+    quant = quant or (profile.runtime.default_quant if profile is not None else "F16")
+    reference = None
+    if profile is not None:
+        reference = timed("write_reference", write_gguf, source, out_dir / REFERENCE_NAME, "F16", say)
     say("tokenizing calibration text")
     tokens = loaded.tokenizer(calib.content, add_special_tokens=False)["input_ids"]
+    stem = output_stem(model_path)
+    final = out_dir / f"{stem}-{quant}.gguf"
 
     model, float_gguf, prune_details = loaded.model, reference, None
-    if options.prune is not None:
+    if prune is not None:
         from .pruning import prune_model
 
-        pruned = timed("prune", prune_model, loaded.model, tokens, options.prune, progress=say)
+        pruned = timed("prune", prune_model, loaded.model, tokens, prune, progress=say)
         model, prune_details = pruned.model, _prune_summary(pruned)
         source.model = model
-        float_gguf = timed("write_pruned", write_gguf, source, out_dir / "pruned-F16.gguf", "F16", say)
+    if float_gguf is None or prune is not None:
+        float_gguf = final if quant == "F16" else out_dir / f".{stem}-F16.intermediate.gguf"
+        timed("write_float", write_gguf, source, float_gguf, "F16", say)
 
-    imatrix = None
-    if options.imatrix and quant not in ("F32", "F16", "BF16"):
-        stats = timed("calibrate", collect_calibration, model, tokens, n_seq=options.calib_sequences,
-                      seq_len=options.calib_seq_len, text_name=calib.name, progress=say)
-        imatrix = {gguf_tensor_name(k): v for k, v in stats.imatrix().items() if gguf_tensor_name(k)}
-    final = out_dir / f"{output_stem(model_path)}-{quant}.gguf"
-    quantized = timed("quantize", quantize_gguf, float_gguf, final, quant, imatrix=imatrix,
-                      imatrix_text=calib.name, threads=threads, progress=say)
-    report = timed("validate", validate_gguf, final, reference_gguf=reference, eval_text=evaluation,
-                   n_ctx=options.eval_ctx, max_chunks=options.eval_chunks, threads=threads,
-                   profile=profile, host_profile=options.host_profile, on_device=options.on_device,
-                   progress=say)
+    imatrix, quantized = None, None
+    try:
+        if quant != "F16":
+            if options.imatrix and quant not in ("F32", "BF16"):
+                stats = timed("calibrate", collect_calibration, model, tokens, n_seq=options.calib_sequences,
+                              seq_len=options.calib_seq_len, text_name=calib.name, progress=say)
+                imatrix = {gguf_tensor_name(k): v for k, v in stats.imatrix().items() if gguf_tensor_name(k)}
+            quantized = timed("quantize", quantize_gguf, float_gguf, final, quant, imatrix=imatrix,
+                              imatrix_text=calib.name, threads=threads, progress=say)
+    finally:
+        if float_gguf not in (final, reference):
+            float_gguf.unlink(missing_ok=True)
+    report = None
+    if profile is not None:
+        report = timed("validate", validate_gguf, final, reference_gguf=reference, eval_text=evaluation,
+                       n_ctx=options.eval_ctx, max_chunks=options.eval_chunks, threads=threads,
+                       profile=profile, host_profile=options.host_profile, on_device=options.on_device,
+                       progress=say)
     document = {
         "export": {
-            "model": str(model_path), "profile": profile.name, "quant": quant, "gguf": final.name,
+            "model": str(model_path), "profile": profile.name if profile else None, "quant": quant, "gguf": final.name,
+            "plan": plan.to_dict() if plan else None,
             "imatrix": {"used": imatrix is not None, "text": calib.name, "entries": len(imatrix or {})},
-            "fallbacks": [asdict(f) for f in quantized.fallbacks], "pruning": prune_details, "seconds": timings,
+            "fallbacks": [asdict(f) for f in quantized.fallbacks] if quantized else [],
+            "pruning": prune_details, "seconds": timings,
         },
-        "validation": report.to_dict(),
+        "validation": report.to_dict() if report else None,
     }
     report_path = out_dir / REPORT_NAME
     write_text_atomic(report_path, json.dumps(document, indent=2) + "\n")
-    return ExportResult(final, reference, report_path, report, quantized, timings)
+    return ExportResult(final, reference, report_path, report, quantized, plan, timings)
 
 
 def _prune_summary(result) -> dict:

@@ -120,9 +120,10 @@ def release_gradients(model: torch.nn.Module) -> None:
 
 
 def score_layers(
-    model: torch.nn.Module, criterion: str, stats: CalibrationStats, head_dim: int, seed: int = 0
+    model: torch.nn.Module, criterion: str, stats: CalibrationStats | None, head_dim: int, seed: int = 0
 ) -> list[LayerScores]:
-    """Score every layer's heads and channels; Taylor expects accumulate_gradients to have run."""
+    """Score every layer's heads and channels. Activation-aware criteria need `stats` (magnitude, Taylor and
+    random do not); Taylor expects accumulate_gradients to have run."""
     scorer, rng = _SCORERS[criterion], np.random.default_rng(seed)
     result = []
     for i, layer in enumerate(model.model.layers):

@@ -147,6 +147,35 @@ def _choose_head_mode(model, shape, scores, options, head_target, stats, batches
     return min(losses, key=losses.get), losses
 
 
+def _prune_step(model, ids, batches, options: PruneOptions, head_mode: str, head_target: float,
+                ffn_target: float, progress: Progress | None) -> tuple[str, dict]:
+    """Score what is left, allocate the step's budget, cut and recover; returns the head mode it used."""
+    shape = shape_of(model)
+    stats = None
+    if options.criterion in ("flap", "wanda-sp", *NEEDS_SECOND_MOMENTS) or options.recovery == "bias" or (
+            head_mode == "auto" and options.heads):
+        gram_of = ("self_attn.o_proj", "mlp.down_proj") if options.criterion in NEEDS_SECOND_MOMENTS else ()
+        stats = collect_calibration(model, ids, n_seq=options.calib_sequences, seq_len=options.calib_seq_len,
+                                    gram_of=gram_of, include_lm_head=False, progress=progress)
+    if options.criterion == "taylor":
+        accumulate_gradients(model, batches[:TAYLOR_SEQUENCES])
+    scores = score_layers(model, options.criterion, stats, shape.head_dim, seed=options.seed)
+    if options.criterion == "taylor":
+        release_gradients(model)
+    details: dict = {}
+    if head_mode == "auto":
+        head_mode = "per-group"
+        if options.heads:
+            head_mode, details["head_mode_losses"] = _choose_head_mode(
+                model, shape, scores, options, head_target, stats, batches)
+    plans = _plan(shape, scores, options, head_mode, head_target, ffn_target)
+    if options.recovery == "reconstruct":
+        reconstruct_sequentially(model, plans, batches, shape.head_dim, RIDGE, progress)
+    else:
+        _apply_direct(model, plans, stats, options.recovery, shape.head_dim)
+    return head_mode, details
+
+
 def prune_model(
     model: torch.nn.Module, calib_token_ids: list[int], options: PruneOptions, progress: Progress | None = None
 ) -> PruneResult:
@@ -165,34 +194,18 @@ def prune_model(
     attn_total = sum(_attention_params(s, d, hd) for s in base.layers)
     mlp_total = sum(_mlp_params(s, d) for s in base.layers)
     head_mode = options.head_mode
-    for step in range(1, options.steps + 1 if options.heads or options.ffn else 1):
+    n_steps = options.steps if options.heads or options.ffn else 0
+    for step in range(1, n_steps + 1):
         shape = shape_of(model)
-        fraction = step / options.steps
+        fraction = step / options.steps  # cumulative targets: each step re-scores what is left
         head_target = options.heads * attn_total * fraction - (attn_total - sum(
             _attention_params(s, d, hd) for s in shape.layers))
         ffn_target = options.ffn * mlp_total * fraction - (mlp_total - sum(_mlp_params(s, d) for s in shape.layers))
-        gram_of = ("self_attn.o_proj", "mlp.down_proj") if options.criterion in NEEDS_SECOND_MOMENTS else ()
-        stats = collect_calibration(model, calib_token_ids, n_seq=options.calib_sequences, gram_of=gram_of,
-                                    seq_len=options.calib_seq_len, include_lm_head=False, progress=progress)
-        if options.criterion == "taylor":
-            accumulate_gradients(model, batches[:TAYLOR_SEQUENCES])
-        scores = score_layers(model, options.criterion, stats, hd, seed=options.seed)
-        if options.criterion == "taylor":
-            release_gradients(model)
-        step_details: dict = {}
-        if head_mode == "auto":
-            head_mode = "per-group"
-            if options.heads:
-                head_mode, step_details["head_mode_losses"] = _choose_head_mode(
-                    model, shape, scores, options, head_target, stats, batches)
-        plans = _plan(shape, scores, options, head_mode, head_target, ffn_target)
-        if options.recovery == "reconstruct":
-            reconstruct_sequentially(model, plans, batches, hd, RIDGE, progress)
-        else:
-            _apply_direct(model, plans, stats, options.recovery, hd)
+        head_mode, step_details = _prune_step(model, calib_token_ids, batches, options, head_mode, head_target,
+                                              ffn_target, progress)
+        details["steps"].append(step_details)
         if progress:
             progress(f"pruning step {step}/{options.steps} done")
-        details["steps"].append(step_details)
     details["head_mode"] = head_mode
     sync_config(model)
     after = shape_of(model)

@@ -1,0 +1,283 @@
+"""The planner: search pruning and quantization together against a device profile's budgets, and explain.
+
+Every candidate (quant type × FFN width × heads per KV group × whole layers × allocation) is priced by the
+cost model: exact tensor types and bytes from llama.cpp's dry run, KV cache, compute buffer, decode and
+prefill speed on the profile's device. Candidates that break a budget are dropped; the rest are ranked by
+estimated quality loss (edgeprune/quality_table.toml, measured), and the least lossy one wins.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Callable
+
+from converters import ConversionInput
+
+from .costmodel import Prediction, estimate_size, predict_for_size
+from .errors import EdgepruneError
+from .shapes import LayerShape, ModelShape
+
+MIB = 1 << 20
+LAYER_DROPS = (0, 2, 4)
+FFN_STEPS = 6  # FFN widths tried, from the full width down to a third of it
+SHOWN_REJECTED = 4
+SUGGESTED_QUANTS = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")
+
+
+def k_quant(quant: str) -> bool:
+    """K-quants and IQ4_XS use 256-wide blocks; a kept FFN width must be a multiple of 256 to use them."""
+    return "_K" in quant or quant.startswith("IQ")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    quant: str
+    n_ff: int  # kept FFN channels per layer (the per-layer average for adaptive allocation)
+    heads_per_group: int  # kept query heads per KV group
+    layers_removed: int
+    allocation: str  # "uniform" exports as llama, "adaptive" as deci
+
+    def label(self, base: ModelShape) -> str:
+        parts = [self.quant]
+        full = base.layers[0]
+        if self.n_ff < full.n_ff:
+            parts.append(f"FFN {full.n_ff}→{self.n_ff}")
+        if self.heads_per_group < full.n_head // full.n_head_kv:
+            parts.append(f"heads/group {full.n_head // full.n_head_kv}→{self.heads_per_group}")
+        if self.layers_removed:
+            parts.append(f"-{self.layers_removed} layers")
+        if len(parts) > 1:
+            parts.append(self.allocation)
+        return ", ".join(parts)
+
+    def shape(self, base: ModelShape) -> ModelShape:
+        """The uniform shape with the same widths: what sizes and speeds are priced on."""
+        kv = base.layers[0].n_head_kv
+        layer = LayerShape(self.heads_per_group * kv, kv, self.n_ff)
+        return dataclasses.replace(base, layers=(layer,) * (base.n_layers - self.layers_removed))
+
+    def prune_options(self, base: ModelShape):
+        """The edgeprune.pruning options that build this candidate, or None when nothing is pruned."""
+        if self.allocation == "none":
+            return None
+        from .pruning import PruneOptions
+
+        full = base.layers[0]
+        d, hd = base.hidden_size, base.head_dim
+        attention = d * hd * (2 * full.n_head + 2 * full.n_head_kv)
+        removed_heads = (full.n_head - self.heads_per_group * full.n_head_kv) * 2 * d * hd
+        return PruneOptions(heads=removed_heads / attention, ffn=1 - self.n_ff / full.n_ff, layers=self.layers_removed,
+                            allocation=self.allocation, align=256 if k_quant(self.quant) else 32)
+
+
+@dataclass(frozen=True)
+class Violation:
+    budget: str
+    needed: float
+    limit: float
+    unit: str
+
+    @property
+    def excess(self) -> float:
+        """How far past the limit, as a fraction of it (a speed below its minimum counts the same way)."""
+        return self.needed / self.limit - 1 if self.budget not in ("decode",) else self.limit / self.needed - 1
+
+    def __str__(self) -> str:
+        op = "<" if self.budget == "decode" else ">"
+        return f"{self.budget} {self.needed:.4g} {self.unit} {op} {self.limit:g} (by {100 * self.excess:.0f}%)"
+
+
+@dataclass
+class Evaluated:
+    candidate: Candidate
+    prediction: Prediction
+    quality_loss: float  # estimated Δ log PPL
+    violations: list[Violation] = field(default_factory=list)
+
+    @property
+    def feasible(self) -> bool:
+        return not self.violations
+
+    def to_dict(self, base: ModelShape) -> dict:
+        p = self.prediction
+        return {
+            "label": self.candidate.label(base), **dataclasses.asdict(self.candidate),
+            "architecture": "deci" if self.candidate.allocation == "adaptive" else "llama",
+            "file_mib": round(p.size.file_bytes / MIB, 2), "memory_mib": round(p.memory_bytes / MIB, 2),
+            "decode_tps": round(p.decode_tps, 2), "prefill_tps": round(p.prefill_tps, 2), "ttft_s": round(p.ttft_s, 3),
+            "estimated_ppl_increase": round(100 * (2.718281828 ** self.quality_loss - 1), 1),
+            "violations": [str(v) for v in self.violations],
+        }
+
+
+@dataclass
+class Plan:
+    profile_name: str
+    device: str
+    base: ModelShape
+    chosen: Evaluated
+    rejected: list[Evaluated]  # the better-ranked or nearest candidates that break a budget
+    n_candidates: int
+    n_feasible: int
+
+    def to_dict(self) -> dict:
+        return {
+            "profile": self.profile_name, "device": self.device, "candidates": self.n_candidates,
+            "feasible": self.n_feasible, "chosen": self.chosen.to_dict(self.base),
+            "why": self.why(), "rejected": [e.to_dict(self.base) for e in self.rejected],
+        }
+
+    def why(self) -> str:
+        better = [e for e in self.rejected if e.quality_loss < self.chosen.quality_loss]
+        reason = f"least estimated quality loss of the {self.n_feasible} candidates (of {self.n_candidates}) that meet every budget"
+        if better:
+            reason += "; each less lossy one breaks a budget (below)"
+        return reason
+
+
+def load_quality_table() -> dict:
+    return tomllib.loads(resources.files("edgeprune").joinpath("quality_table.toml").read_text(encoding="utf-8"))
+
+
+def estimated_loss(candidate: Candidate, base: ModelShape, table: dict) -> float:
+    """Δ log PPL from the measured table: quantization plus pruning, added in log space."""
+    quant = table["quant"].get(candidate.quant, 1.0)
+    if candidate.allocation == "none":
+        return quant
+    pruning = table["pruning"]
+    full = base.layers[0]
+    d, hd = base.hidden_size, base.head_dim
+    decoder = base.decoder_params()
+    mlp_removed = 3 * d * (full.n_ff - candidate.n_ff) * (base.n_layers - candidate.layers_removed)
+    heads_removed = 2 * d * hd * (full.n_head - candidate.heads_per_group * full.n_head_kv) * (base.n_layers - candidate.layers_removed)
+    loss = _interpolate(pruning["adaptive"], mlp_removed / decoder)
+    loss += pruning["heads_factor"] * _interpolate(pruning["adaptive"], heads_removed / decoder)
+    if candidate.allocation == "uniform":
+        loss *= pruning["uniform_factor"]
+    return quant + loss + pruning["per_layer_removed"] * candidate.layers_removed
+
+
+def _interpolate(points: list[list[float]], x: float) -> float:
+    xs = [p[0] for p in points]
+    i = min(max(bisect.bisect_right(xs, x), 1), len(points) - 1)
+    (x0, y0), (x1, y1) = points[i - 1], points[i]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+def enumerate_candidates(base: ModelShape, quants: tuple[str, ...], allow_deci: bool) -> list[Candidate]:
+    full = base.layers[0]
+    group = full.n_head // full.n_head_kv
+    out = []
+    for quant in quants:
+        align = 256 if k_quant(quant) else 32
+        step = max(align, (full.n_ff // 3 // FFN_STEPS) // align * align)
+        widths = sorted({full.n_ff} | {w for w in range(full.n_ff // align * align, full.n_ff // 3, -step) if w > 0},
+                        reverse=True)
+        for n_ff in widths:
+            for heads in sorted({group, max(1, group - 1)}, reverse=True):
+                for layers in LAYER_DROPS:
+                    if layers >= base.n_layers // 2:
+                        continue
+                    if n_ff == full.n_ff and heads == group and layers == 0:
+                        out.append(Candidate(quant, n_ff, heads, 0, "none"))
+                        continue
+                    for allocation in ("uniform", "adaptive") if allow_deci else ("uniform",):
+                        out.append(Candidate(quant, n_ff, heads, layers, allocation))
+    return out
+
+
+def violations(prediction: Prediction, profile) -> list[Violation]:
+    b = profile.budgets
+    found = []
+    if prediction.memory_bytes / MIB > b.memory_mib:
+        found.append(Violation("memory", prediction.memory_bytes / MIB, b.memory_mib, "MiB"))
+    if prediction.decode_tps < b.min_decode_tps:
+        found.append(Violation("decode", prediction.decode_tps, b.min_decode_tps, "tok/s"))
+    if prediction.ttft_s > b.max_ttft_s:
+        found.append(Violation("ttft", prediction.ttft_s, b.max_ttft_s, "s"))
+    if b.max_file_mib is not None and prediction.size.file_bytes / MIB > b.max_file_mib:
+        found.append(Violation("file", prediction.size.file_bytes / MIB, b.max_file_mib, "MiB"))
+    return found
+
+
+def evaluate(source: ConversionInput, base: ModelShape, candidates: list[Candidate], profile, table: dict,
+             progress: Callable[[str], None] | None = None) -> list[Evaluated]:
+    sizes: dict = {}
+    out = []
+    for i, c in enumerate(candidates):
+        shape = c.shape(base)
+        key = (c.quant, shape)
+        if key not in sizes:
+            if progress and len(sizes) % 20 == 0:
+                progress(f"planning: pricing candidate {i + 1}/{len(candidates)} with llama.cpp's dry run")
+            sizes[key] = estimate_size(source, shape, c.quant)
+        prediction = predict_for_size(sizes[key], shape, profile)
+        out.append(Evaluated(c, prediction, estimated_loss(c, base, table), violations(prediction, profile)))
+    return out
+
+
+def make_plan(source: ConversionInput, base: ModelShape, profile, *, quants: tuple[str, ...] | None = None,
+              progress: Callable[[str], None] | None = None) -> Plan:
+    """The best candidate for `profile`, or a one-line error saying what the closest one misses and what would help."""
+    table = load_quality_table()
+    quants = quants or profile.runtime.quant_types
+    evaluated = evaluate(source, base, enumerate_candidates(base, quants, profile.runtime.allow_deci), profile,
+                         table, progress)
+    feasible = sorted((e for e in evaluated if e.feasible), key=lambda e: e.quality_loss)
+    if not feasible:
+        raise EdgepruneError(_impossible(source, base, evaluated, profile, table))
+    chosen = feasible[0]
+    infeasible = [e for e in evaluated if not e.feasible]
+    better = sorted((e for e in infeasible if e.quality_loss < chosen.quality_loss), key=lambda e: -e.quality_loss)
+    nearest = sorted((e for e in infeasible if e not in better), key=lambda e: sum(v.excess for v in e.violations))
+    rejected = (better + nearest)[:SHOWN_REJECTED]
+    return Plan(profile.name, profile.device.name, base, chosen, rejected, len(evaluated), len(feasible))
+
+
+def _impossible(source, base, evaluated: list[Evaluated], profile, table) -> str:
+    closest = min(evaluated, key=lambda e: (sum(v.excess for v in e.violations), e.quality_loss))
+    missed = "; ".join(str(v) for v in closest.violations)
+    hints = []
+    others = tuple(q for q in SUGGESTED_QUANTS if q not in profile.runtime.quant_types)
+    if others:
+        extra = [e for e in evaluate(source, base, enumerate_candidates(base, others, profile.runtime.allow_deci),
+                                     profile, table) if e.feasible]
+        if extra:
+            best = min(extra, key=lambda e: e.quality_loss)
+            hints.append(f"allow {best.candidate.quant} in the profile's quant_types ({best.candidate.label(base)} fits)")
+    if any(v.budget == "memory" for v in closest.violations):
+        p, b = closest.prediction, profile.budgets
+        per_token = p.kv_cache_bytes / b.context_length
+        room = b.memory_mib * MIB - (p.memory_bytes - p.kv_cache_bytes)
+        if room > 0 and (ctx := int(room / per_token) // 256 * 256) >= 256:
+            hints.append(f"shorten context_length to {ctx}")
+    if not hints:
+        hints.append("relax the budget or choose a smaller model")
+    return (f"no plan meets {profile.name}: the closest, {closest.candidate.label(base)}, misses {missed}: "
+            + " or ".join(hints))
+
+
+def format_plan(plan: Plan, model_name: str, profile) -> str:
+    """One screen: budgets, the choice with its predictions and reason, and the nearest rejected candidates."""
+    b, c = profile.budgets, plan.chosen.to_dict(plan.base)
+    file_budget = f", file <= {b.max_file_mib:g} MiB" if b.max_file_mib is not None else ""
+    lines = [
+        f"plan for {model_name} on {plan.device} [{plan.profile_name}]",
+        f"budgets    memory <= {b.memory_mib:g} MiB at ctx {b.context_length}, decode >= {b.min_decode_tps:g} tok/s, "
+        f"TTFT <= {b.max_ttft_s:g} s for {b.ttft_prompt_tokens} tokens{file_budget}",
+        f"chosen     {c['label']}  ({c['architecture']} GGUF)",
+        f"predicted  file {c['file_mib']:.1f} MiB, memory {c['memory_mib']:.1f} MiB, decode {c['decode_tps']:.1f} tok/s, "
+        f"TTFT {c['ttft_s']:.2f} s, est. PPL +{c['estimated_ppl_increase']:.1f}%",
+        f"why        {plan.why()}",
+        "rejected:",
+    ]
+    if not plan.rejected:
+        lines.append("  none: every candidate meets the budgets, so the least lossy one is chosen")
+    for e in plan.rejected:
+        d = e.to_dict(plan.base)
+        lines.append(f"  {d['label']:<44} est. PPL +{d['estimated_ppl_increase']:.1f}%  breaks {'; '.join(d['violations'])}")
+    return "\n".join(lines)
