@@ -295,16 +295,19 @@ def _check_metadata_matches_tensors(info: GGUFInfo, path: Path) -> None:
     if key_length is None and heads is not None and n_embd:
         widest = max(heads) if isinstance(heads, list) else heads
         key_length = int(n_embd) // widest if widest else None
+    heads_kv = info.arch_value("attention.head_count_kv", heads)
+    if heads is None or key_length is None:
+        return
     for bid in sorted(blocks):
-        q = tensors.get(f"blk.{bid}.attn_q.weight")
-        if q is None or heads is None or key_length is None:
-            continue
-        n_head = int(heads[bid]) if isinstance(heads, list) else int(heads)
-        if len(q.shape) < 2 or int(q.shape[1]) != n_head * int(key_length):
-            raise EdgepruneError(
-                f"{path} says layer {bid} has {n_head} heads of {key_length} but attn_q has "
-                f"{int(q.shape[1]) if len(q.shape) > 1 else 1} rows: the file is inconsistent"
-            )
+        for kind, counts in (("attn_q", heads), ("attn_k", heads_kv)):
+            tensor = tensors.get(f"blk.{bid}.{kind}.weight")
+            n = counts[bid] if isinstance(counts, list) else counts
+            if tensor is None or not n:
+                continue  # no attention here, or deci's linear attention (no K/V heads)
+            rows = int(tensor.shape[1]) if len(tensor.shape) > 1 else 1
+            if rows != int(n) * int(key_length):
+                raise EdgepruneError(f"{path} says layer {bid} has {n} {kind[-1].upper()} heads of {key_length} "
+                                     f"but {kind} has {rows} rows: the file is inconsistent")
 
 
 def _check_tokenizer(info: GGUFInfo, path: Path) -> None:

@@ -1,0 +1,109 @@
+"""Cost model and planner: sizes must match what llama.cpp writes; plans must obey the budgets and explain."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+from test_converters import shrink_layer
+
+from converters import ConversionInput, write_gguf
+from edgeprune.costmodel import estimate_size, kv_cache_bytes, size_of_gguf
+from edgeprune.errors import EdgepruneError
+from edgeprune.gguf_check import read_gguf
+from edgeprune.loading import load_model
+from edgeprune.planner import format_plan, make_plan
+from edgeprune.profiles import load_profile
+from edgeprune.quantize import quantize_gguf
+from edgeprune.shapes import shape_from_gguf, shape_of
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def tiny(tiny_bpe_llama):
+    loaded = load_model(tiny_bpe_llama)
+    return ConversionInput(loaded.model, loaded.vocab, "tiny", 256)
+
+
+@pytest.mark.parametrize("quant", ["Q8_0", "Q4_K_M", "Q4_0", "F16"])
+def test_predicted_size_and_types_match_the_quantized_file(tiny, tmp_path, quant):
+    shrink_layer(tiny.model, 1, n_ff=64, n_groups=1)  # a deci model, with biases
+    f16 = write_gguf(tiny, tmp_path / "f16.gguf")
+    out = quantize_gguf(f16, tmp_path / "q.gguf", quant).path
+    estimate = estimate_size(tiny, shape_of(tiny.model), quant)
+    actual = size_of_gguf(read_gguf(out))
+    assert {t.name: t.type_name for t in estimate.tensors} == {t.name: t.type_name for t in actual.tensors}
+    assert abs(estimate.file_bytes - out.stat().st_size) / out.stat().st_size < 0.01
+
+
+def test_shape_round_trips_through_gguf(tiny, tmp_path):
+    shrink_layer(tiny.model, 2, n_ff=32, n_groups=1)
+    path = write_gguf(tiny, tmp_path / "d.gguf")
+    assert shape_from_gguf(read_gguf(path)) == shape_of(tiny.model)
+
+
+def test_kv_cache_pads_v_without_flash_attention(tiny):
+    shrink_layer(tiny.model, 1, n_ff=64, n_groups=1)
+    shape = shape_of(tiny.model)  # KV heads per layer: 2, 1, 2 of 16 dims
+    assert kv_cache_bytes(shape, 300) == 512 * (16 * 5 + 16 * 2 * 3) * 2
+    assert kv_cache_bytes(shape, 300, flash_attention=True) == 512 * (16 * 5 * 2) * 2
+    assert kv_cache_bytes(shape, 256, "q8_0", True) == int(256 * 16 * 5 * 2 * 34 / 32)
+
+
+def budgeted(memory_mib=None, min_decode_tps=None, max_file_mib=None, **runtime):
+    base = load_profile("x86-laptop-16gb")
+    budgets = {k: v for k, v in dict(memory_mib=memory_mib, min_decode_tps=min_decode_tps).items() if v is not None}
+    return dataclasses.replace(
+        base, budgets=dataclasses.replace(base.budgets, context_length=256, max_file_mib=max_file_mib, **budgets),
+        runtime=dataclasses.replace(base.runtime, **runtime))
+
+
+def test_loose_budget_keeps_the_model_whole_at_the_best_quant(tiny):
+    plan = make_plan(tiny, shape_of(tiny.model), budgeted())
+    assert plan.chosen.candidate.quant == "F16" and plan.chosen.candidate.allocation == "none"
+    assert plan.n_feasible == plan.n_candidates
+
+
+def test_tight_file_budget_forces_quantization_then_pruning(tiny):
+    shape = shape_of(tiny.model)
+    f16 = estimate_size(tiny, shape, "F16").file_bytes / MIB
+    q8 = estimate_size(tiny, shape, "Q8_0").file_bytes / MIB
+    plan = make_plan(tiny, shape, budgeted(max_file_mib=(f16 + q8) / 2))
+    assert plan.chosen.candidate.quant != "F16" and plan.chosen.prediction.size.file_bytes / MIB <= (f16 + q8) / 2
+    assert any(v.budget == "file" for e in plan.rejected for v in e.violations)
+    q4 = estimate_size(tiny, shape, "Q4_0").file_bytes / MIB
+    pruned = make_plan(tiny, shape, budgeted(max_file_mib=q4 * 0.97))
+    assert pruned.chosen.candidate.allocation != "none"
+    assert pruned.chosen.prediction.size.file_bytes / MIB <= q4 * 0.97
+
+
+def test_runtime_without_deci_never_gets_adaptive(tiny):
+    shape = shape_of(tiny.model)
+    q4 = estimate_size(tiny, shape, "Q4_0").file_bytes / MIB
+    plan = make_plan(tiny, shape, budgeted(max_file_mib=q4 * 0.97, allow_deci=False))
+    assert plan.chosen.candidate.allocation == "uniform"
+
+
+def test_impossible_budget_is_one_line_with_a_way_out(tiny):
+    with pytest.raises(EdgepruneError) as err:
+        make_plan(tiny, shape_of(tiny.model), budgeted(memory_mib=0.5))
+    message = str(err.value)
+    assert "\n" not in message and "no plan meets" in message and "memory" in message and "MiB" in message
+
+
+def test_plan_text_fits_a_screen_and_json_carries_the_same(tiny_bpe_llama, tmp_path):
+    def run(*extra):
+        return subprocess.run([sys.executable, "-m", "edgeprune.cli", "plan", str(tiny_bpe_llama), "--profile",
+                               "raspberry-pi-5-8gb", *extra], capture_output=True, text=True, timeout=300)
+
+    text, as_json = run(), run("--json")
+    assert text.returncode == 0 and as_json.returncode == 0, text.stderr[-2000:]
+    lines = text.stdout.splitlines()
+    assert len(lines) <= 24 and all(len(l) <= 160 for l in lines)
+    data = json.loads(as_json.stdout)
+    assert data["chosen"]["label"] in text.stdout and data["why"] in text.stdout
+    assert data["profile"] == "raspberry-pi-5-8gb"
