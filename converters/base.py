@@ -139,8 +139,8 @@ class ModelWriter:
                 layout.append((name + ".weight", shape))
                 if bias:
                     layout.append((name + ".bias", (shape[0],)))
-            add(T.ATTN_NORM, (d,))
             if layer.n_head:
+                add(T.ATTN_NORM, (d,))
                 add(T.ATTN_Q, (layer.n_head * hd, d))
                 add(T.ATTN_K, (layer.n_head_kv * hd, d))
                 add(T.ATTN_V, (layer.n_head_kv * hd, d))
@@ -196,8 +196,8 @@ class ModelWriter:
         for bid, (block, layer) in enumerate(zip(model.model.layers, s.layers)):
             for module_path, kind in LAYER_TENSORS.items():
                 module = block.get_submodule(module_path) if _has_submodule(block, module_path) else None
-                if module is None:
-                    continue  # a layer without attention (deci n_head == 0) has no attention tensors
+                if module is None or (kind == T.ATTN_NORM and not layer.n_head):
+                    continue  # a layer without attention (deci n_head == 0) has no attention tensors, norm included
                 name = gguf.TENSOR_NAMES[kind].format(bid=bid)
                 weight = module.weight
                 if kind == T.ATTN_Q:
