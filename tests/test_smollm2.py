@@ -83,3 +83,28 @@ def test_export_cli_end_to_end(smollm2_gguf, tmp_path):
     assert (r.returncode == 0) == validation["passed"]
     assert sorted(p.name for p in out.iterdir()) == ["SmolLM2-135M-Instruct-Q8_0.gguf", "reference-F16.gguf",
                                                      "report.json"]
+
+
+def test_aligned_pruning_has_no_ffn_down_fallback_and_size_is_predicted(smollm2, tmp_path):
+    """Q4_K_M on a 256-aligned pruned SmolLM2: ffn_down (row length n_ff) keeps its K-quant; the 576-wide
+    rows that cannot align fall back, and the cost model's size already counts them."""
+    import copy
+
+    from edgeprune.costmodel import estimate_size
+    from edgeprune.pruning import PruneOptions, prune_model
+    from edgeprune.quantize import quantize_gguf
+    from edgeprune.texts import default_calibration_text
+
+    loaded, _ = smollm2
+    model = copy.deepcopy(loaded.model)
+    tokens = loaded.tokenizer(default_calibration_text().content[:200_000], add_special_tokens=False)["input_ids"]
+    result = prune_model(model, tokens, PruneOptions(ffn=0.3, align=256, recovery="bias", calib_sequences=8))
+    assert {l.n_ff % 256 for l in result.shape.layers} == {0} and result.shape.architecture == "deci"
+    source = ConversionInput(model, loaded.vocab, loaded.name, loaded.context_length)
+    predicted = estimate_size(source, result.shape, "Q4_K_M")
+    f16 = write_gguf(source, tmp_path / "pruned-f16.gguf", "F16")
+    quantized = quantize_gguf(f16, tmp_path / "pruned-q4km.gguf", "Q4_K_M")
+    assert quantized.fallbacks and not [f for f in quantized.fallbacks if "ffn_down" in f.tensor]
+    assert abs(predicted.file_bytes / quantized.path.stat().st_size - 1) < 0.01
+    kinds = {t.name: t.type_name for t in predicted.tensors}
+    assert all(kinds[f.tensor] == f.used for f in quantized.fallbacks)
