@@ -30,7 +30,7 @@ test: install
 	$(PY) -m pytest -q
 
 bench: install
-	$(PY) -m bench
+	$(PY) -m edgeprune.bench
 
 clean:
 	rm -rf $(VENV) out bench-results
