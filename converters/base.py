@@ -16,7 +16,7 @@ import gguf
 import numpy as np
 import torch
 
-from edgeprune.atomic import atomic_output
+from edgeprune.atomic import atomic_output, write_error
 from edgeprune.errors import EdgepruneError
 from edgeprune.shapes import ModelShape, shape_of
 
@@ -111,6 +111,12 @@ class ModelWriter:
         quantizer to plan every tensor's type in a dry run, for shapes that do not exist as weights yet.
         The vocabulary is left out unless asked for: the quantizer does not read it, and it is slow to write."""
         path = Path(path)
+        try:
+            return self._write_skeleton(path, with_vocab)
+        except OSError as exc:
+            raise write_error(exc, path) from exc
+
+    def _write_skeleton(self, path: Path, with_vocab: bool) -> Path:
         writer = gguf.GGUFWriter(path, self.arch_name)
         self.add_metadata(writer, gguf.LlamaFileType.MOSTLY_F16, with_vocab)
         data_bytes = 0

@@ -27,7 +27,6 @@ class CalibrationStats:
     sums: dict[str, np.ndarray] = field(default_factory=dict)
     square_sums: dict[str, np.ndarray] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
-    gram_sums: dict[str, np.ndarray] = field(default_factory=dict)  # sum x xᵀ, only for modules asked for
     layer_cosines: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     def _known(self, name: str) -> None:
@@ -46,11 +45,6 @@ class CalibrationStats:
         """Population variance per column; clipped at 0 because E[x²]−E[x]² can round below it."""
         return np.maximum(self.mean_square(name) - self.mean(name) ** 2, 0.0)
 
-    def second_moment(self, name: str) -> np.ndarray:
-        """E[x xᵀ] over calibration tokens: what least-squares reconstruction of the layer needs."""
-        self._known(name)
-        return self.gram_sums[name] / self.counts[name]
-
     def imatrix(self) -> dict[str, np.ndarray]:
         """Mean of x² per input column, keyed by HF module name: exactly what llama-imatrix computes."""
         return {name: self.mean_square(name).astype(np.float32) for name in self.counts}
@@ -63,9 +57,8 @@ class CalibrationStats:
 class _Accumulator:
     """Forward hooks that add each linear input's column moments into a CalibrationStats."""
 
-    def __init__(self, stats: CalibrationStats, n_layers: int, gram_of: tuple[str, ...]):
+    def __init__(self, stats: CalibrationStats, n_layers: int):
         self.stats = stats
-        self.gram_of = gram_of
         self.cos_sum = np.zeros(n_layers)
         self.cos_count = np.zeros(n_layers)
         # q/k/v (and gate/up) receive the same tensor; remember the last one so its moments are computed once.
@@ -83,13 +76,6 @@ class _Accumulator:
             st.counts[name] += n
         else:
             st.sums[name], st.square_sums[name], st.counts[name] = s.copy(), sq.copy(), n
-        if name.endswith(self.gram_of):
-            flat = x.detach().reshape(-1, x.shape[-1]).float()  # float32 per batch, float64 across batches
-            gram = (flat.T @ flat).double().cpu().numpy()
-            if name in st.gram_sums:
-                st.gram_sums[name] += gram
-            else:
-                st.gram_sums[name] = gram
 
     def linear_hook(self, name: str):
         return lambda module, args: self.add(name, args[0])
@@ -109,13 +95,16 @@ class _Accumulator:
         return hook
 
 
+def check_calibration_length(n_tokens: int, seq_len: int) -> None:
+    """At least one whole calibration sequence is needed; checked early so that nothing is written first."""
+    if n_tokens < seq_len:
+        raise EdgepruneError(f"calibration text has {n_tokens} tokens, need at least {seq_len}: give a longer --calib file")
+
+
 def calibration_batches(token_ids: list[int], n_seq: int, seq_len: int, bos_id: int | None) -> torch.Tensor:
     """Cut consecutive sequences from the token list; each starts with BOS, as llama-imatrix does."""
+    check_calibration_length(len(token_ids), seq_len)
     available = len(token_ids) // seq_len
-    if available == 0:
-        raise EdgepruneError(
-            f"calibration text has {len(token_ids)} tokens, need at least {seq_len}: give a longer --calib file"
-        )
     n = min(n_seq, available)
     batch = torch.tensor(token_ids[: n * seq_len], dtype=torch.long).reshape(n, seq_len)
     if bos_id is not None:
@@ -131,18 +120,14 @@ def collect_calibration(
     seq_len: int = 256,
     batch_size: int = 8,
     include_lm_head: bool = True,
-    gram_of: tuple[str, ...] = (),
     text_name: str = "",
     progress: Progress | None = None,
 ) -> CalibrationStats:
-    """Run the model once over up to n_seq×seq_len calibration tokens and return activation statistics.
-
-    `gram_of` lists module-name suffixes (e.g. "mlp.down_proj") whose full input second moment is kept too.
-    """
+    """Run the model once over up to n_seq×seq_len calibration tokens and return activation statistics."""
     batches = calibration_batches(token_ids, n_seq, seq_len, model.config.bos_token_id)
     stats = CalibrationStats(text_name=text_name, n_tokens=batches.numel())
     layers = model.model.layers
-    acc = _Accumulator(stats, len(layers), gram_of)
+    acc = _Accumulator(stats, len(layers))
     handles = []
     try:
         for i, layer in enumerate(layers):

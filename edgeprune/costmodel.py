@@ -17,6 +17,7 @@ import gguf
 
 from converters import WRITERS, ConversionInput
 
+from .atomic import raise_if_interrupted
 from .errors import EdgepruneError
 from .quantize import QUANT_TYPES, _captured_llama_log, check_quant_type
 from .shapes import ModelShape
@@ -130,6 +131,7 @@ def _run_dry_run(writer, quant: str) -> dict[str, str]:
         with _captured_llama_log() as log:
             status = llama_cpp.llama_model_quantize(str(skeleton).encode(), str(Path(tmp) / "out.gguf").encode(),
                                                    ctypes.byref(params))
+    raise_if_interrupted()
     if status != 0:
         raise EdgepruneError(f"llama.cpp could not plan a {quant} quantization of this shape")
     matches = (_DRY_RUN_LINE.search(line) for line in "".join(log).splitlines())

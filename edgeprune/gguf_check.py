@@ -64,6 +64,14 @@ class GGUFInfo:
         return self.value(f"{self.architecture}.{key}", default)
 
 
+_LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})
+
+
+def _one_line(text: str) -> str:
+    """Escape the line breaks a corrupt file can put into names, so an error stays one line."""
+    return text.translate(_LINE_BREAKS)
+
+
 class _Corrupt(Exception):
     """A structural fault found while scanning; read_gguf turns it into one EdgepruneError line."""
 
@@ -81,16 +89,17 @@ def read_gguf(path: str | Path) -> GGUFInfo:
     try:
         _scan_layout(path, size)
     except _Corrupt as exc:
-        raise EdgepruneError(f"{path} is truncated or corrupt: {exc}: download or export it again") from None
+        raise EdgepruneError(_one_line(f"{path} is truncated or corrupt: {exc}: download or export it again")) from None
     try:
         reader = gguf.GGUFReader(path)
         info = _describe(reader, path)
         _check_tensors_inside_file(reader, path, size)
         _check_metadata_types(info, path)
         _check_metadata_matches_tensors(info, path)
+        _check_tensor_names(info, path)
         _check_tokenizer(info, path)
-    except EdgepruneError:
-        raise
+    except EdgepruneError as exc:
+        raise EdgepruneError(_one_line(str(exc))) from None  # names from the file may hold line breaks
     except Exception as exc:  # any parse failure of untrusted bytes is the file's fault, not a crash of ours
         raise EdgepruneError(f"{path} is truncated or corrupt ({type(exc).__name__}): download or export it again") from exc
     return info
@@ -308,6 +317,38 @@ def _check_metadata_matches_tensors(info: GGUFInfo, path: Path) -> None:
             if rows != int(n) * int(key_length):
                 raise EdgepruneError(f"{path} says layer {bid} has {n} {kind[-1].upper()} heads of {key_length} "
                                      f"but {kind} has {rows} rows: the file is inconsistent")
+
+
+def _check_tensor_names(info: GGUFInfo, path: Path) -> None:
+    """Every tensor must be one its architecture defines, and a llama needs all of a layer's weights:
+    transformers' GGUF loader silently fills a missing or misnamed weight with random values."""
+    arch = next((a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == info.architecture), None)
+    if arch is None:
+        return  # an architecture gguf-py does not know: the loaders refuse it by name
+    valid: set[str] = set()
+    for kind in gguf.MODEL_TENSORS.get(arch, ()):
+        template = gguf.TENSOR_NAMES[kind]
+        try:
+            bases = {template.format(bid=b) for b in range(info.block_count)} if "{bid}" in template else {template}
+        except (KeyError, IndexError):
+            continue  # per-expert names and the like: not in the architectures edgeprune writes
+        valid.update(f"{base}.{suffix}" for base in bases for suffix in ("weight", "bias"))
+    names = {t.name for t in info.reader.tensors}
+    unknown = sorted(names - valid)
+    if unknown:
+        raise EdgepruneError(f"{path} holds a tensor {unknown[0]!r} that a {info.architecture} model does not have: "
+                             "the file is corrupt")
+    if info.architecture != "llama":
+        return  # deci layers may lack attention or FFN by design
+    required = ["token_embd.weight", "output_norm.weight"]
+    for b in range(info.block_count):
+        required += [f"blk.{b}.{k}.weight" for k in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm")]
+        dense = [f"blk.{b}.{k}.weight" for k in ("ffn_gate", "ffn_up", "ffn_down")]
+        experts = [f"blk.{b}.{k}.weight" for k in ("ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")]
+        required += dense if not set(experts) <= names else []
+    missing = [name for name in required if name not in names]
+    if missing:
+        raise EdgepruneError(f"{path} lacks the tensor {missing[0]!r} that every llama model has: the file is corrupt")
 
 
 def _check_tokenizer(info: GGUFInfo, path: Path) -> None:

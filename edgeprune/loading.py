@@ -62,7 +62,7 @@ def save_hf_directory(loaded: LoadedModel, directory: str | Path) -> Path:
 # --- Hugging Face directories
 
 def _load_hf_directory(directory: Path, allow_pickle: bool) -> LoadedModel:
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     config = _read_llama_config(directory)
     safetensors = sorted(directory.glob("*.safetensors"))
@@ -80,12 +80,21 @@ def _load_hf_directory(directory: Path, allow_pickle: bool) -> LoadedModel:
     if not ((directory / "tokenizer.json").is_file() or (directory / "tokenizer.model").is_file()):
         raise EdgepruneError(f"{directory} has no tokenizer: expected tokenizer.json or tokenizer.model")
     try:
-        model = LlamaForCausalLM.from_pretrained(
-            directory, dtype=torch.float32, use_safetensors=bool(safetensors), trust_remote_code=False
+        model, info = LlamaForCausalLM.from_pretrained(
+            directory, dtype=torch.float32, use_safetensors=bool(safetensors), trust_remote_code=False,
+            output_loading_info=True,
         )
-        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise EdgepruneError(f"cannot load {directory}: {_first_line(exc)}") from exc
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    disagreeing = sorted(set(info.get("missing_keys", [])) - tied) + sorted(info.get("unexpected_keys", [])) + \
+        sorted(str(m[0]) if isinstance(m, tuple) else str(m) for m in info.get("mismatched_keys", []))
+    if disagreeing:
+        raise EdgepruneError(
+            f"{directory}/config.json does not match the weights ({', '.join(disagreeing[:3])}"
+            f"{', …' if len(disagreeing) > 3 else ''}): the checkpoint is incomplete or its config was edited"
+        )
+    tokenizer = _load_tokenizer(directory, {})
     vocab = vocab_from_hf_dir(directory, model.config.vocab_size)
     return LoadedModel(model, tokenizer, vocab, config.get("_name_or_path") or directory.name, directory,
                        int(config.get("max_position_embeddings", 2048)))
@@ -138,7 +147,7 @@ def _has_gguf_magic(path: Path) -> bool:
 
 
 def _load_gguf(path: Path) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     info = read_gguf(path)
     if info.architecture != "llama":
@@ -146,8 +155,8 @@ def _load_gguf(path: Path) -> LoadedModel:
             f"{path} is a {info.architecture!r} GGUF: edgeprune reads llama-architecture GGUFs (or a Hugging Face directory)"
         )
     vocab = vocab_from_gguf(info.reader)
+    tokenizer = _load_tokenizer(path.parent, {"gguf_file": path.name})
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         dequantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     except (OSError, ValueError, RuntimeError, KeyError, NotImplementedError) as exc:
         raise EdgepruneError(f"cannot load {path}: {_first_line(exc)}") from exc
@@ -161,6 +170,16 @@ def _load_gguf(path: Path) -> LoadedModel:
         raise EdgepruneError(f"{path} does not match its own metadata: tensors {sorted(unexpected or missing)[:3]} disagree")
     model.tie_weights()
     return LoadedModel(model, tokenizer, vocab, info.name or path.stem, path, info.context_length)
+
+
+def _load_tokenizer(directory: Path, kwargs: dict):
+    """transformers' tokenizer; tokenizers raises a bare Exception on a damaged tokenizer.json, so catch all."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory, trust_remote_code=False, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any failure here is the tokenizer file's
+        raise EdgepruneError(f"cannot load the tokenizer in {directory}: {_first_line(exc)}") from exc
 
 
 def _check_finite(model: torch.nn.Module, path: Path) -> None:

@@ -17,7 +17,7 @@ from typing import Callable
 from converters import ConversionInput, gguf_tensor_name, write_gguf
 
 from .atomic import ensure_writable_dir, write_text_atomic
-from .calibration import collect_calibration
+from .calibration import check_calibration_length, collect_calibration
 from .loading import load_model
 from .planner import Plan, make_plan
 from .profiles import Profile
@@ -91,6 +91,9 @@ def export_model(model_path: str | Path, profile: Profile | None, out_dir: str |
     if profile is not None:
         provenance["edgeprune.profile"] = profile.name
     source = ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length, metadata=provenance)
+    say("tokenizing calibration text")
+    tokens = loaded.tokenizer(calib.content, add_special_tokens=False)["input_ids"]
+    check_calibration_length(len(tokens), options.calib_seq_len)
     base_shape = shape_of(loaded.model)
     plan, quant, prune = None, explicit_quant, options.prune
     if profile is not None and prune is None:
@@ -102,8 +105,6 @@ def export_model(model_path: str | Path, profile: Profile | None, out_dir: str |
     reference = None
     if profile is not None:
         reference = timed("write_reference", write_gguf, source, out_dir / REFERENCE_NAME, "F16", say)
-    say("tokenizing calibration text")
-    tokens = loaded.tokenizer(calib.content, add_special_tokens=False)["input_ids"]
     stem = output_stem(model_path)
     final = out_dir / f"{stem}-{quant}.gguf"
 
@@ -114,7 +115,7 @@ def export_model(model_path: str | Path, profile: Profile | None, out_dir: str |
         pruned = timed("prune", prune_model, loaded.model, tokens, prune, progress=say)
         model, prune_details = pruned.model, _prune_summary(pruned)
         source.model = model
-    if float_gguf is None or prune is not None:
+    if float_gguf is None or prune is not None or quant == "F16":
         float_gguf = final if quant == "F16" else out_dir / f".{stem}-F16.intermediate.gguf"
         timed("write_float", write_gguf, source, float_gguf, "F16", say)
 

@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from .atomic import atomic_output
+from .atomic import atomic_output, raise_if_interrupted
 from .errors import EdgepruneError
 
 # llama.cpp's llama_ftype values by the names llama-quantize uses.
@@ -86,6 +86,7 @@ def quantize_gguf(src: str | Path, dst: str | Path, quant_type: str, *, imatrix:
     start = time.perf_counter()
     with atomic_output(dst) as tmp, _captured_llama_log() as log:
         status = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        raise_if_interrupted()
         if status != 0:
             detail = next((l for l in reversed(log) if "error" in l.lower() or "failed" in l.lower()), "see llama.cpp log")
             raise EdgepruneError(f"llama.cpp could not quantize {src} to {quant_type}: {detail.strip()}")
@@ -137,7 +138,10 @@ class _captured_llama_log:
 
         @llama_cpp.llama_log_callback
         def collect(level, text, user_data):  # noqa: ARG001 - C callback signature
-            self.lines.append(text.decode("utf-8", "replace"))
+            try:
+                self.lines.append(text.decode("utf-8", "replace"))
+            except BaseException:  # noqa: BLE001 - a signal landing here must not print a ctypes traceback;
+                pass  # the handler has recorded it, and raise_if_interrupted re-raises it after the native call
 
         self.callback = collect
         llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 from transformers import LlamaForCausalLM
@@ -12,6 +14,7 @@ from edgeprune.errors import EdgepruneError
 from edgeprune.pruning import CRITERIA, NoAttention, PruneOptions, perplexity, prune_model
 from edgeprune.pruning.evaluate import chunk_tokens
 from edgeprune.pruning.recovery import bias_compensation, ridge_refit
+from edgeprune.pruning.surgery import head_index
 from edgeprune.shapes import shape_of
 
 TINY = dict(align=16, calib_sequences=8, calib_seq_len=64)  # tiny model: hidden 64, 4 heads / 2 KV, n_ff 96
@@ -68,6 +71,32 @@ def test_kv_groups_mode_drops_whole_groups(tiny, ids):
     _runs(model, ids)
 
 
+def _kept(original: torch.Tensor, pruned: torch.Tensor, block: int) -> list[int]:
+    """Indices of the original row blocks (heads, or channels with block 1) that survive in `pruned`."""
+    blocks = original.reshape(-1, block, original.shape[-1])
+    return [next(i for i, b in enumerate(blocks) if torch.equal(b, p)) for p in pruned.reshape(-1, block, pruned.shape[-1])]
+
+
+@pytest.mark.parametrize("head_mode", ["per-group", "kv-groups"])
+def test_cutting_equals_masking_the_removed_heads_and_channels(tiny, ids, head_mode):
+    """Without recovery, the shrunk model must compute exactly what the original computes with the removed
+    heads' o_proj columns and channels' down_proj columns zeroed: checks GQA grouping and every index."""
+    model, masked = tiny(), tiny()
+    prune_model(model, ids, PruneOptions(heads=0.5, ffn=0.4, head_mode=head_mode, method="random", recovery="none",
+                                         **TINY))
+    with torch.no_grad():
+        for cut, full in zip(model.model.layers, masked.model.layers):
+            q_proj = getattr(cut.self_attn, "q_proj", None)  # NoAttention has none: all heads removed
+            heads = _kept(full.self_attn.q_proj.weight, q_proj.weight, 16) if q_proj is not None else []
+            columns = head_index(np.setdiff1d(np.arange(4), heads), 16)
+            full.self_attn.o_proj.weight[:, columns] = 0
+            channels = _kept(full.mlp.up_proj.weight, cut.mlp.up_proj.weight, 1)
+            full.mlp.down_proj.weight[:, np.setdiff1d(np.arange(96), channels)] = 0
+        x = torch.tensor([ids[:60]])
+        torch.testing.assert_close(model(input_ids=x).logits, masked(input_ids=x).logits, rtol=1e-4, atol=1e-4)
+    assert shape_of(model).decoder_params() < shape_of(masked).decoder_params()
+
+
 @pytest.mark.parametrize("criterion", CRITERIA)
 def test_every_criterion_prunes_adaptively_to_aligned_widths(tiny, ids, criterion):
     model = tiny()
@@ -78,9 +107,10 @@ def test_every_criterion_prunes_adaptively_to_aligned_widths(tiny, ids, criterio
     _runs(model, ids)
 
 
-def test_adaptive_attention_removal_keeps_layer_zero_and_uses_no_attention_module(tiny, ids):
+@pytest.mark.parametrize("recovery", ["bias", "reconstruct"])
+def test_adaptive_attention_removal_keeps_layer_zero_and_uses_no_attention_module(tiny, ids, recovery):
     model = tiny()
-    result = prune_model(model, ids, PruneOptions(heads=0.9, ffn=0.9, recovery="bias", **TINY))
+    result = prune_model(model, ids, PruneOptions(heads=0.9, ffn=0.9, recovery=recovery, **TINY))
     layers = result.shape.layers
     assert layers[0].n_head > 0
     dropped = [i for i, l in enumerate(layers) if l.n_head == 0]
@@ -89,6 +119,7 @@ def test_adaptive_attention_removal_keeps_layer_zero_and_uses_no_attention_modul
         assert isinstance(model.model.layers[i].self_attn, NoAttention) and layers[i].n_head_kv == 0
     assert all(l.n_ff >= 16 for l in layers)
     assert result.shape.architecture == "deci"
+    assert all(layers[i - 1].ffn_down_bias for i in dropped)  # the dropped attention's constant moved upstream
     _runs(model, ids)
 
 

@@ -40,6 +40,13 @@ HARD_TEXT = (
 )
 EXPORT_PROFILE, EXPORT_QUANT, EXPORT_CHUNKS = "raspberry-pi-5-8gb", "Q4_K_M", 20
 MAX_EXAMPLES = 4
+DIGIT_NOTE = (
+    "Why they can differ: SmolLM2 was trained with every number character split off on its own; llama.cpp's "
+    "`smollm` pre-tokenizer does that (regex `\\p{N}` first), but transformers' tokenizer rebuilt from a GGUF, "
+    "and the tokenizer.json it saves, keep only GPT-2's ByteLevel step. ASCII digits still agree because the "
+    "vocabulary has no space+digit merge; a number character outside ASCII (`½`, Unicode category No) after a "
+    "space is where transformers merges the space with its first UTF-8 byte instead."
+)
 
 
 def run(progress) -> SuiteResult:
@@ -302,6 +309,7 @@ def _tokenization_section(result: dict) -> str:
         f"llama.cpp on our HF-path GGUF against llama.cpp on its own converter's GGUF: {same}.",
         "Where transformers and llama.cpp differ (pieces as the GGUF stores them, Ġ = space):\n\n"
         + ("\n".join(examples) if examples else "- nowhere: every token id agrees"),
+        DIGIT_NOTE,
     ]
     return "\n\n".join(parts)
 
@@ -310,6 +318,9 @@ def _comparison_section(c: dict) -> str:
     def listed(items) -> str:
         return ", ".join(f"`{k}`" for k in items) or "none"
 
+    def valued(items: dict) -> str:
+        return ", ".join(f"`{k}` = {v}" for k, v in items.items()) or "none"
+
     rows = [
         ["tensors (ours / theirs)", f"{c['tensors'][0]} / {c['tensors'][1]}"],
         ["names only in one file", listed(c["tensors_only_ours"] + c["tensors_only_theirs"])],
@@ -317,9 +328,10 @@ def _comparison_section(c: dict) -> str:
         ["type differences", listed(c["type_differences"])],
         ["byte-identical tensor data", f"{c['byte_identical_tensors']} of {min(c['tensors'])}"
                                        + (f" (differ: {listed(c['data_differences'][:5])})" if c["data_differences"] else "")],
-        ["metadata keys only ours", listed(c["keys_only_ours"])],
-        ["metadata keys only theirs", listed(c["keys_only_theirs"])],
-        ["metadata keys with different values", listed(c["keys_differing"])],
+        ["metadata keys only ours", valued(c["keys_only_ours"])],
+        ["metadata keys only theirs", valued(c["keys_only_theirs"])],
+        ["metadata keys with different values (ours vs theirs)",
+         valued({k: " vs ".join(d.get("values") or d["at_first_difference"]) for k, d in c["keys_differing"].items()})],
         ["file MiB (ours / theirs)", f"{c['file_bytes'][0] / MIB:.2f} / {c['file_bytes'][1] / MIB:.2f}"],
         ["conversion seconds (ours / theirs)", f"{c['seconds']['edgeprune']:.1f} / {c['seconds']['llama.cpp']:.1f}"],
     ]

@@ -15,9 +15,6 @@ import numpy as np
 from ..shapes import LayerShape
 
 
-STANDARDISE = True
-
-
 @dataclass(frozen=True)
 class LayerPlan:
     keep_heads: np.ndarray  # query heads kept, ascending; empty removes the layer's attention
@@ -36,9 +33,8 @@ class _Unit:
 
 
 def _standardise(x: np.ndarray) -> np.ndarray:
-    """Per-layer z-score, so layers compete on how unusual a structure is, not on raw scale."""
-    if not STANDARDISE:
-        return x
+    """Per-layer z-score, so layers compete on how unusual a structure is, not on raw scale (raw output-error
+    scores put nearly all of the budget into the first layers, whose outputs are small: PPL 129 vs 13.5)."""
     std = x.std()
     return (x - x.mean()) / (std if std > 0 else 1.0)
 

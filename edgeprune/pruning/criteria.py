@@ -15,8 +15,8 @@ import torch
 
 from ..calibration import CalibrationStats
 
-CRITERIA = ("magnitude", "wanda-sp", "flap", "taylor", "random", "conditional")
-NEEDS_SECOND_MOMENTS = ("conditional",)
+CRITERIA = ("magnitude", "wanda-sp", "flap", "taylor", "random")
+NEEDS_STATISTICS = ("wanda-sp", "flap")
 
 
 @dataclass
@@ -65,24 +65,6 @@ def _flap(g: _Group, stats: CalibrationStats, rng: np.random.Generator) -> np.nd
     return g.per_block(_cols(g.output.weight, torch.square) * stats.variance(g.output_name))
 
 
-def _conditional(g: _Group, stats: CalibrationStats, rng: np.random.Generator) -> np.ndarray:
-    """FLAP's fluctuation conditioned on the other columns: the output error left after removing one
-    structure and refitting the rest by least squares, tr(W_B [Σ⁻¹]_BB⁻¹ W_Bᵀ) with Σ the input second
-    moment augmented by a constant. Equals FLAP's score for uncorrelated columns; lower when the others
-    can stand in, which is what reconstruction exploits.
-    """
-    n, b = g.output.in_features, g.block
-    sigma = np.empty((n + 1, n + 1))
-    sigma[:n, :n] = stats.second_moment(g.output_name)
-    sigma[:n, n] = sigma[n, :n] = stats.mean(g.output_name)
-    sigma[n, n] = 1.0
-    sigma[np.diag_indices(n)] += 1e-6 * np.trace(sigma[:n, :n]) / n  # dead columns would make Σ singular
-    inv = np.linalg.inv(sigma)[:n, :n]
-    w = _np(g.output.weight).T.reshape(n // b, b, -1)  # structure × its columns × outputs
-    blocks = np.stack([inv[i * b : (i + 1) * b, i * b : (i + 1) * b] for i in range(n // b)])
-    return np.einsum("kio,kij,kjo->k", w, np.linalg.inv(blocks), w)
-
-
 def _taylor(g: _Group, stats: CalibrationStats, rng: np.random.Generator) -> np.ndarray:
     """First-order loss change Σ|W·∂L/∂W| over the structure's weights (LLM-Pruner's element-wise Taylor)."""
 
@@ -96,8 +78,7 @@ def _random(g: _Group, stats: CalibrationStats, rng: np.random.Generator) -> np.
     return rng.random(g.output.in_features // g.block)
 
 
-_SCORERS = {"magnitude": _magnitude, "wanda-sp": _wanda_sp, "flap": _flap, "taylor": _taylor, "random": _random,
-            "conditional": _conditional}
+_SCORERS = {"magnitude": _magnitude, "wanda-sp": _wanda_sp, "flap": _flap, "taylor": _taylor, "random": _random}
 
 
 def accumulate_gradients(model: torch.nn.Module, batches: torch.Tensor, batch_size: int = 4) -> None:

@@ -63,9 +63,6 @@ def _bias_or_zero(linear: torch.nn.Linear) -> torch.Tensor:
     return linear.bias.detach().double()
 
 
-DRIFT = True
-
-
 class _Capture:
     """Forward pre-hook that keeps the inputs a module sees, flattened to tokens × features."""
 
@@ -122,7 +119,7 @@ def reconstruct_sequentially(
             if has_attention:
                 capture = _Capture(layer.self_attn.o_proj)
                 run(attention(layer), pruned)  # kept heads' outputs are the same before and after shrinking
-                targets = torch.cat([(m - (p if DRIFT else o)).flatten(0, -2) for m, p, o in zip(mid_o, pruned, original)])
+                targets = torch.cat([(m - p).flatten(0, -2) for m, p in zip(mid_o, pruned)])
                 keep = head_index(plan.keep_heads, head_dim)
                 o_weight, o_bias = ridge_refit(layer.self_attn.o_proj, keep, capture.take(), targets, ridge)
                 if len(plan.keep_heads) == 0:  # deci has no attention tensors left: move the constant upstream
@@ -136,7 +133,7 @@ def reconstruct_sequentially(
             capture = _Capture(layer.mlp.down_proj)
             run(mlp(layer), mid_p)
             inputs = capture.take()
-            targets = torch.cat([(o - (m if DRIFT else mo)).flatten(0, -2) for o, m, mo in zip(out_o, mid_p, mid_o)])
+            targets = torch.cat([(o - m).flatten(0, -2) for o, m in zip(out_o, mid_p)])
             keep = torch.as_tensor(plan.keep_channels, dtype=torch.long)
             d_weight, d_bias = ridge_refit(layer.mlp.down_proj, keep, inputs, targets, ridge)
             shrink_mlp(layer, plan.keep_channels, d_weight, d_bias)
