@@ -31,6 +31,7 @@ test: install
 
 bench: install
 	$(PY) -m edgeprune.bench
+	$(PY) -m edgeprune.bench.pruning
 
 clean:
 	rm -rf $(VENV) out bench-results

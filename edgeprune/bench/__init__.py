@@ -14,6 +14,7 @@ from .tables import SuiteResult
 SUITES: dict[str, str] = {
     "conversion": "edgeprune.bench.conversion",
     "quantization": "edgeprune.bench.quantization",
+    "prediction": "edgeprune.bench.prediction",
 }
 
 

