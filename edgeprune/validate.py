@@ -617,6 +617,15 @@ def _measure_speed(task: dict) -> dict:
 
 
 def _peak_rss_bytes() -> int:
+    """This process's own peak RSS. On Linux ru_maxrss survives exec and so carries the parent's peak from
+    before the fork; VmHWM belongs to the current image alone, so it is read first."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
