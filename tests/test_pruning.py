@@ -82,7 +82,7 @@ def test_cutting_equals_masking_the_removed_heads_and_channels(tiny, ids, head_m
     """Without recovery, the shrunk model must compute exactly what the original computes with the removed
     heads' o_proj columns and channels' down_proj columns zeroed: checks GQA grouping and every index."""
     model, masked = tiny(), tiny()
-    prune_model(model, ids, PruneOptions(heads=0.5, ffn=0.4, head_mode=head_mode, method="random", recovery="none",
+    prune_model(model, ids, PruneOptions(heads=0.5, ffn=0.4, head_mode=head_mode, method="random", recovery="none", allocation="adaptive",
                                          **TINY))
     with torch.no_grad():
         for cut, full in zip(model.model.layers, masked.model.layers):
@@ -100,7 +100,8 @@ def test_cutting_equals_masking_the_removed_heads_and_channels(tiny, ids, head_m
 @pytest.mark.parametrize("criterion", CRITERIA)
 def test_every_criterion_prunes_adaptively_to_aligned_widths(tiny, ids, criterion):
     model = tiny()
-    result = prune_model(model, ids, PruneOptions(ffn=0.4, method=criterion, recovery="none", **TINY))
+    result = prune_model(model, ids, PruneOptions(ffn=0.4, method=criterion, recovery="none", allocation="adaptive",
+                                                  **TINY))
     widths = [l.n_ff for l in result.shape.layers]
     assert all(w % 16 == 0 and w >= 16 for w in widths)
     assert abs(sum(widths) - 0.6 * 3 * 96) <= 16  # within one block of the budget
@@ -110,7 +111,8 @@ def test_every_criterion_prunes_adaptively_to_aligned_widths(tiny, ids, criterio
 @pytest.mark.parametrize("recovery", ["bias", "reconstruct"])
 def test_adaptive_attention_removal_keeps_layer_zero_and_uses_no_attention_module(tiny, ids, recovery):
     model = tiny()
-    result = prune_model(model, ids, PruneOptions(heads=0.9, ffn=0.9, recovery=recovery, **TINY))
+    result = prune_model(model, ids, PruneOptions(heads=0.9, ffn=0.9, recovery=recovery, allocation="adaptive",
+                                                  **TINY))
     layers = result.shape.layers
     assert layers[0].n_head > 0
     dropped = [i for i, l in enumerate(layers) if l.n_head == 0]

@@ -98,7 +98,8 @@ def test_aligned_pruning_has_no_ffn_down_fallback_and_size_is_predicted(smollm2,
     loaded, _ = smollm2
     model = copy.deepcopy(loaded.model)
     tokens = loaded.tokenizer(default_calibration_text().content[:200_000], add_special_tokens=False)["input_ids"]
-    result = prune_model(model, tokens, PruneOptions(ffn=0.3, align=256, recovery="bias", calib_sequences=8))
+    result = prune_model(model, tokens, PruneOptions(ffn=0.3, align=256, allocation="adaptive", recovery="bias",
+                                                     calib_sequences=8))
     assert {l.n_ff % 256 for l in result.shape.layers} == {0} and result.shape.architecture == "deci"
     source = ConversionInput(model, loaded.vocab, loaded.name, loaded.context_length)
     predicted = estimate_size(source, result.shape, "Q4_K_M")
