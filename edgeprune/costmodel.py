@@ -47,10 +47,6 @@ class SizeEstimate:
     def file_bytes(self) -> int:
         return self.metadata_bytes + sum(gguf.GGUFWriter.ggml_pad(t.nbytes, gguf.GGUF_DEFAULT_ALIGNMENT) for t in self.tensors)
 
-    def fallbacks(self, wanted_block: int = 256) -> list[TensorCost]:
-        """Tensors whose row length is not a multiple of the K-quant block."""
-        return [t for t in self.tensors if t.rows > 1 and t.row_length % wanted_block]
-
 
 @dataclass(frozen=True)
 class Prediction:

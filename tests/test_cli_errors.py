@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -120,4 +119,3 @@ def test_help_lists_commands():
     assert r.returncode == 0
     for command in ("export", "validate", "profiles"):
         assert command in r.stdout
-    assert shutil.which("edgeprune") or True  # the console script is optional in a bare checkout
