@@ -193,10 +193,8 @@ def validate_gguf(
     context_length = _budget(budgets, "context_length") or n_ctx
     ttft_tokens = _budget(budgets, "ttft_prompt_tokens") or N_PROMPT
 
-    quality = _run_child({
-        "kind": "quality", "gguf": str(path), "reference": str(reference_gguf) if reference_gguf else None,
-        "text": text.content, "text_name": text.name, "n_ctx": n_ctx, "max_chunks": max_chunks, "threads": threads,
-    }, f"measuring the perplexity of {path}", progress)
+    perplexity, divergence = measure_perplexity(path, text, reference_gguf=reference_gguf, n_ctx=n_ctx,
+                                                max_chunks=max_chunks, threads=threads, progress=progress)
     probe = measure_speed(path, threads=threads, n_ctx=context_length, ttft_tokens=ttft_tokens, progress=progress)
     speed = SpeedResult(**probe["speed"])
     file_bytes = path.stat().st_size
@@ -213,8 +211,8 @@ def validate_gguf(
     return ValidationReport(
         gguf=str(path),
         eval_text=text.name,
-        perplexity=PerplexityResult(**quality["perplexity"]),
-        divergence=DivergenceResult(**quality["divergence"]) if quality["divergence"] else None,
+        perplexity=perplexity,
+        divergence=divergence,
         speed=speed,
         memory=memory,
         checks=checks,
@@ -222,6 +220,18 @@ def validate_gguf(
         predicted_device=device,
         predicted_host=host,
     )
+
+
+def measure_perplexity(path: Path, text: Text, *, reference_gguf: str | Path | None = None, n_ctx: int = 512,
+                       max_chunks: int | None = 20, threads: int,
+                       progress: Callable[[str], None] = print_to_stderr) -> tuple[PerplexityResult, DivergenceResult | None]:
+    """llama-perplexity's PPL of `path` on `text` and, with a reference GGUF, its KL divergence, in a child process."""
+    quality = _run_child({
+        "kind": "quality", "gguf": str(path), "reference": str(reference_gguf) if reference_gguf else None,
+        "text": text.content, "text_name": text.name, "n_ctx": n_ctx, "max_chunks": max_chunks, "threads": threads,
+    }, f"measuring the perplexity of {path}", progress)
+    divergence = DivergenceResult(**quality["divergence"]) if quality["divergence"] else None
+    return PerplexityResult(**quality["perplexity"]), divergence
 
 
 def measure_speed(path: Path, *, threads: int, n_ctx: int, ttft_tokens: int = N_PROMPT,

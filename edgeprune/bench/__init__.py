@@ -15,6 +15,7 @@ SUITES: dict[str, str] = {
     "conversion": "edgeprune.bench.conversion",
     "quantization": "edgeprune.bench.quantization",
     "prediction": "edgeprune.bench.prediction",
+    "budgets": "edgeprune.bench.budgets",
 }
 
 

