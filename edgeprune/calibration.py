@@ -49,6 +49,13 @@ class CalibrationStats:
         """Mean of x² per input column, keyed by HF module name: exactly what llama-imatrix computes."""
         return {name: self.mean_square(name).astype(np.float32) for name in self.counts}
 
+    def gguf_imatrix(self) -> dict[str, np.ndarray]:
+        """imatrix() keyed by GGUF tensor name, the way llama.cpp's quantizer looks its entries up."""
+        from converters import gguf_tensor_name
+
+        named = {gguf_tensor_name(hf): values for hf, values in self.imatrix().items()}
+        return {name: values for name, values in named.items() if name}
+
     def block_influence(self) -> np.ndarray:
         """1 − mean cosine(input, output) per decoder layer (ShortGPT): low means the layer barely acts."""
         return 1.0 - self.layer_cosines

@@ -7,6 +7,7 @@ same cleanup, so no half-written file is left under a final name.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -72,6 +73,13 @@ def _prune_options(quant: str | None, heads, ffn, layers, method, allocation):
     return options
 
 
+def search_option(fn):
+    return click.option(
+        "--search", type=click.Choice(["estimated", "measured"]), default="estimated", show_default=True,
+        help="measured: build the planner's best few candidates and keep the one llama.cpp scores best "
+             "(minutes per candidate).")(fn)
+
+
 def text_options(fn):
     fn = click.option("--on-device", is_flag=True,
                       help="This machine is the target device: judge measured speed, not predicted.")(fn)
@@ -93,9 +101,10 @@ def text_options(fn):
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration text (UTF-8). Default: built-in, offline.")
 @click.option("--no-imatrix", is_flag=True, help="Quantize without an importance matrix.")
 @click.option("--allow-pickle", is_flag=True, help="Load pickle .bin weights (they can run code: trusted files only).")
+@search_option
 @pruning_options
 @text_options
-def export(model, profile_name, quant, out_dir, calib, no_imatrix, allow_pickle, heads, ffn, layers, method,
+def export(model, profile_name, quant, out_dir, calib, no_imatrix, allow_pickle, search, heads, ffn, layers, method,
            allocation, eval_path, threads, eval_chunks, eval_ctx, host_profile, on_device):
     """Export MODEL (a Hugging Face Llama directory or a llama GGUF) for a device profile.
 
@@ -111,7 +120,7 @@ def export(model, profile_name, quant, out_dir, calib, no_imatrix, allow_pickle,
     options = ExportOptions(quant=quant, calib=calib, eval=eval_path, imatrix=not no_imatrix, eval_ctx=eval_ctx,
                             eval_chunks=eval_chunks, threads=threads, allow_pickle=allow_pickle,
                             host_profile=_profile(host_profile) if host_profile else None, on_device=on_device,
-                            prune=prune)
+                            prune=prune, search=search)
     result = export_model(model, profile, out_dir, options, progress)
     click.echo(result.summary)
     click.echo(f"wrote {result.gguf} and {result.report_path}")
@@ -187,20 +196,33 @@ def _write_back_efficiency(profile, report) -> None:
 @click.option("--quant", "quants", multiple=True, help="Only consider these quant types (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON instead of text.")
 @click.option("--allow-pickle", is_flag=True, help="Load pickle .bin weights (they can run code: trusted files only).")
-def plan(model, profile_name, quants, as_json, allow_pickle):
-    """Choose quantization and pruning for MODEL on a device, and explain why, without building anything."""
+@click.option("--calib", type=click.Path(path_type=Path),
+              help="Calibration text for --search measured (UTF-8). Default: built-in, offline.")
+@click.option("--threads", type=int, default=None, help="Threads for llama.cpp (--search measured). Default: all cores.")
+@search_option
+def plan(model, profile_name, quants, as_json, allow_pickle, calib, threads, search):
+    """Choose quantization and pruning for MODEL on a device, and explain why. Nothing is built unless
+    --search measured builds and scores the best few candidates."""
     from converters import ConversionInput
 
     from .loading import load_model
     from .planner import format_plan, make_plan
     from .quantize import check_quant_type
     from .shapes import shape_of
+    from .texts import calibration_text
 
     profile = _profile(profile_name)
     quants = tuple(check_quant_type(q) for q in quants) or None
+    calibration = calibration_text(calib)
     loaded = load_model(model, allow_pickle=allow_pickle, progress=progress)
     source = ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length)
     result = make_plan(source, shape_of(loaded.model), profile, quants=quants, progress=progress)
+    if search == "measured":
+        from .search import measured_plan
+
+        tokens = loaded.tokenizer(calibration.content, add_special_tokens=False)["input_ids"]
+        result = measured_plan(result, loaded, tokens, calibration, threads=threads or os.cpu_count() or 1,
+                               progress=progress)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:

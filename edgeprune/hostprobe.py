@@ -19,7 +19,7 @@ import numpy as np
 
 from .costmodel import predict_gguf
 from .gguf_check import read_gguf
-from .profiles import Budgets, DeviceSpec, Profile, RuntimeSpec, load_profile
+from .profiles import Budgets, DeviceSpec, Profile, load_profile
 from .validate import measure_speed
 
 TEMPLATE_PROFILE = "x86-laptop-16gb"  # runtime settings for a host: llama-cpp-python's defaults, every quant type

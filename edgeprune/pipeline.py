@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from converters import ConversionInput, gguf_tensor_name, write_gguf
+from converters import ConversionInput, write_gguf
 
 from .atomic import ensure_writable_dir, write_text_atomic
 from .calibration import check_calibration_length, collect_calibration
@@ -46,6 +46,7 @@ class ExportOptions:
     host_profile: Profile | None = None  # this machine's measured profile: predictions next to measurements
     on_device: bool = False  # validation runs on the target device itself: judge measured speed
     prune: object | None = None  # edgeprune.pruning.PruneOptions; None: the planner decides
+    search: str = "estimated"  # "measured": build the planner's best few and keep the one llama.cpp scores best
 
 
 @dataclass
@@ -99,6 +100,10 @@ def export_model(model_path: str | Path, profile: Profile | None, out_dir: str |
     if profile is not None and prune is None:
         plan = timed("plan", make_plan, source, base_shape, profile,
                      quants=(explicit_quant,) if explicit_quant else None, progress=say)
+        if options.search == "measured":
+            from .search import measured_plan
+
+            plan = timed("search", measured_plan, plan, loaded, tokens, calib, threads=threads, progress=say)
         say(f"plan: {plan.chosen.candidate.label(base_shape)}")
         quant, prune = plan.chosen.candidate.quant, plan.chosen.candidate.prune_options(base_shape)
     quant = quant or (profile.runtime.default_quant if profile is not None else "F16")
@@ -125,7 +130,7 @@ def export_model(model_path: str | Path, profile: Profile | None, out_dir: str |
             if options.imatrix and quant not in ("F32", "BF16"):
                 stats = timed("calibrate", collect_calibration, model, tokens, n_seq=options.calib_sequences,
                               seq_len=options.calib_seq_len, text_name=calib.name, progress=say)
-                imatrix = {gguf_tensor_name(k): v for k, v in stats.imatrix().items() if gguf_tensor_name(k)}
+                imatrix = stats.gguf_imatrix()
             quantized = timed("quantize", quantize_gguf, float_gguf, final, quant, imatrix=imatrix,
                               imatrix_text=calib.name, threads=threads, progress=say)
     finally:

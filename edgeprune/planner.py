@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -25,6 +26,7 @@ MIB = 1 << 20
 LAYER_DROPS = (0, 2, 4)
 FFN_STEPS = 6  # FFN widths tried, from the full width down to a third of it
 SHOWN_REJECTED = 4
+RUNNERS_UP = 4  # feasible candidates kept after the chosen one, for `--search measured` to build and compare
 SUGGESTED_QUANTS = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")
 
 
@@ -109,7 +111,7 @@ class Evaluated:
             "architecture": "deci" if self.candidate.allocation == "adaptive" else "llama",
             "file_mib": round(p.size.file_bytes / MIB, 2), "memory_mib": round(p.memory_bytes / MIB, 2),
             "decode_tps": round(p.decode_tps, 2), "prefill_tps": round(p.prefill_tps, 2), "ttft_s": round(p.ttft_s, 3),
-            "estimated_ppl_increase": round(100 * (2.718281828 ** self.quality_loss - 1), 1),
+            "estimated_ppl_increase": round(100 * (math.exp(self.quality_loss) - 1), 1),
             "violations": [str(v) for v in self.violations],
         }
 
@@ -123,17 +125,25 @@ class Plan:
     rejected: list[Evaluated]  # the better-ranked or nearest candidates that break a budget
     n_candidates: int
     n_feasible: int
+    runners_up: list[Evaluated] = field(default_factory=list)  # the next feasible ones, least lossy first
+    measured: list = field(default_factory=list)  # edgeprune.search.MeasuredLoss, after `--search measured`
 
     def to_dict(self) -> dict:
         return {
             "profile": self.profile_name, "device": self.device, "candidates": self.n_candidates,
             "feasible": self.n_feasible, "chosen": self.chosen.to_dict(self.base),
             "why": self.why(), "rejected": [e.to_dict(self.base) for e in self.rejected],
+            "measured": [dataclasses.asdict(m) for m in self.measured],
         }
 
     def why(self) -> str:
         better = [e for e in self.rejected if e.quality_loss < self.chosen.quality_loss]
-        reason = f"least estimated quality loss of the {self.n_feasible} candidates (of {self.n_candidates}) that meet every budget"
+        if self.measured:
+            reason = (f"lowest PPL measured by llama.cpp of the {len(self.measured)} least lossy of the "
+                      f"{self.n_feasible} candidates (of {self.n_candidates}) that meet every budget")
+        else:
+            reason = (f"least estimated quality loss of the {self.n_feasible} candidates (of {self.n_candidates}) "
+                      "that meet every budget")
         if better:
             reason += "; each less lossy one breaks a budget (below)"
         return reason
@@ -235,7 +245,8 @@ def make_plan(source: ConversionInput, base: ModelShape, profile, *, quants: tup
     better = sorted((e for e in infeasible if e.quality_loss < chosen.quality_loss), key=lambda e: -e.quality_loss)
     nearest = sorted((e for e in infeasible if e not in better), key=lambda e: sum(v.excess for v in e.violations))
     rejected = (better + nearest)[:SHOWN_REJECTED]
-    return Plan(profile.name, profile.device.name, base, chosen, rejected, len(evaluated), len(feasible))
+    return Plan(profile.name, profile.device.name, base, chosen, rejected, len(evaluated), len(feasible),
+                runners_up=feasible[1:1 + RUNNERS_UP])
 
 
 def _impossible(source, base, evaluated: list[Evaluated], profile, table) -> str:
@@ -273,8 +284,12 @@ def format_plan(plan: Plan, model_name: str, profile) -> str:
         f"predicted  file {c['file_mib']:.1f} MiB, memory {c['memory_mib']:.1f} MiB, decode {c['decode_tps']:.1f} tok/s, "
         f"TTFT {c['ttft_s']:.2f} s, est. PPL +{c['estimated_ppl_increase']:.1f}%",
         f"why        {plan.why()}",
-        "rejected:",
     ]
+    if plan.measured:
+        lines.append("measured   " + "; ".join(f"{m.label}: PPL +{100 * (math.exp(m.measured_loss) - 1):.1f}% "
+                                              f"(est. +{100 * (math.exp(m.estimated_loss) - 1):.1f}%)"
+                                              for m in plan.measured))
+    lines.append("rejected:")
     if not plan.rejected:
         lines.append("  none: every candidate meets the budgets, so the least lossy one is chosen")
     for e in plan.rejected:

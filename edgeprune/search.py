@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from converters import ConversionInput, gguf_tensor_name, write_gguf
+from converters import ConversionInput, write_gguf
 
 from .calibration import collect_calibration
 from .errors import EdgepruneError
@@ -84,7 +84,7 @@ def _build(contender: Evaluated, plan: Plan, loaded: LoadedModel, tokens: list[i
     if candidate.quant == "F16":
         return float_path
     stats = collect_calibration(model, tokens, n_seq=IMATRIX_SEQUENCES, progress=progress)
-    imatrix = {gguf_tensor_name(k): v for k, v in stats.imatrix().items() if gguf_tensor_name(k)}
+    imatrix = stats.gguf_imatrix()
     return quantize_gguf(float_path, tmp / "candidate.gguf", candidate.quant, imatrix=imatrix, progress=progress).path
 
 

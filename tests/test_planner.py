@@ -18,7 +18,9 @@ from edgeprune.loading import load_model
 from edgeprune.planner import format_plan, make_plan
 from edgeprune.profiles import load_profile
 from edgeprune.quantize import quantize_gguf
+from edgeprune.search import measured_plan
 from edgeprune.shapes import shape_from_gguf, shape_of
+from edgeprune.texts import default_calibration_text
 
 MIB = 1 << 20
 
@@ -107,3 +109,21 @@ def test_plan_text_fits_a_screen_and_json_carries_the_same(tiny_bpe_llama, tmp_p
     data = json.loads(as_json.stdout)
     assert data["chosen"]["label"] in text.stdout and data["why"] in text.stdout
     assert data["profile"] == "raspberry-pi-5-8gb"
+
+
+def test_measured_search_builds_the_best_few_and_keeps_the_one_llama_cpp_scores_best(tiny_bpe_llama):
+    loaded = load_model(tiny_bpe_llama)
+    source = ConversionInput(loaded.model, loaded.vocab, "tiny", 256)
+    shape = shape_of(loaded.model)
+    q4 = estimate_size(source, shape, "Q4_0").file_bytes / MIB
+    plan = make_plan(source, shape, budgeted(max_file_mib=q4 * 0.97))  # pruning is needed
+    calibration = default_calibration_text()
+    tokens = loaded.tokenizer(calibration.content, add_special_tokens=False)["input_ids"]
+    searched = measured_plan(plan, loaded, tokens, calibration, top=2, threads=2, progress=lambda _m: None)
+    assert [m.label for m in searched.measured] == [e.candidate.label(shape) for e in [plan.chosen, plan.runners_up[0]]]
+    best = min(searched.measured, key=lambda m: m.measured_loss)
+    assert searched.chosen.candidate.label(shape) == best.label and searched.chosen.feasible
+    assert all(m.ppl > 1 and abs(m.measured_loss) < 5 for m in searched.measured)
+    data = searched.to_dict()
+    assert len(data["measured"]) == 2 and data["why"].startswith("lowest PPL measured by llama.cpp")
+    assert "measured" in format_plan(searched, "tiny", budgeted(max_file_mib=q4 * 0.97))

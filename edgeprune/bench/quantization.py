@@ -10,7 +10,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from converters import ConversionInput, gguf_tensor_name, write_gguf
+from converters import ConversionInput, write_gguf
 
 from ..calibration import collect_calibration
 from ..fetch import fetch_smollm2
@@ -37,7 +37,7 @@ def run(progress) -> SuiteResult:
         tokens = loaded.tokenizer(calibration.content, add_special_tokens=False)["input_ids"]
         stats = collect_calibration(loaded.model, tokens, n_seq=CALIB_SEQUENCES, seq_len=CALIB_SEQ_LEN,
                                     text_name=calibration.name, progress=progress)
-        imatrix = {gguf_tensor_name(k): v for k, v in stats.imatrix().items() if gguf_tensor_name(k)}
+        imatrix = stats.gguf_imatrix()
         del loaded, stats  # the torch model is not needed any more; give its memory to llama.cpp
         for quant, with_imatrix in ROWS:
             label = f"{quant}{' + imatrix' if with_imatrix else ''}"
