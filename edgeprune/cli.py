@@ -247,16 +247,17 @@ def profiles_list() -> None:
 
 @profiles.command("measure")
 @click.option("--out", "out_path", type=click.Path(path_type=Path), required=True, help="Profile TOML to write.")
-@click.option("--gguf", "gguf_path", type=click.Path(path_type=Path),
-              help="GGUF to calibrate the efficiencies with. Default: SmolLM2-135M from PyPI.")
+@click.option("--model", "model_path", type=click.Path(path_type=Path),
+              help="Llama model (GGUF or HF directory) to calibrate with. Default: SmolLM2-135M from PyPI.")
 @click.option("--threads", type=int, default=None, help="Threads for llama.cpp. Default: all cores.")
-def profiles_measure(out_path: Path, gguf_path: Path | None, threads: int | None) -> None:
-    """Measure this machine (bandwidth, compute, threads, llama.cpp efficiencies) into a profile."""
+def profiles_measure(out_path: Path, model_path: Path | None, threads: int | None) -> None:
+    """Measure this machine (bandwidth, compute, threads) and fit llama.cpp's efficiency per tensor type on the
+    model written at a ladder of quant types (a few minutes), into a profile."""
     from .fetch import fetch_smollm2
     from .hostprobe import measure_host_profile
     from .profiles import profile_to_toml
 
-    profile = measure_host_profile(gguf_path or fetch_smollm2(), threads=threads, progress=progress)
+    profile = measure_host_profile(model_path or fetch_smollm2(), threads=threads, progress=progress)
     header = "# This machine, measured by `edgeprune profiles measure`; budgets are placeholders to edit.\n\n"
     write_text_atomic(out_path, header + profile_to_toml(profile).rstrip("\n") + "\n")
     d = profile.device

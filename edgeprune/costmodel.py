@@ -153,18 +153,36 @@ def compute_buffer_bytes(shape: ModelShape, n_ctx: int) -> int:
     return 4 * N_UBATCH * per_token + 4 * N_UBATCH * min(cells, N_UBATCH) * n_head // 8
 
 
-def bytes_per_token(size: SizeEstimate) -> int:
-    """Weight bytes decode reads per token: every matrix, except that an untied embedding is only gathered."""
+def read_per_token(size: SizeEstimate) -> list[TensorCost]:
+    """The tensors decode reads whole for every token: all of them, except that an untied embedding is only
+    gathered (one row per token)."""
     tied = not any(t.name == "output.weight" for t in size.tensors)
-    return sum(t.nbytes for t in size.tensors if t.name != "token_embd.weight" or tied)
+    return [t for t in size.tensors if t.name != "token_embd.weight" or tied]
 
 
-def flops_per_token(shape: ModelShape, n_ctx: int) -> float:
-    """Prefill FLOPs per token: 2 per matrix weight, plus attention over the prompt (n_ctx/2 on average)."""
-    d, hd = shape.hidden_size, shape.head_dim
-    matrices = sum(2 * d * hd * (l.n_head + l.n_head_kv) + 3 * d * l.n_ff for l in shape.layers) + shape.vocab_size * d
-    attention = sum(4 * l.n_head * hd * n_ctx / 2 for l in shape.layers)
-    return 2.0 * matrices + attention
+def decode_seconds_per_token(size: SizeEstimate, device) -> float:
+    """Bytes read per token over the bandwidth, each tensor at its type's efficiency (the device's decode
+    efficiency where the profile measured none for that type)."""
+    per_type = device.decode_type_efficiency or {}
+    bandwidth = device.memory_bandwidth_gbs * 1e9
+    return sum(t.nbytes / (bandwidth * per_type.get(t.type_name, device.decode_efficiency)) for t in read_per_token(size))
+
+
+def prefill_seconds_per_token(size: SizeEstimate, shape: ModelShape, n_prompt: int, device) -> float:
+    """2 FLOPs per weight of every layer matrix and attention over the prompt (n_prompt/2 keys on average), at
+    the compute rate and each type's efficiency; attention runs on the f16 KV cache, so at f16's. The output
+    matrix runs once per prompt, for its last token."""
+    per_type = device.prefill_type_efficiency or {}
+    compute = device.compute_gflops * 1e9
+
+    def seconds(t: TensorCost) -> float:
+        return 2.0 * t.row_length * t.rows / (compute * per_type.get(t.type_name, device.prefill_efficiency))
+
+    head = [t for t in read_per_token(size) if t.name in ("output.weight", "token_embd.weight")]
+    layers = [t for t in size.tensors if t.name.startswith("blk.") and t.rows > 1]
+    attention = sum(4 * l.n_head * shape.head_dim * n_prompt / 2 for l in shape.layers)
+    return (sum(map(seconds, layers)) + sum(map(seconds, head)) / n_prompt
+            + attention / (compute * per_type.get("f16", device.prefill_efficiency)))
 
 
 def size_of_gguf(info) -> SizeEstimate:
@@ -187,8 +205,8 @@ def predict(source: ConversionInput, shape: ModelShape, quant: str, profile) -> 
 
 def predict_for_size(size: SizeEstimate, shape: ModelShape, profile) -> Prediction:
     b, dev, rt = profile.budgets, profile.device, profile.runtime
-    decode = dev.memory_bandwidth_gbs * 1e9 * dev.decode_efficiency / bytes_per_token(size)
-    prefill = dev.compute_gflops * 1e9 * dev.prefill_efficiency / flops_per_token(shape, b.ttft_prompt_tokens)
+    decode = 1.0 / decode_seconds_per_token(size, dev)
+    prefill = 1.0 / prefill_seconds_per_token(size, shape, b.ttft_prompt_tokens, dev)
     return Prediction(
         size=size,
         kv_cache_bytes=kv_cache_bytes(shape, b.context_length, rt.kv_cache_type, rt.flash_attention),

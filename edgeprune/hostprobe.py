@@ -2,8 +2,9 @@
 factors that turn them into llama.cpp's real decode and prefill speeds.
 
 The bandwidth and compute figures only need to be consistent, not absolute: the efficiencies are fitted
-from one real llama.cpp run on a small GGUF, so the cost model reproduces that run exactly and predicts the
-others from bytes and FLOPs.
+per tensor type on real llama.cpp runs of one model written at a ladder of quant types, because on a CPU
+the kernels differ more than the bytes do (a q5_0 matrix decodes slower than a larger q8_0 one). Pruned and
+otherwise reshaped models are then predicted from their tensors' bytes and FLOPs.
 """
 
 from __future__ import annotations
@@ -11,18 +12,28 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from .costmodel import predict_gguf
-from .gguf_check import read_gguf
-from .profiles import Budgets, DeviceSpec, Profile, load_profile
-from .validate import measure_speed
+from converters import ConversionInput, write_gguf
 
-TEMPLATE_PROFILE = "x86-laptop-16gb"  # runtime settings for a host: llama-cpp-python's defaults, every quant type
+from .costmodel import SizeEstimate, decode_seconds_per_token, prefill_seconds_per_token, size_of_gguf
+from .gguf_check import read_gguf
+from .loading import load_model
+from .profiles import Budgets, DeviceSpec, Profile, load_profile
+from .quantize import quantize_gguf
+from .shapes import ModelShape, shape_from_gguf
+from .validate import N_PROMPT, measure_speed
+
+TEMPLATE_PROFILE = "x86-laptop-16gb"
+# Quant types whose files, together, give every common tensor type a large share in at least one of them.
+CALIBRATION_LADDER = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_0", "Q3_K_M")
+MAX_TYPE_EFFICIENCY = 4.0  # what a profile accepts; caches can beat the streaming benchmark, not by more
+OFF = 1e30  # an efficiency that makes a tensor cost nothing: how one type's column is isolated  # runtime settings for a host: llama-cpp-python's defaults, every quant type
 
 
 def measure_bandwidth_gbs(mib: int = 256, repeats: int = 5) -> float:
@@ -46,9 +57,10 @@ def _timed(fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def measure_host_profile(gguf_path: str | Path, *, threads: int | None = None,
+def measure_host_profile(model_path: str | Path, *, threads: int | None = None,
                          progress: Callable[[str], None] = lambda _m: None) -> Profile:
-    """A profile of this machine with efficiencies calibrated on a real llama.cpp run of `gguf_path`."""
+    """A profile of this machine, its efficiencies fitted per tensor type on real llama.cpp runs of `model_path`
+    (a Llama GGUF or HF directory) written at every type of CALIBRATION_LADDER."""
     threads = threads or os.cpu_count() or 1
     progress("measuring memory bandwidth")
     bandwidth = measure_bandwidth_gbs()
@@ -56,18 +68,91 @@ def measure_host_profile(gguf_path: str | Path, *, threads: int | None = None,
     compute = measure_compute_gflops()
     template = load_profile(TEMPLATE_PROFILE)
     budgets = Budgets(memory_mib=_half_of_ram_mib(), context_length=2048, min_decode_tps=1.0, max_ttft_s=60.0,
-                      ttft_prompt_tokens=128, max_file_mib=None)
+                      ttft_prompt_tokens=N_PROMPT, max_file_mib=None)
     device = DeviceSpec(f"this machine ({platform.machine()}, {threads} threads)", round(bandwidth, 2),
                         round(compute, 2), threads, 1.0, 1.0)
-    ideal = Profile("host", Path("host.toml"), device, dataclasses.replace(template.runtime), budgets)
-    progress(f"calibrating efficiencies with llama.cpp on {gguf_path}")
-    info = read_gguf(gguf_path)
-    measured = measure_speed(Path(gguf_path), threads=threads, n_ctx=budgets.context_length,
-                             ttft_tokens=budgets.ttft_prompt_tokens, progress=progress)["speed"]
-    predicted = predict_gguf(info, ideal)
-    device = dataclasses.replace(device, decode_efficiency=round(min(1.0, measured["decode_tps"] / predicted.decode_tps), 4),
-                                 prefill_efficiency=round(min(1.0, measured["prefill_tps"] / predicted.prefill_tps), 4))
-    return dataclasses.replace(ideal, device=device)
+    runs = _ladder_runs(model_path, threads, budgets.context_length, progress)
+    decode = _fit_type_efficiency(runs, "decode", device)
+    prefill = _fit_type_efficiency(runs, "prefill", device)
+    device = dataclasses.replace(
+        device, decode_efficiency=_typical(decode), prefill_efficiency=_typical(prefill),
+        decode_type_efficiency=decode, prefill_type_efficiency=prefill)
+    return Profile("host", Path("host.toml"), device, dataclasses.replace(template.runtime), budgets)
+
+
+Run = tuple[SizeEstimate, ModelShape, dict]
+
+
+def _ladder_runs(model_path: str | Path, threads: int, n_ctx: int, progress) -> list[Run]:
+    """(tensor sizes, shape, measured speed) of the model at every type of the ladder."""
+    loaded = load_model(model_path, progress=progress)
+    source = ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length)
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="edgeprune-measure-") as tmp:
+        f16 = write_gguf(source, Path(tmp) / "F16.gguf", "F16")
+        for quant in CALIBRATION_LADDER:
+            progress(f"calibrating with llama.cpp: {loaded.name} at {quant}")
+            path = f16 if quant == "F16" else quantize_gguf(f16, Path(tmp) / f"{quant}.gguf", quant, threads=threads).path
+            speed = measure_speed(path, threads=threads, n_ctx=n_ctx, progress=progress)["speed"]
+            info = read_gguf(path)
+            runs.append((size_of_gguf(info), shape_from_gguf(info), speed))
+            if path != f16:
+                path.unlink()
+    return runs
+
+
+def _fit_type_efficiency(runs: list[Run], kind: str, device: DeviceSpec) -> dict[str, float]:
+    """Per tensor type, the efficiency that makes the cost model reproduce the measured runs best (non-negative
+    least squares on seconds per token, each run weighted by its own time so that errors count relatively).
+
+    Seconds per token are linear in the per-type inverse efficiencies: each column holds what one type costs at
+    efficiency 1, taken from the cost model itself with that type alone switched on (attention counts as f16)."""
+    types = sorted({t.type_name for size, _, _ in runs for t in size.tensors if t.rows > 1})
+    columns, measured = [], []
+    for size, shape, speed in runs:
+        row = []
+        for name in types:
+            alone = {n: 1.0 if n == name else OFF for n in types}
+            only = dataclasses.replace(device, decode_efficiency=OFF, prefill_efficiency=OFF,
+                                       decode_type_efficiency=alone, prefill_type_efficiency=alone)
+            if kind == "decode":
+                row.append(decode_seconds_per_token(size, only))
+            else:
+                row.append(prefill_seconds_per_token(size, shape, N_PROMPT, only))
+        columns.append(row)
+        measured.append(1.0 / speed[f"{kind}_tps"])
+    a, y = np.asarray(columns), np.asarray(measured)
+    inverse = _nonnegative_least_squares(a / y[:, None], np.ones_like(y))
+    return {name: round(float(min(MAX_TYPE_EFFICIENCY, 1.0 / x)), 4) for name, x in zip(types, inverse)
+            if x > 1.0 / MAX_TYPE_EFFICIENCY}
+
+
+def _nonnegative_least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """argmin |a x - b| with x >= 0 (Lawson and Hanson's active set), for the handful of columns fitted here."""
+    x = np.zeros(a.shape[1])
+    free: list[int] = []
+    for _ in range(3 * a.shape[1]):
+        gradient = a.T @ (b - a @ x)
+        candidates = [j for j in range(a.shape[1]) if j not in free and gradient[j] > 1e-12]
+        if not candidates:
+            break
+        free.append(max(candidates, key=lambda j: gradient[j]))
+        while True:
+            z = np.zeros_like(x)
+            z[free] = np.linalg.lstsq(a[:, free], b, rcond=None)[0]
+            if all(z[j] > 0 for j in free):
+                x = z
+                break
+            blocked = [j for j in free if z[j] <= 0]
+            step = min(x[j] / (x[j] - z[j]) for j in blocked)
+            x = x + step * (z - x)
+            free = [j for j in free if x[j] > 1e-15]
+    return x
+
+
+def _typical(efficiencies: dict[str, float]) -> float:
+    """The efficiency for tensor types the ladder did not measure: the median of those it did, at most 1."""
+    return round(min(1.0, float(np.median(list(efficiencies.values())))), 4) if efficiencies else 1.0
 
 
 def _half_of_ram_mib() -> float:

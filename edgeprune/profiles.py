@@ -25,6 +25,8 @@ KNOWN_QUANT_TYPES = (
     "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S", "TQ1_0", "TQ2_0",
 )  # llama.cpp ftype names, as llama-quantize spells them
 KV_CACHE_TYPES = ("f16", "q8_0", "f32")
+TENSOR_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "q4_1", "q4_0", "q3_k", "q2_k",
+                "iq4_xs", "iq4_nl", "iq3_s", "iq3_xxs", "iq2_xs", "iq2_xxs", "iq1_s", "tq1_0", "tq2_0")
 PROFILE_SUFFIX = ".toml"
 
 
@@ -36,6 +38,10 @@ class DeviceSpec:
     threads: int
     decode_efficiency: float
     prefill_efficiency: float
+    # Measured per tensor type (`edgeprune profiles measure`), where a type's kernel is slower than the memory
+    # or faster than the matmul benchmark; types absent here, and hand-written profiles, use the two above.
+    decode_type_efficiency: dict[str, float] | None = None
+    prefill_type_efficiency: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -70,7 +76,7 @@ class Profile:
 class _Field:
     """How one TOML value is checked: `kind` picks the check, `unit` and `example` go into the error."""
 
-    kind: str  # number | count | fraction | bool | text | quants | quant | kv
+    kind: str  # number | count | fraction | type_table | bool | text | quants | quant | kv
     example: str
     unit: str = ""
     optional: bool = False
@@ -84,6 +90,8 @@ _SCHEMA: dict[str, tuple[type, dict[str, _Field]]] = {
         "threads": _Field("count", "4", "threads"),
         "decode_efficiency": _Field("fraction", "0.6"),
         "prefill_efficiency": _Field("fraction", "0.5"),
+        "decode_type_efficiency": _Field("type_table", "{ q8_0 = 0.9, q4_k = 0.6 }", optional=True),
+        "prefill_type_efficiency": _Field("type_table", "{ q8_0 = 0.3, q4_k = 0.2 }", optional=True),
     }),
     "runtime": (RuntimeSpec, {
         "allow_deci": _Field("bool", "true"),
@@ -260,6 +268,8 @@ def _check(path: Path, section: str, key: str, value, spec: _Field):
         if not is_number or not 0 < value <= 1:
             raise EdgepruneError(f"{where} must be a fraction in (0, 1], e.g. {key} = 0.6 for 60%")
         return float(value)
+    if spec.kind == "type_table":
+        return _check_type_table(where, key, value, spec)
     if spec.kind == "bool":
         if not isinstance(value, bool):
             raise EdgepruneError(f"{where} must be true or false, without quotes, e.g. {key} = {spec.example}")
@@ -282,6 +292,21 @@ def _check(path: Path, section: str, key: str, value, spec: _Field):
     if not isinstance(value, str) or not value.strip() or len(value.splitlines()) > 1:
         raise EdgepruneError(f"{where} must be one line of text in quotes, e.g. {key} = {spec.example}")
     return value
+
+
+def _check_type_table(where: str, key: str, value, spec: _Field) -> dict[str, float]:
+    """An inline table from GGUF tensor type names (lower case, as llama.cpp logs them) to efficiencies."""
+    if not isinstance(value, dict) or not value:
+        raise EdgepruneError(f"{where} must be an inline table of tensor types, e.g. {key} = {spec.example}")
+    table = {}
+    for name, efficiency in value.items():
+        if name not in TENSOR_TYPES:
+            raise EdgepruneError(f"{where}: {name!r} is not a GGUF tensor type{_did_you_mean(name.lower(), TENSOR_TYPES)}; "
+                                 f"use names like f16, q8_0, q4_k")
+        if isinstance(efficiency, bool) or not isinstance(efficiency, (int, float)) or not 0 < efficiency <= 4:
+            raise EdgepruneError(f"{where}: the efficiency of {name} must be a number in (0, 4], e.g. {name} = 0.8")
+        table[name] = float(efficiency)
+    return table
 
 
 def _check_quant(where: str, key: str, name) -> str:

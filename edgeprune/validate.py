@@ -34,8 +34,8 @@ from .texts import Text, default_evaluation_text
 
 MIB = 1024 * 1024
 N_PROMPT = 128  # llama-bench style prompt-processing test
-N_GEN = 32  # llama-bench style token-generation test
-REPETITIONS = 3
+N_GEN = 64  # llama-bench style token-generation test (long enough to average out scheduler noise)
+REPETITIONS = 5
 SPEED_BATCH = 512  # llama.cpp's default n_ubatch: how apps on the device feed a long prompt
 ROW_BLOCK = 32  # logit rows turned into float64 at a time: bounds memory for 128k vocabularies
 PROGRESS_MARK = "@edgeprune-progress "

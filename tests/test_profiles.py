@@ -227,6 +227,18 @@ BAD_INPUTS = {
     ),
     "quant type twice": (edited('"Q4_0"]', '"Q4_0", "Q8_0"]'), ["quant_types", "twice"]),
     "quant type not text": (edited('"Q4_0"]', "4]"), ["quant_types", "not a llama.cpp quant type"]),
+    "unknown tensor type": (
+        edited("prefill_efficiency = 1\n", "prefill_efficiency = 1\ndecode_type_efficiency = { q4_x = 0.5 }\n"),
+        ["decode_type_efficiency", "'q4_x'", "GGUF tensor type"],
+    ),
+    "tensor type efficiency out of range": (
+        edited("prefill_efficiency = 1\n", "prefill_efficiency = 1\nprefill_type_efficiency = { q8_0 = 0 }\n"),
+        ["prefill_type_efficiency", "q8_0", "(0, 4]"],
+    ),
+    "tensor type efficiencies not a table": (
+        edited("prefill_efficiency = 1\n", "prefill_efficiency = 1\ndecode_type_efficiency = 0.5\n"),
+        ["decode_type_efficiency", "inline table"],
+    ),
     "prompt longer than context": (edited("ttft_prompt_tokens = 128", "ttft_prompt_tokens = 4096"),
                                    ["ttft_prompt_tokens", "context_length"]),
 }
@@ -306,3 +318,13 @@ def test_update_efficiency_refuses_an_invalid_file(tmp_path):
     with pytest.raises(EdgepruneError, match="memory_mib"):
         update_efficiency(path, decode_efficiency=0.5)
     assert path.read_text(encoding="utf-8") == text
+
+
+def test_measured_type_efficiencies_round_trip_and_default_to_absent(tmp_path):
+    assert load_profile(write(tmp_path, VALID)).device.decode_type_efficiency is None
+    text = edited("prefill_efficiency = 1\n",
+                  "prefill_efficiency = 1\ndecode_type_efficiency = { q8_0 = 0.9, q4_k = 1.25 }\n")
+    profile = load_profile(write(tmp_path, text))
+    assert profile.device.decode_type_efficiency == {"q8_0": 0.9, "q4_k": 1.25}
+    again = load_profile(write(tmp_path, profile_to_toml(profile), "again.toml"))
+    assert again.device == profile.device

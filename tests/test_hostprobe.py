@@ -1,0 +1,60 @@
+"""Host calibration: per-type efficiencies fitted from measured runs must reproduce them and price other shapes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from edgeprune.costmodel import SizeEstimate, TensorCost, decode_seconds_per_token, prefill_seconds_per_token
+from edgeprune.hostprobe import _fit_type_efficiency, _nonnegative_least_squares
+from edgeprune.profiles import DeviceSpec
+from edgeprune.shapes import LayerShape, ModelShape
+from edgeprune.validate import N_PROMPT
+
+SHAPE = ModelShape(vocab_size=1000, hidden_size=64, head_dim=16, layers=(LayerShape(4, 2, 128),) * 2,
+                   tied_embeddings=True)
+BYTES_PER_WEIGHT = {"f16": 2.0, "q8_0": 34 / 32, "q5_0": 22 / 32, "q4_0": 18 / 32}
+
+
+def sized(mix: dict[str, str]) -> SizeEstimate:
+    """A two-layer model whose tensors (by kind) have the types in `mix`; the rest are f16."""
+    tensors = [TensorCost("token_embd.weight", 64, 1000, mix.get("embd", "f16"), 0)]
+    for i in range(2):
+        for kind, rows, width in (("attn_q", 64, 64), ("ffn_up", 128, 64), ("ffn_down", 64, 128)):
+            tensors.append(TensorCost(f"blk.{i}.{kind}.weight", width, rows, mix.get(kind, "f16"), 0))
+    tensors = [dataclasses.replace(t, nbytes=int(t.rows * t.row_length * BYTES_PER_WEIGHT[t.type_name]))
+               for t in tensors]
+    return SizeEstimate("test", tuple(tensors), 4096)
+
+
+def test_nonnegative_least_squares_matches_the_exact_solution_and_clips_at_zero():
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0.1, 1, (8, 4))
+    truth = np.array([0.5, 2.0, 0.0, 1.0])
+    assert np.allclose(_nonnegative_least_squares(a, a @ truth), truth, atol=1e-9)
+    wants_negative = a @ np.array([1.0, -1.0, 1.0, 1.0])
+    assert (_nonnegative_least_squares(a, wants_negative) >= 0).all()
+
+
+def test_fitted_type_efficiencies_reproduce_the_runs_and_predict_a_new_mix():
+    true = DeviceSpec("host", 10.0, 100.0, 2, 0.7, 0.4,
+                      decode_type_efficiency={"f16": 1.1, "q8_0": 0.9, "q5_0": 0.45, "q4_0": 0.6},
+                      prefill_type_efficiency={"f16": 0.45, "q8_0": 0.4, "q5_0": 0.25, "q4_0": 0.55})
+    ladder = [sized({}), sized(dict.fromkeys(("embd", "attn_q", "ffn_up", "ffn_down"), "q8_0")),
+              sized({"embd": "q8_0", "attn_q": "q5_0", "ffn_up": "q5_0", "ffn_down": "q4_0"}),
+              sized({"embd": "q8_0", "attn_q": "q4_0", "ffn_up": "q4_0", "ffn_down": "q4_0"}),
+              sized({"embd": "q8_0", "attn_q": "q5_0", "ffn_up": "q5_0", "ffn_down": "q5_0"})]
+    runs = [(size, SHAPE, {"decode_tps": 1 / decode_seconds_per_token(size, true),
+                           "prefill_tps": 1 / prefill_seconds_per_token(size, SHAPE, N_PROMPT, true)}) for size in ladder]
+    probe = DeviceSpec("host", 10.0, 100.0, 2, 1.0, 1.0)
+    decode = _fit_type_efficiency(runs, "decode", probe)
+    prefill = _fit_type_efficiency(runs, "prefill", probe)
+    assert decode == pytest.approx(true.decode_type_efficiency, rel=1e-3)
+    assert prefill == pytest.approx(true.prefill_type_efficiency, rel=1e-3)
+    fitted = dataclasses.replace(probe, decode_type_efficiency=decode, prefill_type_efficiency=prefill)
+    unseen = sized({"embd": "q4_0", "attn_q": "q8_0", "ffn_up": "q4_0", "ffn_down": "q5_0"})
+    assert decode_seconds_per_token(unseen, fitted) == pytest.approx(decode_seconds_per_token(unseen, true), rel=1e-3)
+    assert prefill_seconds_per_token(unseen, SHAPE, 512, fitted) == pytest.approx(
+        prefill_seconds_per_token(unseen, SHAPE, 512, true), rel=1e-3)
