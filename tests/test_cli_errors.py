@@ -1,34 +1,15 @@
-"""Bad input through the real CLI process: one line on stderr, a non-zero exit, no GGUF under the output name."""
+"""Bad input through the real CLI process: one line on stderr, exit 2, and no file left in the output directory."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from conftest import assert_clean_failure, run_cli
+from conftest import run_export as export
+
 PROFILE_OK = "x86-laptop-16gb"
-
-
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgeprune.cli", *args], capture_output=True, text=True,
-                          timeout=300, cwd=cwd)
-
-
-def assert_clean_failure(result: subprocess.CompletedProcess, out_dir: Path, expected: str) -> None:
-    assert result.returncode != 0
-    lines = [l for l in result.stderr.splitlines() if l.startswith("edgeprune: error:")]
-    assert len(lines) == 1, result.stderr[-2000:]
-    assert expected in lines[0]
-    assert "Traceback" not in result.stderr
-    if out_dir.exists():
-        assert not [p for p in out_dir.rglob("*") if p.suffix == ".gguf" or ".partial-" in p.name]
-
-
-def export(model: Path | str, out: Path, *extra: str, profile: str = PROFILE_OK):
-    return run_cli("export", str(model), "--profile", profile, "--out", str(out), *extra)
 
 
 def test_missing_model_path(tmp_path):
@@ -96,7 +77,8 @@ def test_output_directory_not_writable(tiny_bpe_llama, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file where the output directory should go")
     r = export(tiny_bpe_llama, blocker / "out")
-    assert_clean_failure(r, tmp_path, "output directory")
+    assert_clean_failure(r, blocker.with_name("out"), "output directory")
+    assert blocker.read_text() == "a file where the output directory should go"
 
 
 @pytest.mark.parametrize("content, expected", [(b"", "empty"), (b"\xff\xfe\x00bad", "not UTF-8")])

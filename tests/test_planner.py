@@ -15,7 +15,7 @@ from edgeprune.costmodel import estimate_size, kv_cache_bytes, size_of_gguf
 from edgeprune.errors import EdgepruneError
 from edgeprune.gguf_check import read_gguf
 from edgeprune.loading import load_model
-from edgeprune.planner import format_plan, make_plan
+from edgeprune.planner import SPEED_MARGIN, format_plan, make_plan
 from edgeprune.profiles import load_profile
 from edgeprune.quantize import quantize_gguf
 from edgeprune.search import measured_plan
@@ -81,6 +81,16 @@ def test_tight_file_budget_forces_quantization_then_pruning(tiny):
     pruned = make_plan(tiny, shape, budgeted(max_file_mib=q4 * 0.97))
     assert pruned.chosen.candidate.allocation != "none"
     assert pruned.chosen.prediction.size.file_bytes / MIB <= q4 * 0.97
+
+
+def test_predicted_speed_must_beat_its_budget_by_the_margin(tiny):
+    shape = shape_of(tiny.model)
+    loose = make_plan(tiny, shape, budgeted())
+    exactly = make_plan(tiny, shape, budgeted(min_decode_tps=loose.chosen.prediction.decode_tps))
+    assert exactly.chosen.prediction.decode_tps >= loose.chosen.prediction.decode_tps * (1 + SPEED_MARGIN)
+    broken = next(v for e in exactly.rejected for v in e.violations if v.budget == "decode")
+    assert broken.limit == pytest.approx(loose.chosen.prediction.decode_tps * (1 + SPEED_MARGIN))
+    assert "10% margin" in str(broken)
 
 
 def test_runtime_without_deci_never_gets_adaptive(tiny):

@@ -23,38 +23,17 @@ from pathlib import Path
 import gguf
 import pytest
 
-from conftest import build_bpe_tokenizer, build_tiny_llama
+from conftest import CLI_ENV as ENV
+from conftest import assert_clean_failure, build_bpe_tokenizer, build_tiny_llama, run_cli
+from conftest import run_export as export
 
 from edgeprune.errors import EdgepruneError
 from edgeprune.gguf_check import read_gguf
 
 PROFILE = "x86-laptop-16gb"
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
 
 # --- helpers
-
-def run_cli(*args: str, timeout: int = 600, preexec_fn=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgeprune.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=ENV, preexec_fn=preexec_fn)
-
-
-def export(model: Path, out: Path, *extra: str, profile: str = PROFILE, preexec_fn=None):
-    return run_cli("export", str(model), "--profile", profile, "--out", str(out), *extra, preexec_fn=preexec_fn)
-
-
-def assert_clean_failure(result: subprocess.CompletedProcess, out_dir: Path, *expected: str) -> str:
-    """Exit 2, exactly one error line naming the problem, no traceback, and no file left in `out_dir`."""
-    errors = [line for line in result.stderr.splitlines() if line.startswith("edgeprune: error:")]
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert len(errors) == 1, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    message = errors[0].lower()
-    assert any(e.lower() in message for e in expected), errors[0]
-    left = sorted(p.name for p in out_dir.rglob("*") if p.is_file()) if out_dir.exists() else []
-    assert left == [], f"files left after a failed export: {left}"
-    return errors[0]
-
 
 def assert_edgeprune_error(fn, *args, expected: str) -> str:
     with pytest.raises(EdgepruneError) as info:

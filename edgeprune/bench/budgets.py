@@ -35,9 +35,10 @@ CALIB_SEQUENCES = 32
 def tightened_host_profiles(host: Profile, model_path: Path) -> list[Profile]:
     """Three host profiles, each tightening one budget against what the dense F16 model is predicted to do here.
 
-    memory: 60% of the dense F16 memory, so only a ≤ 5-bit quant fits. decode: 2.2× the dense F16 decode speed,
-    about what a 4-bit quant reads per token. TTFT: 80% of the dense model's time to first token for a
-    512-token prompt; prefill is compute-bound, so no quant type helps and pruning must remove FLOPs.
+    memory: 60% of the dense F16 memory, so only a 4-bit quant or pruning fits. decode: 1.5× the dense F16
+    decode speed, beyond every 5-bit and larger type here. TTFT: 80% of the dense model's time to first token
+    for a 512-token prompt; prefill is compute-bound and F16 is among the fastest types at it, so pruning
+    must remove FLOPs.
     """
     loaded = load_model(model_path)
     source = ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length)
@@ -47,7 +48,7 @@ def tightened_host_profiles(host: Profile, model_path: Path) -> list[Profile]:
     loose = dataclasses.replace(host.budgets, min_decode_tps=1.0, max_ttft_s=60.0, max_file_mib=None)
     tight = {
         "host-memory": dataclasses.replace(loose, memory_mib=round(0.6 * dense.memory_bytes / MIB)),
-        "host-decode": dataclasses.replace(loose, min_decode_tps=round(2.2 * dense.decode_tps)),
+        "host-decode": dataclasses.replace(loose, min_decode_tps=round(1.5 * dense.decode_tps)),
         "host-ttft": dataclasses.replace(loose, ttft_prompt_tokens=512, max_ttft_s=round(0.8 * dense_long.ttft_s, 2)),
     }
     return [dataclasses.replace(host, name=name, budgets=budgets) for name, budgets in tight.items()]
