@@ -622,11 +622,11 @@ def _measure_speed(task: dict) -> dict:
                   "threads": threads, "ttft_prompt_tokens": ttft_tokens},
         "n_params": int(model.lib.llama_model_n_params(model.llm.model)),
         "compute_buffer_bytes": round(sum(float(mib) for mib in compute) * MIB) if compute else None,
-        "peak_rss_bytes": _peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss_bytes(),
     }
 
 
-def _peak_rss_bytes() -> int:
+def peak_rss_bytes() -> int:
     """This process's own peak RSS. On Linux ru_maxrss survives exec and so carries the parent's peak from
     before the fork; VmHWM belongs to the current image alone, so it is read first."""
     try:

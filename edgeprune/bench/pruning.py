@@ -36,7 +36,7 @@ from ..loading import load_model
 from ..pruning import PruneOptions, prune_model
 from ..shapes import shape_of
 from ..texts import Text, default_calibration_text, default_evaluation_text
-from ..validate import MIB, measure_perplexity, measure_speed
+from ..validate import MIB, measure_perplexity, measure_speed, peak_rss_bytes
 from .tables import SuiteResult, machine, table, write_suite
 
 # Each method as its authors run it: the criterion with its own recovery; `edgeprune` is PruneOptions' default.
@@ -88,16 +88,6 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
-
-
-def peak_rss_bytes() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def measure_gguf(path: Path, texts: list[Text], chunks: int, threads: int) -> dict:
