@@ -172,22 +172,28 @@ def validate(gguf, reference, profile_name, json_path, update_profile, eval_path
     if json_path:
         write_text_atomic(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
     if update_profile:
-        _write_back_efficiency(profile, report)
+        _write_back_efficiency(profile, gguf, report)
     if report.passed is False:
         sys.exit(1)
 
 
-def _write_back_efficiency(profile, report) -> None:
-    """Scale the profile's efficiencies so that its prediction equals what was just measured."""
+def _write_back_efficiency(profile, gguf: Path, report) -> None:
+    """Scale the profile's efficiencies (per-type tables too) so that its prediction equals what was just measured."""
+    from .costmodel import calibrated_device, size_of_gguf
+    from .gguf_check import read_gguf
     from .profiles import update_efficiency
+    from .shapes import shape_from_gguf
 
-    if profile is None or report.predicted_device is None:
+    if profile is None:
         raise EdgepruneError("--update-profile needs --profile: the profile file whose efficiencies to update")
-    dev, predicted = profile.device, report.predicted_device
-    decode = min(1.0, dev.decode_efficiency * report.speed.decode_tps / predicted.decode_tps)
-    prefill = min(1.0, dev.prefill_efficiency * report.speed.prefill_tps / predicted.prefill_tps)
-    update_efficiency(profile.path, decode_efficiency=round(decode, 4), prefill_efficiency=round(prefill, 4))
-    click.echo(f"updated {profile.path}: decode_efficiency {decode:.4f}, prefill_efficiency {prefill:.4f}")
+    info = read_gguf(gguf)
+    device = calibrated_device(profile.device, size_of_gguf(info), shape_from_gguf(info), report.speed.n_prompt,
+                               report.speed.decode_tps, report.speed.prefill_tps)
+    update_efficiency(profile.path, **{key: getattr(device, key) for key in (
+        "decode_efficiency", "prefill_efficiency", "decode_type_efficiency", "prefill_type_efficiency")})
+    tables = " and the per-type tables" if device.decode_type_efficiency or device.prefill_type_efficiency else ""
+    click.echo(f"updated {profile.path}: decode_efficiency {device.decode_efficiency:.4f}, "
+               f"prefill_efficiency {device.prefill_efficiency:.4f}{tables}")
 
 
 @cli.command()

@@ -8,6 +8,7 @@ on a skeleton GGUF whose data is a sparse hole. Nothing here re-implements llama
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import re
 import tempfile
 from dataclasses import dataclass
@@ -162,10 +163,19 @@ def read_per_token(size: SizeEstimate) -> list[TensorCost]:
 
 def decode_seconds_per_token(size: SizeEstimate, device) -> float:
     """Bytes read per token over the bandwidth, each tensor at its type's efficiency (the device's decode
-    efficiency where the profile measured none for that type)."""
+    efficiency where the profile measured none for that type), plus the device's fixed cost per layer."""
+    return _decode_read_seconds(size, device) + layer_count(size) * (device.decode_layer_overhead_us or 0.0) * 1e-6
+
+
+def _decode_read_seconds(size: SizeEstimate, device) -> float:
     per_type = device.decode_type_efficiency or {}
     bandwidth = device.memory_bandwidth_gbs * 1e9
     return sum(t.nbytes / (bandwidth * per_type.get(t.type_name, device.decode_efficiency)) for t in read_per_token(size))
+
+
+def layer_count(size: SizeEstimate) -> int:
+    """Decoder layers in the file: those with at least one tensor (blk.N.*)."""
+    return len({t.name.split(".")[1] for t in size.tensors if t.name.startswith("blk.")})
 
 
 def prefill_seconds_per_token(size: SizeEstimate, shape: ModelShape, n_prompt: int, device) -> float:
@@ -183,6 +193,29 @@ def prefill_seconds_per_token(size: SizeEstimate, shape: ModelShape, n_prompt: i
     attention = sum(4 * l.n_head * shape.head_dim * n_prompt / 2 for l in shape.layers)
     return (sum(map(seconds, layers)) + sum(map(seconds, head)) / n_prompt
             + attention / (compute * per_type.get("f16", device.prefill_efficiency)))
+
+
+def calibrated_device(device, size: SizeEstimate, shape: ModelShape, n_prompt: int, decode_tps: float,
+                      prefill_tps: float):
+    """`device` with its efficiencies scaled so that the cost model predicts the measured speeds of this file:
+    every per-type entry by the same factor as the plain efficiency, the fixed per-layer cost left as it is.
+    Scaled values stay within what a profile accepts (plain at most 1, per type at most 4)."""
+    overhead = decode_seconds_per_token(size, device) - _decode_read_seconds(size, device)
+    measured_read = max(1.0 / decode_tps - overhead, 1e-3 / decode_tps)  # the layers' fixed cost alone cannot explain it all
+    decode = _decode_read_seconds(size, device) / measured_read
+    prefill = prefill_tps * prefill_seconds_per_token(size, shape, n_prompt, device)
+
+    def scaled(efficiency: float, factor: float, cap: float) -> float:
+        return round(min(cap, efficiency * factor), 4)
+
+    def scaled_table(table: dict[str, float] | None, factor: float) -> dict[str, float] | None:
+        return {name: scaled(value, factor, 4.0) for name, value in table.items()} if table else table
+
+    return dataclasses.replace(
+        device, decode_efficiency=scaled(device.decode_efficiency, decode, 1.0),
+        prefill_efficiency=scaled(device.prefill_efficiency, prefill, 1.0),
+        decode_type_efficiency=scaled_table(device.decode_type_efficiency, decode),
+        prefill_type_efficiency=scaled_table(device.prefill_type_efficiency, prefill))
 
 
 def size_of_gguf(info) -> SizeEstimate:

@@ -4,7 +4,9 @@ factors that turn them into llama.cpp's real decode and prefill speeds.
 The bandwidth and compute figures only need to be consistent, not absolute: the efficiencies are fitted
 per tensor type on real llama.cpp runs of one model written at a ladder of quant types, because on a CPU
 the kernels differ more than the bytes do (a q5_0 matrix decodes slower than a larger q8_0 one). Pruned and
-otherwise reshaped models are then predicted from their tensors' bytes and FLOPs.
+otherwise reshaped models are then predicted from their tensors' bytes and FLOPs. The same model cut to half
+its layers is measured too, at two types, which separates the fixed time every layer costs a decoded token
+(thread barriers, graph work: 0.15 ms per layer on a 2-core VM) from the bytes it reads.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import numpy as np
 
 from converters import ConversionInput, write_gguf
 
-from .costmodel import SizeEstimate, decode_seconds_per_token, prefill_seconds_per_token, size_of_gguf
+from .costmodel import SizeEstimate, decode_seconds_per_token, layer_count, prefill_seconds_per_token, size_of_gguf
 from .gguf_check import read_gguf
 from .loading import load_model
 from .profiles import Budgets, DeviceSpec, Profile, load_profile
+from .pruning.surgery import remove_layers
 from .quantize import quantize_gguf
 from .shapes import ModelShape, shape_from_gguf
 from .validate import N_PROMPT, measure_speed
@@ -35,6 +38,7 @@ CALIBRATION_LADDER = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_0",
 MAX_TYPE_EFFICIENCY = 4.0  # what a profile accepts; caches can beat the streaming benchmark, not by more
 OFF = 1e30  # an efficiency that makes a tensor cost nothing: how one family's column is isolated
 CALIBRATION_PASSES = 2
+DEPTH_PROBE = ("Q8_0", "Q4_0")  # types at which the model is also measured with half its layers
 # Tensor types whose llama.cpp CPU kernels work alike, fitted with one efficiency each.
 TYPE_FAMILIES = {
     "float": ("f16", "bf16", "f32"),
@@ -81,11 +85,12 @@ def measure_host_profile(model_path: str | Path, *, threads: int | None = None,
     device = DeviceSpec(f"this machine ({platform.machine()}, {threads} threads)", round(bandwidth, 2),
                         round(compute, 2), threads, 1.0, 1.0)
     runs = _ladder_runs(model_path, threads, budgets.context_length, progress)
-    decode = _fit_type_efficiency(runs, "decode", device)
-    prefill = _fit_type_efficiency(runs, "prefill", device)
+    decode, layer_overhead_us = _fit_type_efficiency(runs, "decode", device)
+    prefill, _ = _fit_type_efficiency(runs, "prefill", device)
     device = dataclasses.replace(
         device, decode_efficiency=_typical(decode), prefill_efficiency=_typical(prefill),
-        decode_type_efficiency=decode, prefill_type_efficiency=prefill)
+        decode_type_efficiency=decode, prefill_type_efficiency=prefill,
+        decode_layer_overhead_us=layer_overhead_us or None)
     return Profile("host", Path("host.toml"), device, dataclasses.replace(template.runtime), budgets)
 
 
@@ -93,20 +98,29 @@ Run = tuple[SizeEstimate, ModelShape, dict]
 
 
 def _ladder_runs(model_path: str | Path, threads: int, n_ctx: int, progress) -> list[Run]:
-    """(tensor sizes, shape, measured speed) of the model at every type of the ladder. The ladder is measured
-    in CALIBRATION_PASSES interleaved passes and each file's speeds averaged, so that a slow spell of a shared
-    machine spreads over all types instead of biasing one."""
+    """(tensor sizes, shape, measured speed) of the model at every type of the ladder, and of its first half of
+    layers at the DEPTH_PROBE types. The files are measured in CALIBRATION_PASSES interleaved passes and each
+    file's speeds averaged, so that a slow spell of a shared machine spreads over all files instead of biasing one."""
     loaded = load_model(model_path, progress=progress)
-    source = ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length)
     with tempfile.TemporaryDirectory(prefix="edgeprune-measure-") as tmp:
-        f16 = write_gguf(source, Path(tmp) / "F16.gguf", "F16")
-        paths = [f16 if quant == "F16" else quantize_gguf(f16, Path(tmp) / f"{quant}.gguf", quant, threads=threads).path
-                 for quant in CALIBRATION_LADDER]
+        def written(name: str) -> Path:
+            source = ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length)
+            return write_gguf(source, Path(tmp) / f"{name}.gguf", "F16")
+
+        full = written("F16")
+        n_layers = len(loaded.model.model.layers)
+        remove_layers(loaded.model, list(range(n_layers // 2, n_layers)))  # speed does not depend on which
+        half = written("half-F16") if n_layers >= 2 else full
+        files = [(quant, full, quant) for quant in CALIBRATION_LADDER]
+        files += [(f"{quant}, {n_layers // 2} layers", half, quant) for quant in DEPTH_PROBE if n_layers >= 2]
+        paths = [source if quant == "F16" else
+                 quantize_gguf(source, Path(tmp) / f"{source.stem}-{quant}.gguf", quant, threads=threads).path
+                 for _, source, quant in files]
         speeds: list[list[dict]] = [[] for _ in paths]
         for calibration_pass in range(CALIBRATION_PASSES):
-            for quant, path, measured in zip(CALIBRATION_LADDER, paths, speeds):
+            for (label, _, _), path, measured in zip(files, paths, speeds):
                 progress(f"calibrating with llama.cpp (pass {calibration_pass + 1}/{CALIBRATION_PASSES}): "
-                         f"{loaded.name} at {quant}")
+                         f"{loaded.name} at {label}")
                 measured.append(measure_speed(path, threads=threads, n_ctx=n_ctx, progress=progress)["speed"])
         infos = [read_gguf(path) for path in paths]
     return [(size_of_gguf(info), shape_from_gguf(info),
@@ -114,9 +128,10 @@ def _ladder_runs(model_path: str | Path, threads: int, n_ctx: int, progress) -> 
             for info, measured in zip(infos, speeds)]
 
 
-def _fit_type_efficiency(runs: list[Run], kind: str, device: DeviceSpec) -> dict[str, float]:
+def _fit_type_efficiency(runs: list[Run], kind: str, device: DeviceSpec) -> tuple[dict[str, float], float]:
     """Per tensor type, the efficiency that makes the cost model reproduce the measured runs best (non-negative
-    least squares on seconds per token, each run weighted by its own time so that errors count relatively).
+    least squares on seconds per token, each run weighted by its own time so that errors count relatively), and
+    for decode the fixed microseconds per layer (0 for prefill, where a micro-batch of tokens shares them).
 
     Types are fitted by kernel family (TYPE_FAMILIES): a ladder of eight files cannot separate a type that holds
     a few percent of one file from noise, and the types of a family share their kernel's cost. Seconds per
@@ -130,17 +145,22 @@ def _fit_type_efficiency(runs: list[Run], kind: str, device: DeviceSpec) -> dict
         for members in families.values():
             alone = {n: 1.0 if n in members else OFF for family in families.values() for n in family}
             only = dataclasses.replace(device, decode_efficiency=OFF, prefill_efficiency=OFF,
-                                       decode_type_efficiency=alone, prefill_type_efficiency=alone)
+                                       decode_type_efficiency=alone, prefill_type_efficiency=alone,
+                                       decode_layer_overhead_us=None)
             if kind == "decode":
                 row.append(decode_seconds_per_token(size, only))
             else:
                 row.append(prefill_seconds_per_token(size, shape, N_PROMPT, only))
+        if kind == "decode":
+            row.append(layer_count(size) * 1e-6)
         columns.append(row)
         measured.append(1.0 / speed[f"{kind}_tps"])
     a, y = np.asarray(columns), np.asarray(measured)
-    inverse = _nonnegative_least_squares(a / y[:, None], np.ones_like(y))
-    return {member: round(float(min(MAX_TYPE_EFFICIENCY, 1.0 / x)), 4)
-            for members, x in zip(families.values(), inverse) if x > 1.0 / MAX_TYPE_EFFICIENCY for member in members}
+    solution = _nonnegative_least_squares(a / y[:, None], np.ones_like(y))
+    efficiencies = {member: round(float(min(MAX_TYPE_EFFICIENCY, 1.0 / x)), 4)
+                    for members, x in zip(families.values(), solution) if x > 1.0 / MAX_TYPE_EFFICIENCY
+                    for member in members}
+    return efficiencies, round(float(solution[len(families)]), 2) if kind == "decode" else 0.0
 
 
 def _nonnegative_least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -42,6 +42,9 @@ class DeviceSpec:
     # or faster than the matmul benchmark; types absent here, and hand-written profiles, use the two above.
     decode_type_efficiency: dict[str, float] | None = None
     prefill_type_efficiency: dict[str, float] | None = None
+    # Time every layer costs a decoded token beyond its bytes (llama.cpp's per-operation thread barriers and
+    # graph work): large for small models on shared cores, so measured, never guessed; absent means none.
+    decode_layer_overhead_us: float | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, _Field]]] = {
         "prefill_efficiency": _Field("fraction", "0.5"),
         "decode_type_efficiency": _Field("type_table", "{ q8_0 = 0.9, q4_k = 0.6 }", optional=True),
         "prefill_type_efficiency": _Field("type_table", "{ q8_0 = 0.3, q4_k = 0.2 }", optional=True),
+        "decode_layer_overhead_us": _Field("number", "150", "microseconds per layer per token", optional=True),
     }),
     "runtime": (RuntimeSpec, {
         "allow_deci": _Field("bool", "true"),
@@ -110,9 +114,9 @@ _SCHEMA: dict[str, tuple[type, dict[str, _Field]]] = {
     }),
 }
 
-_EFFICIENCY_FIELDS = ("decode_efficiency", "prefill_efficiency")
+_EFFICIENCY_FIELDS = ("decode_efficiency", "prefill_efficiency", "decode_type_efficiency", "prefill_type_efficiency")
 _HEADER = re.compile(r"\s*\[\s*([A-Za-z0-9_-]+)\s*\]")
-_ASSIGNMENT = re.compile(r"(?P<lead>\s*(?P<key>[A-Za-z0-9_-]+)\s*=\s*)(?P<value>[^\s#]+)(?P<rest>.*)", re.DOTALL)
+_ASSIGNMENT = re.compile(r"(?P<lead>\s*(?P<key>[A-Za-z0-9_-]+)\s*=\s*)(?P<value>\{[^}]*\}|[^\s#]+)(?P<rest>.*)", re.DOTALL)
 
 
 def load_profile(name_or_path: str | Path) -> Profile:
@@ -137,14 +141,17 @@ def profile_to_toml(profile: Profile) -> str:
     return "\n".join(out)
 
 
-def update_efficiency(path: str | Path, decode_efficiency: float | None = None,
-                      prefill_efficiency: float | None = None) -> Profile:
-    """Write calibrated efficiencies into a profile file in place, leaving its comments and other lines alone."""
+def update_efficiency(path: str | Path, **efficiencies: float | dict[str, float] | None) -> Profile:
+    """Write calibrated efficiencies (any of decode_efficiency, prefill_efficiency and the two per-type tables)
+    into a profile file in place, leaving its comments and other lines alone."""
     path = Path(path)
+    unknown = set(efficiencies) - set(_EFFICIENCY_FIELDS)
+    if unknown:
+        raise TypeError(f"not an efficiency field: {', '.join(sorted(unknown))}")
     text = _read(path)
     _parse(path, text)
     checked = {key: _check(path, "device", key, value, _SCHEMA["device"][1][key])
-               for key, value in zip(_EFFICIENCY_FIELDS, (decode_efficiency, prefill_efficiency)) if value is not None}
+               for key, value in efficiencies.items() if value is not None}
     lines = text.splitlines(keepends=True)
     section = None
     for i, line in enumerate(lines):
@@ -154,11 +161,11 @@ def update_efficiency(path: str | Path, decode_efficiency: float | None = None,
             continue
         assignment = _ASSIGNMENT.match(line)
         if section == "device" and assignment and assignment["key"] in checked:
-            lines[i] = f"{assignment['lead']}{checked.pop(assignment['key'])!r}{assignment['rest']}"
+            lines[i] = f"{assignment['lead']}{_toml_value(checked.pop(assignment['key']))}{assignment['rest']}"
     if checked:
         key = next(iter(checked))
-        raise EdgepruneError(f"{path}: cannot update [device] {key}: write it as `{key} = <number>` on its own line "
-                             f"under a [device] header")
+        raise EdgepruneError(f"{path}: cannot update [device] {key}: write it as `{key} = "
+                             f"{_SCHEMA['device'][1][key].example}` on one line under a [device] header")
     text = "".join(lines)
     profile = _parse(path, text)
     write_text_atomic(path, text)

@@ -7,7 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from edgeprune.costmodel import SizeEstimate, TensorCost, decode_seconds_per_token, prefill_seconds_per_token
+from edgeprune.costmodel import (SizeEstimate, TensorCost, calibrated_device, decode_seconds_per_token, layer_count,
+                                 prefill_seconds_per_token)
 from edgeprune.hostprobe import _fit_type_efficiency, _nonnegative_least_squares
 from edgeprune.profiles import DeviceSpec
 from edgeprune.shapes import LayerShape, ModelShape
@@ -18,10 +19,10 @@ SHAPE = ModelShape(vocab_size=1000, hidden_size=64, head_dim=16, layers=(LayerSh
 BYTES_PER_WEIGHT = {"f16": 2.0, "q8_0": 34 / 32, "q5_0": 22 / 32, "q4_0": 18 / 32}
 
 
-def sized(mix: dict[str, str]) -> SizeEstimate:
-    """A two-layer model whose tensors (by kind) have the types in `mix`; the rest are f16."""
+def sized(mix: dict[str, str], n_layers: int = 2) -> SizeEstimate:
+    """A model of `n_layers` layers whose tensors (by kind) have the types in `mix`; the rest are f16."""
     tensors = [TensorCost("token_embd.weight", 64, 1000, mix.get("embd", "f16"), 0)]
-    for i in range(2):
+    for i in range(n_layers):
         for kind, rows, width in (("attn_q", 64, 64), ("ffn_up", 128, 64), ("ffn_down", 64, 128)):
             tensors.append(TensorCost(f"blk.{i}.{kind}.weight", width, rows, mix.get(kind, "f16"), 0))
     tensors = [dataclasses.replace(t, nbytes=int(t.rows * t.row_length * BYTES_PER_WEIGHT[t.type_name]))
@@ -41,21 +42,54 @@ def test_nonnegative_least_squares_matches_the_exact_solution_and_clips_at_zero(
 def test_fitted_type_efficiencies_reproduce_the_runs_and_predict_a_new_mix():
     true = DeviceSpec("host", 10.0, 100.0, 2, 0.7, 0.4,
                       decode_type_efficiency={"f16": 1.1, "q8_0": 0.9, "q5_0": 0.45, "q4_0": 0.6},
-                      prefill_type_efficiency={"f16": 0.45, "q8_0": 0.4, "q5_0": 0.25, "q4_0": 0.55})
-    ladder = [sized({}), sized(dict.fromkeys(("embd", "attn_q", "ffn_up", "ffn_down"), "q8_0")),
+                      prefill_type_efficiency={"f16": 0.45, "q8_0": 0.4, "q5_0": 0.25, "q4_0": 0.55},
+                      decode_layer_overhead_us=3.0)
+    q8 = dict.fromkeys(("embd", "attn_q", "ffn_up", "ffn_down"), "q8_0")
+    ladder = [sized({}), sized(q8), sized(q8, n_layers=1), sized({}, n_layers=1),
               sized({"embd": "q8_0", "attn_q": "q5_0", "ffn_up": "q5_0", "ffn_down": "q4_0"}),
               sized({"embd": "q8_0", "attn_q": "q4_0", "ffn_up": "q4_0", "ffn_down": "q4_0"}),
               sized({"embd": "q8_0", "attn_q": "q5_0", "ffn_up": "q5_0", "ffn_down": "q5_0"})]
     runs = [(size, SHAPE, {"decode_tps": 1 / decode_seconds_per_token(size, true),
                            "prefill_tps": 1 / prefill_seconds_per_token(size, SHAPE, N_PROMPT, true)}) for size in ladder]
     probe = DeviceSpec("host", 10.0, 100.0, 2, 1.0, 1.0)
-    decode = _fit_type_efficiency(runs, "decode", probe)
-    prefill = _fit_type_efficiency(runs, "prefill", probe)
+    decode, overhead = _fit_type_efficiency(runs, "decode", probe)
+    prefill, _ = _fit_type_efficiency(runs, "prefill", probe)
+    assert overhead == pytest.approx(3.0, rel=1e-2)
     for fitted_table, true_table in ((decode, true.decode_type_efficiency), (prefill, true.prefill_type_efficiency)):
         assert {t: fitted_table[t] for t in true_table} == pytest.approx(true_table, rel=1e-3)
         assert fitted_table["q4_1"] == fitted_table["q4_0"] and "q4_k" not in fitted_table  # by kernel family
-    fitted = dataclasses.replace(probe, decode_type_efficiency=decode, prefill_type_efficiency=prefill)
-    unseen = sized({"embd": "q4_0", "attn_q": "q8_0", "ffn_up": "q4_0", "ffn_down": "q5_0"})
+    fitted = dataclasses.replace(probe, decode_type_efficiency=decode, prefill_type_efficiency=prefill,
+                                 decode_layer_overhead_us=overhead)
+    unseen = sized({"embd": "q4_0", "attn_q": "q8_0", "ffn_up": "q4_0", "ffn_down": "q5_0"}, n_layers=3)
     assert decode_seconds_per_token(unseen, fitted) == pytest.approx(decode_seconds_per_token(unseen, true), rel=1e-3)
     assert prefill_seconds_per_token(unseen, SHAPE, 512, fitted) == pytest.approx(
         prefill_seconds_per_token(unseen, SHAPE, 512, true), rel=1e-3)
+
+
+def test_layer_overhead_is_a_fixed_cost_per_decoder_layer():
+    device = DeviceSpec("host", 10.0, 100.0, 2, 0.7, 0.4)
+    with_overhead = dataclasses.replace(device, decode_layer_overhead_us=150.0)
+    for n_layers in (1, 2, 3):
+        size = sized({}, n_layers)
+        assert layer_count(size) == n_layers
+        extra = decode_seconds_per_token(size, with_overhead) - decode_seconds_per_token(size, device)
+        assert extra == pytest.approx(n_layers * 150e-6)
+
+
+@pytest.mark.parametrize("tables", [False, True])
+def test_calibrated_device_predicts_what_was_measured(tables):
+    """--update-profile's rescaling: afterwards the profile predicts the measured speeds of that file, per-type
+    tables are scaled alike (their ratios are kept), and the fixed per-layer cost is not touched."""
+    device = DeviceSpec("host", 10.0, 100.0, 2, 0.5, 0.3, decode_layer_overhead_us=20.0,
+                        decode_type_efficiency={"f16": 0.8, "q8_0": 0.4} if tables else None,
+                        prefill_type_efficiency={"f16": 0.2, "q8_0": 0.1} if tables else None)
+    size = sized({"ffn_up": "q8_0", "ffn_down": "q8_0"})
+    decode_tps = 0.8 / decode_seconds_per_token(size, device)
+    prefill_tps = 1.25 / prefill_seconds_per_token(size, SHAPE, 64, device)
+    calibrated = calibrated_device(device, size, SHAPE, 64, decode_tps, prefill_tps)
+    assert 1 / decode_seconds_per_token(size, calibrated) == pytest.approx(decode_tps, rel=1e-3)
+    assert 1 / prefill_seconds_per_token(size, SHAPE, 64, calibrated) == pytest.approx(prefill_tps, rel=1e-3)
+    assert calibrated.decode_layer_overhead_us == 20.0
+    if tables:
+        assert calibrated.decode_type_efficiency["f16"] / calibrated.decode_type_efficiency["q8_0"] == pytest.approx(2.0, rel=1e-3)
+        assert calibrated.prefill_type_efficiency["f16"] == pytest.approx(0.25, rel=1e-3)

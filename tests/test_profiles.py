@@ -328,3 +328,21 @@ def test_measured_type_efficiencies_round_trip_and_default_to_absent(tmp_path):
     assert profile.device.decode_type_efficiency == {"q8_0": 0.9, "q4_k": 1.25}
     again = load_profile(write(tmp_path, profile_to_toml(profile), "again.toml"))
     assert again.device == profile.device
+
+
+def test_update_efficiency_rewrites_a_type_table_and_its_comment_stays(tmp_path):
+    text = edited("prefill_efficiency = 1\n", "prefill_efficiency = 1\n"
+                  "decode_type_efficiency = { q8_0 = 0.9, q4_k = 1.25 }  # measured\ndecode_layer_overhead_us = 150\n")
+    path = write(tmp_path, text)
+    profile = update_efficiency(path, decode_type_efficiency={"q8_0": 0.5, "q4_k": 2.5})
+    assert profile.device.decode_type_efficiency == {"q8_0": 0.5, "q4_k": 2.5}
+    assert profile.device.decode_layer_overhead_us == 150.0
+    assert "  # measured\n" in path.read_text(encoding="utf-8")
+    with pytest.raises(EdgepruneError, match="prefill_type_efficiency"):  # absent from the file: nowhere to write
+        update_efficiency(path, prefill_type_efficiency={"q8_0": 0.5})
+
+
+def test_layer_overhead_must_be_a_positive_number(tmp_path):
+    path = write(tmp_path, edited("prefill_efficiency = 1\n", "prefill_efficiency = 1\ndecode_layer_overhead_us = -3\n"))
+    with pytest.raises(EdgepruneError, match=r"decode_layer_overhead_us.*microseconds per layer per token"):
+        load_profile(path)
