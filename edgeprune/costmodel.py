@@ -20,6 +20,7 @@ from converters import WRITERS, ConversionInput
 
 from .atomic import raise_if_interrupted
 from .errors import EdgepruneError
+from .profiles import MAX_TYPE_EFFICIENCY
 from .quantize import QUANT_TYPES, _captured_llama_log, check_quant_type
 from .shapes import ModelShape
 
@@ -201,7 +202,7 @@ def calibrated_device(device, size: SizeEstimate, shape: ModelShape, n_prompt: i
     every per-type entry by the same factor as the plain efficiency, the fixed per-layer cost left as it is.
     Scaled values stay within what a profile accepts (plain at most 1, per type at most 4)."""
     overhead = decode_seconds_per_token(size, device) - _decode_read_seconds(size, device)
-    measured_read = max(1.0 / decode_tps - overhead, 1e-3 / decode_tps)  # the layers' fixed cost alone cannot explain it all
+    measured_read = max(1.0 / decode_tps - overhead, 1e-3 / decode_tps)  # positive even if the layer cost exceeds it
     decode = _decode_read_seconds(size, device) / measured_read
     prefill = prefill_tps * prefill_seconds_per_token(size, shape, n_prompt, device)
 
@@ -209,7 +210,7 @@ def calibrated_device(device, size: SizeEstimate, shape: ModelShape, n_prompt: i
         return round(min(cap, efficiency * factor), 4)
 
     def scaled_table(table: dict[str, float] | None, factor: float) -> dict[str, float] | None:
-        return {name: scaled(value, factor, 4.0) for name, value in table.items()} if table else table
+        return {name: scaled(value, factor, MAX_TYPE_EFFICIENCY) for name, value in table.items()} if table else table
 
     return dataclasses.replace(
         device, decode_efficiency=scaled(device.decode_efficiency, decode, 1.0),

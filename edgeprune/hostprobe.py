@@ -26,7 +26,7 @@ from converters import ConversionInput, write_gguf
 from .costmodel import SizeEstimate, decode_seconds_per_token, layer_count, prefill_seconds_per_token, size_of_gguf
 from .gguf_check import read_gguf
 from .loading import load_model
-from .profiles import Budgets, DeviceSpec, Profile, load_profile
+from .profiles import MAX_TYPE_EFFICIENCY, Budgets, DeviceSpec, Profile, load_profile
 from .pruning.surgery import remove_layers
 from .quantize import quantize_gguf
 from .shapes import ModelShape, shape_from_gguf
@@ -35,10 +35,10 @@ from .validate import N_PROMPT, measure_speed
 TEMPLATE_PROFILE = "x86-laptop-16gb"
 # Quant types whose files, together, give every common tensor type a large share in at least one of them.
 CALIBRATION_LADDER = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_0", "Q3_K_M")
-MAX_TYPE_EFFICIENCY = 4.0  # what a profile accepts; caches can beat the streaming benchmark, not by more
 OFF = 1e30  # an efficiency that makes a tensor cost nothing: how one family's column is isolated
 CALIBRATION_PASSES = 2
 DEPTH_PROBE = ("Q8_0", "Q4_0")  # types at which the model is also measured with half its layers
+HOST_CONTEXT = 2048
 # Tensor types whose llama.cpp CPU kernels work alike, fitted with one efficiency each.
 TYPE_FAMILIES = {
     "float": ("f16", "bf16", "f32"),
@@ -75,57 +75,79 @@ def measure_host_profile(model_path: str | Path, *, threads: int | None = None,
     """A profile of this machine, its efficiencies fitted per tensor type on real llama.cpp runs of `model_path`
     (a Llama GGUF or HF directory) written at every type of CALIBRATION_LADDER."""
     threads = threads or os.cpu_count() or 1
+    bandwidth, compute = measure_hardware(progress)
+    with tempfile.TemporaryDirectory(prefix="edgeprune-measure-") as tmp:
+        ladder = write_ladder(model_path, Path(tmp), threads=threads, progress=progress)
+        runs = measured_runs(ladder, measure_interleaved(ladder, threads=threads, progress=progress))
+    return fit_host_profile(runs, bandwidth, compute, threads)
+
+
+def measure_hardware(progress: Callable[[str], None]) -> tuple[float, float]:
+    """(memory bandwidth GB/s, matmul GFLOPS) of this machine."""
     progress("measuring memory bandwidth")
     bandwidth = measure_bandwidth_gbs()
     progress("measuring matmul compute")
-    compute = measure_compute_gflops()
-    template = load_profile(TEMPLATE_PROFILE)
-    budgets = Budgets(memory_mib=_half_of_ram_mib(), context_length=2048, min_decode_tps=1.0, max_ttft_s=60.0,
-                      ttft_prompt_tokens=N_PROMPT, max_file_mib=None)
-    device = DeviceSpec(f"this machine ({platform.machine()}, {threads} threads)", round(bandwidth, 2),
-                        round(compute, 2), threads, 1.0, 1.0)
-    runs = _ladder_runs(model_path, threads, budgets.context_length, progress)
+    return bandwidth, measure_compute_gflops()
+
+
+def write_ladder(model_path: str | Path, directory: Path, *, threads: int, progress) -> list[tuple[str, Path]]:
+    """(label, path) of the model written at every type of the ladder into `directory`, and of its first half of
+    layers at the DEPTH_PROBE types."""
+    loaded = load_model(model_path, progress=progress)
+
+    def written(name: str) -> Path:
+        source = ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length)
+        return write_gguf(source, directory / f"{name}.gguf", "F16")
+
+    full = written("F16")
+    n_layers = len(loaded.model.model.layers)
+    files = [(quant, full, quant) for quant in CALIBRATION_LADDER]
+    if n_layers >= 2:
+        remove_layers(loaded.model, list(range(n_layers // 2, n_layers)))  # speed does not depend on which
+        half = written("half-F16")
+        files += [(f"{quant}, {n_layers // 2} layers", half, quant) for quant in DEPTH_PROBE]
+    return [(label, source if quant == "F16" else
+             quantize_gguf(source, directory / f"{source.stem}-{quant}.gguf", quant, threads=threads).path)
+            for label, source, quant in files]
+
+
+def measure_interleaved(files: list[tuple[str, Path]], *, threads: int, n_ctx: int = HOST_CONTEXT,
+                        passes: int = CALIBRATION_PASSES, progress) -> list[list[dict]]:
+    """llama.cpp's measurements (validate.measure_speed) of every (label, path), `passes` times each, in
+    interleaved passes: a slow spell of a shared machine then spreads over all files instead of biasing one."""
+    measured: list[list[dict]] = [[] for _ in files]
+    for number in range(passes):
+        for (label, path), results in zip(files, measured):
+            progress(f"measuring with llama.cpp (pass {number + 1}/{passes}): {label}")
+            results.append(measure_speed(path, threads=threads, n_ctx=n_ctx, progress=progress))
+    return measured
+
+
+Run = tuple[SizeEstimate, ModelShape, dict]
+
+
+def measured_runs(files: list[tuple[str, Path]], measured: list[list[dict]]) -> list[Run]:
+    """(tensor sizes, shape, mean speeds over the passes) of each file, what the fit takes."""
+    infos = [read_gguf(path) for _, path in files]
+    return [(size_of_gguf(info), shape_from_gguf(info),
+             {key: float(np.mean([m["speed"][key] for m in results])) for key in ("decode_tps", "prefill_tps")})
+            for info, results in zip(infos, measured)]
+
+
+def fit_host_profile(runs: list[Run], bandwidth_gbs: float, compute_gflops: float, threads: int) -> Profile:
+    """The host profile whose cost model reproduces `runs` best; its budgets are placeholders to edit."""
+    budgets = Budgets(memory_mib=_half_of_ram_mib(), context_length=HOST_CONTEXT, min_decode_tps=1.0,
+                      max_ttft_s=60.0, ttft_prompt_tokens=N_PROMPT, max_file_mib=None)
+    device = DeviceSpec(f"this machine ({platform.machine()}, {threads} threads)", round(bandwidth_gbs, 2),
+                        round(compute_gflops, 2), threads, 1.0, 1.0)
     decode, layer_overhead_us = _fit_type_efficiency(runs, "decode", device)
     prefill, _ = _fit_type_efficiency(runs, "prefill", device)
     device = dataclasses.replace(
         device, decode_efficiency=_typical(decode), prefill_efficiency=_typical(prefill),
         decode_type_efficiency=decode, prefill_type_efficiency=prefill,
         decode_layer_overhead_us=layer_overhead_us or None)
-    return Profile("host", Path("host.toml"), device, dataclasses.replace(template.runtime), budgets)
-
-
-Run = tuple[SizeEstimate, ModelShape, dict]
-
-
-def _ladder_runs(model_path: str | Path, threads: int, n_ctx: int, progress) -> list[Run]:
-    """(tensor sizes, shape, measured speed) of the model at every type of the ladder, and of its first half of
-    layers at the DEPTH_PROBE types. The files are measured in CALIBRATION_PASSES interleaved passes and each
-    file's speeds averaged, so that a slow spell of a shared machine spreads over all files instead of biasing one."""
-    loaded = load_model(model_path, progress=progress)
-    with tempfile.TemporaryDirectory(prefix="edgeprune-measure-") as tmp:
-        def written(name: str) -> Path:
-            source = ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length)
-            return write_gguf(source, Path(tmp) / f"{name}.gguf", "F16")
-
-        full = written("F16")
-        n_layers = len(loaded.model.model.layers)
-        remove_layers(loaded.model, list(range(n_layers // 2, n_layers)))  # speed does not depend on which
-        half = written("half-F16") if n_layers >= 2 else full
-        files = [(quant, full, quant) for quant in CALIBRATION_LADDER]
-        files += [(f"{quant}, {n_layers // 2} layers", half, quant) for quant in DEPTH_PROBE if n_layers >= 2]
-        paths = [source if quant == "F16" else
-                 quantize_gguf(source, Path(tmp) / f"{source.stem}-{quant}.gguf", quant, threads=threads).path
-                 for _, source, quant in files]
-        speeds: list[list[dict]] = [[] for _ in paths]
-        for calibration_pass in range(CALIBRATION_PASSES):
-            for (label, _, _), path, measured in zip(files, paths, speeds):
-                progress(f"calibrating with llama.cpp (pass {calibration_pass + 1}/{CALIBRATION_PASSES}): "
-                         f"{loaded.name} at {label}")
-                measured.append(measure_speed(path, threads=threads, n_ctx=n_ctx, progress=progress)["speed"])
-        infos = [read_gguf(path) for path in paths]
-    return [(size_of_gguf(info), shape_from_gguf(info),
-             {key: float(np.mean([m[key] for m in measured])) for key in ("decode_tps", "prefill_tps")})
-            for info, measured in zip(infos, speeds)]
+    return Profile("host", Path("host.toml"), device, dataclasses.replace(load_profile(TEMPLATE_PROFILE).runtime),
+                   budgets)
 
 
 def _fit_type_efficiency(runs: list[Run], kind: str, device: DeviceSpec) -> tuple[dict[str, float], float]:
@@ -157,9 +179,9 @@ def _fit_type_efficiency(runs: list[Run], kind: str, device: DeviceSpec) -> tupl
         measured.append(1.0 / speed[f"{kind}_tps"])
     a, y = np.asarray(columns), np.asarray(measured)
     solution = _nonnegative_least_squares(a / y[:, None], np.ones_like(y))
-    efficiencies = {member: round(float(min(MAX_TYPE_EFFICIENCY, 1.0 / x)), 4)
-                    for members, x in zip(families.values(), solution) if x > 1.0 / MAX_TYPE_EFFICIENCY
-                    for member in members}
+    # A family the fit finds (nearly) free runs at the most a profile accepts, not at the untyped default.
+    efficiencies = {member: round(float(min(MAX_TYPE_EFFICIENCY, 1.0 / max(x, 1e-12))), 4)
+                    for members, x in zip(families.values(), solution) for member in members}
     return efficiencies, round(float(solution[len(families)]), 2) if kind == "decode" else 0.0
 
 

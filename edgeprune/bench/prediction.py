@@ -1,9 +1,11 @@
 """Prediction suite: the cost model against llama.cpp on this machine, across quant types and pruned shapes.
 
-This machine is first measured as a device profile (`profiles measure`: bandwidth, compute, and efficiencies
-per tensor type fitted on dense SmolLM2 at a ladder of quant types). Every variant is a pruned SmolLM2 that
-the ladder never ran; it is predicted from its GGUF alone and measured by llama.cpp: decode and prefill
-tokens/s, and total memory (file + KV cache at the context + llama.cpp's compute buffer).
+This machine is measured as a device profile, as `profiles measure` does: bandwidth, compute, and
+efficiencies per tensor type plus a fixed decode cost per layer, fitted on SmolLM2 at a ladder of quant types
+and at half depth. Every variant is a pruned SmolLM2 that the ladder never ran; it is predicted from its GGUF
+alone and measured by llama.cpp: decode and prefill tokens/s, and total memory (file + KV cache at the context
++ llama.cpp's compute buffer). The ladder and the variants are measured in the same interleaved passes, so
+that a slow spell of this shared machine cannot make the calibration and the variants disagree.
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ from converters import ConversionInput, write_gguf
 from ..costmodel import predict_gguf
 from ..fetch import fetch_smollm2
 from ..gguf_check import read_gguf
-from ..hostprobe import measure_host_profile
+from ..hostprobe import fit_host_profile, measure_hardware, measure_interleaved, measured_runs, write_ladder
 from ..loading import load_model
 from ..pruning import PruneOptions, prune_model
 from ..quantize import quantize_gguf
 from ..shapes import shape_of
 from ..texts import default_calibration_text
-from ..validate import MIB, N_GEN, N_PROMPT, REPETITIONS, measure_speed
+from ..validate import MIB, N_GEN, N_PROMPT, REPETITIONS
 from .tables import SuiteResult, table
 
 def _pruned(**options) -> PruneOptions:
@@ -54,33 +56,37 @@ LIMITS = {"decode": 0.10, "prefill": 0.20, "memory": 0.05}
 
 def run(progress) -> SuiteResult:
     threads = os.cpu_count() or 1
-    host = measure_host_profile(fetch_smollm2(), threads=threads, progress=progress)
+    bandwidth, compute = measure_hardware(progress)
     loaded = load_model(fetch_smollm2(), progress=progress)
     tokens = loaded.tokenizer(default_calibration_text().content, add_special_tokens=False)["input_ids"]
     with tempfile.TemporaryDirectory(prefix="edgeprune-bench-pred-") as tmp:
-        built = []
+        ladder = write_ladder(fetch_smollm2(), Path(tmp), threads=threads, progress=progress)
+        built, architectures = [], []
         for i, (label, quant, pruning) in enumerate(VARIANTS):
             progress(f"prediction: building {label}")
             model = prune_model(copy.deepcopy(loaded.model), tokens, pruning).model
             source = ConversionInput(model, loaded.vocab, loaded.name, loaded.context_length)
-            path = write_gguf(source, Path(tmp) / f"{i}-F16.gguf", "F16")
+            path = write_gguf(source, Path(tmp) / f"variant-{i}-F16.gguf", "F16")
             if quant != "F16":
-                path = quantize_gguf(path, Path(tmp) / f"{i}-{quant}.gguf", quant).path
-            built.append((label, shape_of(model).architecture, path))
-        probes: list[list[dict]] = [[] for _ in built]
-        for measuring_pass in range(PASSES):
-            for (label, _, path), measured in zip(built, probes):
-                progress(f"prediction: measuring {label} (pass {measuring_pass + 1}/{PASSES})")
-                measured.append(measure_speed(path, threads=threads, n_ctx=CONTEXT, ttft_tokens=128, progress=progress))
-        rows = [_row(label, architecture, path, measured, host) for (label, architecture, path), measured in zip(built, probes)]
+                path = quantize_gguf(path, Path(tmp) / f"variant-{i}-{quant}.gguf", quant).path
+            built.append((label, path))
+            architectures.append(shape_of(model).architecture)
+        measured = measure_interleaved(ladder + built, threads=threads, n_ctx=CONTEXT, passes=PASSES, progress=progress)
+        host = fit_host_profile(measured_runs(ladder, measured[:len(ladder)]), bandwidth, compute, threads)
+        rows = [_row(label, architecture, path, probes, host)
+                for (label, path), architecture, probes in zip(built, architectures, measured[len(ladder):])]
+        fitted = [_row(label, "llama", path, probes, host) for (label, path), probes in zip(ladder, measured)]
     within = {key: all(abs(r[key][0] / r[key][1] - 1) <= limit for r in rows) for key, limit in LIMITS.items()}
     return SuiteResult(
         title="Cost-model predictions against llama.cpp measurements on this machine (SmolLM2-135M variants)",
         method=__doc__.strip().replace("\n", " ") + f" Context {CONTEXT}, {threads} threads, llama-bench-style "
                f"pp{N_PROMPT} / tg{N_GEN}, median of {REPETITIONS}, in {PASSES} interleaved passes whose mean is "
                "the measurement; 'repeat' is how far the two passes differ, the noise of this machine.",
-        data={"host_profile": dataclasses.asdict(host.device), "rows": rows, "within_limits": within},
-        sections=["## Results", _table(rows), _verdict(rows, within)],
+        data={"host_profile": dataclasses.asdict(host.device), "rows": rows, "within_limits": within,
+              "calibration_ladder": fitted},
+        sections=["## Results", _table(rows), _verdict(rows, within),
+                  "## The calibration ladder (what the host profile was fitted on: in-sample, not a test)",
+                  _table(fitted)],
     )
 
 
