@@ -258,7 +258,7 @@ def profiles_list() -> None:
 @click.option("--threads", type=int, default=None, help="Threads for llama.cpp. Default: all cores.")
 def profiles_measure(out_path: Path, model_path: Path | None, threads: int | None) -> None:
     """Measure this machine (bandwidth, compute, threads) and fit llama.cpp's efficiency per tensor type on the
-    model written at a ladder of quant types (a few minutes), into a profile."""
+    model written at a ladder of quant types and at half depth (minutes), into a profile."""
     from .fetch import fetch_smollm2
     from .hostprobe import measure_host_profile
     from .profiles import profile_to_toml
@@ -268,7 +268,8 @@ def profiles_measure(out_path: Path, model_path: Path | None, threads: int | Non
     write_text_atomic(out_path, header + profile_to_toml(profile).rstrip("\n") + "\n")
     d = profile.device
     click.echo(f"wrote {out_path}: {d.memory_bandwidth_gbs:.1f} GB/s, {d.compute_gflops:.1f} GFLOPS, {d.threads} threads, "
-               f"decode efficiency {d.decode_efficiency:.3f}, prefill efficiency {d.prefill_efficiency:.3f}")
+               f"decode efficiency {d.decode_efficiency:.3f}, prefill efficiency {d.prefill_efficiency:.3f}, "
+               f"{d.decode_layer_overhead_us or 0:.0f} us per layer per decoded token")
 
 
 @profiles.command("show")

@@ -45,7 +45,9 @@ TYPE_FAMILIES = {
     "q8": ("q8_0",),
     "q4": ("q4_0", "q4_1"),
     "q5": ("q5_0", "q5_1"),
-    "k": ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k"),
+    "q6_k": ("q6_k",),
+    "q5_k": ("q5_k",),  # slower than q4_k and q6_k in prefill here
+    "k": ("q2_k", "q3_k", "q4_k"),
 }  # runtime settings for a host: llama-cpp-python's defaults, every quant type
 
 
@@ -114,7 +116,7 @@ def write_ladder(model_path: str | Path, directory: Path, *, threads: int, progr
 def measure_interleaved(files: list[tuple[str, Path]], *, threads: int, n_ctx: int = HOST_CONTEXT,
                         passes: int = CALIBRATION_PASSES, progress) -> list[list[dict]]:
     """llama.cpp's measurements (validate.measure_speed) of every (label, path), `passes` times each, in
-    interleaved passes: a slow spell of a shared machine then spreads over all files instead of biasing one."""
+    interleaved passes: a slow spell of a shared machine then hits one pass of every file, not all of one file's."""
     measured: list[list[dict]] = [[] for _ in files]
     for number in range(passes):
         for (label, path), results in zip(files, measured):
@@ -127,11 +129,15 @@ Run = tuple[SizeEstimate, ModelShape, dict]
 
 
 def measured_runs(files: list[tuple[str, Path]], measured: list[list[dict]]) -> list[Run]:
-    """(tensor sizes, shape, mean speeds over the passes) of each file, what the fit takes."""
+    """(tensor sizes, shape, fastest speeds of the passes) of each file, what the fit takes."""
     infos = [read_gguf(path) for _, path in files]
-    return [(size_of_gguf(info), shape_from_gguf(info),
-             {key: float(np.mean([m["speed"][key] for m in results])) for key in ("decode_tps", "prefill_tps")})
-            for info, results in zip(infos, measured)]
+    return [(size_of_gguf(info), shape_from_gguf(info), fastest_pass(results)) for info, results in zip(infos, measured)]
+
+
+def fastest_pass(measured: list[dict]) -> dict[str, float]:
+    """Decode and prefill tokens/s of the fastest pass: what the machine does undisturbed, because other load on
+    a shared machine only ever slows a run down."""
+    return {key: max(m["speed"][key] for m in measured) for key in ("decode_tps", "prefill_tps")}
 
 
 def fit_host_profile(runs: list[Run], bandwidth_gbs: float, compute_gflops: float, threads: int) -> Profile:
@@ -155,7 +161,7 @@ def _fit_type_efficiency(runs: list[Run], kind: str, device: DeviceSpec) -> tupl
     least squares on seconds per token, each run weighted by its own time so that errors count relatively), and
     for decode the fixed microseconds per layer (0 for prefill, where a micro-batch of tokens shares them).
 
-    Types are fitted by kernel family (TYPE_FAMILIES): a ladder of eight files cannot separate a type that holds
+    Types are fitted by kernel family (TYPE_FAMILIES): a ladder of ten files cannot separate a type that holds
     a few percent of one file from noise, and the types of a family share their kernel's cost. Seconds per
     token are linear in the per-family inverse efficiencies: each column holds what one family costs at
     efficiency 1, taken from the cost model itself with that family alone switched on (attention counts as f16)."""

@@ -11,11 +11,12 @@ from types import SimpleNamespace
 import gguf
 import numpy as np
 import pytest
+from conftest import run_cli
 
-from edgeprune.costmodel import kv_cache_bytes
+from edgeprune.costmodel import kv_cache_bytes, predict_gguf, prefill_seconds_per_token, size_of_gguf
 from edgeprune.errors import EdgepruneError
 from edgeprune.gguf_check import read_gguf
-from edgeprune.profiles import load_profile
+from edgeprune.profiles import load_profile, profile_to_toml
 from edgeprune.shapes import shape_from_gguf
 from edgeprune.texts import Text
 from edgeprune.validate import (
@@ -170,3 +171,27 @@ def test_log_softmax_and_divergence_math():
 def test_native_crash_names_the_amx_bug_and_the_fix():
     message = str(_death_error(signal.SIGSEGV, "measuring the speed of m.gguf", []))
     assert "#20824" in message and AMX_FIX in message and "\n" not in message
+
+
+def test_update_profile_makes_the_profile_predict_what_was_measured(smollm2_gguf, tmp_path):
+    """`validate --on-device --update-profile` closes the loop: afterwards the profile's cost model predicts the
+    speeds just measured, per-type tables included, and the fixed per-layer cost is kept."""
+    device = dataclasses.replace(LAPTOP.device, decode_layer_overhead_us=50.0,
+                                 decode_type_efficiency={"q4_1": 0.3, "q8_0": 0.5, "f32": 0.5},
+                                 prefill_type_efficiency={"q4_1": 0.05, "q8_0": 0.1, "f32": 0.1, "f16": 0.1})
+    path = tmp_path / "board.toml"
+    path.write_text(profile_to_toml(dataclasses.replace(LAPTOP, device=device, budgets=LOOSE_PROFILE.budgets)))
+    report_path = tmp_path / "report.json"
+    result = run_cli("validate", str(smollm2_gguf), "--profile", str(path), "--on-device", "--update-profile",
+                     "--threads", "1", "--eval-chunks", "1", "--eval-ctx", "128", "--json", str(report_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "per-type tables" in result.stdout
+    speed = json.loads(report_path.read_text())["speed"]
+    updated = load_profile(path)
+    info = read_gguf(smollm2_gguf)
+    assert predict_gguf(info, updated).decode_tps == pytest.approx(speed["decode_tps"], rel=0.01)
+    prefill_s = prefill_seconds_per_token(size_of_gguf(info), shape_from_gguf(info), speed["n_prompt"], updated.device)
+    assert 1 / prefill_s == pytest.approx(speed["prefill_tps"], rel=0.01)
+    assert updated.device.decode_layer_overhead_us == 50.0
+    ratio = updated.device.decode_type_efficiency["q4_1"] / updated.device.decode_type_efficiency["q8_0"]
+    assert ratio == pytest.approx(0.6, rel=0.01)
