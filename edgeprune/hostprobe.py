@@ -129,15 +129,15 @@ Run = tuple[SizeEstimate, ModelShape, dict]
 
 
 def measured_runs(files: list[tuple[str, Path]], measured: list[list[dict]]) -> list[Run]:
-    """(tensor sizes, shape, fastest speeds of the passes) of each file, what the fit takes."""
+    """(tensor sizes, shape, fastest speeds) of each file, what the fit takes."""
     infos = [read_gguf(path) for _, path in files]
-    return [(size_of_gguf(info), shape_from_gguf(info), fastest_pass(results)) for info, results in zip(infos, measured)]
+    return [(size_of_gguf(info), shape_from_gguf(info), fastest_speed(results)) for info, results in zip(infos, measured)]
 
 
-def fastest_pass(measured: list[dict]) -> dict[str, float]:
-    """Decode and prefill tokens/s of the fastest pass: what the machine does undisturbed, because other load on
-    a shared machine only ever slows a run down."""
-    return {key: max(m["speed"][key] for m in measured) for key in ("decode_tps", "prefill_tps")}
+def fastest_speed(measured: list[dict]) -> dict[str, float]:
+    """Decode and prefill tokens/s of the fastest repetition in all passes: what the machine does undisturbed,
+    because other load on a shared machine only ever slows a run down."""
+    return {key: max(m["fastest"][key] for m in measured) for key in ("decode_tps", "prefill_tps")}
 
 
 def fit_host_profile(runs: list[Run], bandwidth_gbs: float, compute_gflops: float, threads: int) -> Profile:

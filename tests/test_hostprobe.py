@@ -9,8 +9,8 @@ import pytest
 
 from edgeprune.costmodel import (SizeEstimate, TensorCost, calibrated_device, decode_seconds_per_token, layer_count,
                                  prefill_seconds_per_token)
-from edgeprune.hostprobe import _fit_type_efficiency, _nonnegative_least_squares
-from edgeprune.profiles import DeviceSpec
+from edgeprune.hostprobe import _fit_type_efficiency, _nonnegative_least_squares, measure_host_profile
+from edgeprune.profiles import DeviceSpec, load_profile, profile_to_toml
 from edgeprune.shapes import LayerShape, ModelShape
 from edgeprune.validate import N_PROMPT
 
@@ -93,3 +93,17 @@ def test_calibrated_device_predicts_what_was_measured(tables):
     if tables:
         assert calibrated.decode_type_efficiency["f16"] / calibrated.decode_type_efficiency["q8_0"] == pytest.approx(2.0, rel=1e-3)
         assert calibrated.prefill_type_efficiency["f16"] == pytest.approx(0.25, rel=1e-3)
+
+
+def test_measure_host_profile_runs_llama_cpp_and_writes_a_profile_that_loads(tiny_bpe_llama, tmp_path):
+    """`profiles measure` end to end on a tiny model: real quantization, real llama.cpp runs at full and half
+    depth, and a profile that loads back equal and prices a decoded token with its fixed layer cost."""
+    lines: list[str] = []
+    profile = measure_host_profile(tiny_bpe_llama, threads=1, progress=lines.append)
+    assert any("1 layers" in line for line in lines) and any("pass 2/2" in line for line in lines)
+    path = tmp_path / "host.toml"
+    path.write_text(profile_to_toml(profile))
+    device = load_profile(path).device
+    assert device == profile.device
+    assert device.memory_bandwidth_gbs > 0.5 and device.compute_gflops > 0.5 and device.threads == 1
+    assert {"f16", "q8_0"} <= set(device.decode_type_efficiency) and {"f16", "q8_0"} <= set(device.prefill_type_efficiency)
