@@ -45,9 +45,7 @@ TYPE_FAMILIES = {
     "q8": ("q8_0",),
     "q4": ("q4_0", "q4_1"),
     "q5": ("q5_0", "q5_1"),
-    "q6_k": ("q6_k",),
-    "q5_k": ("q5_k",),  # slower than q4_k and q6_k in prefill here
-    "k": ("q2_k", "q3_k", "q4_k"),
+    "k": ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k"),
 }  # runtime settings for a host: llama-cpp-python's defaults, every quant type
 
 
@@ -129,15 +127,16 @@ Run = tuple[SizeEstimate, ModelShape, dict]
 
 
 def measured_runs(files: list[tuple[str, Path]], measured: list[list[dict]]) -> list[Run]:
-    """(tensor sizes, shape, fastest speeds) of each file, what the fit takes."""
+    """(tensor sizes, shape, pooled speeds) of each file, what the fit takes."""
     infos = [read_gguf(path) for _, path in files]
-    return [(size_of_gguf(info), shape_from_gguf(info), fastest_speed(results)) for info, results in zip(infos, measured)]
+    return [(size_of_gguf(info), shape_from_gguf(info), pooled_speed(results)) for info, results in zip(infos, measured)]
 
 
-def fastest_speed(measured: list[dict]) -> dict[str, float]:
-    """Decode and prefill tokens/s of the fastest repetition in all passes: what the machine does undisturbed,
-    because other load on a shared machine only ever slows a run down."""
-    return {key: max(m["fastest"][key] for m in measured) for key in ("decode_tps", "prefill_tps")}
+def pooled_speed(measured: list[dict]) -> dict[str, float]:
+    """Decode and prefill tokens/s: the median of every repetition of every pass, which one slow pass cannot move
+    far (the mean of the passes' medians moves with it; the fastest repetition is an outlier of its own)."""
+    return {key: float(np.median([x for m in measured for x in m["per_repetition"][key]]))
+            for key in ("decode_tps", "prefill_tps")}
 
 
 def fit_host_profile(runs: list[Run], bandwidth_gbs: float, compute_gflops: float, threads: int) -> Profile:

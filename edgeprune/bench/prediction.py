@@ -22,7 +22,7 @@ from converters import ConversionInput, write_gguf
 from ..costmodel import predict_gguf
 from ..fetch import fetch_smollm2
 from ..gguf_check import read_gguf
-from ..hostprobe import fastest_speed, fit_host_profile, measure_hardware, measure_interleaved, measured_runs, write_ladder
+from ..hostprobe import pooled_speed, fit_host_profile, measure_hardware, measure_interleaved, measured_runs, write_ladder
 from ..loading import load_model
 from ..pruning import PruneOptions, prune_model
 from ..quantize import quantize_gguf
@@ -49,7 +49,7 @@ VARIANTS = [
     ("Q3_K_M, FFN -25% uniform", "Q3_K_M", _pruned(ffn=0.25, align=256)),
 ]
 CONTEXT = 2048
-PASSES = 2
+PASSES = 3
 LIMITS = {"decode": 0.10, "prefill": 0.20, "memory": 0.05}
 
 
@@ -80,8 +80,8 @@ def run(progress) -> SuiteResult:
         title="Cost-model predictions against llama.cpp measurements on this machine (SmolLM2-135M variants)",
         method=__doc__.strip().replace("\n", " ") + f" Context {CONTEXT}, {threads} threads, llama-bench-style "
                f"pp{N_PROMPT} / tg{N_GEN}, median of {REPETITIONS}, in {PASSES} interleaved passes. The measurement is "
-               "the fastest repetition of all passes (other load only ever slows a run, and the cost model predicts the "
-               "undisturbed speed); 'repeat' is how far the passes' medians differ, the noise of this machine.",
+               "the median of all repetitions of all passes, which one slow pass cannot move far; 'repeat' is how far "
+               "the passes' medians differ, the noise of this machine.",
         data={"host_profile": dataclasses.asdict(host.device), "rows": rows, "within_limits": within,
               "calibration_ladder": fitted},
         sections=["## Results", _table(rows), _verdict(rows, within),
@@ -93,12 +93,12 @@ def run(progress) -> SuiteResult:
 def _row(label: str, architecture: str, path: Path, measured: list[dict], host) -> dict:
     predicted = predict_gguf(read_gguf(path), host)
     speeds = {key: [m["speed"][key] for m in measured] for key in ("decode_tps", "prefill_tps")}
-    fastest = fastest_speed(measured)
+    pooled = pooled_speed(measured)
     compute = max(m["compute_buffer_bytes"] for m in measured)
     return {
         "variant": label, "architecture": architecture, "file_mib": round(path.stat().st_size / MIB, 2),
-        "decode": [predicted.decode_tps, fastest["decode_tps"]],
-        "prefill": [predicted.prefill_tps, fastest["prefill_tps"]],
+        "decode": [predicted.decode_tps, pooled["decode_tps"]],
+        "prefill": [predicted.prefill_tps, pooled["prefill_tps"]],
         "memory": [predicted.memory_bytes / MIB, (predicted.size.file_bytes + predicted.kv_cache_bytes + compute) / MIB],
         "repeat": {key: max(values) / min(values) - 1 for key, values in speeds.items()},
         "peak_rss_mib": max(m["peak_rss_bytes"] for m in measured) / MIB,
