@@ -16,13 +16,12 @@ import os
 import tempfile
 from pathlib import Path
 
-
 from converters import ConversionInput, write_gguf
 
 from ..costmodel import predict_gguf
 from ..fetch import fetch_smollm2
 from ..gguf_check import read_gguf
-from ..hostprobe import pooled_speed, fit_host_profile, measure_hardware, measure_interleaved, measured_runs, write_ladder
+from ..hostprobe import fit_host_profile, measure_hardware, measure_interleaved, measured_runs, pooled_speed, write_ladder
 from ..loading import load_model
 from ..pruning import PruneOptions, prune_model
 from ..quantize import quantize_gguf
