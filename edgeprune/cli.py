@@ -258,7 +258,7 @@ def profiles_list() -> None:
 @click.option("--threads", type=int, default=None, help="Threads for llama.cpp. Default: all cores.")
 def profiles_measure(out_path: Path, model_path: Path | None, threads: int | None) -> None:
     """Measure this machine (bandwidth, compute, threads) and fit llama.cpp's efficiency per tensor type on the
-    model written at a ladder of quant types and at half depth (minutes), into a profile."""
+    model written at a ladder of quant types, at half FFN width and at half depth (minutes), into a profile."""
     from .fetch import fetch_smollm2
     from .hostprobe import measure_host_profile
     from .profiles import profile_to_toml

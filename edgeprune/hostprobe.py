@@ -4,13 +4,16 @@ factors that turn them into llama.cpp's real decode and prefill speeds.
 The bandwidth and compute figures only need to be consistent, not absolute: the efficiencies are fitted
 per tensor type on real llama.cpp runs of one model written at a ladder of quant types, because on a CPU
 the kernels differ more than the bytes do (a q5_0 matrix decodes slower than a larger q8_0 one). Pruned and
-otherwise reshaped models are then predicted from their tensors' bytes and FLOPs. The same model cut to half
-its layers is measured too, at two types, which separates the fixed time every layer costs a decoded token
-(thread barriers, graph work: 0.15 ms per layer on a 2-core VM) from the bytes it reads.
+otherwise reshaped models are then predicted from their tensors' bytes and FLOPs. The same model with half
+its FFN channels and with half its layers is measured too, at two types: together they separate the fixed
+time every layer costs a decoded token (thread barriers, graph work: about 0.1 ms per layer on a 2-core VM)
+from the bytes it reads. Without the narrow model the two trade off freely (a ladder of full-depth files fits
+as well with 15 us as with 100 us), and pruned FFNs were predicted up to 14% too fast.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import platform
@@ -27,7 +30,7 @@ from .costmodel import SizeEstimate, decode_seconds_per_token, layer_count, pref
 from .gguf_check import read_gguf
 from .loading import load_model
 from .profiles import MAX_TYPE_EFFICIENCY, Budgets, DeviceSpec, Profile, load_profile
-from .pruning.surgery import remove_layers
+from .pruning.surgery import remove_layers, shrink_mlp, sync_config
 from .quantize import quantize_gguf
 from .shapes import ModelShape, shape_from_gguf
 from .validate import N_PROMPT, measure_speed
@@ -37,14 +40,16 @@ TEMPLATE_PROFILE = "x86-laptop-16gb"
 CALIBRATION_LADDER = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_0", "Q3_K_M")
 OFF = 1e30  # an efficiency that makes a tensor cost nothing: how one family's column is isolated
 CALIBRATION_PASSES = 2
-DEPTH_PROBE = ("Q8_0", "Q4_0")  # types at which the model is also measured with half its layers
+DEPTH_PROBE = ("Q8_0", "Q4_0")  # types at which the model is also measured with half its layers, and half its FFN
+PROBE_ALIGN = 32  # the block of the probe types
 HOST_CONTEXT = 2048
 # Tensor types whose llama.cpp CPU kernels work alike, fitted with one efficiency each.
 TYPE_FAMILIES = {
     "float": ("f16", "bf16", "f32"),
     "q8": ("q8_0",),
     "q4": ("q4_0", "q4_1"),
-    "q5": ("q5_0", "q5_1"),
+    "q5_0": ("q5_0",),
+    "q5_1": ("q5_1",),  # its own kernel, and where q5_k falls back for rows not a multiple of 256 (Q5_K_M)
     "k": ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k"),
 }  # runtime settings for a host: llama-cpp-python's defaults, every quant type
 
@@ -91,24 +96,42 @@ def measure_hardware(progress: Callable[[str], None]) -> tuple[float, float]:
 
 
 def write_ladder(model_path: str | Path, directory: Path, *, threads: int, progress) -> list[tuple[str, Path]]:
-    """(label, path) of the model written at every type of the ladder into `directory`, and of its first half of
-    layers at the DEPTH_PROBE types."""
+    """(label, path) of the model written at every type of the ladder into `directory`, and at the DEPTH_PROBE
+    types with half its FFN channels and with half its layers: the three axes a plan changes."""
     loaded = load_model(model_path, progress=progress)
 
-    def written(name: str) -> Path:
-        source = ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length)
+    def written(model, name: str) -> Path:
+        source = ConversionInput(model, loaded.vocab, loaded.name, loaded.context_length)
         return write_gguf(source, directory / f"{name}.gguf", "F16")
 
-    full = written("F16")
-    n_layers = len(loaded.model.model.layers)
+    full = written(loaded.model, "F16")
     files = [(quant, full, quant) for quant in CALIBRATION_LADDER]
+    narrow = copy.deepcopy(loaded.model)
+    narrow_ff = _narrow_ffn(narrow)
+    if narrow_ff:
+        narrow_path = written(narrow, "narrow-F16")
+        files += [(f"{quant}, FFN {narrow_ff}", narrow_path, quant) for quant in DEPTH_PROBE]
+    n_layers = len(loaded.model.model.layers)
     if n_layers >= 2:
         remove_layers(loaded.model, list(range(n_layers // 2, n_layers)))  # speed does not depend on which
-        half = written("half-F16")
+        half = written(loaded.model, "half-F16")
         files += [(f"{quant}, {n_layers // 2} layers", half, quant) for quant in DEPTH_PROBE]
     return [(label, source if quant == "F16" else
              quantize_gguf(source, directory / f"{source.stem}-{quant}.gguf", quant, threads=threads).path)
             for label, source, quant in files]
+
+
+def _narrow_ffn(model) -> int | None:
+    """Cut every layer's FFN to its first half of channels (32-aligned, what the probe types need), in place; the
+    width kept, or None if the FFN is too narrow to halve. Speed does not depend on which channels are kept."""
+    n_ff = model.model.layers[0].mlp.gate_proj.out_features
+    keep = n_ff // 2 // PROBE_ALIGN * PROBE_ALIGN
+    if keep == 0:
+        return None
+    for layer in model.model.layers:
+        shrink_mlp(layer, np.arange(keep), layer.mlp.down_proj.weight.detach()[:, :keep], layer.mlp.down_proj.bias)
+    sync_config(model)
+    return keep
 
 
 def measure_interleaved(files: list[tuple[str, Path]], *, threads: int, n_ctx: int = HOST_CONTEXT,

@@ -96,11 +96,13 @@ def test_calibrated_device_predicts_what_was_measured(tables):
 
 
 def test_measure_host_profile_runs_llama_cpp_and_writes_a_profile_that_loads(tiny_bpe_llama, tmp_path):
-    """`profiles measure` end to end on a tiny model: real quantization, real llama.cpp runs at full and half
-    depth, and a profile that loads back equal and prices a decoded token with its fixed layer cost."""
+    """`profiles measure` end to end on a tiny model: real quantization, real llama.cpp runs of the whole model,
+    of its FFN cut from 96 to 32 channels (half, 32-aligned) and of half its layers, and a profile that loads
+    back equal and prices a decoded token with its fixed layer cost."""
     lines: list[str] = []
     profile = measure_host_profile(tiny_bpe_llama, threads=1, progress=lines.append)
-    assert any("1 layers" in line for line in lines) and any("pass 2/2" in line for line in lines)
+    assert any("1 layers" in line for line in lines) and any("FFN 32" in line for line in lines)
+    assert any("pass 2/2" in line for line in lines)
     path = tmp_path / "host.toml"
     path.write_text(profile_to_toml(profile))
     device = load_profile(path).device
