@@ -35,13 +35,13 @@ from .quantize import quantize_gguf
 from .shapes import ModelShape, shape_from_gguf
 from .validate import N_PROMPT, measure_speed
 
-TEMPLATE_PROFILE = "x86-laptop-16gb"
+TEMPLATE_PROFILE = "x86-laptop-16gb"  # runtime settings for a host: llama-cpp-python's defaults, every quant type
 # Quant types whose files, together, give every common tensor type a large share in at least one of them.
 CALIBRATION_LADDER = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_0", "Q3_K_M")
 OFF = 1e30  # an efficiency that makes a tensor cost nothing: how one family's column is isolated
 CALIBRATION_PASSES = 2
-DEPTH_PROBE = ("Q8_0", "Q4_0")  # types at which the model is also measured with half its layers, and half its FFN
-PROBE_ALIGN = 32  # the block of the probe types
+SHAPE_PROBE_TYPES = ("Q8_0", "Q4_0")  # types at which the model is also measured at half FFN width and half depth
+PROBE_ALIGN = 32  # the block size of those types
 HOST_CONTEXT = 2048
 # Tensor types whose llama.cpp CPU kernels work alike, fitted with one efficiency each.
 TYPE_FAMILIES = {
@@ -51,7 +51,7 @@ TYPE_FAMILIES = {
     "q5_0": ("q5_0",),
     "q5_1": ("q5_1",),  # its own kernel, and where q5_k falls back for rows not a multiple of 256 (Q5_K_M)
     "k": ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k"),
-}  # runtime settings for a host: llama-cpp-python's defaults, every quant type
+}
 
 
 def measure_bandwidth_gbs(mib: int = 256, repeats: int = 5) -> float:
@@ -96,8 +96,8 @@ def measure_hardware(progress: Callable[[str], None]) -> tuple[float, float]:
 
 
 def write_ladder(model_path: str | Path, directory: Path, *, threads: int, progress) -> list[tuple[str, Path]]:
-    """(label, path) of the model written at every type of the ladder into `directory`, and at the DEPTH_PROBE
-    types with half its FFN channels and with half its layers: the three axes a plan changes."""
+    """(label, path) of the model written at every type of the ladder into `directory`, and at the
+    SHAPE_PROBE_TYPES with half its FFN channels and with half its layers: the three axes a plan changes."""
     loaded = load_model(model_path, progress=progress)
 
     def written(model, name: str) -> Path:
@@ -110,20 +110,20 @@ def write_ladder(model_path: str | Path, directory: Path, *, threads: int, progr
     narrow_ff = _narrow_ffn(narrow)
     if narrow_ff:
         narrow_path = written(narrow, "narrow-F16")
-        files += [(f"{quant}, FFN {narrow_ff}", narrow_path, quant) for quant in DEPTH_PROBE]
+        files += [(f"{quant}, FFN {narrow_ff}", narrow_path, quant) for quant in SHAPE_PROBE_TYPES]
     n_layers = len(loaded.model.model.layers)
     if n_layers >= 2:
         remove_layers(loaded.model, list(range(n_layers // 2, n_layers)))  # speed does not depend on which
         half = written(loaded.model, "half-F16")
-        files += [(f"{quant}, {n_layers // 2} layers", half, quant) for quant in DEPTH_PROBE]
+        files += [(f"{quant}, {n_layers // 2} layers", half, quant) for quant in SHAPE_PROBE_TYPES]
     return [(label, source if quant == "F16" else
              quantize_gguf(source, directory / f"{source.stem}-{quant}.gguf", quant, threads=threads).path)
             for label, source, quant in files]
 
 
 def _narrow_ffn(model) -> int | None:
-    """Cut every layer's FFN to its first half of channels (32-aligned, what the probe types need), in place; the
-    width kept, or None if the FFN is too narrow to halve. Speed does not depend on which channels are kept."""
+    """Cut every layer's FFN to at most half its channels, PROBE_ALIGN-aligned, in place; the width kept, or None
+    if the FFN is too narrow to cut. Speed does not depend on which channels are kept."""
     n_ff = model.model.layers[0].mlp.gate_proj.out_features
     keep = n_ff // 2 // PROBE_ALIGN * PROBE_ALIGN
     if keep == 0:

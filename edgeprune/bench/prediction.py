@@ -2,10 +2,11 @@
 
 This machine is measured as a device profile, as `profiles measure` does: bandwidth, compute, and
 efficiencies per tensor type plus a fixed decode cost per layer, fitted on SmolLM2 at a ladder of quant types,
-at half FFN width and at half depth. Every variant is a pruned SmolLM2 that the ladder never ran; it is predicted from its GGUF
-alone and measured by llama.cpp: decode and prefill tokens/s, and total memory (file + KV cache at the context
-+ llama.cpp's compute buffer). The ladder and the variants are measured in the same interleaved passes, so
-that a slow spell of this shared machine cannot make the calibration and the variants disagree.
+at half FFN width and at half depth. Every variant is a pruned SmolLM2 that the ladder never ran; it is
+predicted from its GGUF alone and measured by llama.cpp: decode and prefill tokens/s, and total memory (file +
+KV cache at the context + llama.cpp's compute buffer). The ladder and the variants are measured in the same
+interleaved passes, so that a slow spell of this shared machine cannot make the calibration and the variants
+disagree.
 """
 
 from __future__ import annotations
