@@ -1,7 +1,8 @@
 """The `edgeprune` command line: export, prune, validate and profiles.
 
-Every user error ends as one line on stderr and a non-zero exit; Ctrl-C and SIGTERM unwind through the
-same cleanup, so no half-written file is left under a final name.
+Every user error ends as one line on stderr and exit 2; an internal error as one line and exit 3, with the
+traceback in a log file; Ctrl-C and SIGTERM unwind through the same cleanup (exit 130), so no half-written
+file is left under a final name.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import click
@@ -18,8 +21,13 @@ from .atomic import install_signal_handlers, write_text_atomic
 from .errors import EdgepruneError
 
 _START = time.perf_counter()
+EXIT_BUDGET_MISSED = 1
 EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 3
 EXIT_INTERRUPTED = 130
+EXIT_CODES_HELP = ("Exit status: 0 pass (or done), 1 a budget of the profile was missed, 2 bad input (one line on "
+                   "stderr says what and how to fix it), 3 an internal error (one line; the traceback is in the log "
+                   "file it names), 130 interrupted.")
 
 
 def progress(message: str) -> None:
@@ -32,7 +40,8 @@ def _profile(name_or_path: str):
     return load_profile(name_or_path)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+             epilog=EXIT_CODES_HELP)
 @click.version_option(package_name="edgeprune")
 def cli() -> None:
     """Prune and quantize a Llama-family model into a GGUF that fits a device, and prove that it does.
@@ -125,7 +134,7 @@ def export(model, profile_name, quant, out_dir, calib, no_imatrix, allow_pickle,
     click.echo(result.summary)
     click.echo(f"wrote {result.gguf} and {result.report_path}")
     if result.report.passed is False:
-        sys.exit(1)
+        sys.exit(EXIT_BUDGET_MISSED)
 
 
 @cli.command()
@@ -136,7 +145,8 @@ def export(model, profile_name, quant, out_dir, calib, no_imatrix, allow_pickle,
 @click.option("--allow-pickle", is_flag=True, help="Load pickle .bin weights (they can run code: trusted files only).")
 @pruning_options
 def prune(model, out_dir, quant, calib, allow_pickle, heads, ffn, layers, method, allocation):
-    """Prune MODEL and write the pruned GGUF (llama or deci, picked from the shapes) into DIR."""
+    """Prune MODEL and write the pruned GGUF (llama or deci, picked from the shapes) into DIR. A run that would
+    remove nothing is refused."""
     from .pipeline import ExportOptions, export_model
 
     options = _prune_options(quant, heads, ffn, layers, method, allocation)
@@ -154,45 +164,56 @@ def prune(model, out_dir, quant, calib, allow_pickle, heads, ffn, layers, method
 @click.option("--reference", type=click.Path(path_type=Path), help="Unquantized, unpruned GGUF for KL divergence.")
 @click.option("--profile", "profile_name", default=None, help="Judge the budgets of this profile (name or TOML).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the report as JSON here.")
-@click.option("--update-profile", is_flag=True,
-              help="Write the efficiencies measured here back into the --profile file (use with --on-device).")
+@click.option("--update-profile", "updated_profile", type=click.Path(path_type=Path),
+              help="With --on-device and --profile: write a new profile TOML here, the --profile with the "
+                   "efficiencies measured on this device (never a shipped profile).")
 @text_options
-def validate(gguf, reference, profile_name, json_path, update_profile, eval_path, threads, eval_chunks, eval_ctx,
+def validate(gguf, reference, profile_name, json_path, updated_profile, eval_path, threads, eval_chunks, eval_ctx,
              host_profile, on_device):
-    """Measure GGUF with llama.cpp: perplexity, KL divergence, speed and memory, judged against a profile."""
+    """Measure GGUF with llama.cpp, run with the profile's runtime (context length, KV cache type, flash attention,
+    threads): perplexity, KL divergence, speed and memory, judged against the profile's budgets."""
+    from .atomic import ensure_writable_dir
+    from .profiles import check_user_profile_path
     from .texts import evaluation_text
-    from .validate import format_summary, validate_gguf
+    from .validate import check_evaluation_options, format_summary, validate_gguf
 
     profile = _profile(profile_name) if profile_name else None
-    report = validate_gguf(gguf, reference_gguf=reference, eval_text=evaluation_text(eval_path), n_ctx=eval_ctx,
-                           max_chunks=eval_chunks, threads=threads, profile=profile,
-                           host_profile=_profile(host_profile) if host_profile else None, on_device=on_device,
-                           progress=progress)
+    if updated_profile is not None:
+        if profile is None or not on_device:
+            raise EdgepruneError("--update-profile needs --profile (the profile to start from) and --on-device (only "
+                                 "a run on the device itself measures the device's efficiencies)")
+        check_user_profile_path(updated_profile)
+        ensure_writable_dir(updated_profile.parent)
+    check_evaluation_options(eval_ctx, eval_chunks)
+    evaluation = evaluation_text(eval_path)
+    host = _profile(host_profile) if host_profile else None
+    report = validate_gguf(gguf, reference_gguf=reference, eval_text=evaluation, n_ctx=eval_ctx,
+                           max_chunks=eval_chunks, threads=threads, profile=profile, host_profile=host,
+                           on_device=on_device, progress=progress)
     click.echo(format_summary(report))
     if json_path:
         write_text_atomic(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
-    if update_profile:
-        _write_back_efficiency(profile, gguf, report)
+    if updated_profile is not None:
+        _write_back_efficiency(profile, gguf, report, updated_profile)
     if report.passed is False:
-        sys.exit(1)
+        sys.exit(EXIT_BUDGET_MISSED)
 
 
-def _write_back_efficiency(profile, gguf: Path, report) -> None:
-    """Scale the profile's efficiencies (per-type tables too) so that its prediction equals what was just measured."""
+def _write_back_efficiency(profile, gguf: Path, report, destination: Path) -> None:
+    """Write `profile` to `destination` with its efficiencies (per-type tables too) scaled so that its prediction
+    equals what was just measured on the device."""
     from .costmodel import calibrated_device, size_of_gguf
     from .gguf_check import read_gguf
     from .profiles import update_efficiency
     from .shapes import shape_from_gguf
 
-    if profile is None:
-        raise EdgepruneError("--update-profile needs --profile: the profile file whose efficiencies to update")
     info = read_gguf(gguf)
     device = calibrated_device(profile.device, size_of_gguf(info), shape_from_gguf(info), report.speed.n_prompt,
                                report.speed.decode_tps, report.speed.prefill_tps)
-    update_efficiency(profile.path, **{key: getattr(device, key) for key in (
+    update_efficiency(profile.path, out=destination, **{key: getattr(device, key) for key in (
         "decode_efficiency", "prefill_efficiency", "decode_type_efficiency", "prefill_type_efficiency")})
     tables = " and the per-type tables" if device.decode_type_efficiency or device.prefill_type_efficiency else ""
-    click.echo(f"updated {profile.path}: decode_efficiency {device.decode_efficiency:.4f}, "
+    click.echo(f"wrote {destination} ({profile.name} measured here): decode_efficiency {device.decode_efficiency:.4f}, "
                f"prefill_efficiency {device.prefill_efficiency:.4f}{tables}")
 
 
@@ -296,6 +317,20 @@ def main() -> None:
     except (KeyboardInterrupt, click.Abort):
         click.echo("edgeprune: interrupted; no partial output was kept", err=True)
         sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:  # noqa: BLE001 - a bug of ours: one line here, the traceback in a file
+        log = write_crash_log()
+        detail = (str(exc).strip().splitlines() or [""])[0][:200]
+        click.echo(f"edgeprune: internal error ({type(exc).__name__}{': ' + detail if detail else ''}); the traceback "
+                   f"is in {log}: please report it with that file", err=True)
+        sys.exit(EXIT_INTERNAL_ERROR)
+
+
+def write_crash_log() -> str:
+    """The current exception's traceback in a new file under the temporary directory; returns its path."""
+    fd, path = tempfile.mkstemp(prefix="edgeprune-crash-", suffix=".log")
+    with os.fdopen(fd, "w", encoding="utf-8") as log:
+        log.write(f"edgeprune {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}")
+    return path
 
 
 if __name__ == "__main__":

@@ -51,6 +51,22 @@ def load_model(path: str | Path, *, allow_pickle: bool = False, progress: Progre
     return loaded
 
 
+def layer_count(path: str | Path) -> int:
+    """The model's decoder layers, read from config.json or the GGUF header without loading any weights, so that
+    flags such as --layers are checked before the long work starts."""
+    path = Path(path)
+    if not path.exists():
+        raise EdgepruneError(f"model path {path} does not exist: give {SUPPORTED}")
+    if path.is_dir():
+        count = _read_llama_config(path).get("num_hidden_layers")
+        if not isinstance(count, int) or count < 1:
+            raise EdgepruneError(f"{path}/config.json has no valid num_hidden_layers: the checkpoint's config is damaged")
+        return count
+    if path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
+        return read_gguf(path).block_count
+    raise EdgepruneError(f"{path} is neither a directory nor a GGUF file: give {SUPPORTED}")
+
+
 def save_hf_directory(loaded: LoadedModel, directory: str | Path) -> Path:
     """Write a plain Hugging Face checkpoint (safetensors + tokenizer), e.g. to compare with other converters."""
     directory = Path(directory)

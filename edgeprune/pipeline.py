@@ -1,8 +1,9 @@
 """The export pipeline: model → calibration statistics → plan → pruned model → GGUF → quantized GGUF → report.
 
 Each stage is its own module; this one only wires them together so that the CLI and Python users run the
-same steps. Bad input that can be checked cheaply (texts, output directory, quant type) is checked before
-the long work starts.
+same steps. Every option and input is checked before the model is loaded and before any file is written
+(`check_export_inputs`); the lengths that need the tokenizer right after loading, still before writing. A run
+that fails later removes the files it wrote, so a failed export leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from converters import ConversionInput, write_gguf
 
 from .atomic import ensure_writable_dir, write_text_atomic
 from .calibration import check_calibration_length, collect_calibration
-from .loading import load_model
+from .loading import layer_count, load_model
 from .planner import Plan, make_plan
 from .profiles import Profile
 from .quantize import QUANT_TYPES, QuantizeResult, check_quant_type, quantize_gguf
 from .shapes import shape_of
-from .texts import calibration_text, evaluation_text
-from .validate import ValidationReport, format_summary, validate_gguf
+from .texts import Text, calibration_text, check_evaluation_length, evaluation_text
+from .validate import ValidationReport, check_evaluation_options, format_summary, validate_gguf
 
 Progress = Callable[[str], None]
 REFERENCE_NAME = "reference-F16.gguf"
@@ -74,11 +75,42 @@ def export_model(model_path: str | Path, profile: Profile | None, out_dir: str |
     options = options or ExportOptions()
     say = progress or (lambda _msg: None)
     out_dir = Path(out_dir)
-    explicit_quant = check_quant_type(options.quant) if options.quant else None
-    ensure_writable_dir(out_dir)
+    calib, evaluation = check_export_inputs(model_path, profile, out_dir, options)
+    written: list[Path] = []
+    try:
+        return _export(model_path, profile, out_dir, options, say, calib, evaluation, written)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def check_export_inputs(model_path: str | Path, profile: Profile | None, out_dir: Path,
+                        options: ExportOptions) -> tuple[Text, Text | None]:
+    """Everything that can be checked without loading the model, in the order a user reads the flags: a bad flag
+    costs seconds and writes nothing. Returns the calibration and evaluation texts, read and checked."""
+    if options.quant:
+        check_quant_type(options.quant)
+    if options.prune is not None:
+        options.prune.validate(layer_count(model_path))
+    if profile is not None:
+        check_evaluation_options(options.eval_ctx, options.eval_chunks)
     calib = calibration_text(options.calib)
+    check_calibration_length(len(calib.content.encode("utf-8")), options.calib_seq_len)
     evaluation = evaluation_text(options.eval) if profile is not None else None
-    threads = options.threads or os.cpu_count() or 1  # validation runs here, on this machine's cores
+    if evaluation is not None:  # no token covers less than a byte; the BOS is added
+        check_evaluation_length(evaluation, len(evaluation.content.encode("utf-8")) + 1, options.eval_ctx,
+                                options.eval_chunks)
+    ensure_writable_dir(out_dir)
+    return calib, evaluation
+
+
+def _export(model_path, profile: Profile | None, out_dir: Path, options: ExportOptions, say: Progress, calib: Text,
+            evaluation: Text | None, written: list[Path]) -> ExportResult:
+    """export_model's stages; every file it creates is appended to `written` first, for the caller's cleanup
+    (files an earlier run left under the same names are not this run's to remove)."""
+    explicit_quant = check_quant_type(options.quant) if options.quant else None
+    threads = options.threads or os.cpu_count() or 1  # quantization runs here, on this machine's cores
     timings: dict[str, float] = {}
 
     def timed(stage: str, fn, *args, **kwargs):
@@ -95,6 +127,10 @@ def export_model(model_path: str | Path, profile: Profile | None, out_dir: str |
     say("tokenizing calibration text")
     tokens = loaded.tokenizer(calib.content, add_special_tokens=False)["input_ids"]
     check_calibration_length(len(tokens), options.calib_seq_len)
+    if evaluation is not None:
+        say("tokenizing evaluation text")
+        eval_tokens = len(loaded.tokenizer(evaluation.content, add_special_tokens=False)["input_ids"]) + 1
+        check_evaluation_length(evaluation, eval_tokens, options.eval_ctx, options.eval_chunks)
     base_shape = shape_of(loaded.model)
     plan, quant, prune = None, explicit_quant, options.prune
     if profile is not None and prune is None:
@@ -108,10 +144,12 @@ def export_model(model_path: str | Path, profile: Profile | None, out_dir: str |
         quant, prune = plan.chosen.candidate.quant, plan.chosen.candidate.prune_options(base_shape)
     quant = quant or (profile.runtime.default_quant if profile is not None else "F16")
     reference = None
-    if profile is not None:
-        reference = timed("write_reference", write_gguf, source, out_dir / REFERENCE_NAME, "F16", say)
     stem = output_stem(model_path)
     final = out_dir / f"{stem}-{quant}.gguf"
+    outputs = [final, out_dir / REPORT_NAME] + ([out_dir / REFERENCE_NAME] if profile is not None else [])
+    written += [path for path in outputs if not path.exists()]
+    if profile is not None:
+        reference = timed("write_reference", write_gguf, source, out_dir / REFERENCE_NAME, "F16", say)
 
     model, float_gguf, prune_details = loaded.model, reference, None
     if prune is not None:
@@ -139,7 +177,7 @@ def export_model(model_path: str | Path, profile: Profile | None, out_dir: str |
     report = None
     if profile is not None:
         report = timed("validate", validate_gguf, final, reference_gguf=reference, eval_text=evaluation,
-                       n_ctx=options.eval_ctx, max_chunks=options.eval_chunks, threads=threads,
+                       n_ctx=options.eval_ctx, max_chunks=options.eval_chunks, threads=options.threads,
                        profile=profile, host_profile=options.host_profile, on_device=options.on_device,
                        progress=say)
     document = {

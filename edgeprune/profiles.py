@@ -142,10 +142,23 @@ def profile_to_toml(profile: Profile) -> str:
     return "\n".join(out)
 
 
-def update_efficiency(path: str | Path, **efficiencies: float | dict[str, float] | None) -> Profile:
-    """Write calibrated efficiencies (any of decode_efficiency, prefill_efficiency and the two per-type tables)
-    into a profile file in place, leaving its comments and other lines alone."""
+def check_user_profile_path(path: str | Path) -> None:
+    """A profile edgeprune writes goes to the user's own file, never over a shipped profile."""
     path = Path(path)
+    if path.suffix != PROFILE_SUFFIX:
+        raise EdgepruneError(f"{path}: a profile file must end in {PROFILE_SUFFIX}")
+    if path.resolve().parent == _shipped_dir().resolve():
+        raise EdgepruneError(f"{path} is in edgeprune's shipped profiles: write the updated profile to a file of your "
+                             "own, e.g. --update-profile my-device.toml")
+
+
+def update_efficiency(path: str | Path, *, out: str | Path | None = None,
+                      **efficiencies: float | dict[str, float] | None) -> Profile:
+    """Write calibrated efficiencies (any of decode_efficiency, prefill_efficiency and the two per-type tables)
+    into the profile at `path`, or into a copy of it at `out`, leaving its comments and other lines alone."""
+    path = Path(path)
+    destination = Path(out) if out is not None else path
+    check_user_profile_path(destination)
     unknown = set(efficiencies) - set(_EFFICIENCY_FIELDS)
     if unknown:
         raise TypeError(f"not an efficiency field: {', '.join(sorted(unknown))}")
@@ -168,8 +181,8 @@ def update_efficiency(path: str | Path, **efficiencies: float | dict[str, float]
         raise EdgepruneError(f"{path}: cannot update [device] {key}: write it as `{key} = "
                              f"{_SCHEMA['device'][1][key].example}` on one line under a [device] header")
     text = "".join(lines)
-    profile = _parse(path, text)
-    write_text_atomic(path, text)
+    profile = _parse(destination, text)
+    write_text_atomic(destination, text)
     return profile
 
 

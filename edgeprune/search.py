@@ -50,7 +50,7 @@ def measured_plan(plan: Plan, loaded: LoadedModel, tokens: list[int], calibratio
                   threads: int, progress: Callable[[str], None]) -> Plan:
     """`plan` with its choice replaced by the least lossy, as measured, of its `top` best feasible candidates."""
     if top < 1:
-        raise EdgepruneError(f"--search-top must be at least 1, got {top}")
+        raise EdgepruneError(f"measured_plan(top={top}): measure at least one candidate")
     text = held_out_text(calibration)
     contenders = [plan.chosen, *plan.runners_up][:top]
     with tempfile.TemporaryDirectory(prefix="edgeprune-search-") as tmp:

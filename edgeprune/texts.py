@@ -39,7 +39,9 @@ def default_evaluation_text() -> Text:
 def read_text_file(path: str | Path, purpose: str) -> Text:
     """Read a UTF-8 text file, with one-line errors for the usual mistakes."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise EdgepruneError(f"{purpose} text {path} is a directory: give a path to a UTF-8 text file")
+    if not path.exists():
         raise EdgepruneError(f"{purpose} text {path} does not exist: give a path to a UTF-8 text file")
     try:
         content = path.read_text(encoding="utf-8")
@@ -47,6 +49,9 @@ def read_text_file(path: str | Path, purpose: str) -> Text:
         raise EdgepruneError(
             f"{purpose} text {path} is not UTF-8 (byte {exc.start}): convert it, e.g. iconv -t UTF-8"
         ) from exc
+    except OSError as exc:
+        raise EdgepruneError(f"{purpose} text {path} cannot be read ({exc.strerror or exc}): check its permissions") \
+            from exc
     if not content.strip():
         raise EdgepruneError(f"{purpose} text {path} is empty: give a file with real text")
     return Text(path.name, content)
@@ -58,3 +63,16 @@ def calibration_text(path: str | Path | None) -> Text:
 
 def evaluation_text(path: str | Path | None) -> Text:
     return read_text_file(path, "evaluation") if path else default_evaluation_text()
+
+
+def check_evaluation_length(text: Text, n_tokens: int, n_ctx: int, chunks: int | None) -> None:
+    """Refuse, before any long work, a text too short for the perplexity chunks asked for. `n_tokens` may be
+    an upper bound (the UTF-8 byte count before a tokenizer is at hand): every token covers at least a byte."""
+    needed = n_ctx * (chunks or 1)
+    if n_tokens < needed:
+        fits = n_tokens // n_ctx
+        fix = f"--eval-chunks {fits} or less" if fits else f"a smaller --eval-ctx (at most {n_tokens})"
+        raise EdgepruneError(
+            f"evaluation text {text.name} has {n_tokens} tokens; {chunks or 1} chunk(s) of {n_ctx} need {needed}: "
+            f"give a longer --eval text, or {fix}"
+        )

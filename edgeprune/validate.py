@@ -39,11 +39,40 @@ REPETITIONS = 5
 SPEED_BATCH = 512  # llama.cpp's default n_ubatch: how apps on the device feed a long prompt
 ROW_BLOCK = 32  # logit rows turned into float64 at a time: bounds memory for 128k vocabularies
 PROGRESS_MARK = "@edgeprune-progress "
+MIN_EVAL_CTX = 64  # a perplexity chunk scores its second half: shorter chunks score tokens with almost no context
+GGML_TYPE_IDS = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type values of the KV cache types a profile can name
 AT_LEAST = {"decode_tps"}  # budget checks whose measurement must reach the limit rather than stay under it
 AMX_FIX = (
     'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" '
     "pip install --force-reinstall --no-cache-dir llama-cpp-python==0.3.36"
 )
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How llama.cpp runs the model on the device: validation creates its contexts with these settings, so the
+    memory and speed it measures are those of the program the device will run, not of llama.cpp's defaults."""
+
+    context_length: int
+    kv_cache_type: str = "f16"
+    flash_attention: bool = False
+    threads: int = 1
+
+    @classmethod
+    def of(cls, profile: Any, *, threads: int | None = None, on_device: bool = False,
+           default_context: int = 512) -> Runtime:
+        """The profile's runtime. Threads: `threads` when given, else the profile's `device.threads` — on this
+        machine capped at its cores, since off the device the speed is reported, not judged."""
+        cores = os.cpu_count() or 1
+        if profile is None:
+            return cls(default_context, threads=threads or cores)
+        wanted = threads or (profile.device.threads if on_device else min(profile.device.threads, cores))
+        rt = profile.runtime
+        return cls(profile.budgets.context_length, rt.kv_cache_type, rt.flash_attention, wanted)
+
+    def describe(self) -> str:
+        return (f"ctx {self.context_length}, KV {self.kv_cache_type}, flash attention "
+                f"{'on' if self.flash_attention else 'off'}, {self.threads} thread(s)")
 
 
 @dataclass
@@ -87,7 +116,9 @@ class SpeedResult:
 @dataclass
 class MemoryResult:
     """`total_bytes` is what the device must hold: file + KV cache + compute buffers, or peak RSS when llama.cpp
-    did not report its compute buffers."""
+    did not report its compute buffers. `basis` says, per part, whether it was measured or computed: the KV
+    cache and compute buffer are the sizes llama.cpp reported for the context it created with the profile's
+    runtime (context length, KV cache type, flash attention)."""
 
     file_bytes: int
     n_params: int
@@ -96,6 +127,9 @@ class MemoryResult:
     context_length: int
     compute_buffer_bytes: int | None
     total_bytes: int
+    kv_cache_type: str = "f16"
+    flash_attention: bool = False
+    basis: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclass
@@ -176,35 +210,28 @@ def validate_gguf(
 ) -> ValidationReport:
     """Measure one GGUF with llama.cpp and, when a device `profile` is given, judge it against its budgets.
 
-    Memory and file size are judged as measured. Speed is judged as measured only `on_device`; elsewhere this
-    machine says nothing about the device's speed, so the cost model's prediction for the device is judged.
-    A `host_profile` (from `edgeprune profiles measure`) adds predictions for this machine next to measurements.
+    llama.cpp runs with the profile's runtime (`Runtime.of`): its context length, KV cache type, flash attention
+    and threads. Memory and file size are judged as measured. Speed is judged as measured only `on_device`;
+    elsewhere this machine says nothing about the device's speed, so the cost model's prediction for the device
+    is judged. A `host_profile` (from `edgeprune profiles measure`) adds predictions for this machine.
     """
     budgets = profile.budgets if profile is not None else None
-    if n_ctx < 8:
-        raise EdgepruneError(f"n_ctx {n_ctx} is too small for perplexity: use 128 or more")
+    check_evaluation_options(n_ctx, max_chunks)
     path = Path(gguf_path)
     progress(f"checking {path}")
     info = read_gguf(path)
     if reference_gguf is not None:
         read_gguf(reference_gguf)
     text = eval_text or default_evaluation_text()
-    threads = threads or os.cpu_count() or 1
-    context_length = _budget(budgets, "context_length") or n_ctx
+    runtime = Runtime.of(profile, threads=threads, on_device=on_device, default_context=n_ctx)
     ttft_tokens = _budget(budgets, "ttft_prompt_tokens") or N_PROMPT
+    progress(f"llama.cpp runtime: {runtime.describe()}")
 
     perplexity, divergence = measure_perplexity(path, text, reference_gguf=reference_gguf, n_ctx=n_ctx,
-                                                max_chunks=max_chunks, threads=threads, progress=progress)
-    probe = measure_speed(path, threads=threads, n_ctx=context_length, ttft_tokens=ttft_tokens, progress=progress)
+                                                max_chunks=max_chunks, runtime=runtime, progress=progress)
+    probe = measure_speed(path, runtime=runtime, ttft_tokens=ttft_tokens, progress=progress)
     speed = SpeedResult(**probe["speed"])
-    file_bytes = path.stat().st_size
-    kv_bytes = kv_cache_bytes(shape_from_gguf(info), context_length)
-    compute = probe["compute_buffer_bytes"]
-    memory = MemoryResult(
-        file_bytes=file_bytes, n_params=probe["n_params"], kv_cache_bytes=kv_bytes,
-        peak_rss_bytes=probe["peak_rss_bytes"], context_length=context_length, compute_buffer_bytes=compute,
-        total_bytes=file_bytes + kv_bytes + compute if compute is not None else probe["peak_rss_bytes"],
-    )
+    memory = _memory(path, info, probe, runtime)
     device = Predicted.of(info, profile) if profile is not None else None
     host = Predicted.of(info, host_profile) if host_profile is not None else None
     checks = check_budgets(speed, memory, budgets, None if on_device else device) if budgets is not None else []
@@ -222,24 +249,64 @@ def validate_gguf(
     )
 
 
+def check_evaluation_options(n_ctx: int, chunks: int | None) -> None:
+    """The perplexity settings, checked before any model is loaded."""
+    if n_ctx < MIN_EVAL_CTX:
+        raise EdgepruneError(f"--eval-ctx {n_ctx} is too small for perplexity: use {MIN_EVAL_CTX} or more "
+                             "(512 is llama-perplexity's default)")
+    if chunks is not None and chunks < 1:
+        raise EdgepruneError(f"--eval-chunks {chunks} scores nothing: give 1 or more (20 is the default)")
+
+
+def _memory(path: Path, info, probe: dict, runtime: Runtime) -> MemoryResult:
+    """What the device must hold, from the sizes llama.cpp reported for the context it created with `runtime`.
+    Only when llama.cpp did not report the KV cache is it computed, and the basis says so."""
+    file_bytes = path.stat().st_size
+    basis = {"file": "measured (file size)", "peak_rss": "measured (VmHWM of the measuring process)"}
+    kv_bytes = probe["kv_cache_bytes"]
+    if kv_bytes is None:
+        kv_bytes = kv_cache_bytes(shape_from_gguf(info), runtime.context_length, runtime.kv_cache_type,
+                                  runtime.flash_attention)
+        basis["kv_cache"] = "computed (llama.cpp did not report its KV buffers)"
+    else:
+        basis["kv_cache"] = "measured (llama.cpp's KV buffer sizes)"
+    compute = probe["compute_buffer_bytes"]
+    basis["compute_buffer"] = ("measured (llama.cpp's compute buffer sizes)" if compute is not None
+                               else "unknown: total is the peak RSS")
+    return MemoryResult(
+        file_bytes=file_bytes, n_params=probe["n_params"], kv_cache_bytes=kv_bytes,
+        peak_rss_bytes=probe["peak_rss_bytes"], context_length=runtime.context_length, compute_buffer_bytes=compute,
+        total_bytes=file_bytes + kv_bytes + compute if compute is not None else probe["peak_rss_bytes"],
+        kv_cache_type=runtime.kv_cache_type, flash_attention=runtime.flash_attention, basis=basis,
+    )
+
+
 def measure_perplexity(path: Path, text: Text, *, reference_gguf: str | Path | None = None, n_ctx: int = 512,
-                       max_chunks: int | None = 20, threads: int,
+                       max_chunks: int | None = 20, threads: int | None = None, runtime: Runtime | None = None,
                        progress: Callable[[str], None] = print_to_stderr) -> tuple[PerplexityResult, DivergenceResult | None]:
-    """llama-perplexity's PPL of `path` on `text` and, with a reference GGUF, its KL divergence, in a child process."""
+    """llama-perplexity's PPL of `path` on `text` and, with a reference GGUF, its KL divergence, in a child process.
+    The candidate runs with `runtime`'s KV cache type, flash attention and threads (a quantized KV cache costs
+    quality too), or llama.cpp's defaults on `threads`; the reference with llama.cpp's defaults."""
+    runtime = runtime or Runtime(n_ctx, threads=threads or os.cpu_count() or 1)
     quality = _run_child({
         "kind": "quality", "gguf": str(path), "reference": str(reference_gguf) if reference_gguf else None,
-        "text": text.content, "text_name": text.name, "n_ctx": n_ctx, "max_chunks": max_chunks, "threads": threads,
+        "text": text.content, "text_name": text.name, "n_ctx": n_ctx, "max_chunks": max_chunks,
+        "runtime": dataclasses.asdict(runtime),
     }, f"measuring the perplexity of {path}", progress)
     divergence = DivergenceResult(**quality["divergence"]) if quality["divergence"] else None
     return PerplexityResult(**quality["perplexity"]), divergence
 
 
-def measure_speed(path: Path, *, threads: int, n_ctx: int, ttft_tokens: int = N_PROMPT,
-                  progress: Callable[[str], None] = print_to_stderr) -> dict:
-    """llama-bench's pp and tg, TTFT, compute buffer and peak RSS of `path`, measured in a child process."""
+def measure_speed(path: Path, *, runtime: Runtime | None = None, threads: int | None = None, n_ctx: int = 512,
+                  ttft_tokens: int = N_PROMPT, progress: Callable[[str], None] = print_to_stderr) -> dict:
+    """llama-bench's pp and tg, TTFT, KV and compute buffers and peak RSS of `path`, measured in a child process
+    with `runtime`'s settings (or llama.cpp's defaults at `n_ctx` on `threads`). The context is the runtime's
+    context length, so the buffers are the device's."""
+    runtime = runtime or Runtime(n_ctx, threads=threads or os.cpu_count() or 1)
+    n_ctx = max(runtime.context_length, ttft_tokens + 1, N_PROMPT + N_GEN)
     return _run_child({
-        "kind": "speed", "gguf": str(path), "n_ctx": max(n_ctx, ttft_tokens + 1, N_PROMPT + N_GEN),
-        "threads": threads, "ttft_tokens": ttft_tokens,
+        "kind": "speed", "gguf": str(path), "runtime": dataclasses.asdict(dataclasses.replace(runtime, context_length=n_ctx)),
+        "ttft_tokens": ttft_tokens,
     }, f"measuring the speed of {path}", progress)
 
 
@@ -340,12 +407,14 @@ def format_summary(report: ValidationReport) -> str:
             f"rms {100 * d.delta_p_rms:.3f}%",
         ]
     compute = f"{mem.compute_buffer_bytes / MIB:.1f} MiB" if mem.compute_buffer_bytes is not None else "unknown"
+    kv_basis = "measured" if mem.basis.get("kv_cache", "").startswith("measured") else "computed"
     lines += [
         f"speed       prefill {speed.prefill_tps:.1f} tok/s (pp{speed.n_prompt}), decode {speed.decode_tps:.1f} tok/s "
         f"(tg{speed.n_gen}), median of {speed.repetitions}, {speed.threads} thread(s) on this machine",
         f"TTFT        {speed.ttft_s:.3f} s for a {speed.ttft_prompt_tokens}-token prompt",
         f"memory      {mem.total_bytes / MIB:.1f} MiB = file + KV cache {mem.kv_cache_bytes / MIB:.1f} MiB "
-        f"(ctx {mem.context_length}) + compute {compute};  peak RSS {mem.peak_rss_bytes / MIB:.1f} MiB",
+        f"({kv_basis}: ctx {mem.context_length}, {mem.kv_cache_type}, flash attention "
+        f"{'on' if mem.flash_attention else 'off'}) + compute {compute};  peak RSS {mem.peak_rss_bytes / MIB:.1f} MiB",
     ]
     for label, p in (("predicted", report.predicted_device), ("host model", report.predicted_host)):
         if p is not None:
@@ -463,12 +532,14 @@ def _import_llama_cpp():
 class _Model:
     """A loaded model and one reusable llama_batch: the raw calls llama-perplexity and llama-bench make."""
 
-    def __init__(self, path: str, *, n_ctx: int, n_batch: int, threads: int):
+    def __init__(self, path: str, *, n_ctx: int, n_batch: int, threads: int, kv_cache_type: str = "f16",
+                 flash_attention: bool = False):
         self.lib = _import_llama_cpp()
         try:
             self.llm = self.lib.Llama(
                 model_path=path, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(n_batch, SPEED_BATCH),
-                n_threads=threads, n_threads_batch=threads, verbose=False,
+                n_threads=threads, n_threads_batch=threads, verbose=False, flash_attn=flash_attention,
+                type_k=GGML_TYPE_IDS[kv_cache_type], type_v=GGML_TYPE_IDS[kv_cache_type],
             )
         except (ValueError, RuntimeError) as exc:
             errors = [line.strip() for line in "".join(_llama_log).splitlines() if "error" in line.lower()]
@@ -522,9 +593,11 @@ class _Model:
 
 def _measure_quality(task: dict) -> dict:
     """Perplexity (and KL divergence against the reference) the llama-perplexity way, chunk by chunk."""
-    n_ctx, threads = task["n_ctx"], task["threads"]
+    n_ctx, runtime = task["n_ctx"], task["runtime"]
+    threads = runtime["threads"]
     _report(f"loading {task['gguf']}")
-    cand = _Model(task["gguf"], n_ctx=n_ctx, n_batch=n_ctx, threads=threads)
+    cand = _Model(task["gguf"], n_ctx=n_ctx, n_batch=n_ctx, threads=threads, kv_cache_type=runtime["kv_cache_type"],
+                  flash_attention=runtime["flash_attention"])
     tokens = cand.tokenize(task["text"])
     ref = None
     if task["reference"]:
@@ -573,9 +646,11 @@ def _measure_quality(task: dict) -> dict:
 
 def _measure_speed(task: dict) -> dict:
     """llama-bench's pp and tg tests plus time to first token, with the context the device will allocate."""
-    threads, ttft_tokens = task["threads"], task["ttft_tokens"]
-    _report(f"speed: loading {task['gguf']} with a {task['n_ctx']}-token context, {threads} threads")
-    model = _Model(task["gguf"], n_ctx=task["n_ctx"], n_batch=SPEED_BATCH, threads=threads)
+    runtime, ttft_tokens = Runtime(**task["runtime"]), task["ttft_tokens"]
+    threads = runtime.threads
+    _report(f"speed: loading {task['gguf']} ({runtime.describe()})")
+    model = _Model(task["gguf"], n_ctx=runtime.context_length, n_batch=SPEED_BATCH, threads=threads,
+                   kv_cache_type=runtime.kv_cache_type, flash_attention=runtime.flash_attention)
     rng = np.random.default_rng(0)
 
     def random_prompt(n: int) -> np.ndarray:
@@ -615,16 +690,23 @@ def _measure_speed(task: dict) -> dict:
         pp.append(N_PROMPT / timed(process_prompt, random_prompt(N_PROMPT)))
         tg.append(N_GEN / timed(generate, N_GEN))
         ttft.append(timed(first_token, random_prompt(ttft_tokens)))
-    compute = re.findall(r"compute buffer size =\s*([0-9.]+) MiB", "".join(_llama_log))
+    log = "".join(_llama_log)
     return {
         "speed": {"prefill_tps": float(np.median(pp)), "decode_tps": float(np.median(tg)),
                   "ttft_s": float(np.median(ttft)), "n_prompt": N_PROMPT, "n_gen": N_GEN, "repetitions": REPETITIONS,
                   "threads": threads, "ttft_prompt_tokens": ttft_tokens},
         "per_repetition": {"prefill_tps": pp, "decode_tps": tg},  # for pooling over several measurements
         "n_params": int(model.lib.llama_model_n_params(model.llm.model)),
-        "compute_buffer_bytes": round(sum(float(mib) for mib in compute) * MIB) if compute else None,
+        "kv_cache_bytes": _logged_bytes(r"KV buffer size =\s*([0-9.]+) MiB", log),
+        "compute_buffer_bytes": _logged_bytes(r"compute buffer size =\s*([0-9.]+) MiB", log),
         "peak_rss_bytes": peak_rss_bytes(),
     }
+
+
+def _logged_bytes(pattern: str, log: str) -> int | None:
+    """The sum of the buffer sizes llama.cpp logged (in MiB, two decimals), or None when it logged none."""
+    sizes = re.findall(pattern, log)
+    return round(sum(float(mib) for mib in sizes) * MIB) if sizes else None
 
 
 def peak_rss_bytes() -> int:

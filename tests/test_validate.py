@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import gguf
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import llama_cpp_logits, run_cli
 
 from edgeprune.costmodel import kv_cache_bytes, predict_gguf, prefill_seconds_per_token, size_of_gguf
 from edgeprune.errors import EdgepruneError
@@ -21,6 +21,9 @@ from edgeprune.shapes import shape_from_gguf
 from edgeprune.texts import Text
 from edgeprune.validate import (
     AMX_FIX,
+    MIB,
+    REPETITIONS,
+    Runtime,
     ValidationReport,
     _death_error,
     check_budgets,
@@ -53,12 +56,25 @@ def validated(smollm2_gguf):
     return report, lines
 
 
-def test_perplexity_is_llama_perplexity_style_and_sane(validated):
+def test_perplexity_is_llama_perplexity_style_and_sane(validated, smollm2_gguf):
+    """Recomputed independently: llama.cpp's logits through the high-level Llama API, chunks with BOS first and the
+    second half scored, as llama-perplexity does."""
+    from llama_cpp import Llama
+
+    from edgeprune.texts import default_evaluation_text
+
     ppl = validated[0].perplexity
-    assert 5 < ppl.ppl < 60
     assert (ppl.n_chunks, ppl.n_ctx) == (4, CONTEXT)
     assert ppl.n_tokens_scored == 4 * (CONTEXT - 1 - CONTEXT // 2)
-    assert math.isclose(ppl.ppl, math.exp(ppl.nll_mean))
+    llm = Llama(str(smollm2_gguf), n_ctx=CONTEXT, vocab_only=True, verbose=False)
+    tokens = llm.tokenize(default_evaluation_text().content.encode(), add_bos=True)
+    assert tokens[0] != llm.token_bos()  # SmolLM2's vocab asks for no BOS, so no chunk's first token is replaced
+    nll = []
+    for i in range(4):
+        chunk = tokens[i * CONTEXT:(i + 1) * CONTEXT]
+        logp = log_softmax(llama_cpp_logits(smollm2_gguf, chunk, n_ctx=CONTEXT))
+        nll += [-logp[j, chunk[j + 1]] for j in range(CONTEXT // 2, CONTEXT - 1)]
+    assert ppl.ppl == pytest.approx(math.exp(np.mean(nll)), rel=2e-3)
 
 
 def test_divergence_of_a_model_against_itself_is_zero(validated):
@@ -72,16 +88,52 @@ def test_divergence_of_a_model_against_itself_is_zero(validated):
 
 
 def test_speed_and_memory_are_measured(validated, smollm2_gguf):
-    report = validated[0]
+    report, lines = validated
     speed, mem = report.speed, report.memory
     assert speed.prefill_tps > 0 and speed.decode_tps > 0 and speed.ttft_s > 0
-    assert speed.ttft_prompt_tokens == 64 and speed.repetitions >= 1 and speed.threads == 1
+    assert speed.ttft_prompt_tokens == 64 and speed.threads == 1
+    assert sum("speed: repetition" in line for line in lines) == REPETITIONS
     assert mem.file_bytes == smollm2_gguf.stat().st_size
     assert 130e6 < mem.n_params < 140e6
-    assert mem.kv_cache_bytes == 30 * CONTEXT * (3 * 64 + 3 * 64) * 2  # 30 layers, 3 KV heads of 64, f16
+    # llama.cpp's own KV buffer (logged in MiB with two decimals): 30 layers, 3 KV heads of 64, f16, 256 cells
+    assert abs(mem.kv_cache_bytes - 30 * CONTEXT * (3 * 64 + 3 * 64) * 2) <= 0.01 * MIB
+    assert mem.basis["kv_cache"].startswith("measured") and mem.basis["compute_buffer"].startswith("measured")
+    assert (mem.kv_cache_type, mem.flash_attention) == ("f16", False)
     assert mem.compute_buffer_bytes > 0
     assert mem.total_bytes == mem.file_bytes + mem.kv_cache_bytes + mem.compute_buffer_bytes
     assert mem.peak_rss_bytes > mem.kv_cache_bytes
+
+
+def test_runtime_follows_the_profile():
+    phone = load_profile("snapdragon-8-gen-3-phone")
+    on_device = Runtime.of(phone, on_device=True)
+    assert on_device == Runtime(1024, "q8_0", True, 6)
+    assert Runtime.of(phone, threads=3).threads == 3
+    import os
+
+    assert Runtime.of(phone).threads == min(6, os.cpu_count())  # off the device: no more threads than cores here
+    assert Runtime.of(None, threads=2, default_context=300) == Runtime(300, "f16", False, 2)
+
+
+@pytest.mark.parametrize("name", ["snapdragon-8-gen-3-phone", "raspberry-pi-5-8gb"])
+def test_memory_is_measured_in_the_profiles_runtime_and_matches_the_plan(smollm2_gguf, name):
+    """The phone runs a q8_0 KV cache with flash attention, the Pi an f16 one without: validation creates exactly
+    that context, measures llama.cpp's buffers, and the planner's prediction for the file agrees within 5%."""
+    profile = load_profile(name)
+    profile = dataclasses.replace(profile, budgets=dataclasses.replace(profile.budgets, ttft_prompt_tokens=64))
+    report = validate_gguf(smollm2_gguf, eval_text=None, n_ctx=128, max_chunks=1, threads=1, profile=profile,
+                           progress=lambda line: None)
+    mem, rt = report.memory, profile.runtime
+    assert (mem.kv_cache_type, mem.flash_attention, mem.context_length) == (
+        rt.kv_cache_type, rt.flash_attention, profile.budgets.context_length)
+    assert mem.basis["kv_cache"].startswith("measured")
+    computed = kv_cache_bytes(shape_from_gguf(read_gguf(smollm2_gguf)), mem.context_length, rt.kv_cache_type,
+                              rt.flash_attention)
+    assert abs(mem.kv_cache_bytes - computed) <= 0.01 * MIB
+    f16 = kv_cache_bytes(shape_from_gguf(read_gguf(smollm2_gguf)), mem.context_length)
+    assert (mem.kv_cache_bytes < 0.6 * f16) == (rt.kv_cache_type == "q8_0")
+    predicted = predict_gguf(read_gguf(smollm2_gguf), profile).memory_bytes
+    assert mem.total_bytes == pytest.approx(predicted, rel=0.05)
 
 
 def test_progress_is_reported(validated):
@@ -182,12 +234,15 @@ def test_update_profile_makes_the_profile_predict_what_was_measured(smollm2_gguf
     path = tmp_path / "board.toml"
     path.write_text(profile_to_toml(dataclasses.replace(LAPTOP, device=device, budgets=LOOSE_PROFILE.budgets)))
     report_path = tmp_path / "report.json"
+    written = tmp_path / "measured" / "board-measured.toml"
+    before = path.read_text()
     result = run_cli("validate", str(smollm2_gguf), "--profile", str(path), "--on-device", "--update-profile",
-                     "--threads", "1", "--eval-chunks", "1", "--eval-ctx", "128", "--json", str(report_path))
+                     str(written), "--threads", "1", "--eval-chunks", "1", "--eval-ctx", "128", "--json", str(report_path))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "per-type tables" in result.stdout
+    assert path.read_text() == before  # the profile it started from is left alone
     speed = json.loads(report_path.read_text())["speed"]
-    updated = load_profile(path)
+    updated = load_profile(written)
     info = read_gguf(smollm2_gguf)
     assert predict_gguf(info, updated).decode_tps == pytest.approx(speed["decode_tps"], rel=0.01)
     prefill_s = prefill_seconds_per_token(size_of_gguf(info), shape_from_gguf(info), speed["n_prompt"], updated.device)

@@ -17,7 +17,7 @@ from ..fetch import fetch_smollm2
 from ..loading import load_model
 from ..quantize import quantize_gguf
 from ..texts import default_calibration_text, default_evaluation_text
-from ..validate import MIB, validate_gguf
+from ..validate import MIB, N_GEN, N_PROMPT, REPETITIONS, validate_gguf
 from .tables import SuiteResult, relative, table
 
 # (llama.cpp type, with importance matrix); F16 is the reference itself, not quantized.
@@ -64,7 +64,7 @@ def run(progress) -> SuiteResult:
             f"'{calibration.name}'. Every file is measured by edgeprune.validate through llama.cpp: perplexity the "
             f"llama-perplexity way on '{evaluation.name}' ({EVAL_CHUNKS} chunks of {EVAL_CTX} tokens, second half "
             f"scored), KL divergence and top-1 agreement against the F16 reference on the same tokens, and "
-            f"llama-bench-style pp128 / tg32 speed (median of 3, all cores). Fallbacks are tensors llama.cpp stored "
+            f"llama-bench-style pp{N_PROMPT} / tg{N_GEN} speed (median of {REPETITIONS}, all cores). Fallbacks are tensors llama.cpp stored "
             f"in another type because their row length is not a multiple of the type's block."
         ),
         data={"calibration_text": calibration.name, "evaluation_text": evaluation.name, "rows": rows},

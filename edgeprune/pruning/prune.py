@@ -69,6 +69,8 @@ class PruneOptions:
                 raise EdgepruneError(f"{name} ratio {getattr(self, name)} is outside [0, 1): give e.g. 0.2")
         if not 0 <= self.layers < n_layers:
             raise EdgepruneError(f"cannot remove {self.layers} of {n_layers} layers: give 0 … {n_layers - 1}")
+        if not (self.heads or self.ffn or self.layers):
+            raise EdgepruneError("nothing to prune: give --heads or --ffn above zero, or --layers 1 or more")
         for name in ("align", "steps", "calib_sequences", "calib_seq_len"):
             if getattr(self, name) < 1:
                 raise EdgepruneError(f"{name} must be a positive integer, got {getattr(self, name)}")
@@ -216,6 +218,10 @@ def prune_model(
     details["head_mode"] = head_mode
     sync_config(model)
     after = shape_of(model)
+    if after.decoder_params() == before.decoder_params():
+        raise EdgepruneError(f"the pruning ratios remove nothing from this model (heads {options.heads:g}, ffn "
+                             f"{options.ffn:g}): each layer keeps whole heads and FFN widths on multiples of "
+                             f"{options.align}; give larger ratios")
     details["widths"] = [(s.n_head, s.n_head_kv, s.n_ff) for s in after.layers]
     return PruneResult(
         model=model,
