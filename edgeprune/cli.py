@@ -34,6 +34,23 @@ def progress(message: str) -> None:
     click.echo(f"[{time.perf_counter() - _START:7.1f}s] {message}", err=True)
 
 
+def require_build_install(command: str) -> None:
+    """export, prune, plan and `profiles measure` load models with torch and transformers, which a device install
+    (`edgeprune[device]`) leaves out: say so in one line instead of an import traceback."""
+    import importlib.util
+
+    def absent(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is None
+        except ImportError:
+            return True
+
+    missing = [m for m in ("torch", "transformers") if absent(m)]
+    if missing:
+        raise EdgepruneError(f"`edgeprune {command}` needs {' and '.join(missing)}, which this install lacks: "
+                             "pip install 'edgeprune[build]', or run it on the build host")
+
+
 def _profile(name_or_path: str):
     from .profiles import load_profile
 
@@ -122,6 +139,7 @@ def export(model, profile_name, quant, out_dir, calib, no_imatrix, allow_pickle,
     replace its pruning. Writes DIR/<model>-<QUANT>.gguf, the unpruned F16 reference DIR/reference-F16.gguf and
     DIR/report.json, and prints the validation summary. Exits 1 when the model misses a budget of the profile.
     """
+    require_build_install("export")
     from .pipeline import ExportOptions, export_model
 
     profile = _profile(profile_name)
@@ -132,7 +150,8 @@ def export(model, profile_name, quant, out_dir, calib, no_imatrix, allow_pickle,
                             prune=prune, search=search)
     result = export_model(model, profile, out_dir, options, progress)
     click.echo(result.summary)
-    click.echo(f"wrote {result.gguf} and {result.report_path}")
+    click.echo(f"wrote {result.gguf}, {result.report_path} and the validation bundle {result.bundle} "
+               f"(on the device: edgeprune validate {result.bundle.name}/)")
     if result.report.passed is False:
         sys.exit(EXIT_BUDGET_MISSED)
 
@@ -147,6 +166,7 @@ def export(model, profile_name, quant, out_dir, calib, no_imatrix, allow_pickle,
 def prune(model, out_dir, quant, calib, allow_pickle, heads, ffn, layers, method, allocation):
     """Prune MODEL and write the pruned GGUF (llama or deci, picked from the shapes) into DIR. A run that would
     remove nothing is refused."""
+    require_build_install("prune")
     from .pipeline import ExportOptions, export_model
 
     options = _prune_options(quant, heads, ffn, layers, method, allocation)
@@ -160,23 +180,49 @@ def prune(model, out_dir, quant, calib, allow_pickle, heads, ffn, layers, method
 
 
 @cli.command()
-@click.argument("gguf", type=click.Path(path_type=Path))
+@click.argument("gguf", metavar="GGUF|BUNDLE", type=click.Path(path_type=Path))
 @click.option("--reference", type=click.Path(path_type=Path), help="Unquantized, unpruned GGUF for KL divergence.")
 @click.option("--profile", "profile_name", default=None, help="Judge the budgets of this profile (name or TOML).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the report as JSON here.")
 @click.option("--update-profile", "updated_profile", type=click.Path(path_type=Path),
               help="With --on-device and --profile: write a new profile TOML here, the --profile with the "
                    "efficiencies measured on this device (never a shipped profile).")
+@click.option("--remote", metavar="USER@HOST[:PORT]",
+              help="Run a BUNDLE's validation on this SSH host (it needs edgeprune[device]); the report comes back.")
+@click.option("--identity", type=click.Path(path_type=Path), help="SSH private key for --remote.")
+@click.option("--known-hosts", type=click.Path(path_type=Path), help="known_hosts file for --remote. Default: ssh's.")
+@click.option("--remote-command", default="edgeprune", show_default=True, help="The edgeprune command on the remote.")
+@click.option("--remote-dir", default=None, help="Where the bundle goes on the remote. Default: "
+                                                   "~/.cache/edgeprune/bundles/<bundle id>.")
+@click.option("--remote-timeout", type=float, default=7200, show_default=True, help="Seconds the remote run may take.")
 @text_options
-def validate(gguf, reference, profile_name, json_path, updated_profile, eval_path, threads, eval_chunks, eval_ctx,
-             host_profile, on_device):
+def validate(gguf, reference, profile_name, json_path, updated_profile, remote, identity, known_hosts, remote_command,
+             remote_dir, remote_timeout, eval_path, threads, eval_chunks, eval_ctx, host_profile, on_device):
     """Measure GGUF with llama.cpp, run with the profile's runtime (context length, KV cache type, flash attention,
-    threads): perplexity, KL divergence, speed and memory, judged against the profile's budgets."""
+    threads): perplexity, KL divergence, speed and memory, judged against the profile's budgets.
+
+    Given the BUNDLE directory an export wrote, it validates on this machine as the device: the bundle's GGUF
+    against the bundle's profile (or --profile), KL divergence from the reference's stored top-k log-probs, speed
+    judged as measured; neither the reference GGUF nor torch is needed. The report goes to --json, else into
+    BUNDLE/report.json."""
     from .atomic import ensure_writable_dir
+    from .bundle import is_bundle
     from .profiles import check_user_profile_path
     from .texts import evaluation_text
-    from .validate import check_evaluation_options, format_summary, validate_gguf
+    from .validate import check_evaluation_options, format_summary, validate_gguf, write_report
 
+    if remote is not None:
+        if not is_bundle(gguf):
+            raise EdgepruneError(f"--remote runs a validation bundle: {gguf} is not one (give the bundle/ directory "
+                                 "an export wrote)")
+        _validate_remote(gguf, remote, identity, known_hosts, remote_command, remote_dir, remote_timeout, threads,
+                         json_path)
+        return
+    if is_bundle(gguf):
+        if reference is not None or eval_path is not None:
+            raise EdgepruneError("a bundle brings its own reference and evaluation text: drop --reference and --eval")
+        _validate_bundle(gguf, profile_name, json_path, updated_profile, threads, host_profile)
+        return
     profile = _profile(profile_name) if profile_name else None
     if updated_profile is not None:
         if profile is None or not on_device:
@@ -192,9 +238,67 @@ def validate(gguf, reference, profile_name, json_path, updated_profile, eval_pat
                            on_device=on_device, progress=progress)
     click.echo(format_summary(report))
     if json_path:
-        write_text_atomic(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
+        _write_pages(write_report(json_path, report), json_path)
     if updated_profile is not None:
         _write_back_efficiency(profile, gguf, report, updated_profile)
+    if report.passed is False:
+        sys.exit(EXIT_BUDGET_MISSED)
+
+
+def _validate_remote(bundle: Path, remote: str, identity, known_hosts, remote_command: str, remote_dir: str | None,
+                     timeout_s: float, threads: int | None, json_path: Path | None) -> None:
+    """`validate BUNDLE --remote`: the validation runs on the SSH host; its report and exit status come back."""
+    from .remote import check_remote_tools, parse_target, validate_remote
+    from .validate import ValidationReport, format_summary
+
+    target = parse_target(remote)
+    check_remote_tools()
+    document, code = validate_remote(bundle, target, identity=identity, known_hosts=known_hosts,
+                                     remote_command=remote_command, remote_dir=remote_dir, threads=threads,
+                                     timeout_s=timeout_s, progress=progress)
+    click.echo(format_summary(ValidationReport.from_dict(document["validation"])))
+    report_path = json_path or bundle / f"report-{target.host}.json"
+    write_text_atomic(report_path, json.dumps(document, indent=2) + "\n")
+    _write_pages(document, report_path)
+    sys.exit(code)
+
+
+def _write_pages(document: dict, report_path: Path) -> None:
+    """The report as JSON (written by the caller), HTML and Markdown side by side; the pages need matplotlib,
+    which a device install may lack: then only the JSON is written, and `edgeprune report` makes the pages."""
+    import importlib.util
+
+    written = [report_path]
+    if importlib.util.find_spec("matplotlib") is not None:
+        from .reporting import write_report_pages
+
+        written += write_report_pages(document, report_path.parent, stem=report_path.stem)
+    click.echo("wrote " + ", ".join(str(p) for p in written))
+
+
+def _validate_bundle(directory: Path, profile_name: str | None, json_path: Path | None, updated_profile: Path | None,
+                     threads: int | None, host_profile: Path | None) -> None:
+    """`validate BUNDLE`: the bundle checked against its manifest, then its GGUF run as on the device."""
+    from .bundle import open_bundle
+    from .profiles import check_user_profile_path
+    from .texts import Text
+    from .validate import format_summary, validate_gguf, write_report
+
+    if updated_profile is not None:
+        check_user_profile_path(updated_profile)
+    report_path = json_path or directory / "report.json"
+    bundle = open_bundle(directory, progress)
+    profile = _profile(profile_name or str(bundle.profile))
+    report = validate_gguf(bundle.model, reference_topk=bundle.reference, eval_text=Text(bundle.expected["eval_text"], ""),
+                           threads=threads, profile=profile, host_profile=_profile(host_profile) if host_profile else None,
+                           on_device=True, progress=progress)
+    click.echo(format_summary(report))
+    document = write_report(report_path, report,
+                            bundle={key: bundle.expected[key] for key in ("model", "quant", "profile")},
+                            host_validation=bundle.expected["host_validation"])
+    _write_pages(document, report_path)
+    if updated_profile is not None:
+        _write_back_efficiency(profile, bundle.model, report, updated_profile)
     if report.passed is False:
         sys.exit(EXIT_BUDGET_MISSED)
 
@@ -230,6 +334,7 @@ def _write_back_efficiency(profile, gguf: Path, report, destination: Path) -> No
 def plan(model, profile_name, quants, as_json, allow_pickle, calib, threads, search):
     """Choose quantization and pruning for MODEL on a device, and explain why. Nothing is built unless
     --search measured builds and scores the best few candidates."""
+    require_build_install("plan")
     from converters import ConversionInput
 
     from .loading import load_model
@@ -256,6 +361,19 @@ def plan(model, profile_name, quants, as_json, allow_pickle, calib, threads, sea
         click.echo(format_plan(result, loaded.name, profile))
 
 
+@cli.command()
+@click.argument("reports", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "out_path", type=click.Path(path_type=Path), required=True,
+              help="The comparison page to write (PAGE.html; PAGE.md is written beside it).")
+def report(reports, out_path):
+    """Merge validation reports (report.json files, or directories holding one) into one comparison page: one
+    file on several devices, or several files on one device."""
+    from .reporting import load_report, merge_reports
+
+    written = merge_reports([load_report(r) for r in reports], out_path, out_path.with_suffix(".md"))
+    click.echo("wrote " + ", ".join(str(p) for p in written))
+
+
 @cli.group()
 def profiles() -> None:
     """List and show device profiles."""
@@ -280,6 +398,7 @@ def profiles_list() -> None:
 def profiles_measure(out_path: Path, model_path: Path | None, threads: int | None) -> None:
     """Measure this machine (bandwidth, compute, threads) and fit llama.cpp's efficiency per tensor type on the
     model written at a ladder of quant types, at half FFN width and at half depth (minutes), into a profile."""
+    require_build_install("profiles measure")
     from .fetch import fetch_smollm2
     from .hostprobe import measure_host_profile
     from .profiles import profile_to_toml

@@ -13,16 +13,18 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gguf
-
-from converters import WRITERS, ConversionInput
 
 from .atomic import raise_if_interrupted
 from .errors import EdgepruneError
 from .profiles import MAX_TYPE_EFFICIENCY
 from .quantize import QUANT_TYPES, _captured_llama_log, check_quant_type
 from .shapes import ModelShape
+
+if TYPE_CHECKING:  # the converters need torch; predicting an existing GGUF (validation on a device) does not
+    from converters import ConversionInput
 
 KV_PAD = 256  # llama.cpp allocates KV cells in multiples of 256
 N_UBATCH = 512  # llama.cpp's default micro-batch: the compute buffer is sized for it
@@ -67,6 +69,8 @@ class Prediction:
 
 def estimate_size(source: ConversionInput, shape: ModelShape, quant: str) -> SizeEstimate:
     """Exact per-tensor types and bytes of `shape` quantized to `quant`, from llama.cpp's dry run."""
+    from converters import WRITERS
+
     quant = check_quant_type(quant)
     writer = WRITERS[shape.architecture](source, shape)
     metadata = _metadata_bytes(writer)
@@ -145,14 +149,20 @@ def kv_cache_bytes(shape: ModelShape, n_ctx: int, kv_type: str = "f16", flash_at
     return int(cells * (sum(widths) + sum(v_widths)) * KV_TYPE_BYTES[kv_type])
 
 
-def compute_buffer_bytes(shape: ModelShape, n_ctx: int) -> int:
-    """llama.cpp's CPU compute buffer for a 512-token micro-batch: the logits of the batch dominate it,
-    then the widest activations and the attention scores."""
+def compute_buffer_bytes(shape: ModelShape, n_ctx: int, flash_attention: bool = False) -> int:
+    """llama.cpp's CPU compute buffer for a 512-token micro-batch: the most f32 activations alive at once anywhere
+    in the graph. That is the batch's logits (plus two hidden-size rows) at the output, or a layer's two FFN
+    projections, or, without flash attention, the attention scores (a float per head, token and KV cell) with f32
+    copies of K and V and about ten hidden-size rows per token (Q, the attention output, norms, residuals).
+    Measured on SmolLM2 (llama.cpp 0c1e57098): 98.25 MiB at 512–4096 cells either way (this gives 98.25) and
+    166.4 MiB at 8192 cells without flash attention (this gives 167.3)."""
+    cells = -(-n_ctx // KV_PAD) * KV_PAD
     n_ff = max(l.n_ff for l in shape.layers)
     n_head = max(l.n_head for l in shape.layers)
-    cells = -(-n_ctx // KV_PAD) * KV_PAD
-    per_token = shape.vocab_size + 2 * shape.hidden_size + 2 * n_ff
-    return 4 * N_UBATCH * per_token + 4 * N_UBATCH * min(cells, N_UBATCH) * n_head // 8
+    kv_width = max(l.n_head_kv for l in shape.layers) * shape.head_dim
+    per_token = max(shape.vocab_size, 2 * n_ff) + 2 * shape.hidden_size
+    attention = 0 if flash_attention else N_UBATCH * (cells * n_head + 10 * shape.hidden_size) + 2 * cells * kv_width
+    return 4 * max(N_UBATCH * per_token, attention)
 
 
 def read_per_token(size: SizeEstimate) -> list[TensorCost]:
@@ -244,7 +254,7 @@ def predict_for_size(size: SizeEstimate, shape: ModelShape, profile) -> Predicti
     return Prediction(
         size=size,
         kv_cache_bytes=kv_cache_bytes(shape, b.context_length, rt.kv_cache_type, rt.flash_attention),
-        compute_buffer_bytes=compute_buffer_bytes(shape, b.context_length),
+        compute_buffer_bytes=compute_buffer_bytes(shape, b.context_length, rt.flash_attention),
         decode_tps=decode,
         prefill_tps=prefill,
         ttft_s=b.ttft_prompt_tokens / prefill + 1.0 / decode,

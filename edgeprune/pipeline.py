@@ -8,8 +8,8 @@ that fails later removes the files it wrote, so a failed export leaves nothing b
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,15 +17,17 @@ from typing import Callable
 
 from converters import ConversionInput, write_gguf
 
-from .atomic import ensure_writable_dir, write_text_atomic
+from .atomic import ensure_writable_dir
+from .bundle import BUNDLE_NAME, REFERENCE, finish_bundle, start_bundle
 from .calibration import check_calibration_length, collect_calibration
 from .loading import layer_count, load_model
 from .planner import Plan, make_plan
 from .profiles import Profile
+from .reporting import write_report_pages
 from .quantize import QUANT_TYPES, QuantizeResult, check_quant_type, quantize_gguf
 from .shapes import shape_of
 from .texts import Text, calibration_text, check_evaluation_length, evaluation_text
-from .validate import ValidationReport, check_evaluation_options, format_summary, validate_gguf
+from .validate import ValidationReport, check_evaluation_options, format_summary, validate_gguf, write_report
 
 Progress = Callable[[str], None]
 REFERENCE_NAME = "reference-F16.gguf"
@@ -59,6 +61,7 @@ class ExportResult:
     quantization: QuantizeResult | None  # None for an F16 output
     plan: Plan | None
     seconds: dict[str, float] = field(default_factory=dict)
+    bundle: Path | None = None  # the validation bundle for the device; None without a profile
 
     @property
     def summary(self) -> str:
@@ -81,7 +84,10 @@ def export_model(model_path: str | Path, profile: Profile | None, out_dir: str |
         return _export(model_path, profile, out_dir, options, say, calib, evaluation, written)
     except BaseException:
         for path in written:
-            path.unlink(missing_ok=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
         raise
 
 
@@ -146,7 +152,8 @@ def _export(model_path, profile: Profile | None, out_dir: Path, options: ExportO
     reference = None
     stem = output_stem(model_path)
     final = out_dir / f"{stem}-{quant}.gguf"
-    outputs = [final, out_dir / REPORT_NAME] + ([out_dir / REFERENCE_NAME] if profile is not None else [])
+    outputs = [final, out_dir / REPORT_NAME, out_dir / "report.html", out_dir / "report.md"]
+    outputs += [out_dir / REFERENCE_NAME] if profile is not None else []
     written += [path for path in outputs if not path.exists()]
     if profile is not None:
         reference = timed("write_reference", write_gguf, source, out_dir / REFERENCE_NAME, "F16", say)
@@ -174,25 +181,35 @@ def _export(model_path, profile: Profile | None, out_dir: Path, options: ExportO
     finally:
         if float_gguf not in (final, reference):
             float_gguf.unlink(missing_ok=True)
-    report = None
+    report, validation_bundle = None, None
     if profile is not None:
-        report = timed("validate", validate_gguf, final, reference_gguf=reference, eval_text=evaluation,
-                       n_ctx=options.eval_ctx, max_chunks=options.eval_chunks, threads=options.threads,
-                       profile=profile, host_profile=options.host_profile, on_device=options.on_device,
-                       progress=say)
-    document = {
-        "export": {
-            "model": str(model_path), "profile": profile.name if profile else None, "quant": quant, "gguf": final.name,
-            "plan": plan.to_dict() if plan else None,
-            "imatrix": {"used": imatrix is not None, "text": calib.name, "entries": len(imatrix or {})},
-            "fallbacks": [asdict(f) for f in quantized.fallbacks] if quantized else [],
-            "pruning": prune_details, "seconds": timings,
-        },
-        "validation": report.to_dict() if report else None,
+        partial = start_bundle(out_dir)
+        written.append(partial)
+        report = timed("validate", validate_gguf, final, reference_gguf=reference, save_topk=partial / REFERENCE,
+                       eval_text=evaluation, n_ctx=options.eval_ctx, max_chunks=options.eval_chunks,
+                       threads=options.threads, profile=profile, host_profile=options.host_profile,
+                       on_device=options.on_device, progress=say)
+        say("writing the validation bundle")
+        if not (out_dir / BUNDLE_NAME).exists():
+            written.append(out_dir / BUNDLE_NAME)
+        validation_bundle = finish_bundle(partial, final, profile.path, {
+            "model": stem, "quant": quant, "profile": profile.name, "eval_text": evaluation.name,
+            "host_validation": report.to_dict(),
+        })
+    export = {
+        "model": str(model_path), "profile": profile.name if profile else None, "quant": quant, "gguf": final.name,
+        "bundle": validation_bundle.directory.name if validation_bundle else None,
+        "plan": plan.to_dict() if plan else None,
+        "imatrix": {"used": imatrix is not None, "text": calib.name, "entries": len(imatrix or {})},
+        "fallbacks": [asdict(f) for f in quantized.fallbacks] if quantized else [],
+        "pruning": prune_details, "seconds": timings,
     }
     report_path = out_dir / REPORT_NAME
-    write_text_atomic(report_path, json.dumps(document, indent=2) + "\n")
-    return ExportResult(final, reference, report_path, report, quantized, plan, timings)
+    document = write_report(report_path, report, export=export)
+    say("writing the report pages")
+    write_report_pages(document, out_dir)
+    return ExportResult(final, reference, report_path, report, quantized, plan, timings,
+                        validation_bundle.directory if validation_bundle else None)
 
 
 def _prune_summary(result) -> dict:

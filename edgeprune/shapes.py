@@ -7,8 +7,10 @@ planner, so that what is predicted is exactly what is written.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch only for shape_of: reading a GGUF's shape must work on a device without torch
+    import torch
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ REPETITIONS = 5
 SPEED_BATCH = 512  # llama.cpp's default n_ubatch: how apps on the device feed a long prompt
 ROW_BLOCK = 32  # logit rows turned into float64 at a time: bounds memory for 128k vocabularies
 PROGRESS_MARK = "@edgeprune-progress "
+REPORT_SCHEMA = 1  # report.json's layout: {"schema_version", sections..., "validation": ValidationReport}
 MIN_EVAL_CTX = 64  # a perplexity chunk scores its second half: shorter chunks score tokens with almost no context
 GGML_TYPE_IDS = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type values of the KV cache types a profile can name
 AT_LEAST = {"decode_tps"}  # budget checks whose measurement must reach the limit rather than stay under it
@@ -111,6 +112,8 @@ class SpeedResult:
     repetitions: int
     threads: int
     ttft_prompt_tokens: int
+    prefill_tps_stdev: float = 0.0  # spread over the repetitions, as llama-bench reports avg ± stddev
+    decode_tps_stdev: float = 0.0
 
 
 @dataclass
@@ -171,6 +174,8 @@ class ValidationReport:
     passed: bool | None  # None when no budgets were given
     predicted_device: Predicted | None = None  # the target device, from its profile
     predicted_host: Predicted | None = None  # this machine, from a measured host profile: prediction accuracy
+    machine: dict | None = None  # the machine that measured (machine_record): the device, when run on it
+    on_device: bool = False  # speed was judged as measured here, this machine being the target device
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -188,6 +193,8 @@ class ValidationReport:
             passed=data["passed"],
             predicted_device=Predicted(**data["predicted_device"]) if data.get("predicted_device") else None,
             predicted_host=Predicted(**data["predicted_host"]) if data.get("predicted_host") else None,
+            machine=data.get("machine"),
+            on_device=data.get("on_device", False),
         )
 
 
@@ -199,6 +206,8 @@ def validate_gguf(
     gguf_path: str | Path,
     *,
     reference_gguf: str | Path | None = None,
+    reference_topk: str | Path | None = None,
+    save_topk: str | Path | None = None,
     eval_text: Text | None = None,
     n_ctx: int = 512,
     max_chunks: int | None = 20,
@@ -227,11 +236,13 @@ def validate_gguf(
     ttft_tokens = _budget(budgets, "ttft_prompt_tokens") or N_PROMPT
     progress(f"llama.cpp runtime: {runtime.describe()}")
 
-    perplexity, divergence = measure_perplexity(path, text, reference_gguf=reference_gguf, n_ctx=n_ctx,
+    perplexity, divergence = measure_perplexity(path, text, reference_gguf=reference_gguf,
+                                                reference_topk=reference_topk, save_topk=save_topk, n_ctx=n_ctx,
                                                 max_chunks=max_chunks, runtime=runtime, progress=progress)
     probe = measure_speed(path, runtime=runtime, ttft_tokens=ttft_tokens, progress=progress)
     speed = SpeedResult(**probe["speed"])
     memory = _memory(path, info, probe, runtime)
+    machine = machine_record(runtime.threads, probe["llama_cpp"])
     device = Predicted.of(info, profile) if profile is not None else None
     host = Predicted.of(info, host_profile) if host_profile is not None else None
     checks = check_budgets(speed, memory, budgets, None if on_device else device) if budgets is not None else []
@@ -246,6 +257,8 @@ def validate_gguf(
         passed=all(c.passed for c in checks) if budgets is not None else None,
         predicted_device=device,
         predicted_host=host,
+        machine=machine,
+        on_device=on_device,
     )
 
 
@@ -256,6 +269,13 @@ def check_evaluation_options(n_ctx: int, chunks: int | None) -> None:
                              "(512 is llama-perplexity's default)")
     if chunks is not None and chunks < 1:
         raise EdgepruneError(f"--eval-chunks {chunks} scores nothing: give 1 or more (20 is the default)")
+
+
+def check_token_count(text_name: str, n_tokens: int, n_ctx: int, chunks: int | None) -> None:
+    """Enough tokens for `chunks` chunks of `n_ctx` (all of them when None: at least one)."""
+    from .texts import Text, check_evaluation_length
+
+    check_evaluation_length(Text(text_name, ""), n_tokens, n_ctx, chunks)
 
 
 def _memory(path: Path, info, probe: dict, runtime: Runtime) -> MemoryResult:
@@ -281,17 +301,29 @@ def _memory(path: Path, info, probe: dict, runtime: Runtime) -> MemoryResult:
     )
 
 
-def measure_perplexity(path: Path, text: Text, *, reference_gguf: str | Path | None = None, n_ctx: int = 512,
-                       max_chunks: int | None = 20, threads: int | None = None, runtime: Runtime | None = None,
+def measure_perplexity(path: Path, text: Text | None, *, reference_gguf: str | Path | None = None,
+                       reference_topk: str | Path | None = None, save_topk: str | Path | None = None,
+                       top_k: int | None = None, n_ctx: int = 512, max_chunks: int | None = 20,
+                       threads: int | None = None, runtime: Runtime | None = None,
                        progress: Callable[[str], None] = print_to_stderr) -> tuple[PerplexityResult, DivergenceResult | None]:
-    """llama-perplexity's PPL of `path` on `text` and, with a reference GGUF, its KL divergence, in a child process.
-    The candidate runs with `runtime`'s KV cache type, flash attention and threads (a quantized KV cache costs
-    quality too), or llama.cpp's defaults on `threads`; the reference with llama.cpp's defaults."""
+    """llama-perplexity's PPL of `path` on `text` and, with a reference, its KL divergence, in a child process.
+
+    The reference is a GGUF, whose top-k log-probs are also written to `save_topk` when given (a validation
+    bundle's), or such a top-k file (`reference_topk`), which brings its own evaluation chunks (`text`, `n_ctx`
+    and `max_chunks` are then unused). The candidate runs with `runtime`'s KV cache type, flash attention and
+    threads (a quantized KV cache costs quality too), or llama.cpp's defaults on `threads`; the reference GGUF
+    with llama.cpp's defaults."""
+    from .bundle_logits import DEFAULT_TOP_K
+
     runtime = runtime or Runtime(n_ctx, threads=threads or os.cpu_count() or 1)
+    if save_topk is not None and reference_gguf is None:
+        raise EdgepruneError("saving the reference's top-k log-probs needs a reference GGUF")
     quality = _run_child({
         "kind": "quality", "gguf": str(path), "reference": str(reference_gguf) if reference_gguf else None,
-        "text": text.content, "text_name": text.name, "n_ctx": n_ctx, "max_chunks": max_chunks,
-        "runtime": dataclasses.asdict(runtime),
+        "reference_topk": str(reference_topk) if reference_topk else None,
+        "save_topk": str(save_topk) if save_topk else None, "top_k": top_k or DEFAULT_TOP_K,
+        "text": text.content if text else None, "text_name": text.name if text else None, "n_ctx": n_ctx,
+        "max_chunks": max_chunks, "runtime": dataclasses.asdict(runtime),
     }, f"measuring the perplexity of {path}", progress)
     divergence = DivergenceResult(**quality["divergence"]) if quality["divergence"] else None
     return PerplexityResult(**quality["perplexity"]), divergence
@@ -429,9 +461,13 @@ def format_summary(report: ValidationReport) -> str:
     return "\n".join(lines)
 
 
-def write_report(report: ValidationReport, path: str | Path) -> None:
-    """JSON, written atomically: a pipeline that reads reports never sees half of one."""
-    write_text_atomic(path, json.dumps(report.to_dict(), indent=2) + "\n")
+def write_report(path: str | Path, validation: ValidationReport | None, **sections: Any) -> dict:
+    """The report document, JSON written atomically (a pipeline that reads reports never sees half of one):
+    `schema_version`, the named sections (export, bundle, expected, ...) and the validation. Returns it."""
+    document = {"schema_version": REPORT_SCHEMA, **sections,
+                "validation": validation.to_dict() if validation is not None else None}
+    write_text_atomic(path, json.dumps(document, indent=2) + "\n")
+    return document
 
 
 # --- the parent side of the child process ------------------------------------------------------------------
@@ -592,55 +628,68 @@ class _Model:
 
 
 def _measure_quality(task: dict) -> dict:
-    """Perplexity (and KL divergence against the reference) the llama-perplexity way, chunk by chunk."""
-    n_ctx, runtime = task["n_ctx"], task["runtime"]
+    """Perplexity and KL divergence the llama-perplexity way, chunk by chunk. The reference is a GGUF (whose
+    top-k log-probs are saved for a validation bundle when `save_topk` names a file) or a bundle's top-k file,
+    which also holds the chunks to decode."""
+    from . import bundle_logits
+
+    runtime = task["runtime"]
     threads = runtime["threads"]
     _report(f"loading {task['gguf']}")
-    cand = _Model(task["gguf"], n_ctx=n_ctx, n_batch=n_ctx, threads=threads, kv_cache_type=runtime["kv_cache_type"],
-                  flash_attention=runtime["flash_attention"])
-    tokens = cand.tokenize(task["text"])
-    ref = None
-    if task["reference"]:
-        _report(f"loading reference {task['reference']}")
-        ref = _Model(task["reference"], n_ctx=n_ctx, n_batch=n_ctx, threads=threads)
-        if ref.n_vocab != cand.n_vocab or ref.tokenize(task["text"]) != tokens:
-            raise EdgepruneError(
-                f"{task['gguf']} and reference {task['reference']} have different vocabularies: KL divergence needs a "
-                "reference with the same tokenizer (the unpruned, unquantized model as GGUF)"
-            )
-    if len(tokens) < 2 * n_ctx:
-        raise EdgepruneError(
-            f"evaluation text {task['text_name']} has only {len(tokens)} tokens; perplexity at n_ctx {n_ctx} needs "
-            f"at least {2 * n_ctx}: give a longer text or a smaller n_ctx"
-        )
-    n_chunks = len(tokens) // n_ctx if task["max_chunks"] is None else min(task["max_chunks"], len(tokens) // n_ctx)
+    cand = _Model(task["gguf"], n_ctx=task["n_ctx"], n_batch=task["n_ctx"], threads=threads,
+                  kv_cache_type=runtime["kv_cache_type"], flash_attention=runtime["flash_attention"])
+    ref, topk = None, None
+    if task.get("reference_topk"):
+        topk, chunks = bundle_logits.load(task["reference_topk"])
+        if int(chunks.max()) >= cand.n_vocab:
+            raise EdgepruneError(f"{task['gguf']} has {cand.n_vocab} tokens but the bundle's text uses token "
+                                 f"{int(chunks.max())}: the bundle belongs to another model")
+    else:
+        tokens = cand.tokenize(task["text"])
+        if task["reference"]:
+            _report(f"loading reference {task['reference']}")
+            ref = _Model(task["reference"], n_ctx=task["n_ctx"], n_batch=task["n_ctx"], threads=threads)
+            if ref.n_vocab != cand.n_vocab or ref.tokenize(task["text"]) != tokens:
+                raise EdgepruneError(
+                    f"{task['gguf']} and reference {task['reference']} have different vocabularies: KL divergence "
+                    "needs a reference with the same tokenizer (the unpruned, unquantized model as GGUF)"
+                )
+        check_token_count(task["text_name"], len(tokens), task["n_ctx"], task["max_chunks"])
+        chunks = bundle_logits.evaluation_chunks(tokens, task["n_ctx"], task["max_chunks"],
+                                                 cand.bos if cand.add_bos else None)
+    n_chunks, n_ctx = chunks.shape
     first = n_ctx // 2
+    per_chunk = n_ctx - 1 - first
     rows: dict[str, list[np.ndarray]] = {}
+    saved: list = []
     for i in range(n_chunks):
-        chunk = list(tokens[i * n_ctx:(i + 1) * n_ctx])
-        if cand.add_bos:
-            chunk[0] = cand.bos
-        targets = np.asarray(chunk[first + 1:])
+        chunk, targets = chunks[i].tolist(), chunks[i, first + 1:]
         cand_logits = cand.score(chunk, first)
-        if ref is None:
-            part = {"cand_logp": token_logprobs(cand_logits, targets)}
+        if topk is not None:
+            part = bundle_logits.divergence_from_topk(topk.rows(i * per_chunk, (i + 1) * per_chunk), cand_logits)
+        elif ref is not None:
+            ref_logits = ref.score(chunk, first)
+            part = divergence_rows(ref_logits, cand_logits, targets)
+            if task.get("save_topk"):
+                saved.append(bundle_logits.reference_from_logits(ref_logits, targets, task["top_k"]))
         else:
-            part = divergence_rows(ref.score(chunk, first), cand_logits, targets)
+            part = {"cand_logp": token_logprobs(cand_logits, targets)}
         for key, values in part.items():
             rows.setdefault(key, []).append(values)
         nll_mean = -float(np.concatenate(rows["cand_logp"]).mean())
         line = f"perplexity chunk {i + 1}/{n_chunks}: PPL {math.exp(nll_mean):.3f}"
-        if ref is not None:
+        if "kld" in rows:
             line += f", mean KLD {float(np.concatenate(rows['kld']).mean()):.5f}"
         _report(line)
-    scored = len(rows["cand_logp"]) * (n_ctx - 1 - first)
+    if saved:
+        bundle_logits.save(task["save_topk"], bundle_logits.concatenate(saved), chunks)
     perplexity = {"ppl": math.exp(nll_mean), "nll_mean": nll_mean, "n_chunks": n_chunks, "n_ctx": n_ctx,
-                  "n_tokens_scored": scored}
+                  "n_tokens_scored": n_chunks * per_chunk}
     divergence = None
-    if ref is not None:
+    if "kld" in rows:
         _report("divergence: summarizing")
         merged = {key: np.concatenate(values) for key, values in rows.items()}
-        divergence = dataclasses.asdict(summarize_divergence(merged, task["reference"]))
+        divergence = dataclasses.asdict(summarize_divergence(merged, task["reference"] or task["reference_topk"]))
     return {"perplexity": perplexity, "divergence": divergence}
 
 
@@ -694,13 +743,37 @@ def _measure_speed(task: dict) -> dict:
     return {
         "speed": {"prefill_tps": float(np.median(pp)), "decode_tps": float(np.median(tg)),
                   "ttft_s": float(np.median(ttft)), "n_prompt": N_PROMPT, "n_gen": N_GEN, "repetitions": REPETITIONS,
-                  "threads": threads, "ttft_prompt_tokens": ttft_tokens},
+                  "threads": threads, "ttft_prompt_tokens": ttft_tokens, "prefill_tps_stdev": float(np.std(pp, ddof=1)),
+                  "decode_tps_stdev": float(np.std(tg, ddof=1))},
+        "llama_cpp": {"version": getattr(model.lib, "__version__", "unknown"),
+                      "system_info": model.lib.llama_print_system_info().decode("utf-8", errors="replace").strip()},
         "per_repetition": {"prefill_tps": pp, "decode_tps": tg},  # for pooling over several measurements
         "n_params": int(model.lib.llama_model_n_params(model.llm.model)),
         "kv_cache_bytes": _logged_bytes(r"KV buffer size =\s*([0-9.]+) MiB", log),
         "compute_buffer_bytes": _logged_bytes(r"compute buffer size =\s*([0-9.]+) MiB", log),
         "peak_rss_bytes": peak_rss_bytes(),
     }
+
+
+def machine_record(threads: int, llama_cpp: dict) -> dict:
+    """What the numbers were measured on: CPU, cores, RAM, OS, the llama.cpp build and its system info, threads."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            names = [line.split(":", 1)[1].strip() for line in info if line.lower().startswith(("model name", "hardware"))]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = None
+    return {"hostname": platform.node(), "cpu": cpu, "machine": platform.machine(), "cores": os.cpu_count(),
+            "ram_bytes": ram, "os": platform.platform(), "python": platform.python_version(),
+            "llama_cpp_python": llama_cpp["version"], "llama_cpp_system_info": llama_cpp["system_info"],
+            "threads": threads}
 
 
 def _logged_bytes(pattern: str, log: str) -> int | None:

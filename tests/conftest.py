@@ -157,3 +157,19 @@ def assert_clean_failure(result: subprocess.CompletedProcess, out_dir: Path, *ex
     left = sorted(p.name for p in out_dir.rglob("*") if p.is_file()) if out_dir.exists() else []
     assert left == [], f"files left after a failed command: {left}"
     return errors[0]
+
+
+@pytest.fixture(scope="session")
+def smollm2_bundle(smollm2_gguf, tmp_path_factory) -> Path:
+    """A real export of SmolLM2 (Q8_0, 4 chunks of 256 tokens) for a roomy laptop profile: its validation bundle
+    directory. The export's report.json lies in the bundle's parent."""
+    from edgeprune.profiles import load_profile
+
+    out = tmp_path_factory.mktemp("bundle-export")
+    laptop = load_profile("x86-laptop-16gb").path.read_text()
+    profile = out.parent / "laptop-ctx512.toml"  # a short context keeps the speed runs quick
+    profile.write_text(laptop.replace("context_length = 8192", "context_length = 512"))
+    result = run_cli("export", str(smollm2_gguf), "--profile", str(profile), "--out", str(out), "--quant", "Q8_0",
+                     "--eval-chunks", "4", "--eval-ctx", "256", "--threads", "2", timeout=1800)
+    assert result.returncode in (0, 1), result.stderr[-3000:]
+    return out / "bundle"

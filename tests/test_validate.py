@@ -158,10 +158,11 @@ def test_summary_and_json_report_round_trip(validated, tmp_path):
     assert "PPL" in summary and "KLD" in summary and "verdict     PASS" in summary
     assert len(summary.splitlines()) < 25
     out = tmp_path / "report.json"
-    write_report(report, out)
-    data = json.loads(out.read_text())
-    assert data["perplexity"]["ppl"] == report.perplexity.ppl
-    assert ValidationReport.from_dict(data) == report
+    write_report(out, report, export=None)
+    document = json.loads(out.read_text())
+    assert document["schema_version"] == 1 and document["export"] is None
+    assert document["validation"]["perplexity"]["ppl"] == report.perplexity.ppl
+    assert ValidationReport.from_dict(document["validation"]) == report
 
 
 def _truncated(path, tmp_path):
@@ -241,7 +242,7 @@ def test_update_profile_makes_the_profile_predict_what_was_measured(smollm2_gguf
     assert result.returncode == 0, result.stderr[-2000:]
     assert "per-type tables" in result.stdout
     assert path.read_text() == before  # the profile it started from is left alone
-    speed = json.loads(report_path.read_text())["speed"]
+    speed = json.loads(report_path.read_text())["validation"]["speed"]
     updated = load_profile(written)
     info = read_gguf(smollm2_gguf)
     assert predict_gguf(info, updated).decode_tps == pytest.approx(speed["decode_tps"], rel=0.01)
