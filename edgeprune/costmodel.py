@@ -150,19 +150,21 @@ def kv_cache_bytes(shape: ModelShape, n_ctx: int, kv_type: str = "f16", flash_at
 
 
 def compute_buffer_bytes(shape: ModelShape, n_ctx: int, flash_attention: bool = False) -> int:
-    """llama.cpp's CPU compute buffer for a 512-token micro-batch: the most f32 activations alive at once anywhere
-    in the graph. That is the batch's logits (plus two hidden-size rows) at the output, or a layer's two FFN
-    projections, or, without flash attention, the attention scores (a float per head, token and KV cell) with f32
-    copies of K and V and about ten hidden-size rows per token (Q, the attention output, norms, residuals).
-    Measured on SmolLM2 (llama.cpp 0c1e57098): 98.25 MiB at 512–4096 cells either way (this gives 98.25) and
-    166.4 MiB at 8192 cells without flash attention (this gives 167.3)."""
+    """llama.cpp's CPU compute buffer for one micro-batch (512 tokens, or the context when shorter): the most f32
+    activations alive at once anywhere in the graph. That is the batch's logits (plus two hidden-size rows) at the
+    output, or a layer's two FFN projections, or, without flash attention, the attention scores (a float per
+    head, token and KV cell) with the f32 mask (a float per token and cell), one f32 copy of K and four
+    hidden-size rows per token. Measured (llama.cpp 0c1e57098): SmolLM2 98.25 MiB at 512–4096 cells either way
+    (this gives 98.25) and 166.38 MiB at 8192 cells without flash attention (170.5); a 4-head, 64-wide model with
+    a 16384-token vocabulary 40.76 MiB at 4096 cells (41.0). It errs high, never low: memory is a budget."""
     cells = -(-n_ctx // KV_PAD) * KV_PAD
+    ubatch = min(N_UBATCH, n_ctx)
     n_ff = max(l.n_ff for l in shape.layers)
     n_head = max(l.n_head for l in shape.layers)
     kv_width = max(l.n_head_kv for l in shape.layers) * shape.head_dim
     per_token = max(shape.vocab_size, 2 * n_ff) + 2 * shape.hidden_size
-    attention = 0 if flash_attention else N_UBATCH * (cells * n_head + 10 * shape.hidden_size) + 2 * cells * kv_width
-    return 4 * max(N_UBATCH * per_token, attention)
+    attention = 0 if flash_attention else ubatch * (cells * (n_head + 1) + 4 * shape.hidden_size) + cells * kv_width
+    return 4 * max(ubatch * per_token, attention)
 
 
 def read_per_token(size: SizeEstimate) -> list[TensorCost]:

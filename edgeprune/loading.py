@@ -130,6 +130,10 @@ def _read_llama_config(directory: Path) -> dict:
         raise EdgepruneError(
             f"{directory} holds a {model_type!r} model ({archs}): edgeprune supports Llama-family models (model_type 'llama')"
         )
+    biased = [key for key in ("attention_bias", "mlp_bias") if config.get(key)]
+    if biased:  # the converter writes no q/k/v or gate/up biases: the GGUF would load and talk nonsense
+        raise EdgepruneError(f"{directory}/config.json sets {' and '.join(f'{k}: true' for k in biased)}: edgeprune "
+                             "cannot convert those bias tensors yet, and a GGUF without them would be wrong")
     return config
 
 

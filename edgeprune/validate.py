@@ -60,16 +60,15 @@ class Runtime:
     threads: int = 1
 
     @classmethod
-    def of(cls, profile: Any, *, threads: int | None = None, on_device: bool = False,
-           default_context: int = 512) -> Runtime:
-        """The profile's runtime. Threads: `threads` when given, else the profile's `device.threads` — on this
-        machine capped at its cores, since off the device the speed is reported, not judged."""
+    def of(cls, profile: Any, *, threads: int | None = None, default_context: int = 512) -> Runtime:
+        """The profile's runtime. Threads: `threads` when given, else the profile's `device.threads`, capped at
+        this machine's cores: more threads than cores only make llama.cpp's threads wait on each other."""
         cores = os.cpu_count() or 1
         if profile is None:
             return cls(default_context, threads=threads or cores)
-        wanted = threads or (profile.device.threads if on_device else min(profile.device.threads, cores))
         rt = profile.runtime
-        return cls(profile.budgets.context_length, rt.kv_cache_type, rt.flash_attention, wanted)
+        return cls(profile.budgets.context_length, rt.kv_cache_type, rt.flash_attention,
+                   threads or min(profile.device.threads, cores))
 
     def describe(self) -> str:
         return (f"ctx {self.context_length}, KV {self.kv_cache_type}, flash attention "
@@ -232,7 +231,7 @@ def validate_gguf(
     if reference_gguf is not None:
         read_gguf(reference_gguf)
     text = eval_text or default_evaluation_text()
-    runtime = Runtime.of(profile, threads=threads, on_device=on_device, default_context=n_ctx)
+    runtime = Runtime.of(profile, threads=threads, default_context=n_ctx)
     ttft_tokens = _budget(budgets, "ttft_prompt_tokens") or N_PROMPT
     progress(f"llama.cpp runtime: {runtime.describe()}")
 

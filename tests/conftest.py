@@ -170,6 +170,6 @@ def smollm2_bundle(smollm2_gguf, tmp_path_factory) -> Path:
     profile = out.parent / "laptop-ctx512.toml"  # a short context keeps the speed runs quick
     profile.write_text(laptop.replace("context_length = 8192", "context_length = 512"))
     result = run_cli("export", str(smollm2_gguf), "--profile", str(profile), "--out", str(out), "--quant", "Q8_0",
-                     "--eval-chunks", "4", "--eval-ctx", "256", "--threads", "2", timeout=1800)
+                     "--eval-chunks", "4", "--eval-ctx", "256", "--threads", "1", timeout=1800)
     assert result.returncode in (0, 1), result.stderr[-3000:]
     return out / "bundle"

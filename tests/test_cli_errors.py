@@ -31,6 +31,16 @@ def test_non_llama_config(tiny_bpe_llama, tmp_path):
     assert_clean_failure(r, tmp_path / "out", "'mistral' model")
 
 
+@pytest.mark.parametrize("key", ["attention_bias", "mlp_bias"])
+def test_biased_llama_is_refused_not_converted_wrong(tiny_bpe_llama, tmp_path, key):
+    """Exported without its biases, such a model loads in llama.cpp and is far from transformers (mean KLD ~1.8)."""
+    config = json.loads((tiny_bpe_llama / "config.json").read_text())
+    config[key] = True
+    (tiny_bpe_llama / "config.json").write_text(json.dumps(config))
+    r = export(tiny_bpe_llama, tmp_path / "out")
+    assert_clean_failure(r, tmp_path / "out", f"{key}: true")
+
+
 def test_truncated_safetensors(tiny_bpe_llama, tmp_path):
     weights = tiny_bpe_llama / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])

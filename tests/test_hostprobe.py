@@ -9,7 +9,9 @@ import pytest
 
 from edgeprune.costmodel import (SizeEstimate, TensorCost, calibrated_device, decode_seconds_per_token, layer_count,
                                  prefill_seconds_per_token)
-from edgeprune.hostprobe import _fit_type_efficiency, _nonnegative_least_squares, measure_host_profile
+from edgeprune import hostprobe
+from edgeprune.hostprobe import (TYPE_FAMILIES, _fit_type_efficiency, _nonnegative_least_squares, fit_host_profile,
+                                  measure_host_profile, measured_runs)
 from edgeprune.profiles import DeviceSpec, load_profile, profile_to_toml
 from edgeprune.shapes import LayerShape, ModelShape
 from edgeprune.validate import N_PROMPT
@@ -95,10 +97,17 @@ def test_calibrated_device_predicts_what_was_measured(tables):
         assert calibrated.prefill_type_efficiency["f16"] == pytest.approx(0.25, rel=1e-3)
 
 
-def test_measure_host_profile_runs_llama_cpp_and_writes_a_profile_that_loads(tiny_bpe_llama, tmp_path):
+def test_measure_host_profile_runs_llama_cpp_and_writes_a_profile_that_loads(tiny_bpe_llama, tmp_path, monkeypatch):
     """`profiles measure` end to end on a tiny model: real quantization, real llama.cpp runs of the whole model,
     of its FFN cut from 96 to 32 channels (half, 32-aligned) and of half its layers, and a profile that loads
     back equal and prices a decoded token with its fixed layer cost."""
+    runs: list = []
+
+    def keep_runs(*args, **kwargs):
+        runs.extend(measured_runs(*args, **kwargs))
+        return runs
+
+    monkeypatch.setattr(hostprobe, "measured_runs", keep_runs)
     lines: list[str] = []
     profile = measure_host_profile(tiny_bpe_llama, threads=1, progress=lines.append)
     assert any("1 layers" in line for line in lines) and any("FFN 32" in line for line in lines)
@@ -109,3 +118,31 @@ def test_measure_host_profile_runs_llama_cpp_and_writes_a_profile_that_loads(tin
     assert device == profile.device
     assert device.memory_bandwidth_gbs > 0.5 and device.compute_gflops > 0.5 and device.threads == 1
     assert {"f16", "q8_0"} <= set(device.decode_type_efficiency) and {"f16", "q8_0"} <= set(device.prefill_type_efficiency)
+
+    # The fixed cost per layer. The ladder holds what separates it from the bytes: the model at 3 layers and at 1,
+    # and its FFN at 96 channels and at 32 (the same layers, fewer bytes) ...
+    ladder = {(layer_count(size), max(l.n_ff for l in shape.layers)) for size, shape, _ in runs}
+    assert ladder == {(3, 96), (3, 32), (1, 96)}
+    # ... the profile is exactly the fit of these runs, the layer cost included (on a tiny model its value is at the
+    # mercy of the machine's load: 25 and 45 us per layer in two runs here, none in a third on a busier machine) ...
+    assert fit_host_profile(runs, device.memory_bandwidth_gbs, device.compute_gflops, 1).device == device
+    assert device.decode_layer_overhead_us is None or 0 < device.decode_layer_overhead_us < 2000
+    # ... and on these very files, speeds made by a device with a known layer cost give that cost back, kept
+    # in the written profile, where it prices every decoded token once per layer.
+    families = {"float": 0.9, "q8": 0.7, "q4": 0.5, "q5_0": 0.4, "q5_1": 0.45, "k": 0.6}
+    table = {t: families[f] for f, members in TYPE_FAMILIES.items() for t in members}
+    truth = dataclasses.replace(device, decode_type_efficiency=table, prefill_type_efficiency=table,
+                                decode_layer_overhead_us=120.0)
+    synthetic = [(size, shape, {"decode_tps": 1 / decode_seconds_per_token(size, truth),
+                                "prefill_tps": 1 / prefill_seconds_per_token(size, shape, N_PROMPT, truth)})
+                 for size, shape, _ in runs]
+    fitted = fit_host_profile(synthetic, device.memory_bandwidth_gbs, device.compute_gflops, 1)
+    path.write_text(profile_to_toml(fitted))
+    refitted = load_profile(path).device
+    assert refitted.decode_layer_overhead_us == pytest.approx(120.0, rel=1e-2)
+    assert f"decode_layer_overhead_us = {refitted.decode_layer_overhead_us!r}" in path.read_text()
+    no_overhead = dataclasses.replace(refitted, decode_layer_overhead_us=None)
+    for size, _, speed in synthetic:
+        extra = decode_seconds_per_token(size, refitted) - decode_seconds_per_token(size, no_overhead)
+        assert extra == pytest.approx(layer_count(size) * refitted.decode_layer_overhead_us * 1e-6, rel=1e-9)
+        assert 1 / decode_seconds_per_token(size, refitted) == pytest.approx(speed["decode_tps"], rel=1e-3)

@@ -8,6 +8,7 @@ import numpy as np
 
 import pytest
 import torch
+from conftest import agreement, torch_logits
 from transformers import LlamaForCausalLM
 
 from edgeprune.errors import EdgepruneError
@@ -40,12 +41,37 @@ def _runs(model: LlamaForCausalLM, ids: list[int]) -> None:
     assert out.shape == (1, 11)
 
 
-def test_ratio_zero_leaves_logits_unchanged(tiny, ids):
+def test_ffn_pruning_removes_what_was_asked_keeps_the_heads_and_the_important_channels(tiny, ids):
+    """What a user checks after `--ffn 0.33` with the defaults: a third of every FFN gone in aligned blocks and
+    nothing else (the heads, at ratio 0, keep their weights bit for bit), the count reported and the config agree
+    with the weights, the kept channels are the original ones, and the criterion chose better than chance."""
     model, reference = tiny(), tiny()
-    result = prune_model(model, ids, PruneOptions(**TINY))
-    x = torch.tensor([ids[:50]])
-    torch.testing.assert_close(model(input_ids=x).logits, reference(input_ids=x).logits, rtol=0, atol=0)
-    assert result.removed_params == 0 and result.shape == shape_of(reference)
+    result = prune_model(model, ids, PruneOptions(ffn=1 / 3, **TINY))
+    assert [(l.n_head, l.n_head_kv, l.n_ff) for l in result.shape.layers] == [(4, 2, 64)] * 3  # 96 → 64, 16-aligned
+    assert result.shape.architecture == "llama" and model.config.intermediate_size == 64
+    assert result.removed_params == 3 * (3 * 64 * 32)  # gate, up and down rows of 32 channels in 3 layers
+    assert result.removed_params == result.decoder_params_before - shape_of(model).decoder_params()
+    assert result.removed_params / result.decoder_params_before == pytest.approx(0.2)  # FFN is 60% of the decoder
+    assert result.details["widths"] == [(4, 2, 64)] * 3
+    for cut, full in zip(model.model.layers, reference.model.layers):
+        for name in ("q_proj", "k_proj", "v_proj"):
+            assert torch.equal(getattr(cut.self_attn, name).weight, getattr(full.self_attn, name).weight), name
+        kept = _kept(full.mlp.gate_proj.weight, cut.mlp.gate_proj.weight, 1)
+        assert len(set(kept)) == 64 and kept == _kept(full.mlp.up_proj.weight, cut.mlp.up_proj.weight, 1)
+    _runs(model, ids)
+
+    # The chosen channels matter less than random ones: on held-out tokens the pruned model stays closer to the
+    # original (KL 0.62) than random channel choices with the same recovery (KL 0.81-0.89, seeds 0-3).
+    held_out = torch.randint(3, 300, (256,), generator=torch.Generator().manual_seed(1)).tolist()
+
+    def kl_to_reference(pruned) -> float:
+        return agreement(torch_logits(reference, held_out), torch_logits(pruned, held_out))[1]
+
+    chosen = kl_to_reference(model)
+    for seed in (0, 1):
+        randomly = tiny()
+        prune_model(randomly, ids, PruneOptions(ffn=1 / 3, method="random", seed=seed, **TINY))
+        assert chosen < 0.85 * kl_to_reference(randomly), (chosen, seed)
 
 
 def test_uniform_per_group_exports_as_llama_and_generates(tiny, ids):
@@ -185,7 +211,7 @@ def test_ridge_refit_recovers_a_redundant_column_exactly():
         (PruneOptions(heads=-0.1), "heads ratio -0.1 is outside"),
         (PruneOptions(layers=3), "cannot remove 3 of 3 layers"),
         (PruneOptions(head_mode="rows"), "unknown head_mode"),
-        (PruneOptions(align=0), "align must be a positive integer"),
+        (PruneOptions(ffn=0.2, align=0), "align must be a positive integer"),  # a ratio: a no-op is refused first
     ],
 )
 def test_bad_options_are_one_line_errors(tiny, ids, options, message):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import subprocess
 import sys
@@ -59,11 +60,20 @@ def test_hf_directory_tokenizes_like_llama_cpp_runtime(smollm2, smollm2_gguf, tm
     text = default_evaluation_text().content[:20000]
     assert llama_tokens(path, text) == llama_tokens(smollm2_gguf, text)
     assert llama_tokens(path, HARD) == llama_tokens(smollm2_gguf, HARD)
-    hf_ids = reloaded.tokenizer(text, add_special_tokens=False)["input_ids"]
-    ours = llama_tokens(path, text)
-    # transformers splits " 3" differently (no Digits step after the GGUF round trip): rare, but it exists
-    same = sum(a == b for a, b in zip(hf_ids, ours)) / max(len(hf_ids), len(ours))
-    assert same > 0.5
+    # transformers' own tokenizer (the one calibration uses) against llama.cpp on the whole evaluation text. Its
+    # tokenizer rebuilt from a GGUF pre-tokenizes whitespace runs with the GPT-2 regex alone, so a few runs of
+    # spaces or newlines split differently (measured: 84 runs, 99.75% of tokens aligned; on the first 20k
+    # characters, none). Anything else that differs means the two tokenize different text or with other merges.
+    full = default_evaluation_text().content
+    tokenizer = reloaded.tokenizer
+    hf_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    ours = llama_tokens(path, full)
+    matcher = difflib.SequenceMatcher(None, hf_ids, ours, autojunk=False)
+    for op, a0, a1, b0, b1 in matcher.get_opcodes():
+        if op != "equal":
+            theirs, mine = tokenizer.decode(hf_ids[a0:a1]), tokenizer.decode(ours[b0:b1])
+            assert theirs == mine and not theirs.strip(), (op, theirs, mine)
+    assert matcher.ratio() >= 0.995
 
 
 def test_export_cli_end_to_end(smollm2_gguf, tmp_path):

@@ -105,13 +105,11 @@ def test_speed_and_memory_are_measured(validated, smollm2_gguf):
 
 
 def test_runtime_follows_the_profile():
-    phone = load_profile("snapdragon-8-gen-3-phone")
-    on_device = Runtime.of(phone, on_device=True)
-    assert on_device == Runtime(1024, "q8_0", True, 6)
-    assert Runtime.of(phone, threads=3).threads == 3
     import os
 
-    assert Runtime.of(phone).threads == min(6, os.cpu_count())  # off the device: no more threads than cores here
+    phone = load_profile("snapdragon-8-gen-3-phone")
+    assert Runtime.of(phone) == Runtime(1024, "q8_0", True, min(6, os.cpu_count()))  # never more threads than cores
+    assert Runtime.of(phone, threads=3).threads == 3
     assert Runtime.of(None, threads=2, default_context=300) == Runtime(300, "f16", False, 2)
 
 
