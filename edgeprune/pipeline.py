@@ -106,7 +106,7 @@ def check_export_inputs(model_path: str | Path, profile: Profile | None, out_dir
     evaluation = evaluation_text(options.eval) if profile is not None else None
     if evaluation is not None:  # no token covers less than a byte; the BOS is added
         check_evaluation_length(evaluation, len(evaluation.content.encode("utf-8")) + 1, options.eval_ctx,
-                                options.eval_chunks)
+                                options.eval_chunks, upper_bound=True)
     ensure_writable_dir(out_dir)
     return calib, evaluation
 

@@ -39,7 +39,7 @@ from .tables import SuiteResult, table
 KS = (1, 4, 8, 16, 32, 64, 128)
 TAILS = (0, 8, 32)  # 0: the lower bound alone
 FLOAT32_KS = (8, 32, 128)  # float32 log-probs are tried at these k, with the default tail, against float16
-CANDIDATES = ("Q8_0", "Q4_0", "Q3_K_M")
+CANDIDATES = ("Q8_0", "Q4_K_M", "Q4_0", "Q3_K_M")
 EVAL_CTX, EVAL_CHUNKS = 512, 20
 LAYOUTS = [(k, m, "float16") for k in KS for m in TAILS] + [(k, DEFAULT_TAIL_SAMPLES, "float32") for k in FLOAT32_KS]
 DTYPES = {"float16": np.float16, "float32": np.float32}
