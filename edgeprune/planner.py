@@ -3,7 +3,8 @@
 Every candidate (quant type × FFN width × heads per KV group × whole layers × allocation) is priced by the
 cost model: exact tensor types and bytes from llama.cpp's dry run, KV cache, compute buffer, decode and
 prefill speed on the profile's device. Candidates that break a budget are dropped; the rest are ranked by
-estimated quality loss (edgeprune/quality_table.toml, measured), and the least lossy one wins.
+estimated quality loss (edgeprune/quality_table.toml, measured by `python -m edgeprune.bench quality`), and the
+least lossy one wins. Each estimate says whether it rests on measured rows or goes between or beyond them.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ SHOWN_REJECTED = 4
 SPEED_MARGIN = 0.10
 RUNNERS_UP = 4  # feasible candidates kept after the chosen one, for `--search measured` to build and compare
 SUGGESTED_QUANTS = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")
+# What a quality estimate rests on, best first, with its mark in `plan`'s output: a planner that ranks on a guess
+# must say so, so the user knows when `--search measured` is worth its minutes.
+BASES = {"measured": "", "interpolated": "~", "extrapolated": "!"}
+LEGEND = "est. ~ interpolated between measured rows of the quality table, ! extrapolated beyond them"
+MEASURED_TOLERANCE = 1e-5  # the table's pruning shares are written to 6 decimals
 
 
 def k_quant(quant: str) -> bool:
@@ -103,7 +109,13 @@ class Evaluated:
     candidate: Candidate
     prediction: Prediction
     quality_loss: float  # estimated Δ log PPL
+    basis: str  # a key of BASES: how the quality table backs quality_loss
     violations: list[Violation] = field(default_factory=list)
+
+    @property
+    def estimate(self) -> str:
+        """The estimated PPL increase as `plan` prints it, marked unless it rests on measured rows."""
+        return f"+{100 * (math.exp(self.quality_loss) - 1):.1f}%{BASES[self.basis]}"
 
     @property
     def feasible(self) -> bool:
@@ -116,7 +128,7 @@ class Evaluated:
             "architecture": "deci" if self.candidate.allocation == "adaptive" else "llama",
             "file_mib": round(p.size.file_bytes / MIB, 2), "memory_mib": round(p.memory_bytes / MIB, 2),
             "decode_tps": round(p.decode_tps, 2), "prefill_tps": round(p.prefill_tps, 2), "ttft_s": round(p.ttft_s, 3),
-            "estimated_ppl_increase": round(100 * (math.exp(self.quality_loss) - 1), 1),
+            "estimated_ppl_increase": round(100 * (math.exp(self.quality_loss) - 1), 1), "estimate_basis": self.basis,
             "violations": [str(v) for v in self.violations],
         }
 
@@ -158,11 +170,16 @@ def load_quality_table() -> dict:
     return tomllib.loads(resources.files("edgeprune").joinpath("quality_table.toml").read_text(encoding="utf-8"))
 
 
-def estimated_loss(candidate: Candidate, base: ModelShape, table: dict) -> float:
-    """Δ log PPL from the measured table: quantization plus pruning, added in log space."""
-    quant = table["quant"].get(candidate.quant, 1.0)
+def estimated_loss(candidate: Candidate, base: ModelShape, table: dict) -> tuple[float, str]:
+    """Δ log PPL from the quality table (quantization plus pruning, added in log space) and its basis: "measured"
+    when every term is a measured row, else "interpolated" or "extrapolated" (see BASES)."""
+    quant = table["quant"].get(candidate.quant)
+    if quant is None:  # a type nobody measured: ranked below every measured one
+        quant, basis = 1.0, "extrapolated"
+    else:
+        basis = "measured" if candidate.quant in table["measured"]["quant"] else "interpolated"
     if candidate.allocation == "none":
-        return quant
+        return quant, basis
     pruning = table["pruning"]
     full = base.layers[0]
     d, hd = base.hidden_size, base.head_dim
@@ -171,7 +188,10 @@ def estimated_loss(candidate: Candidate, base: ModelShape, table: dict) -> float
     heads_removed = 2 * d * hd * (full.n_head - candidate.heads_per_group * full.n_head_kv) * (base.n_layers - candidate.layers_removed)
     curve = pruning[candidate.allocation]
     loss = _interpolate(curve, mlp_removed / decoder) + pruning["heads_factor"] * _interpolate(curve, heads_removed / decoder)
-    return quant + loss + pruning["per_layer_removed"] * candidate.layers_removed
+    bases = [basis, _curve_basis(curve, mlp_removed / decoder)]
+    if heads_removed or candidate.layers_removed:  # heads_factor and per_layer_removed are estimates, not rows
+        bases.append("extrapolated")
+    return quant + loss + pruning["per_layer_removed"] * candidate.layers_removed, max(bases, key=list(BASES).index)
 
 
 def _interpolate(points: list[list[float]], x: float) -> float:
@@ -179,6 +199,13 @@ def _interpolate(points: list[list[float]], x: float) -> float:
     i = min(max(bisect.bisect_right(xs, x), 1), len(points) - 1)
     (x0, y0), (x1, y1) = points[i - 1], points[i]
     return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+def _curve_basis(points: list[list[float]], x: float) -> str:
+    """A pruning curve holds only measured points (and the unpruned origin), so x is on one, between or beyond."""
+    if any(math.isclose(x, p[0], abs_tol=MEASURED_TOLERANCE) for p in points):
+        return "measured"
+    return "interpolated" if x < points[-1][0] else "extrapolated"
 
 
 def enumerate_candidates(base: ModelShape, quants: tuple[str, ...], allow_deci: bool) -> list[Candidate]:
@@ -230,7 +257,7 @@ def evaluate(source: ConversionInput, base: ModelShape, candidates: list[Candida
                 progress(f"planning: pricing candidate {i + 1}/{len(candidates)} with llama.cpp's dry run")
             sizes[key] = estimate_size(source, shape, c.quant)
         prediction = predict_for_size(sizes[key], shape, profile)
-        out.append(Evaluated(c, prediction, estimated_loss(c, base, table), violations(prediction, profile)))
+        out.append(Evaluated(c, prediction, *estimated_loss(c, base, table), violations(prediction, profile)))
     return out
 
 
@@ -287,7 +314,7 @@ def format_plan(plan: Plan, model_name: str, profile) -> str:
         f"{SPEED_MARGIN:.0%} margin",
         f"chosen     {c['label']}  ({c['architecture']} GGUF)",
         f"predicted  file {c['file_mib']:.1f} MiB, memory {c['memory_mib']:.1f} MiB, decode {c['decode_tps']:.1f} tok/s, "
-        f"TTFT {c['ttft_s']:.2f} s, est. PPL +{c['estimated_ppl_increase']:.1f}%",
+        f"TTFT {c['ttft_s']:.2f} s, est. PPL {plan.chosen.estimate}",
         f"why        {plan.why()}",
     ]
     if plan.measured:
@@ -298,6 +325,8 @@ def format_plan(plan: Plan, model_name: str, profile) -> str:
     if not plan.rejected:
         lines.append("  none: every candidate meets the budgets, so the least lossy one is chosen")
     for e in plan.rejected:
-        d = e.to_dict(plan.base)
-        lines.append(f"  {d['label']:<44} est. PPL +{d['estimated_ppl_increase']:.1f}%  breaks {'; '.join(d['violations'])}")
+        lines.append(f"  {e.candidate.label(plan.base):<44} est. PPL {e.estimate:<7} breaks "
+                     f"{'; '.join(map(str, e.violations))}")
+    if any(e.basis != "measured" for e in [plan.chosen, *plan.rejected]):
+        lines.append(LEGEND)
     return "\n".join(lines)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 import subprocess
 import sys
 
@@ -91,8 +92,11 @@ def test_export_cli_end_to_end(smollm2_gguf, tmp_path):
     assert "PPL" in r.stdout
     assert r.returncode in (0, 1)  # 1 only when a budget of the profile is missed on this machine
     assert (r.returncode == 0) == validation["passed"]
-    assert sorted(p.name for p in out.iterdir()) == ["SmolLM2-135M-Instruct-Q8_0.gguf", "reference-F16.gguf",
-                                                     "report.json"]
+    names = {p.name for p in out.iterdir()}
+    assert {"SmolLM2-135M-Instruct-Q8_0.gguf", "reference-F16.gguf", "bundle", "report.json", "report.html",
+            "report.md"} <= names
+    assert all(re.fullmatch(r"report-\w+\.png", extra) for extra in names - {
+        "SmolLM2-135M-Instruct-Q8_0.gguf", "reference-F16.gguf", "bundle", "report.json", "report.html", "report.md"})
 
 
 def test_aligned_pruning_has_no_ffn_down_fallback_and_size_is_predicted(smollm2, tmp_path):

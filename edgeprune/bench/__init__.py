@@ -16,6 +16,9 @@ SUITES: dict[str, str] = {
     "quantization": "edgeprune.bench.quantization",
     "prediction": "edgeprune.bench.prediction",
     "budgets": "edgeprune.bench.budgets",
+    "quality": "edgeprune.bench.quality",
+    "memory": "edgeprune.bench.memory",
+    "topk": "edgeprune.bench.topk",
 }
 
 
