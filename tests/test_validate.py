@@ -182,7 +182,7 @@ def test_bad_files_fail_in_one_line_before_llama_cpp(smollm2_gguf, tmp_path, mak
 
 
 def test_too_short_text_fails_in_one_line(smollm2_gguf):
-    with pytest.raises(EdgepruneError, match="needs at least 512") as err:
+    with pytest.raises(EdgepruneError, match=r"has 3 tokens; 20 chunk\(s\) of 256 need 5120") as err:
         validate_gguf(smollm2_gguf, eval_text=Text("tiny", "Hello world."), n_ctx=CONTEXT, threads=1,
                       progress=lambda line: None)
     assert "\n" not in str(err.value)
