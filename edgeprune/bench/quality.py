@@ -157,7 +157,8 @@ def quality_table_toml(quant_rows: list[dict], prune_rows: list[dict], date: str
         "`--search measured`",
         "# replaces the estimate by a measurement for the best few candidates.",
         "# - quant: each type quantized by llama.cpp from the F16 model with edgeprune's importance matrix, as",
-        "#   export does (none for F32 and BF16).",
+        "#   export does (none for F32 and BF16). SmolLM2 comes as a Q4_1 GGUF (edgeprune.fetch) dequantized to F16,",
+        "#   so Q4_1 re-creates its weights exactly (checked tensor by tensor): that row flatters Q4_1 on other models.",
         "# - pruning: edgeprune's default method (FLAP fluctuation + ridge reconstruction), MLP channels only, asked",
         f"#   for {', '.join(f'{t:.0%}' for t in PRUNING_TARGETS)} of decoder parameters; each point is [share of "
         "decoder parameters actually",
