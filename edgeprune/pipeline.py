@@ -105,7 +105,7 @@ def check_export_inputs(model_path: str | Path, profile: Profile | None, out_dir
     check_calibration_length(len(calib.content.encode("utf-8")), options.calib_seq_len)
     evaluation = evaluation_text(options.eval) if profile is not None else None
     if evaluation is not None:  # no token covers less than a byte; the BOS is added
-        check_evaluation_length(evaluation, len(evaluation.content.encode("utf-8")) + 1, options.eval_ctx,
+        check_evaluation_length(evaluation.name, len(evaluation.content.encode("utf-8")) + 1, options.eval_ctx,
                                 options.eval_chunks, upper_bound=True)
     ensure_writable_dir(out_dir)
     return calib, evaluation
@@ -136,7 +136,7 @@ def _export(model_path, profile: Profile | None, out_dir: Path, options: ExportO
     if evaluation is not None:
         say("tokenizing evaluation text")
         eval_tokens = len(loaded.tokenizer(evaluation.content, add_special_tokens=False)["input_ids"]) + 1
-        check_evaluation_length(evaluation, eval_tokens, options.eval_ctx, options.eval_chunks)
+        check_evaluation_length(evaluation.name, eval_tokens, options.eval_ctx, options.eval_chunks)
     base_shape = shape_of(loaded.model)
     plan, quant, prune = None, explicit_quant, options.prune
     if profile is not None and prune is None:

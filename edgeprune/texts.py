@@ -65,7 +65,7 @@ def evaluation_text(path: str | Path | None) -> Text:
     return read_text_file(path, "evaluation") if path else default_evaluation_text()
 
 
-def check_evaluation_length(text: Text, n_tokens: int, n_ctx: int, chunks: int | None, *,
+def check_evaluation_length(text_name: str, n_tokens: int, n_ctx: int, chunks: int | None, *,
                             upper_bound: bool = False) -> None:
     """Refuse, before any long work, a text too short for the perplexity chunks asked for. Before a tokenizer is
     at hand, `n_tokens` is an `upper_bound` (the UTF-8 byte count: every token covers at least a byte)."""
@@ -74,6 +74,6 @@ def check_evaluation_length(text: Text, n_tokens: int, n_ctx: int, chunks: int |
         fits = n_tokens // n_ctx
         fix = f"--eval-chunks {fits} or less" if fits else f"a smaller --eval-ctx (at most {n_tokens})"
         raise EdgepruneError(
-            f"evaluation text {text.name} has {'at most ' if upper_bound else ''}{n_tokens} tokens; {chunks or 1} "
+            f"evaluation text {text_name} has {'at most ' if upper_bound else ''}{n_tokens} tokens; {chunks or 1} "
             f"chunk(s) of {n_ctx} need {needed}: give a longer --eval text, or {fix}"
         )

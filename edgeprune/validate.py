@@ -30,7 +30,7 @@ from .errors import EdgepruneError
 from .costmodel import kv_cache_bytes, predict_gguf
 from .gguf_check import read_gguf
 from .shapes import shape_from_gguf
-from .texts import Text, default_evaluation_text
+from .texts import Text, check_evaluation_length, default_evaluation_text
 
 MIB = 1024 * 1024
 N_PROMPT = 128  # llama-bench style prompt-processing test
@@ -268,13 +268,6 @@ def check_evaluation_options(n_ctx: int, chunks: int | None) -> None:
                              "(512 is llama-perplexity's default)")
     if chunks is not None and chunks < 1:
         raise EdgepruneError(f"--eval-chunks {chunks} scores nothing: give 1 or more (20 is the default)")
-
-
-def check_token_count(text_name: str, n_tokens: int, n_ctx: int, chunks: int | None) -> None:
-    """Enough tokens for `chunks` chunks of `n_ctx` (all of them when None: at least one)."""
-    from .texts import Text, check_evaluation_length
-
-    check_evaluation_length(Text(text_name, ""), n_tokens, n_ctx, chunks)
 
 
 def _memory(path: Path, info, probe: dict, runtime: Runtime) -> MemoryResult:
@@ -653,7 +646,7 @@ def _measure_quality(task: dict) -> dict:
                     f"{task['gguf']} and reference {task['reference']} have different vocabularies: KL divergence "
                     "needs a reference with the same tokenizer (the unpruned, unquantized model as GGUF)"
                 )
-        check_token_count(task["text_name"], len(tokens), task["n_ctx"], task["max_chunks"])
+        check_evaluation_length(task["text_name"], len(tokens), task["n_ctx"], task["max_chunks"])
         chunks = bundle_logits.evaluation_chunks(tokens, task["n_ctx"], task["max_chunks"],
                                                  cand.bos if cand.add_bos else None)
     n_chunks, n_ctx = chunks.shape
