@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import gguf
 import numpy as np
@@ -62,13 +62,19 @@ def permute_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
 
 @dataclass
 class ConversionInput:
-    """Everything the writer needs: a float torch Llama model, its vocab and descriptive metadata."""
+    """Everything the writer needs: a float torch Llama model (or, streamed, its config and the tensors as a
+    stream given to `write`), its vocab and descriptive metadata."""
 
-    model: torch.nn.Module
+    model: torch.nn.Module | None
     vocab: Vocab
     name: str
     context_length: int
     metadata: dict[str, str] = field(default_factory=dict)  # extra edgeprune.* string keys (provenance)
+    config: object | None = None  # transformers config; taken from the model when there is one
+
+    def __post_init__(self) -> None:
+        if self.config is None:
+            self.config = self.model.config
 
 
 class ModelWriter:
@@ -79,7 +85,7 @@ class ModelWriter:
     def __init__(self, source: ConversionInput, shape: ModelShape | None = None):
         self.source = source
         self.shape = shape or shape_of(source.model)
-        self.config = source.model.config
+        self.config = source.config
         self.arch_name = gguf.MODEL_ARCH_NAMES[self.arch]
 
     # --- the hook each architecture implements
@@ -87,22 +93,37 @@ class ModelWriter:
         raise NotImplementedError
 
     # --- shared machinery
-    def write(self, path: str | Path, out_type: str = "F16", progress: Callable[[str], None] | None = None) -> Path:
+    def write(self, path: str | Path, out_type: str = "F16", progress: Callable[[str], None] | None = None,
+              tensors: Iterable[tuple[str, torch.Tensor]] | None = None) -> Path:
+        """Write tensor by tensor: the header comes from `self.shape`, then each tensor is encoded and written as
+        it arrives, so at most one tensor is held. `tensors` defaults to the model's, in `tensor_layout` order."""
         if out_type not in OUTPUT_TYPES:
             raise EdgepruneError(f"unknown GGUF output type {out_type!r}: the converter writes {', '.join(OUTPUT_TYPES)}")
         tensor_type, file_type = OUTPUT_TYPES[out_type]
         path = Path(path)
+        layout = self.tensor_layout()
+        if progress:
+            progress(f"writing {path.name} ({self.arch_name}, {out_type}, {len(self.shape.layers)} layers)")
         with atomic_output(path) as tmp:
             writer = gguf.GGUFWriter(tmp, self.arch_name)
             self.add_metadata(writer, file_type)
-            for name, data in self.tensors():
-                array, raw_dtype = self.encode(data, tensor_type)
-                writer.add_tensor(name, array, raw_dtype=raw_dtype)
-            if progress:
-                progress(f"writing {path.name} ({self.arch_name}, {out_type}, {len(self.shape.layers)} layers)")
+            for name, shape in layout:
+                stored = tensor_type if len(shape) == 2 else gguf.GGMLQuantizationType.F32
+                nbytes = int(np.prod(shape)) * (2 if stored != gguf.GGMLQuantizationType.F32 else 4)
+                writer.add_tensor_info(name, shape, np.dtype(np.float16 if stored == gguf.GGMLQuantizationType.F16
+                                                            else np.float32), nbytes, raw_dtype=stored)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
+            writer.write_ti_data_to_file()
+            stream = iter(self.tensors() if tensors is None else tensors)
+            for (name, shape), (given, data) in zip(layout, stream):
+                if given != name or tuple(data.shape) != shape:
+                    raise EdgepruneError(f"tensor {given} {tuple(data.shape)} arrived where the header declares "
+                                         f"{name} {shape}: the model and its shape disagree")
+                array, _ = self.encode(data, tensor_type)
+                writer.write_tensor_data(array)
+            if next(stream, None) is not None or writer.tensors[0]:
+                raise EdgepruneError(f"{path.name}: the tensors do not match the header's {len(layout)}")
             writer.close()
         return path
 
@@ -195,27 +216,39 @@ class ModelWriter:
         return params
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        model, s = self.source.model, self.shape
-        yield gguf.TENSOR_NAMES[T.TOKEN_EMBD] + ".weight", model.model.embed_tokens.weight
+        model = self.source.model
+        yield from self.head_tensors(model.model.embed_tokens.weight)
+        for bid, block in enumerate(model.model.layers):
+            yield from self.layer_tensors(bid, block)
+        yield from self.tail_tensors(model.model.norm.weight, None if self.shape.tied_embeddings else model.lm_head.weight)
+
+    def head_tensors(self, embedding: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        yield gguf.TENSOR_NAMES[T.TOKEN_EMBD] + ".weight", embedding
         if (rope_freqs := self.llama3_rope_factors()) is not None:
             yield gguf.TENSOR_NAMES[T.ROPE_FREQS] + ".weight", rope_freqs
-        for bid, (block, layer) in enumerate(zip(model.model.layers, s.layers)):
-            for module_path, kind in LAYER_TENSORS.items():
-                module = block.get_submodule(module_path) if _has_submodule(block, module_path) else None
-                if module is None or (kind == T.ATTN_NORM and not layer.n_head):
-                    continue  # a layer without attention (deci n_head == 0) has no attention tensors, norm included
-                name = gguf.TENSOR_NAMES[kind].format(bid=bid)
-                weight = module.weight
-                if kind == T.ATTN_Q:
-                    weight = permute_rows(weight, layer.n_head)
-                elif kind == T.ATTN_K:
-                    weight = permute_rows(weight, layer.n_head_kv)
-                yield name + ".weight", weight
-                if getattr(module, "bias", None) is not None:
-                    yield name + ".bias", module.bias
-        yield gguf.TENSOR_NAMES[T.OUTPUT_NORM] + ".weight", model.model.norm.weight
-        if not s.tied_embeddings:
-            yield gguf.TENSOR_NAMES[T.OUTPUT] + ".weight", model.lm_head.weight
+
+    def layer_tensors(self, bid: int, block: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        """One decoder layer's tensors under their GGUF names, q/k rows permuted for llama.cpp's RoPE."""
+        layer = self.shape.layers[bid]
+        for module_path, kind in LAYER_TENSORS.items():
+            module = block.get_submodule(module_path) if _has_submodule(block, module_path) else None
+            if module is None or (kind == T.ATTN_NORM and not layer.n_head):
+                continue  # a layer without attention (deci n_head == 0) has no attention tensors, norm included
+            name = gguf.TENSOR_NAMES[kind].format(bid=bid)
+            weight = module.weight
+            if kind == T.ATTN_Q:
+                weight = permute_rows(weight, layer.n_head)
+            elif kind == T.ATTN_K:
+                weight = permute_rows(weight, layer.n_head_kv)
+            yield name + ".weight", weight
+            if getattr(module, "bias", None) is not None:
+                yield name + ".bias", module.bias
+
+    @staticmethod
+    def tail_tensors(norm: torch.Tensor, output: torch.Tensor | None) -> Iterator[tuple[str, torch.Tensor]]:
+        yield gguf.TENSOR_NAMES[T.OUTPUT_NORM] + ".weight", norm
+        if output is not None:
+            yield gguf.TENSOR_NAMES[T.OUTPUT] + ".weight", output
 
     def llama3_rope_factors(self) -> torch.Tensor | None:
         """Llama-3.1 style rope scaling is stored as a per-frequency factor tensor (rope_freqs)."""

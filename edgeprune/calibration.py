@@ -7,8 +7,11 @@ tens of thousands of tokens do not lose precision.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -87,10 +90,6 @@ class _Accumulator:
     def linear_hook(self, name: str):
         return lambda module, args: self.add(name, args[0])
 
-    def output_hook(self, name: str):
-        """For lm_head: record the final norm's output, so the logits never need computing."""
-        return lambda module, args, output: self.add(name, output)
-
     def layer_hook(self, index: int):
         def hook(module, args, kwargs, output):
             x = args[0] if args else kwargs["hidden_states"]
@@ -119,6 +118,139 @@ def calibration_batches(token_ids: list[int], n_seq: int, seq_len: int, bos_id: 
     return batch
 
 
+class ChunkStore:
+    """Hidden states of the calibration sequences between two layers, chunk by chunk: in RAM, or in files under
+    `spill_dir` when a whole stream would be large (big models with many calibration tokens)."""
+
+    def __init__(self, device: torch.device, spill_dir: Path | None = None):
+        self.device, self.spill_dir = device, spill_dir
+        self._chunks: list[torch.Tensor | tuple[Path, torch.Size]] = []
+
+    def append(self, chunk: torch.Tensor) -> None:
+        if self.spill_dir is None:
+            self._chunks.append(chunk)
+            return
+        fd, name = tempfile.mkstemp(dir=self.spill_dir, suffix=".f32")
+        with os.fdopen(fd, "wb") as f:
+            chunk.detach().to("cpu", torch.float32).numpy().tofile(f)
+        self._chunks.append((Path(name), chunk.shape))
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    def __iter__(self):
+        for chunk in self._chunks:
+            if isinstance(chunk, torch.Tensor):
+                yield chunk
+            else:
+                path, shape = chunk
+                yield torch.from_numpy(np.fromfile(path, dtype=np.float32).reshape(shape)).to(self.device)
+
+    def __del__(self) -> None:
+        for chunk in self._chunks:
+            if not isinstance(chunk, torch.Tensor):
+                chunk[0].unlink(missing_ok=True)
+
+
+class LayerContext:
+    """What every decoder layer needs besides its input, for chunks of equal-length calibration sequences:
+    positions, rotary embeddings and causal masks, built once. Layers run one at a time over all chunks
+    (layer-major), so only the hidden states between two layers are ever held."""
+
+    def __init__(self, config, rotary_emb: torch.nn.Module, chunk_sizes: list[int], seq_len: int,
+                 device: torch.device, spill_dir: Path | None = None):
+        from transformers.masking_utils import create_causal_mask
+
+        self.device, self.spill_dir = device, spill_dir
+        self.pos = torch.arange(seq_len, device=device)[None]
+        example = torch.zeros(1, seq_len, config.hidden_size, device=device)
+        self.rope = rotary_emb(example, position_ids=self.pos)
+        self.masks = [create_causal_mask(config=config, inputs_embeds=example.expand(n, -1, -1), attention_mask=None,
+                                         cache=None, position_ids=self.pos) for n in chunk_sizes]
+
+    def store(self) -> ChunkStore:
+        return ChunkStore(self.device, self.spill_dir)
+
+    def run(self, fn, xs) -> ChunkStore:
+        out = self.store()
+        for x, mask in zip(xs, self.masks):
+            out.append(fn(x, mask))
+        return out
+
+    def attention(self, layer):
+        def f(x, mask):
+            out, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), attention_mask=mask,
+                                     position_embeddings=self.rope, position_ids=self.pos)
+            return x + out
+
+        return f
+
+    @staticmethod
+    def mlp(layer):
+        return lambda x, mask: x + layer.mlp(layer.post_attention_layernorm(x))
+
+    def decoder(self, layer):
+        """The whole decoder layer, as LlamaModel.forward calls it."""
+        return lambda x, mask: layer(x, attention_mask=mask, position_ids=self.pos, position_embeddings=self.rope)
+
+
+class ModelLayers:
+    """The layer-by-layer view of an in-memory transformers Llama (the lazy twin is edgeprune.streaming.LazyLayers)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.config = model, model.config
+        self.device = next(model.parameters()).device
+        self.n_layers = len(model.model.layers)
+        self.rotary_emb = model.model.rotary_emb
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.model.embed_tokens(ids.to(self.device))
+
+    def layer(self, index: int) -> torch.nn.Module:
+        return self.model.model.layers[index]
+
+    def norm(self) -> torch.nn.Module:
+        return self.model.model.norm
+
+
+def embed_chunks(source, batches: torch.Tensor, ctx: LayerContext, batch_size: int) -> ChunkStore:
+    out = ctx.store()
+    for start in range(0, len(batches), batch_size):
+        out.append(source.embed(batches[start : start + batch_size]))
+    return out
+
+
+def chunk_sizes(n_sequences: int, batch_size: int) -> list[int]:
+    return [min(batch_size, n_sequences - s) for s in range(0, n_sequences, batch_size)]
+
+
+def observe_layer(acc: "_Accumulator", index: int, layer: torch.nn.Module, ctx: LayerContext,
+                  hidden: ChunkStore) -> ChunkStore:
+    """Run one decoder layer over every chunk, adding its linear inputs' moments and its input/output cosine."""
+    handles = [layer.register_forward_hook(acc.layer_hook(index), with_kwargs=True)]
+    for sub, module in layer.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            handles.append(module.register_forward_pre_hook(acc.linear_hook(f"model.layers.{index}.{sub}")))
+
+    def step(x, mask):
+        y = ctx.decoder(layer)(x, mask)
+        acc._last = None
+        return y[0] if isinstance(y, tuple) else y
+
+    try:
+        return ctx.run(step, hidden)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def observe_output(acc: "_Accumulator", norm: torch.nn.Module, hidden: ChunkStore) -> None:
+    """lm_head's input statistics: the final norm's output, so the logits never need computing."""
+    for x in hidden:
+        acc.add("lm_head", norm(x))
+        acc._last = None
+
+
 def collect_calibration(
     model: torch.nn.Module,
     token_ids: list[int],
@@ -130,30 +262,21 @@ def collect_calibration(
     text_name: str = "",
     progress: Progress | None = None,
 ) -> CalibrationStats:
-    """Run the model once over up to n_seq×seq_len calibration tokens and return activation statistics."""
-    batches = calibration_batches(token_ids, n_seq, seq_len, model.config.bos_token_id)
+    """Run the model once over up to n_seq×seq_len calibration tokens and return activation statistics.
+
+    The pass is layer-major, the same code the layer-streamed pipeline runs, so both give identical numbers."""
+    source = model if hasattr(model, "layer") else ModelLayers(model)
+    batches = calibration_batches(token_ids, n_seq, seq_len, source.config.bos_token_id)
     stats = CalibrationStats(text_name=text_name, n_tokens=batches.numel())
-    layers = model.model.layers
-    acc = _Accumulator(stats, len(layers))
-    handles = []
-    try:
-        for i, layer in enumerate(layers):
-            handles.append(layer.register_forward_hook(acc.layer_hook(i), with_kwargs=True))
-            for sub, module in layer.named_modules():
-                if isinstance(module, torch.nn.Linear):
-                    handles.append(module.register_forward_pre_hook(acc.linear_hook(f"model.layers.{i}.{sub}")))
+    acc = _Accumulator(stats, source.n_layers)
+    ctx = LayerContext(source.config, source.rotary_emb, chunk_sizes(len(batches), batch_size), seq_len, source.device)
+    with torch.inference_mode():
+        hidden = embed_chunks(source, batches, ctx, batch_size)
+        for i in range(source.n_layers):
+            hidden = observe_layer(acc, i, source.layer(i), ctx, hidden)
+            if progress:
+                progress(f"calibration: layer {i + 1}/{source.n_layers} ({len(batches)} sequences of {seq_len} tokens)")
         if include_lm_head:
-            handles.append(model.model.norm.register_forward_hook(acc.output_hook("lm_head")))
-        device = next(model.parameters()).device
-        with torch.inference_mode():
-            for start in range(0, len(batches), batch_size):
-                model.model(input_ids=batches[start : start + batch_size].to(device), use_cache=False)
-                acc._last = None
-                if progress:
-                    done = min(start + batch_size, len(batches))
-                    progress(f"calibration: {done}/{len(batches)} sequences of {seq_len} tokens")
-    finally:
-        for h in handles:
-            h.remove()
+            observe_output(acc, source.norm(), hidden)
     stats.layer_cosines = acc.cos_sum / np.maximum(acc.cos_count, 1)
     return stats

@@ -8,17 +8,19 @@ refused unless the user names the risk, and remote code never runs.
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
+from converters.base import LAYER_TENSORS as LAYER_MODULES
 from converters.vocab import Vocab, vocab_from_gguf, vocab_from_hf_dir
 
 from .errors import EdgepruneError
 from .gguf_check import read_gguf
+from .weights import GGUFWeights, SafetensorsWeights, read_safetensors_header
 
 SUPPORTED = "a Hugging Face Llama directory (config.json, *.safetensors, tokenizer) or a llama-architecture .gguf"
 Progress = Callable[[str], None]
@@ -51,6 +53,71 @@ def load_model(path: str | Path, *, allow_pickle: bool = False, progress: Progre
     return loaded
 
 
+@dataclass
+class LazyModel:
+    """A model opened without loading its weights: the layer-streamed pipeline reads them one layer at a time."""
+
+    weights: SafetensorsWeights | GGUFWeights
+    config: object  # transformers LlamaConfig
+    tokenizer: object
+    vocab: Vocab
+    name: str
+    source: Path
+    context_length: int
+
+    @property
+    def n_params(self) -> int:
+        return sum(int(np.prod(self.weights.shape(n))) for n in self.weights.names())
+
+
+def open_model(path: str | Path, progress: Progress | None = None) -> LazyModel:
+    """Check and open a model for the layer-streamed pipeline: config, tokenizer and vocab now, weights later."""
+    from transformers import AutoConfig, LlamaConfig
+
+    path = Path(path)
+    if not path.exists():
+        raise EdgepruneError(f"model path {path} does not exist: give {SUPPORTED}")
+    (progress or (lambda _msg: None))(f"opening {path} (weights are read layer by layer)")
+    if path.is_dir():
+        raw, safetensors = _check_hf_directory(path, allow_pickle=False)
+        config = LlamaConfig.from_pretrained(path)
+        weights = SafetensorsWeights(safetensors)
+        name, context, tokenizer = raw.get("_name_or_path") or path.name, int(raw.get("max_position_embeddings", 2048)), \
+            _load_tokenizer(path, {})
+        vocab = vocab_from_hf_dir(path, config.vocab_size)
+    elif path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
+        info = _llama_gguf(path)
+        try:
+            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        except (OSError, ValueError, KeyError) as exc:
+            raise EdgepruneError(f"cannot read {path}: {_first_line(exc)}") from exc
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        weights = GGUFWeights(path, config.num_attention_heads, config.num_key_value_heads)
+        config.tie_word_embeddings = "lm_head.weight" not in weights.names()
+        name, context, tokenizer = info.name or path.stem, info.context_length, _load_tokenizer(path.parent, {"gguf_file": path.name})
+        vocab = vocab_from_gguf(info.reader)
+    else:
+        raise EdgepruneError(f"{path} is neither a directory nor a GGUF file: give {SUPPORTED}")
+    _check_lazy_tensors(weights, config, path)
+    config._attn_implementation = "sdpa"  # what from_pretrained picks here, so both paths run the same kernels
+    return LazyModel(weights, config, tokenizer, vocab, name, path, context)
+
+
+def _check_lazy_tensors(weights, config, path: Path) -> None:
+    """The tensors the config implies, present and no others: the lazy twin of from_pretrained's key check."""
+    expected = {"model.embed_tokens.weight", "model.norm.weight"}
+    if not config.tie_word_embeddings:
+        expected.add("lm_head.weight")
+    for i in range(config.num_hidden_layers):
+        expected |= {f"model.layers.{i}.{module}.weight" for module in LAYER_MODULES}
+    found = weights.names() - ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    disagreeing = sorted(expected ^ found)
+    if disagreeing:
+        raise EdgepruneError(f"{path} does not match its config ({', '.join(disagreeing[:3])}"
+                             f"{', …' if len(disagreeing) > 3 else ''}): the checkpoint is incomplete or its config was edited")
+
+
 def layer_count(path: str | Path) -> int:
     """The model's decoder layers, read from config.json or the GGUF header without loading any weights, so that
     flags such as --layers are checked before the long work starts."""
@@ -77,15 +144,14 @@ def save_hf_directory(loaded: LoadedModel, directory: str | Path) -> Path:
 
 # --- Hugging Face directories
 
-def _load_hf_directory(directory: Path, allow_pickle: bool) -> LoadedModel:
-    from transformers import LlamaForCausalLM
-
+def _check_hf_directory(directory: Path, allow_pickle: bool) -> tuple[dict, list[Path]]:
+    """The checked config and the safetensors files (empty when only trusted pickle weights are there)."""
     config = _read_llama_config(directory)
     safetensors = sorted(directory.glob("*.safetensors"))
     pickles = sorted(directory.glob("*.bin")) + sorted(directory.glob("*.pt")) + sorted(directory.glob("*.pth"))
     if safetensors:
         for f in safetensors:
-            _check_safetensors(f)
+            read_safetensors_header(f)  # every tensor inside the file, before anything is allocated
     elif pickles and not allow_pickle:
         raise EdgepruneError(
             f"{directory} has only pickle weights ({pickles[0].name}), which can run arbitrary code when loaded: "
@@ -95,6 +161,13 @@ def _load_hf_directory(directory: Path, allow_pickle: bool) -> LoadedModel:
         raise EdgepruneError(f"{directory} has no weights: expected model.safetensors (or shards) next to config.json")
     if not ((directory / "tokenizer.json").is_file() or (directory / "tokenizer.model").is_file()):
         raise EdgepruneError(f"{directory} has no tokenizer: expected tokenizer.json or tokenizer.model")
+    return config, safetensors
+
+
+def _load_hf_directory(directory: Path, allow_pickle: bool) -> LoadedModel:
+    from transformers import LlamaForCausalLM
+
+    config, safetensors = _check_hf_directory(directory, allow_pickle)
     try:
         model, info = LlamaForCausalLM.from_pretrained(
             directory, dtype=torch.float32, use_safetensors=bool(safetensors), trust_remote_code=False,
@@ -137,28 +210,6 @@ def _read_llama_config(directory: Path) -> dict:
     return config
 
 
-def _check_safetensors(path: Path) -> None:
-    """Check the header and that every tensor lies inside the file, before anything is allocated."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise EdgepruneError(f"{path} is truncated ({size} bytes): download it again")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > min(size - 8, 100 << 20):
-            raise EdgepruneError(f"{path} has a corrupt header (claims {header_len} bytes): download it again")
-        try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise EdgepruneError(f"{path} has a corrupt header: download it again") from exc
-    data_size = size - 8 - header_len
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    if end > data_size:
-        raise EdgepruneError(
-            f"{path} is truncated: its tensors need {end} bytes of data but the file has {data_size}: download it again"
-        )
-
-
 # --- GGUF files
 
 def _has_gguf_magic(path: Path) -> bool:
@@ -166,14 +217,19 @@ def _has_gguf_magic(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def _load_gguf(path: Path) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
-
+def _llama_gguf(path: Path):
     info = read_gguf(path)
     if info.architecture != "llama":
         raise EdgepruneError(
             f"{path} is a {info.architecture!r} GGUF: edgeprune reads llama-architecture GGUFs (or a Hugging Face directory)"
         )
+    return info
+
+
+def _load_gguf(path: Path) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    info = _llama_gguf(path)
     vocab = vocab_from_gguf(info.reader)
     tokenizer = _load_tokenizer(path.parent, {"gguf_file": path.name})
     try:

@@ -54,7 +54,7 @@ def test_short_text_uses_fewer_sequences_and_reports_progress(tiny_model):
     messages: list[str] = []
     stats = collect_calibration(tiny_model, _tokens(70), n_seq=8, seq_len=32, progress=messages.append)
     assert stats.n_tokens == 64
-    assert messages and "2/2" in messages[-1]
+    assert messages and "layer 3/3" in messages[-1] and "2 sequences" in messages[-1]  # layer by layer
 
 
 @pytest.mark.parametrize("n", [0, 31])

@@ -105,13 +105,17 @@ def score_layers(
 ) -> list[LayerScores]:
     """Score every layer's heads and channels. Activation-aware criteria need `stats` (magnitude, Taylor and
     random do not); Taylor expects accumulate_gradients to have run."""
-    scorer, rng = _SCORERS[criterion], np.random.default_rng(seed)
-    result = []
-    for i, layer in enumerate(model.model.layers):
-        attn, mlp, prefix = layer.self_attn, layer.mlp, f"model.layers.{i}"
-        channels = scorer(_Group([mlp.gate_proj, mlp.up_proj], mlp.down_proj, f"{prefix}.mlp.down_proj", 1), stats, rng)
-        heads = np.zeros(0)
-        if getattr(attn, "q_proj", None) is not None:
-            heads = scorer(_Group([attn.q_proj], attn.o_proj, f"{prefix}.self_attn.o_proj", head_dim), stats, rng)
-        result.append(LayerScores(heads, channels))
-    return result
+    rng = np.random.default_rng(seed)
+    return [score_layer(i, layer, criterion, stats, head_dim, rng) for i, layer in enumerate(model.model.layers)]
+
+
+def score_layer(index: int, layer: torch.nn.Module, criterion: str, stats: CalibrationStats | None, head_dim: int,
+                rng: np.random.Generator) -> LayerScores:
+    """One layer's scores; layers scored in order with one `rng` give what score_layers gives (streaming)."""
+    scorer = _SCORERS[criterion]
+    attn, mlp, prefix = layer.self_attn, layer.mlp, f"model.layers.{index}"
+    channels = scorer(_Group([mlp.gate_proj, mlp.up_proj], mlp.down_proj, f"{prefix}.mlp.down_proj", 1), stats, rng)
+    heads = np.zeros(0)
+    if getattr(attn, "q_proj", None) is not None:
+        heads = scorer(_Group([attn.q_proj], attn.o_proj, f"{prefix}.self_attn.o_proj", head_dim), stats, rng)
+    return LayerScores(heads, channels)

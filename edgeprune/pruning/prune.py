@@ -127,23 +127,32 @@ def _plan(shape: ModelShape, scores, options: PruneOptions, head_mode: str, head
 def _apply_direct(model, plans: list[LayerPlan], stats, recovery: str, head_dim: int) -> None:
     """Cut every layer with bias compensation or none; the statistics come from the unpruned model."""
     for i, (layer, plan) in enumerate(zip(model.model.layers, plans)):
-        prefix = f"model.layers.{i}"
-        if getattr(layer.self_attn, "q_proj", None) is not None:
-            o_proj, keep = layer.self_attn.o_proj, head_index(plan.keep_heads, head_dim)
-            if recovery == "bias":
-                w, b = bias_compensation(o_proj, keep, stats.mean(f"{prefix}.self_attn.o_proj"))
-            else:
-                w, b = plain_removal(o_proj, keep)
-            if len(plan.keep_heads) == 0 and b is not None:  # deci has no attention tensors: move the bias up
-                previous = model.model.layers[i - 1].mlp
-                previous.down_proj = add_output_bias(previous.down_proj, b)
-            shrink_attention(layer, plan.keep_heads, plan.keep_kv, head_dim, w, b)
-        down, keep = layer.mlp.down_proj, torch.as_tensor(plan.keep_channels, dtype=torch.long)
+        moved = cut_layer(i, layer, plan, stats, recovery, head_dim)
+        if moved is not None:  # deci has no attention tensors: move the bias up
+            previous = model.model.layers[i - 1].mlp
+            previous.down_proj = add_output_bias(previous.down_proj, moved)
+
+
+def cut_layer(index: int, layer, plan: LayerPlan, stats, recovery: str, head_dim: int):
+    """Cut one layer with bias compensation ("bias") or none; returns the attention bias that must move to the
+    previous layer's down_proj when all its heads went, else None."""
+    prefix, moved = f"model.layers.{index}", None
+    if getattr(layer.self_attn, "q_proj", None) is not None:
+        o_proj, keep = layer.self_attn.o_proj, head_index(plan.keep_heads, head_dim)
         if recovery == "bias":
-            w, b = bias_compensation(down, keep, stats.mean(f"{prefix}.mlp.down_proj"))
+            w, b = bias_compensation(o_proj, keep, stats.mean(f"{prefix}.self_attn.o_proj"))
         else:
-            w, b = plain_removal(down, keep)
-        shrink_mlp(layer, plan.keep_channels, w, b)
+            w, b = plain_removal(o_proj, keep)
+        if len(plan.keep_heads) == 0 and b is not None:
+            moved = b
+        shrink_attention(layer, plan.keep_heads, plan.keep_kv, head_dim, w, b)
+    down, keep = layer.mlp.down_proj, torch.as_tensor(plan.keep_channels, dtype=torch.long)
+    if recovery == "bias":
+        w, b = bias_compensation(down, keep, stats.mean(f"{prefix}.mlp.down_proj"))
+    else:
+        w, b = plain_removal(down, keep)
+    shrink_mlp(layer, plan.keep_channels, w, b)
+    return moved
 
 
 def _choose_head_mode(model, shape, scores, options, head_target, stats, batches) -> tuple[str, dict]:

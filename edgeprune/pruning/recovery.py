@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from transformers.masking_utils import create_causal_mask
 
+from ..calibration import ChunkStore, LayerContext, ModelLayers, chunk_sizes, embed_chunks
 from .allocation import LayerPlan
 from .surgery import add_output_bias, head_index, shrink_attention, shrink_mlp
 
@@ -75,6 +75,41 @@ class _Capture:
         return torch.cat(self.parts)
 
 
+def reconstruct_layer(ctx: LayerContext, layer: torch.nn.Module, plan: LayerPlan, original: ChunkStore,
+                      pruned: ChunkStore, head_dim: int, ridge: float) -> tuple[ChunkStore, ChunkStore, torch.Tensor | None]:
+    """Prune one layer, refitting o_proj and down_proj so that the pruned stream after each sub-layer matches the
+    original model's. Returns both streams after the layer, and the constant the caller must add to the previous
+    layer's down_proj when all heads went (deci has no attention tensors to hold it)."""
+    has_attention = getattr(layer.self_attn, "q_proj", None) is not None
+    moved = None
+    # the original sub-layers on the original stream give the targets
+    mid_o = ctx.run(ctx.attention(layer), original) if has_attention else original
+    out_o = ctx.run(ctx.mlp(layer), mid_o)
+    if has_attention:
+        capture = _Capture(layer.self_attn.o_proj)
+        ctx.run(ctx.attention(layer), pruned)  # kept heads' outputs are the same before and after shrinking
+        targets = torch.cat([(m - p).flatten(0, -2) for m, p in zip(mid_o, pruned)])
+        keep = head_index(plan.keep_heads, head_dim)
+        o_weight, o_bias = ridge_refit(layer.self_attn.o_proj, keep, capture.take(), targets, ridge)
+        del targets
+        if len(plan.keep_heads) == 0:
+            moved = o_bias
+            pruned = ctx.run(lambda p, mask: p + o_bias, pruned)
+        shrink_attention(layer, plan.keep_heads, plan.keep_kv, head_dim, o_weight, o_bias)
+        mid_p = ctx.run(ctx.attention(layer), pruned) if len(plan.keep_heads) else pruned
+    else:
+        mid_p = pruned
+    capture = _Capture(layer.mlp.down_proj)
+    ctx.run(ctx.mlp(layer), mid_p)
+    inputs = capture.take()
+    targets = torch.cat([(o - m).flatten(0, -2) for o, m in zip(out_o, mid_p)])
+    keep = torch.as_tensor(plan.keep_channels, dtype=torch.long)
+    d_weight, d_bias = ridge_refit(layer.mlp.down_proj, keep, inputs, targets, ridge)
+    del inputs, targets
+    shrink_mlp(layer, plan.keep_channels, d_weight, d_bias)
+    return out_o, ctx.run(ctx.mlp(layer), mid_p), moved
+
+
 def reconstruct_sequentially(
     model: torch.nn.Module,
     plans: list[LayerPlan],
@@ -84,60 +119,17 @@ def reconstruct_sequentially(
     progress: Callable[[str], None] | None = None,
     batch_size: int = 8,
 ) -> None:
-    """Prune layer by layer, refitting o_proj and down_proj so the pruned model's residual stream after each
-    sub-layer matches the original model's on the calibration tokens."""
-    device = next(model.parameters()).device
-    inner = model.model
+    """Prune an in-memory model layer by layer with reconstruct_layer."""
+    source = ModelLayers(model)
     with torch.no_grad():  # not inference_mode: the new weights must stay trainable
-        chunks = [batches[s : s + batch_size].to(device) for s in range(0, len(batches), batch_size)]
-        original = [inner.embed_tokens(c) for c in chunks]
-        pruned = [x.clone() for x in original]
-        pos = torch.arange(batches.shape[1], device=device)[None]
-        rope = inner.rotary_emb(original[0], position_ids=pos)
-        masks = [create_causal_mask(config=model.config, inputs_embeds=x, attention_mask=None, cache=None,
-                                    position_ids=pos) for x in original]
-
-        def run(fn, xs):
-            return [fn(x, m) for x, m in zip(xs, masks)]
-
-        def attention(layer):
-            def f(x, mask):
-                out, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), attention_mask=mask,
-                                         position_embeddings=rope, position_ids=pos)
-                return x + out
-
-            return f
-
-        def mlp(layer):
-            return lambda x, mask: x + layer.mlp(layer.post_attention_layernorm(x))
-
-        for i, (layer, plan) in enumerate(zip(inner.layers, plans)):
-            has_attention = getattr(layer.self_attn, "q_proj", None) is not None
-            # the original sub-layers on the original stream give the targets
-            mid_o = run(attention(layer), original) if has_attention else original
-            out_o = run(mlp(layer), mid_o)
-            if has_attention:
-                capture = _Capture(layer.self_attn.o_proj)
-                run(attention(layer), pruned)  # kept heads' outputs are the same before and after shrinking
-                targets = torch.cat([(m - p).flatten(0, -2) for m, p in zip(mid_o, pruned)])
-                keep = head_index(plan.keep_heads, head_dim)
-                o_weight, o_bias = ridge_refit(layer.self_attn.o_proj, keep, capture.take(), targets, ridge)
-                if len(plan.keep_heads) == 0:  # deci has no attention tensors left: move the constant upstream
-                    previous = inner.layers[i - 1].mlp
-                    previous.down_proj = add_output_bias(previous.down_proj, o_bias)
-                    pruned = [p + o_bias for p in pruned]
-                shrink_attention(layer, plan.keep_heads, plan.keep_kv, head_dim, o_weight, o_bias)
-                mid_p = run(attention(layer), pruned) if len(plan.keep_heads) else pruned
-            else:
-                mid_p = pruned
-            capture = _Capture(layer.mlp.down_proj)
-            run(mlp(layer), mid_p)
-            inputs = capture.take()
-            targets = torch.cat([(o - m).flatten(0, -2) for o, m in zip(out_o, mid_p)])
-            keep = torch.as_tensor(plan.keep_channels, dtype=torch.long)
-            d_weight, d_bias = ridge_refit(layer.mlp.down_proj, keep, inputs, targets, ridge)
-            shrink_mlp(layer, plan.keep_channels, d_weight, d_bias)
-            pruned = run(mlp(layer), mid_p)
-            original = out_o
+        ctx = LayerContext(model.config, source.rotary_emb, chunk_sizes(len(batches), batch_size), batches.shape[1],
+                           source.device)
+        original = embed_chunks(source, batches, ctx, batch_size)
+        pruned = original
+        for i, plan in enumerate(plans):
+            original, pruned, moved = reconstruct_layer(ctx, source.layer(i), plan, original, pruned, head_dim, ridge)
+            if moved is not None:  # move the constant upstream
+                previous = model.model.layers[i - 1].mlp
+                previous.down_proj = add_output_bias(previous.down_proj, moved)
             if progress:
                 progress(f"reconstruct: layer {i + 1}/{len(plans)}")
