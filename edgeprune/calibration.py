@@ -261,15 +261,17 @@ def collect_calibration(
     include_lm_head: bool = True,
     text_name: str = "",
     progress: Progress | None = None,
+    spill_dir: Path | None = None,
 ) -> CalibrationStats:
-    """Run the model once over up to n_seq×seq_len calibration tokens and return activation statistics.
+    """Run the model (a transformers Llama, or a layer source such as edgeprune.streaming.LazyLayers) once over up to n_seq×seq_len calibration tokens and return activation statistics.
 
     The pass is layer-major, the same code the layer-streamed pipeline runs, so both give identical numbers."""
     source = model if hasattr(model, "layer") else ModelLayers(model)
     batches = calibration_batches(token_ids, n_seq, seq_len, source.config.bos_token_id)
     stats = CalibrationStats(text_name=text_name, n_tokens=batches.numel())
     acc = _Accumulator(stats, source.n_layers)
-    ctx = LayerContext(source.config, source.rotary_emb, chunk_sizes(len(batches), batch_size), seq_len, source.device)
+    ctx = LayerContext(source.config, source.rotary_emb, chunk_sizes(len(batches), batch_size), seq_len, source.device,
+                       spill_dir)
     with torch.inference_mode():
         hidden = embed_chunks(source, batches, ctx, batch_size)
         for i in range(source.n_layers):

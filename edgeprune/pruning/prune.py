@@ -99,6 +99,18 @@ def _mlp_params(s: LayerShape, d: int) -> int:
     return 3 * d * s.n_ff
 
 
+def prune_targets(base: ModelShape, current: ModelShape, options: PruneOptions, fraction: float) -> tuple[float, float]:
+    """Attention and MLP parameters still to remove so that `fraction` of the ratios' totals (of `base`, after
+    layer removal) is gone from `current`: cumulative targets, so each iterative step re-scores what is left."""
+    d, hd = base.hidden_size, base.head_dim
+    attn_total = sum(_attention_params(s, d, hd) for s in base.layers)
+    mlp_total = sum(_mlp_params(s, d) for s in base.layers)
+    head_target = options.heads * attn_total * fraction - (attn_total - sum(
+        _attention_params(s, d, hd) for s in current.layers))
+    ffn_target = options.ffn * mlp_total * fraction - (mlp_total - sum(_mlp_params(s, d) for s in current.layers))
+    return head_target, ffn_target
+
+
 def _drop_layers(model, ids, options: PruneOptions, progress: Progress | None) -> list[int]:
     """ShortGPT: remove the layers whose output is most like their input; layer 0 always stays."""
     stats = collect_calibration(model, ids, n_seq=options.calib_sequences, seq_len=options.calib_seq_len,
@@ -208,17 +220,11 @@ def prune_model(
     if options.layers:
         details["dropped_layers"] = _drop_layers(model, calib_token_ids, options, progress)
     base = shape_of(model)
-    d, hd = base.hidden_size, base.head_dim
-    attn_total = sum(_attention_params(s, d, hd) for s in base.layers)
-    mlp_total = sum(_mlp_params(s, d) for s in base.layers)
     head_mode = options.head_mode
     n_steps = options.steps if options.heads or options.ffn else 0
     for step in range(1, n_steps + 1):
         shape = shape_of(model)
-        fraction = step / options.steps  # cumulative targets: each step re-scores what is left
-        head_target = options.heads * attn_total * fraction - (attn_total - sum(
-            _attention_params(s, d, hd) for s in shape.layers))
-        ffn_target = options.ffn * mlp_total * fraction - (mlp_total - sum(_mlp_params(s, d) for s in shape.layers))
+        head_target, ffn_target = prune_targets(base, shape, options, step / options.steps)
         head_mode, step_details = _prune_step(model, calib_token_ids, batches, options, head_mode, head_target,
                                               ffn_target, progress)
         details["steps"].append(step_details)
