@@ -99,6 +99,29 @@ def _prune_options(quant: str | None, heads, ffn, layers, method, allocation):
     return options
 
 
+def scale_options(fn):
+    """How the model is held: streamed layer by layer for models too big for RAM, and on which torch device."""
+    fn = click.option("--device", default=None,
+                      help="torch device for calibration and recovery (cpu, cuda). Default: a CUDA GPU if present.")(fn)
+    fn = click.option("--streaming", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+                      help="on: read the model one layer at a time (any size, estimated RAM shown first); off: load it "
+                           "whole; auto: stream when the whole model would not fit comfortably in RAM.")(fn)
+    fn = click.option("--calib-sequences", type=click.IntRange(1), default=None,
+                      help="Calibration sequences of 256 tokens for pruning and the importance matrix. "
+                           "Default: 32 for pruning, 64 for the importance matrix.")(fn)
+    return fn
+
+
+def _scale(options, calib_sequences: int | None, streaming: str, device: str | None):
+    """Apply the scale flags to ExportOptions (and its PruneOptions)."""
+    options.streaming, options.device = streaming, device
+    if calib_sequences:
+        options.calib_sequences = calib_sequences
+        if options.prune is not None:
+            options.prune.calib_sequences = calib_sequences
+    return options
+
+
 def search_option(fn):
     return click.option(
         "--search", type=click.Choice(["estimated", "measured"]), default="estimated", show_default=True,
@@ -130,8 +153,10 @@ def text_options(fn):
 @search_option
 @pruning_options
 @text_options
+@scale_options
 def export(model, profile_name, quant, out_dir, calib, no_imatrix, allow_pickle, search, heads, ffn, layers, method,
-           allocation, eval_path, threads, eval_chunks, eval_ctx, host_profile, on_device):
+           allocation, eval_path, threads, eval_chunks, eval_ctx, host_profile, on_device, calib_sequences, streaming,
+           device):
     """Export MODEL (a Hugging Face Llama directory or a llama GGUF) for a device profile.
 
     The profile decides: the planner picks the quant type and the pruning that meet its budgets with the least
@@ -148,7 +173,7 @@ def export(model, profile_name, quant, out_dir, calib, no_imatrix, allow_pickle,
                             eval_chunks=eval_chunks, threads=threads, allow_pickle=allow_pickle,
                             host_profile=_profile(host_profile) if host_profile else None, on_device=on_device,
                             prune=prune, search=search)
-    result = export_model(model, profile, out_dir, options, progress)
+    result = export_model(model, profile, out_dir, _scale(options, calib_sequences, streaming, device), progress)
     click.echo(result.summary)
     click.echo(f"wrote {result.gguf}, {result.report_path} and the validation bundle {result.bundle} "
                f"(on the device: edgeprune validate {result.bundle.name}/)")
@@ -163,7 +188,9 @@ def export(model, profile_name, quant, out_dir, calib, no_imatrix, allow_pickle,
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration text (UTF-8). Default: built-in, offline.")
 @click.option("--allow-pickle", is_flag=True, help="Load pickle .bin weights (they can run code: trusted files only).")
 @pruning_options
-def prune(model, out_dir, quant, calib, allow_pickle, heads, ffn, layers, method, allocation):
+@scale_options
+def prune(model, out_dir, quant, calib, allow_pickle, heads, ffn, layers, method, allocation, calib_sequences,
+          streaming, device):
     """Prune MODEL and write the pruned GGUF (llama or deci, picked from the shapes) into DIR. A run that would
     remove nothing is refused."""
     require_build_install("prune")
@@ -172,8 +199,8 @@ def prune(model, out_dir, quant, calib, allow_pickle, heads, ffn, layers, method
     options = _prune_options(quant, heads, ffn, layers, method, allocation)
     if options is None:
         raise EdgepruneError("nothing to prune: give at least one of --heads, --ffn or --layers")
-    result = export_model(model, None, out_dir, ExportOptions(quant=quant, calib=calib, allow_pickle=allow_pickle,
-                                                              prune=options), progress)
+    export_options = ExportOptions(quant=quant, calib=calib, allow_pickle=allow_pickle, prune=options)
+    result = export_model(model, None, out_dir, _scale(export_options, calib_sequences, streaming, device), progress)
     details = json.loads(result.report_path.read_text())["export"]["pruning"]
     click.echo(f"wrote {result.gguf} ({details['architecture']}, {details['removed_params'] / 1e6:.1f} M parameters "
                f"removed of {details['decoder_params_before'] / 1e6:.1f} M in the decoder)")

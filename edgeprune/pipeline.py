@@ -20,12 +20,15 @@ from converters import ConversionInput, write_gguf
 from .atomic import ensure_writable_dir
 from .bundle import BUNDLE_NAME, REFERENCE, finish_bundle, start_bundle
 from .calibration import check_calibration_length, collect_calibration
-from .loading import layer_count, load_model
+from .errors import EdgepruneError
+from .loading import layer_count, load_model, open_model
 from .planner import Plan, make_plan
 from .profiles import Profile
 from .reporting import write_report_pages
+from .resources import Resources, plan_resources
 from .quantize import QUANT_TYPES, QuantizeResult, check_quant_type, quantize_gguf
 from .shapes import shape_of
+from .streaming import LazyLayers, check_streamable, compute_device, conversion_input, lazy_shape, stream_write
 from .texts import Text, calibration_text, check_evaluation_length, evaluation_text
 from .validate import ValidationReport, check_evaluation_options, format_summary, validate_gguf, write_report
 
@@ -50,6 +53,8 @@ class ExportOptions:
     on_device: bool = False  # validation runs on the target device itself: judge measured speed
     prune: object | None = None  # edgeprune.pruning.PruneOptions; None: the planner decides
     search: str = "estimated"  # "measured": build the planner's best few and keep the one llama.cpp scores best
+    streaming: str = "auto"  # "on": read the model layer by layer (edgeprune.streaming); "off": all in RAM
+    device: str | None = None  # torch device for calibration and recovery; None: a CUDA GPU if present, else CPU
 
 
 @dataclass
@@ -62,6 +67,7 @@ class ExportResult:
     plan: Plan | None
     seconds: dict[str, float] = field(default_factory=dict)
     bundle: Path | None = None  # the validation bundle for the device; None without a profile
+    resources: Resources | None = None  # the path taken and its memory and disk estimates
 
     @property
     def summary(self) -> str:
@@ -78,10 +84,11 @@ def export_model(model_path: str | Path, profile: Profile | None, out_dir: str |
     options = options or ExportOptions()
     say = progress or (lambda _msg: None)
     out_dir = Path(out_dir)
-    calib, evaluation = check_export_inputs(model_path, profile, out_dir, options)
+    calib, evaluation, resources = check_export_inputs(model_path, profile, out_dir, options)
+    say(resources.describe())
     written: list[Path] = []
     try:
-        return _export(model_path, profile, out_dir, options, say, calib, evaluation, written)
+        return _export(model_path, profile, out_dir, options, say, calib, evaluation, resources, written)
     except BaseException:
         for path in written:
             if path.is_dir():
@@ -92,9 +99,10 @@ def export_model(model_path: str | Path, profile: Profile | None, out_dir: str |
 
 
 def check_export_inputs(model_path: str | Path, profile: Profile | None, out_dir: Path,
-                        options: ExportOptions) -> tuple[Text, Text | None]:
+                        options: ExportOptions) -> tuple[Text, Text | None, Resources]:
     """Everything that can be checked without loading the model, in the order a user reads the flags: a bad flag
-    costs seconds and writes nothing. Returns the calibration and evaluation texts, read and checked."""
+    costs seconds and writes nothing. Returns the calibration and evaluation texts, read and checked, and the
+    path (in memory or layer-streamed) with its memory and disk estimates, refused if this machine lacks them."""
     if options.quant:
         check_quant_type(options.quant)
     if options.prune is not None:
@@ -108,11 +116,23 @@ def check_export_inputs(model_path: str | Path, profile: Profile | None, out_dir
         check_evaluation_length(evaluation.name, len(evaluation.content.encode("utf-8")) + 1, options.eval_ctx,
                                 options.eval_chunks, upper_bound=True)
     ensure_writable_dir(out_dir)
-    return calib, evaluation
+    pruning = options.prune is not None or profile is not None
+    resources = plan_resources(
+        model_path, out_dir, options.streaming, pruning=pruning, reference=profile is not None,
+        quantized=(options.quant or "F16") != "F16" or profile is not None,
+        calibration_tokens=max(options.calib_sequences, getattr(options.prune, "calib_sequences", 0)) * options.calib_seq_len)
+    if resources.streamed:
+        compute_device(options.device)
+        if options.search == "measured":
+            raise EdgepruneError("--search measured builds whole candidate models in memory, which the layer-streamed "
+                                 "path avoids: use --search estimated, or --streaming off if the model fits in RAM")
+        if options.prune is not None:
+            check_streamable(options.prune)
+    return calib, evaluation, resources
 
 
 def _export(model_path, profile: Profile | None, out_dir: Path, options: ExportOptions, say: Progress, calib: Text,
-            evaluation: Text | None, written: list[Path]) -> ExportResult:
+            evaluation: Text | None, resources: Resources, written: list[Path]) -> ExportResult:
     """export_model's stages; every file it creates is appended to `written` first, for the caller's cleanup
     (files an earlier run left under the same names are not this run's to remove)."""
     explicit_quant = check_quant_type(options.quant) if options.quant else None
@@ -125,11 +145,16 @@ def _export(model_path, profile: Profile | None, out_dir: Path, options: ExportO
         timings[stage] = round(time.perf_counter() - start, 2)
         return result
 
-    loaded = timed("load", load_model, model_path, allow_pickle=options.allow_pickle, progress=say)
     provenance = {"edgeprune.source": Path(model_path).name}
     if profile is not None:
         provenance["edgeprune.profile"] = profile.name
-    source = ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length, metadata=provenance)
+    if resources.streamed:
+        loaded = timed("load", open_model, model_path, progress=say)
+        source, base_shape = conversion_input(loaded, provenance), lazy_shape(loaded)
+    else:
+        loaded = timed("load", load_model, model_path, allow_pickle=options.allow_pickle, progress=say)
+        source = ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length, metadata=provenance)
+        base_shape = shape_of(loaded.model)
     say("tokenizing calibration text")
     tokens = loaded.tokenizer(calib.content, add_special_tokens=False)["input_ids"]
     check_calibration_length(len(tokens), options.calib_seq_len)
@@ -137,7 +162,6 @@ def _export(model_path, profile: Profile | None, out_dir: Path, options: ExportO
         say("tokenizing evaluation text")
         eval_tokens = len(loaded.tokenizer(evaluation.content, add_special_tokens=False)["input_ids"]) + 1
         check_evaluation_length(evaluation.name, eval_tokens, options.eval_ctx, options.eval_chunks)
-    base_shape = shape_of(loaded.model)
     plan, quant, prune = None, explicit_quant, options.prune
     if profile is not None and prune is None:
         plan = timed("plan", make_plan, source, base_shape, profile,
@@ -155,27 +179,49 @@ def _export(model_path, profile: Profile | None, out_dir: Path, options: ExportO
     outputs = [final, out_dir / REPORT_NAME, out_dir / "report.html", out_dir / "report.md"]
     outputs += [out_dir / REFERENCE_NAME] if profile is not None else []
     written += [path for path in outputs if not path.exists()]
-    if profile is not None:
-        reference = timed("write_reference", write_gguf, source, out_dir / REFERENCE_NAME, "F16", say)
+    use_imatrix = quant != "F16" and options.imatrix and quant not in ("F32", "BF16")
+    float_gguf = final if quant == "F16" else out_dir / f".{stem}-F16.intermediate.gguf"
+    if float_gguf != final:
+        written.append(float_gguf)
+    if resources.streamed:
+        device = compute_device(options.device)
+        if profile is not None:
+            reference = timed("write_reference", stream_write, loaded, out_dir / REFERENCE_NAME, provenance,
+                              device=device, progress=say).gguf
+        if prune is not None or reference is None or quant == "F16":
+            build = stream_write(loaded, float_gguf, provenance, token_ids=tokens, options=prune, device=device,
+                                 imatrix=(options.calib_sequences, options.calib_seq_len, calib.name) if use_imatrix
+                                 else None, progress=say)
+            timings.update(build.seconds)
+            prune_details, imatrix = build.pruning, build.stats.gguf_imatrix() if build.stats else None
+        else:  # the reference is the float model: only its statistics are still wanted
+            float_gguf, prune_details, imatrix = reference, None, None
+            if use_imatrix:
+                imatrix = timed("calibrate", collect_calibration, LazyLayers(loaded, device), tokens,
+                                n_seq=options.calib_sequences, seq_len=options.calib_seq_len, text_name=calib.name,
+                                progress=say).gguf_imatrix()
+    else:
+        if profile is not None:
+            reference = timed("write_reference", write_gguf, source, out_dir / REFERENCE_NAME, "F16", say)
+        model, prune_details, imatrix = loaded.model, None, None
+        if prune is not None:
+            from .pruning import prune_model
 
-    model, float_gguf, prune_details = loaded.model, reference, None
-    if prune is not None:
-        from .pruning import prune_model
+            pruned = timed("prune", prune_model, loaded.model, tokens, prune, progress=say)
+            model, prune_details = pruned.model, _prune_summary(pruned)
+            source.model = model
+        if reference is not None and prune is None and quant != "F16":
+            float_gguf = reference
+        else:
+            timed("write_float", write_gguf, source, float_gguf, "F16", say)
+        if use_imatrix:
+            stats = timed("calibrate", collect_calibration, model, tokens, n_seq=options.calib_sequences,
+                          seq_len=options.calib_seq_len, text_name=calib.name, progress=say)
+            imatrix = stats.gguf_imatrix()
 
-        pruned = timed("prune", prune_model, loaded.model, tokens, prune, progress=say)
-        model, prune_details = pruned.model, _prune_summary(pruned)
-        source.model = model
-    if float_gguf is None or prune is not None or quant == "F16":
-        float_gguf = final if quant == "F16" else out_dir / f".{stem}-F16.intermediate.gguf"
-        timed("write_float", write_gguf, source, float_gguf, "F16", say)
-
-    imatrix, quantized = None, None
+    quantized = None
     try:
         if quant != "F16":
-            if options.imatrix and quant not in ("F32", "BF16"):
-                stats = timed("calibrate", collect_calibration, model, tokens, n_seq=options.calib_sequences,
-                              seq_len=options.calib_seq_len, text_name=calib.name, progress=say)
-                imatrix = stats.gguf_imatrix()
             quantized = timed("quantize", quantize_gguf, float_gguf, final, quant, imatrix=imatrix,
                               imatrix_text=calib.name, threads=threads, progress=say)
     finally:
@@ -202,14 +248,14 @@ def _export(model_path, profile: Profile | None, out_dir: Path, options: ExportO
         "plan": plan.to_dict() if plan else None,
         "imatrix": {"used": imatrix is not None, "text": calib.name, "entries": len(imatrix or {})},
         "fallbacks": [asdict(f) for f in quantized.fallbacks] if quantized else [],
-        "pruning": prune_details, "seconds": timings,
+        "pruning": prune_details, "seconds": timings, "resources": asdict(resources),
     }
     report_path = out_dir / REPORT_NAME
     document = write_report(report_path, report, export=export)
     say("writing the report pages")
     write_report_pages(document, out_dir)
     return ExportResult(final, reference, report_path, report, quantized, plan, timings,
-                        validation_bundle.directory if validation_bundle else None)
+                        validation_bundle.directory if validation_bundle else None, resources)
 
 
 def _prune_summary(result) -> dict:

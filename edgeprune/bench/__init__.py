@@ -19,6 +19,7 @@ SUITES: dict[str, str] = {
     "quality": "edgeprune.bench.quality",
     "memory": "edgeprune.bench.memory",
     "topk": "edgeprune.bench.topk",
+    "scale": "edgeprune.bench.scale",
 }
 
 
