@@ -136,6 +136,7 @@ def stream_write(lazy: LazyModel, path: Path, metadata: dict[str, str], *, token
     say = progress or (lambda _msg: None)
     device = device or compute_device()
     seconds: dict[str, float] = {}
+    path.parent.mkdir(parents=True, exist_ok=True)
     spill = Path(tempfile.mkdtemp(prefix=".edgeprune-hidden-", dir=path.parent))
     try:
         source = LazyLayers(lazy, device)
