@@ -364,18 +364,24 @@ def plan(model, profile_name, quants, as_json, allow_pickle, calib, threads, sea
     require_build_install("plan")
     from converters import ConversionInput
 
-    from .loading import load_model
+    from .loading import load_model, open_model
     from .planner import format_plan, make_plan
     from .quantize import check_quant_type
     from .shapes import shape_of
+    from .streaming import conversion_input, lazy_shape
     from .texts import calibration_text
 
     profile = _profile(profile_name)
     quants = tuple(check_quant_type(q) for q in quants) or None
     calibration = calibration_text(calib)
-    loaded = load_model(model, allow_pickle=allow_pickle, progress=progress)
-    source = ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length)
-    result = make_plan(source, shape_of(loaded.model), profile, quants=quants, progress=progress)
+    if search == "measured" or allow_pickle:  # candidates are built from the whole model in memory
+        loaded = load_model(model, allow_pickle=allow_pickle, progress=progress)
+        source, shape = ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length), \
+            shape_of(loaded.model)
+    else:  # the plan needs the shapes, config and vocab only: no weight is read, whatever the model's size
+        loaded = open_model(model, progress=progress)
+        source, shape = conversion_input(loaded, {}), lazy_shape(loaded)
+    result = make_plan(source, shape, profile, quants=quants, progress=progress)
     if search == "measured":
         from .search import measured_plan
 

@@ -22,14 +22,17 @@ from .synthetic import write_synthetic
 from .tables import SuiteResult, table
 
 WORK = DEFAULT_CACHE / "bench-scale"
-SMALL_EVAL = ("--eval-chunks", "4", "--eval-ctx", "256")  # random weights: the quality numbers mean nothing
+# No shipped profile's budgets admit a 1B model (the planner says so), so the 1B export names its quant and
+# pruning and is judged as it comes (exit 1, a budget missed, is a completed run). Random weights: the quality
+# numbers mean nothing, so the evaluation is cut short.
+ONE_BILLION = ("--quant", "Q4_K_M", "--ffn", "0.2", "--eval-chunks", "4", "--eval-ctx", "256")
 RUNS = [  # (label, model, command, arguments)
     ("SmolLM2-135M export, in memory", "smollm2", "export",
      ("--profile", "raspberry-pi-5-8gb", "--quant", "Q4_K_M", "--streaming", "off")),
     ("SmolLM2-135M export, streamed", "smollm2", "export",
      ("--profile", "raspberry-pi-5-8gb", "--quant", "Q4_K_M", "--streaming", "on")),
-    ("1B-shaped export, streamed", "1b", "export", ("--profile", "x86-laptop-16gb", "--streaming", "on", *SMALL_EVAL)),
-    ("1B-shaped export, in memory", "1b", "export", ("--profile", "x86-laptop-16gb", "--streaming", "off", *SMALL_EVAL)),
+    ("1B-shaped export, streamed", "1b", "export", ("--profile", "x86-laptop-16gb", *ONE_BILLION, "--streaming", "on")),
+    ("1B-shaped export, in memory", "1b", "export", ("--profile", "x86-laptop-16gb", *ONE_BILLION, "--streaming", "off")),
     ("8B-shaped prune --ffn 0.2 --quant Q4_K_M, streamed", "8b", "prune",
      ("--ffn", "0.2", "--quant", "Q4_K_M", "--calib-sequences", "8")),
 ]
