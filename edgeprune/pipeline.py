@@ -8,8 +8,10 @@ that fails later removes the files it wrote, so a failed export leaves nothing b
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -131,110 +133,178 @@ def check_export_inputs(model_path: str | Path, profile: Profile | None, out_dir
     return calib, evaluation, resources
 
 
-def _export(model_path, profile: Profile | None, out_dir: Path, options: ExportOptions, say: Progress, calib: Text,
-            evaluation: Text | None, resources: Resources, written: list[Path]) -> ExportResult:
-    """export_model's stages; every file it creates is appended to `written` first, for the caller's cleanup
-    (files an earlier run left under the same names are not this run's to remove)."""
-    explicit_quant = check_quant_type(options.quant) if options.quant else None
-    threads = options.threads or os.cpu_count() or 1  # quantization runs here, on this machine's cores
-    timings: dict[str, float] = {}
+@dataclass
+class Prepared:
+    """What every output built from one model shares, computed once: the model (loaded, or opened for the
+    layer-streamed path), the tokenized calibration text, the F16 reference and the unpruned model's importance
+    matrix. `edgeprune build` prepares once for all its targets."""
 
-    def timed(stage: str, fn, *args, **kwargs):
+    model_path: Path
+    loaded: object  # LoadedModel, or LazyModel on the layer-streamed path
+    base_shape: object  # ModelShape
+    tokens: list[int]
+    calib: Text
+    evaluation: Text | None
+    resources: Resources
+    options: ExportOptions
+    timings: dict[str, float] = field(default_factory=dict)
+    reference: Path | None = None
+    shared: bool = False  # several targets: in-memory pruning works on a copy of the model
+    cache: dict = field(default_factory=dict)  # shared by per-target copies (dataclasses.replace)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def timed(self, stage: str, fn, *args, **kwargs):
         start = time.perf_counter()
         result = fn(*args, **kwargs)
-        timings[stage] = round(time.perf_counter() - start, 2)
+        self.timings[stage] = round(time.perf_counter() - start, 2)
         return result
 
-    provenance = {"edgeprune.source": Path(model_path).name}
-    if profile is not None:
-        provenance["edgeprune.profile"] = profile.name
+    def conversion_input(self, metadata: dict[str, str], model=None) -> ConversionInput:
+        if self.resources.streamed:
+            return conversion_input(self.loaded, metadata)
+        loaded = self.loaded
+        return ConversionInput(model or loaded.model, loaded.vocab, loaded.name, loaded.context_length, metadata)
+
+    def device(self):
+        return compute_device(self.options.device)
+
+    def write_reference(self, path: Path, metadata: dict[str, str], say: Progress) -> Path:
+        """The unpruned model as F16: the reference for KL divergence, and the float input of unpruned outputs."""
+        if self.resources.streamed:
+            self.reference = self.timed("write_reference", stream_write, self.loaded, path, metadata,
+                                        device=self.device(), progress=say).gguf
+        else:
+            self.reference = self.timed("write_reference", write_gguf, self.conversion_input(metadata), path, "F16",
+                                        say)
+        return self.reference
+
+    def unpruned_imatrix(self, say: Progress) -> dict:
+        """The unpruned model's importance matrix, computed on first use (once for all of a build's targets)."""
+        with self.lock:
+            if "imatrix" not in self.cache:
+                model = LazyLayers(self.loaded, self.device()) if self.resources.streamed else self.loaded.model
+                self.cache["imatrix"] = self.timed(
+                    "calibrate", collect_calibration, model, self.tokens, n_seq=self.options.calib_sequences,
+                    seq_len=self.options.calib_seq_len, text_name=self.calib.name, progress=say).gguf_imatrix()
+        return self.cache["imatrix"]
+
+
+def prepare(model_path: str | Path, options: ExportOptions, calib: Text, evaluation: Text | None,
+            resources: Resources, say: Progress) -> Prepared:
+    """Load (or open) the model and tokenize the texts, checking their lengths with the model's tokenizer."""
+    prepared = Prepared(Path(model_path), None, None, [], calib, evaluation, resources, options)
     if resources.streamed:
-        loaded = timed("load", open_model, model_path, progress=say)
-        source, base_shape = conversion_input(loaded, provenance), lazy_shape(loaded)
+        loaded = prepared.timed("load", open_model, model_path, progress=say)
+        base_shape = lazy_shape(loaded)
     else:
-        loaded = timed("load", load_model, model_path, allow_pickle=options.allow_pickle, progress=say)
-        source = ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length, metadata=provenance)
+        loaded = prepared.timed("load", load_model, model_path, allow_pickle=options.allow_pickle, progress=say)
         base_shape = shape_of(loaded.model)
+    prepared.loaded, prepared.base_shape = loaded, base_shape
     say("tokenizing calibration text")
-    tokens = loaded.tokenizer(calib.content, add_special_tokens=False)["input_ids"]
-    check_calibration_length(len(tokens), options.calib_seq_len)
+    prepared.tokens = loaded.tokenizer(calib.content, add_special_tokens=False)["input_ids"]
+    check_calibration_length(len(prepared.tokens), options.calib_seq_len)
     if evaluation is not None:
         say("tokenizing evaluation text")
         eval_tokens = len(loaded.tokenizer(evaluation.content, add_special_tokens=False)["input_ids"]) + 1
         check_evaluation_length(evaluation.name, eval_tokens, options.eval_ctx, options.eval_chunks)
+    return prepared
+
+
+def provenance(model_path: Path, profile: Profile | None) -> dict[str, str]:
+    """The edgeprune.* metadata every GGUF of a run carries."""
+    metadata = {"edgeprune.source": Path(model_path).name}
+    if profile is not None:
+        metadata["edgeprune.profile"] = profile.name
+    return metadata
+
+
+def _export(model_path, profile: Profile | None, out_dir: Path, options: ExportOptions, say: Progress, calib: Text,
+            evaluation: Text | None, resources: Resources, written: list[Path]) -> ExportResult:
+    """export_model's stages; every file it creates is appended to `written` first, for the caller's cleanup
+    (files an earlier run left under the same names are not this run's to remove)."""
+    prepared = prepare(model_path, options, calib, evaluation, resources, say)
+    if profile is not None:
+        if not (out_dir / REFERENCE_NAME).exists():
+            written.append(out_dir / REFERENCE_NAME)
+        prepared.write_reference(out_dir / REFERENCE_NAME, provenance(prepared.model_path, profile), say)
+    return build_output(prepared, profile, out_dir, say, written)
+
+
+def build_output(prepared: Prepared, profile: Profile | None, out_dir: Path, say: Progress, written: list[Path],
+                 reference_topk: Path | None = None) -> ExportResult:
+    """Plan, prune, convert, quantize and validate one output of a prepared model into `out_dir`. The reference's
+    evaluation logits come from `reference_topk` when given (shared by a build's targets), else from running the
+    reference GGUF."""
+    options, model_path, base_shape = prepared.options, prepared.model_path, prepared.base_shape
+    explicit_quant = check_quant_type(options.quant) if options.quant else None
+    threads = options.threads or os.cpu_count() or 1  # quantization runs here, on this machine's cores
+    timings = prepared.timings
+    metadata = provenance(model_path, profile)
     plan, quant, prune = None, explicit_quant, options.prune
     if profile is not None and prune is None:
-        plan = timed("plan", make_plan, source, base_shape, profile,
-                     quants=(explicit_quant,) if explicit_quant else None, progress=say)
+        plan = prepared.timed("plan", make_plan, prepared.conversion_input(metadata), base_shape, profile,
+                              quants=(explicit_quant,) if explicit_quant else None, progress=say)
         if options.search == "measured":
             from .search import measured_plan
 
-            plan = timed("search", measured_plan, plan, loaded, tokens, calib, threads=threads, progress=say)
+            plan = prepared.timed("search", measured_plan, plan, prepared.loaded, prepared.tokens, prepared.calib,
+                                  threads=threads, progress=say)
         say(f"plan: {plan.chosen.candidate.label(base_shape)}")
         quant, prune = plan.chosen.candidate.quant, plan.chosen.candidate.prune_options(base_shape)
     quant = quant or (profile.runtime.default_quant if profile is not None else "F16")
-    reference = None
+    reference = prepared.reference
     stem = output_stem(model_path)
     final = out_dir / f"{stem}-{quant}.gguf"
     outputs = [final, out_dir / REPORT_NAME, out_dir / "report.html", out_dir / "report.md"]
-    outputs += [out_dir / REFERENCE_NAME] if profile is not None else []
     written += [path for path in outputs if not path.exists()]
     use_imatrix = quant != "F16" and options.imatrix and quant not in ("F32", "BF16")
     float_gguf = final if quant == "F16" else out_dir / f".{stem}-F16.intermediate.gguf"
     if float_gguf != final:
         written.append(float_gguf)
-    if resources.streamed:
-        device = compute_device(options.device)
-        if profile is not None:
-            reference = timed("write_reference", stream_write, loaded, out_dir / REFERENCE_NAME, provenance,
-                              device=device, progress=say).gguf
-        if prune is not None or reference is None or quant == "F16":
-            build = stream_write(loaded, float_gguf, provenance, token_ids=tokens, options=prune, device=device,
-                                 imatrix=(options.calib_sequences, options.calib_seq_len, calib.name) if use_imatrix
-                                 else None, progress=say)
-            timings.update(build.seconds)
-            prune_details, imatrix = build.pruning, build.stats.gguf_imatrix() if build.stats else None
-        else:  # the reference is the float model: only its statistics are still wanted
-            float_gguf, prune_details, imatrix = reference, None, None
-            if use_imatrix:
-                imatrix = timed("calibrate", collect_calibration, LazyLayers(loaded, device), tokens,
-                                n_seq=options.calib_sequences, seq_len=options.calib_seq_len, text_name=calib.name,
-                                progress=say).gguf_imatrix()
+    prune_details, imatrix = None, None
+    if prune is None and reference is not None and quant != "F16":
+        float_gguf = reference  # the reference is the float model: only its statistics are still wanted
+        imatrix = prepared.unpruned_imatrix(say) if use_imatrix else None
+    elif prepared.resources.streamed:
+        build = stream_write(prepared.loaded, float_gguf, metadata, token_ids=prepared.tokens, options=prune,
+                             device=prepared.device(), progress=say,
+                             imatrix=(options.calib_sequences, options.calib_seq_len, prepared.calib.name)
+                             if use_imatrix else None)
+        timings.update(build.seconds)
+        prune_details, imatrix = build.pruning, build.stats.gguf_imatrix() if build.stats else None
     else:
-        if profile is not None:
-            reference = timed("write_reference", write_gguf, source, out_dir / REFERENCE_NAME, "F16", say)
-        model, prune_details, imatrix = loaded.model, None, None
+        model = prepared.loaded.model
         if prune is not None:
             from .pruning import prune_model
 
-            pruned = timed("prune", prune_model, loaded.model, tokens, prune, progress=say)
+            pruned = prepared.timed("prune", prune_model, copy.deepcopy(model) if prepared.shared else model,
+                                    prepared.tokens, prune, progress=say)
             model, prune_details = pruned.model, _prune_summary(pruned)
-            source.model = model
-        if reference is not None and prune is None and quant != "F16":
-            float_gguf = reference
-        else:
-            timed("write_float", write_gguf, source, float_gguf, "F16", say)
+        prepared.timed("write_float", write_gguf, prepared.conversion_input(metadata, model), float_gguf, "F16", say)
         if use_imatrix:
-            stats = timed("calibrate", collect_calibration, model, tokens, n_seq=options.calib_sequences,
-                          seq_len=options.calib_seq_len, text_name=calib.name, progress=say)
-            imatrix = stats.gguf_imatrix()
+            imatrix = prepared.unpruned_imatrix(say) if prune is None else prepared.timed(
+                "calibrate", collect_calibration, model, prepared.tokens, n_seq=options.calib_sequences,
+                seq_len=options.calib_seq_len, text_name=prepared.calib.name, progress=say).gguf_imatrix()
 
     quantized = None
     try:
         if quant != "F16":
-            quantized = timed("quantize", quantize_gguf, float_gguf, final, quant, imatrix=imatrix,
-                              imatrix_text=calib.name, threads=threads, progress=say)
+            quantized = prepared.timed("quantize", quantize_gguf, float_gguf, final, quant, imatrix=imatrix,
+                                       imatrix_text=prepared.calib.name, threads=threads, progress=say)
     finally:
         if float_gguf not in (final, reference):
             float_gguf.unlink(missing_ok=True)
-    report, validation_bundle = None, None
+    report, validation_bundle, evaluation = None, None, prepared.evaluation
     if profile is not None:
         partial = start_bundle(out_dir)
         written.append(partial)
-        report = timed("validate", validate_gguf, final, reference_gguf=reference, save_topk=partial / REFERENCE,
-                       eval_text=evaluation, n_ctx=options.eval_ctx, max_chunks=options.eval_chunks,
-                       threads=options.threads, profile=profile, host_profile=options.host_profile,
-                       on_device=options.on_device, progress=say)
+        if reference_topk is not None:
+            shutil.copyfile(reference_topk, partial / REFERENCE)
+        report = prepared.timed(
+            "validate", validate_gguf, final, reference_gguf=None if reference_topk else reference,
+            reference_topk=reference_topk, save_topk=None if reference_topk else partial / REFERENCE,
+            eval_text=evaluation, n_ctx=options.eval_ctx, max_chunks=options.eval_chunks, threads=options.threads,
+            profile=profile, host_profile=options.host_profile, on_device=options.on_device, progress=say)
         say("writing the validation bundle")
         if not (out_dir / BUNDLE_NAME).exists():
             written.append(out_dir / BUNDLE_NAME)
@@ -246,16 +316,16 @@ def _export(model_path, profile: Profile | None, out_dir: Path, options: ExportO
         "model": str(model_path), "profile": profile.name if profile else None, "quant": quant, "gguf": final.name,
         "bundle": validation_bundle.directory.name if validation_bundle else None,
         "plan": plan.to_dict() if plan else None,
-        "imatrix": {"used": imatrix is not None, "text": calib.name, "entries": len(imatrix or {})},
+        "imatrix": {"used": imatrix is not None, "text": prepared.calib.name, "entries": len(imatrix or {})},
         "fallbacks": [asdict(f) for f in quantized.fallbacks] if quantized else [],
-        "pruning": prune_details, "seconds": timings, "resources": asdict(resources),
+        "pruning": prune_details, "seconds": timings, "resources": asdict(prepared.resources),
     }
     report_path = out_dir / REPORT_NAME
     document = write_report(report_path, report, export=export)
     say("writing the report pages")
     write_report_pages(document, out_dir)
     return ExportResult(final, reference, report_path, report, quantized, plan, timings,
-                        validation_bundle.directory if validation_bundle else None, resources)
+                        validation_bundle.directory if validation_bundle else None, prepared.resources)
 
 
 def _prune_summary(result) -> dict:

@@ -7,6 +7,7 @@ validation and `profile_to_toml`, so the two cannot drift apart.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import math
@@ -140,6 +141,22 @@ def profile_to_toml(profile: Profile) -> str:
         out.extend(f"{key} = {_toml_value(value)}" for key, value in present.items())
         out.append("")
     return "\n".join(out)
+
+
+def with_overrides(profile: Profile, path: Path, *, context_length: int | None = None,
+                   quant_types: tuple[str, ...] | None = None, allow_deci: bool | None = None) -> tuple[Profile, str]:
+    """The profile with a build target's overrides, as it would read from `path`, and its TOML text: checked by
+    the same rules as a profile file, so an override cannot make a profile no file could be."""
+    runtime, budgets = profile.runtime, profile.budgets
+    if quant_types:
+        runtime = dataclasses.replace(runtime, quant_types=tuple(quant_types), default_quant=(
+            runtime.default_quant if runtime.default_quant in quant_types else quant_types[0]))
+    if allow_deci is not None:
+        runtime = dataclasses.replace(runtime, allow_deci=allow_deci)
+    if context_length is not None:
+        budgets = dataclasses.replace(budgets, context_length=context_length)
+    text = profile_to_toml(dataclasses.replace(profile, runtime=runtime, budgets=budgets))
+    return _parse(path, text), text
 
 
 def check_user_profile_path(path: str | Path) -> None:

@@ -301,15 +301,16 @@ def measure_perplexity(path: Path, text: Text | None, *, reference_gguf: str | P
     """llama-perplexity's PPL of `path` on `text` and, with a reference, its KL divergence, in a child process.
 
     The reference is a GGUF, whose top-k log-probs are also written to `save_topk` when given (a validation
-    bundle's), or such a top-k file (`reference_topk`), which brings its own evaluation chunks (`text`, `n_ctx`
+    bundle's; without a reference, `path`'s own are: it is then the reference), or such a top-k file
+    (`reference_topk`), which brings its own evaluation chunks (`text`, `n_ctx`
     and `max_chunks` are then unused). The candidate runs with `runtime`'s KV cache type, flash attention and
     threads (a quantized KV cache costs quality too), or llama.cpp's defaults on `threads`; the reference GGUF
     with llama.cpp's defaults."""
     from .bundle_logits import DEFAULT_TOP_K
 
     runtime = runtime or Runtime(n_ctx, threads=threads or os.cpu_count() or 1)
-    if save_topk is not None and reference_gguf is None:
-        raise EdgepruneError("saving the reference's top-k log-probs needs a reference GGUF")
+    if save_topk is not None and reference_topk is not None:
+        raise EdgepruneError("internal error: top-k log-probs are saved from a reference GGUF, not from a top-k file")
     quality = _run_child({
         "kind": "quality", "gguf": str(path), "reference": str(reference_gguf) if reference_gguf else None,
         "reference_topk": str(reference_topk) if reference_topk else None,
@@ -666,6 +667,8 @@ def _measure_quality(task: dict) -> dict:
                 saved.append(bundle_logits.reference_from_logits(ref_logits, targets, task["top_k"]))
         else:
             part = {"cand_logp": token_logprobs(cand_logits, targets)}
+            if task.get("save_topk"):  # this model is the reference others will be measured against
+                saved.append(bundle_logits.reference_from_logits(cand_logits, targets, task["top_k"]))
         for key, values in part.items():
             rows.setdefault(key, []).append(values)
         nll_mean = -float(np.concatenate(rows["cand_logp"]).mean())
