@@ -20,6 +20,7 @@ SUITES: dict[str, str] = {
     "memory": "edgeprune.bench.memory",
     "topk": "edgeprune.bench.topk",
     "scale": "edgeprune.bench.scale",
+    "build": "edgeprune.bench.builds",
 }
 
 
