@@ -122,6 +122,7 @@ class ModelWriter:
                                          f"{name} {shape}: the model and its shape disagree")
                 array, _ = self.encode(data, tensor_type)
                 writer.write_tensor_data(array)
+                del data, array  # not held while the stream works out the next tensor (a whole layer, streamed)
             if next(stream, None) is not None or writer.tensors[0]:
                 raise EdgepruneError(f"{path.name}: the tensors do not match the header's {len(layout)}")
             writer.close()

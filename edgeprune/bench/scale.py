@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import resource
+import os
 import shutil
 import subprocess
 import sys
@@ -62,17 +62,29 @@ def _measure(command: list[str], out: Path) -> dict:
 
 
 def run(progress) -> SuiteResult:
+    """EDGEPRUNE_BENCH_REUSE=1 keeps the rows an earlier run measured with the same command (each row's result
+    is saved as it finishes, so a long suite that stops can go on where it stopped); the table marks them."""
     rows = []
+    reuse = os.environ.get("EDGEPRUNE_BENCH_REUSE") == "1"
     for index, (label, name, command, args) in enumerate(RUNS):
         model = _model(name, progress)
         size = model_size(model)
-        out = WORK / "out" / f"run-{index}"
-        shutil.rmtree(out, ignore_errors=True)
-        progress(f"scale: {label}")
-        measured = _measure([sys.executable, "-m", "edgeprune.cli", command, str(model), "--out", str(out), *args], out)
-        gguf = out / measured["gguf"] if measured["gguf"] else None
-        if gguf is not None and gguf.is_file():
-            measured.update(gguf_bytes=gguf.stat().st_size, sha256=hashlib.sha256(gguf.read_bytes()).hexdigest())
+        out, saved = WORK / "out" / f"run-{index}", WORK / "out" / f"run-{index}.json"
+        argv = [command, str(model), *args]
+        previous = json.loads(saved.read_text()) if reuse and saved.is_file() else None
+        if previous is not None and previous.get("argv") == argv:
+            progress(f"scale: {label}: kept from {previous['measured_at']}")
+            measured = previous
+        else:
+            shutil.rmtree(out, ignore_errors=True)
+            progress(f"scale: {label}")
+            measured = _measure([sys.executable, "-m", "edgeprune.cli", command, str(model), "--out", str(out), *args],
+                                out)
+            gguf = out / measured["gguf"] if measured["gguf"] else None
+            if gguf is not None and gguf.is_file():
+                measured.update(gguf_bytes=gguf.stat().st_size, sha256=hashlib.sha256(gguf.read_bytes()).hexdigest())
+            measured.update(argv=argv, measured_at=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+            saved.write_text(json.dumps(measured, indent=1))
         rows.append({"run": label, "model": model.name, "params": size.n_params, "stored_bytes": size.stored_bytes,
                      "float32_bytes": 4 * size.n_params, **measured})
         progress(f"scale: {label}: rc {measured['rc']}, peak {measured['peak_rss_bytes'] / GIB:.2f} GiB, "
@@ -80,7 +92,7 @@ def run(progress) -> SuiteResult:
     cells = []
     for r in rows:
         stages = ", ".join(f"{k} {v:.0f}" for k, v in r["seconds"].items())
-        cells.append([r["run"], f"{r['params'] / 1e9:.2f}", f"{r['float32_bytes'] / GIB:.1f}",
+        cells.append([f"{r['run']} ({r['measured_at']})", f"{r['params'] / 1e9:.2f}", f"{r['float32_bytes'] / GIB:.1f}",
                       f"{r['peak_rss_bytes'] / GIB:.2f}" if r["rc"] in (0, 1) else f"failed: {r['error']}",
                       f"{r['wall_s']:.0f}", stages, f"{r['stored_bytes'] / 1e9 / r['wall_s']:.3f}",
                       (r.get("sha256") or "")[:12]])
@@ -95,6 +107,6 @@ def run(progress) -> SuiteResult:
                 "cores). Exit status 1 (a budget missed) still counts as a completed run."),
         data={"rows": rows},
         sections=["## Results", table(
-            ["run", "params (B)", "float32 GiB", "peak RSS GiB", "wall s", "stages (s)", "GB/s", "GGUF sha256"],
+            ["run (measured)", "params (B)", "float32 GiB", "peak RSS GiB", "wall s", "stages (s)", "GB/s", "GGUF sha256"],
             cells)],
     )
