@@ -304,10 +304,9 @@ def run_build(build: BuildFile, *, only: tuple[str, ...] = (), jobs: int = 1, th
         shared_dir.mkdir(exist_ok=True)
         reference = _shared_reference(prepared, shared_dir, _digest(inputs), provenance(model, None), say)
         topk = _shared_topk(reference, evaluation, build, shared_dir, threads, say)
-        done = 0
+        done, started = [], time.perf_counter()
 
         def one(index_target):
-            nonlocal done
             i, target = index_target
             name = target.name
 
@@ -315,8 +314,11 @@ def run_build(build: BuildFile, *, only: tuple[str, ...] = (), jobs: int = 1, th
                 say(f"[{name} {i + 1}/{len(todo)}] {message}")
 
             outcome = _build_target(prepared, target, profiles[name], out, keys[name], topk, found_versions, tell)
-            done += 1
-            say(f"{name}: {outcome.status}; {done} of {len(todo)} targets done")
+            done.append(name)
+            left = len(todo) - len(done)
+            per_target = (time.perf_counter() - started) / len(done)
+            say(f"{name}: {outcome.status}; {len(done)} of {len(todo)} targets done"
+                + (f", about {per_target * left / jobs:.0f} s left" if left else ""))
             return outcome
 
         with ThreadPoolExecutor(max_workers=jobs) as pool:
