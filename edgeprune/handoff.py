@@ -86,7 +86,7 @@ class ServeSettings:
 
 def modelfile(settings: ServeSettings, chat_template: str | None) -> str:
     family = chat_family(chat_template)
-    lines = [f"# Ollama Modelfile written by edgeprune: ollama create NAME -f Modelfile", f"FROM ./{settings.gguf}"]
+    lines = ["# Ollama Modelfile written by edgeprune: ollama create NAME -f Modelfile", f"FROM ./{settings.gguf}"]
     if family is not None:
         lines.append(f'TEMPLATE """{family.template}"""')
         lines += [f'PARAMETER stop "{stop}"' for stop in family.stops]

@@ -4,7 +4,6 @@ content, reproducible files and runtime hand-off that works."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import subprocess
