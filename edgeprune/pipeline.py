@@ -199,6 +199,8 @@ def prepare(model_path: str | Path, options: ExportOptions, calib: Text, evaluat
     else:
         loaded = prepared.timed("load", load_model, model_path, allow_pickle=options.allow_pickle, progress=say)
         base_shape = shape_of(loaded.model)
+        if prepared.device().type != "cpu":  # calibration and pruning where torch computes fastest
+            loaded.model.to(prepared.device())
     prepared.loaded, prepared.base_shape = loaded, base_shape
     say("tokenizing calibration text")
     prepared.tokens = loaded.tokenizer(calib.content, add_special_tokens=False)["input_ids"]
