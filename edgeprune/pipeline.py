@@ -123,8 +123,8 @@ def check_export_inputs(model_path: str | Path, profile: Profile | None, out_dir
         model_path, out_dir, options.streaming, pruning=pruning, reference=profile is not None,
         quantized=(options.quant or "F16") != "F16" or profile is not None,
         calibration_tokens=max(options.calib_sequences, getattr(options.prune, "calib_sequences", 0)) * options.calib_seq_len)
+    compute_device(options.device)
     if resources.streamed:
-        compute_device(options.device)
         if options.search == "measured":
             raise EdgepruneError("--search measured builds whole candidate models in memory, which the layer-streamed "
                                  "path avoids: use --search estimated, or --streaming off if the model fits in RAM")
