@@ -9,6 +9,7 @@ it the comparison is left out and the table says so.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -47,6 +48,9 @@ def _build_file(directory: Path, model: Path, profiles: tuple[str, ...]) -> Path
 
 
 def _llama_tools(progress) -> Path | None:
+    """The directory of llama.cpp's tools: $EDGEPRUNE_LLAMA_TOOLS, or what the shared build script prints."""
+    if os.environ.get("EDGEPRUNE_LLAMA_TOOLS"):
+        return Path(os.environ["EDGEPRUNE_LLAMA_TOOLS"])
     if not TOOLS_SCRIPT.is_file():
         return None
     progress("build: llama.cpp's tools (built once, 10-15 minutes)")
