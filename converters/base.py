@@ -7,6 +7,7 @@ the model's weights (`edgeprune.shapes.shape_of`), so pruned models go through u
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,27 +107,36 @@ class ModelWriter:
             progress(f"writing {path.name} ({self.arch_name}, {out_type}, {len(self.shape.layers)} layers)")
         with atomic_output(path) as tmp:
             writer = gguf.GGUFWriter(tmp, self.arch_name)
-            self.add_metadata(writer, file_type)
-            for name, shape in layout:
-                stored = tensor_type if len(shape) == 2 else gguf.GGMLQuantizationType.F32
-                nbytes = int(np.prod(shape)) * (2 if stored != gguf.GGMLQuantizationType.F32 else 4)
-                writer.add_tensor_info(name, shape, np.dtype(np.float16 if stored == gguf.GGMLQuantizationType.F16
-                                                            else np.float32), nbytes, raw_dtype=stored)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            stream = iter(self.tensors() if tensors is None else tensors)
-            for (name, shape), (given, data) in zip(layout, stream):
-                if given != name or tuple(data.shape) != shape:
-                    raise EdgepruneError(f"tensor {given} {tuple(data.shape)} arrived where the header declares "
-                                         f"{name} {shape}: the model and its shape disagree")
-                array, _ = self.encode(data, tensor_type)
-                writer.write_tensor_data(array)
-                del data, array  # not held while the stream works out the next tensor (a whole layer, streamed)
-            if next(stream, None) is not None or writer.tensors[0]:
-                raise EdgepruneError(f"{path.name}: the tensors do not match the header's {len(layout)}")
-            writer.close()
+            try:
+                self._write_tensors(writer, path, layout, tensor_type, file_type, tensors)
+            except BaseException:
+                _release_files(writer)  # an open handle would keep a full disk full after the partial file is gone
+                raise
         return path
+
+    def _write_tensors(self, writer: gguf.GGUFWriter, path: Path, layout: list[tuple[str, tuple[int, ...]]],
+                       tensor_type, file_type, tensors: Iterable[tuple[str, torch.Tensor]] | None) -> None:
+        """The header from the layout, then each tensor as the stream yields it, checked against the header."""
+        self.add_metadata(writer, file_type)
+        for name, shape in layout:
+            stored = tensor_type if len(shape) == 2 else gguf.GGMLQuantizationType.F32
+            nbytes = int(np.prod(shape)) * (2 if stored != gguf.GGMLQuantizationType.F32 else 4)
+            writer.add_tensor_info(name, shape, np.dtype(np.float16 if stored == gguf.GGMLQuantizationType.F16
+                                                        else np.float32), nbytes, raw_dtype=stored)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        stream = iter(self.tensors() if tensors is None else tensors)
+        for (name, shape), (given, data) in zip(layout, stream):
+            if given != name or tuple(data.shape) != shape:
+                raise EdgepruneError(f"tensor {given} {tuple(data.shape)} arrived where the header declares "
+                                     f"{name} {shape}: the model and its shape disagree")
+            array, _ = self.encode(data, tensor_type)
+            writer.write_tensor_data(array)
+            del data, array  # not held while the stream works out the next tensor (a whole layer, streamed)
+        if next(stream, None) is not None or writer.tensors[0]:
+            raise EdgepruneError(f"{path.name}: the tensors do not match the header's {len(layout)}")
+        writer.close()
 
     def write_skeleton(self, path: str | Path, with_vocab: bool = False) -> Path:
         """An F16 GGUF of `self.shape` whose tensor data is left as a sparse hole: enough for llama.cpp's
@@ -283,6 +293,13 @@ class ModelWriter:
         if tensor_type == gguf.GGMLQuantizationType.F16:
             return array.astype(np.float16), None
         return gguf.quants.quantize(array, tensor_type), tensor_type
+
+
+def _release_files(writer: gguf.GGUFWriter) -> None:
+    """Close the writer's files without the flush that failed (a full disk refuses it again)."""
+    for handle in writer.fout or []:
+        with contextlib.suppress(OSError):
+            handle.close()
 
 
 def _has_submodule(block: torch.nn.Module, path: str) -> bool:

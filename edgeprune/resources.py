@@ -110,6 +110,11 @@ def disk_needed(size: ModelSize, *, reference: bool, quantized: bool) -> int:
     return f16 * (2 if reference else 1) + (f16 // 2 if quantized else 0)
 
 
+def readable(n_bytes: int) -> str:
+    """GiB for sizes a model run has, MiB below one GiB, so a small shortfall does not read as 0.0 against 0.0."""
+    return f"{n_bytes / GIB:.1f} GiB" if n_bytes >= GIB else f"{n_bytes / 2**20:.1f} MiB"
+
+
 def available_memory() -> int:
     """MemAvailable from /proc/meminfo (what can be allocated without swapping); total RAM elsewhere."""
     try:
@@ -142,6 +147,6 @@ def plan_resources(model_path: str | Path, out_dir: Path, streaming: str, *, cal
                              f"{'layer-streamed' if streamed else 'in-memory'} path and this machine has "
                              f"{available / GIB:.1f} GiB available: {fix}")
     if disk > free:
-        raise EdgepruneError(f"the output needs about {disk / GIB:.1f} GiB of disk and {out_dir} has "
-                             f"{free / GIB:.1f} GiB free: free some space or choose another --out")
+        raise EdgepruneError(f"not enough disk: the output needs about {readable(disk)} and {out_dir} has "
+                             f"{readable(free)} free: free some space or choose another --out")
     return found

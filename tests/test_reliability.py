@@ -237,11 +237,24 @@ def small_tmpfs(tmp_path):
         subprocess.run(["umount", str(mount)], check=True)
 
 
-def test_disk_full_during_write(tiny_dir, small_tmpfs):
+def test_too_little_disk_is_refused_before_work(tiny_dir, small_tmpfs):
     out = small_tmpfs / "out"
     r = export(tiny_dir, out, "--quant", "Q4_0")
-    assert_clean_failure(r, out, "disk full")
-    assert not list(small_tmpfs.rglob("*.partial-*"))
+    message = assert_clean_failure(r, out, "not enough disk")
+    assert "0.1 MiB free" in message, message  # the 64 KiB file system, in units a user can compare
+    assert "loading" not in r.stderr  # refused before the model is read
+
+
+def test_disk_full_during_write(tiny_dir, small_tmpfs):
+    """The converter meets ENOSPC part-way through the tensors: a clear error and no partial file."""
+    from converters import ConversionInput, write_gguf
+    from edgeprune.loading import load_model
+
+    loaded = load_model(tiny_dir)
+    message = assert_edgeprune_error(write_gguf, ConversionInput(loaded.model, loaded.vocab, "tiny", 256),
+                                     small_tmpfs / "tiny.gguf", expected="disk full")
+    assert str(small_tmpfs) in message or "tiny.gguf" in message, message
+    assert list(small_tmpfs.iterdir()) == []
 
 
 def test_file_size_limit_during_write(tiny_dir, tmp_path):
