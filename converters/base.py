@@ -43,6 +43,10 @@ OUTPUT_TYPES = {
 }
 
 
+# Values converted to float32 at a time while a tensor is encoded (64 MiB of float32).
+ENCODE_BLOCK_VALUES = 1 << 24
+
+
 def gguf_tensor_name(hf_module: str) -> str | None:
     """GGUF name of the weight of a transformers module, e.g. model.layers.3.mlp.down_proj -> blk.3.ffn_down.weight."""
     if hf_module == "lm_head":
@@ -284,15 +288,26 @@ class ModelWriter:
 
     @staticmethod
     def encode(data: torch.Tensor, tensor_type: gguf.GGMLQuantizationType) -> tuple[np.ndarray, gguf.GGMLQuantizationType | None]:
-        """Vectors stay F32 as llama.cpp expects; matrices take the requested float type (BF16 as raw bytes)."""
-        array = data.detach().to(torch.float32).cpu().numpy()
-        if not np.isfinite(array).all():
-            raise EdgepruneError("the model has NaN or Inf weights: the checkpoint is damaged or overflowed")
-        if array.ndim == 1 or tensor_type == gguf.GGMLQuantizationType.F32:
-            return array, None
-        if tensor_type == gguf.GGMLQuantizationType.F16:
-            return array.astype(np.float16), None
-        return gguf.quants.quantize(array, tensor_type), tensor_type
+        """Vectors stay F32 as llama.cpp expects; matrices take the requested float type (BF16 as raw bytes).
+
+        Converted in blocks of rows, so that an 8B model's embedding (0.5 G values) is never held in float32:
+        the peak is the stored tensor plus its encoding. Every type here is per element or per row, so the
+        blocks give the same bytes as the whole."""
+        kind = gguf.GGMLQuantizationType.F32 if data.ndim == 1 else tensor_type
+        step = max(1, ENCODE_BLOCK_VALUES // max(1, data[0].numel()))
+        encoded = None
+        for start in range(0, data.shape[0], step):
+            block = data[start:start + step].detach().to(torch.float32).cpu().numpy()
+            if not np.isfinite(block).all():
+                raise EdgepruneError("the model has NaN or Inf weights: the checkpoint is damaged or overflowed")
+            if kind == gguf.GGMLQuantizationType.F16:
+                block = block.astype(np.float16)
+            elif kind != gguf.GGMLQuantizationType.F32:
+                block = gguf.quants.quantize(block, kind)
+            if encoded is None:
+                encoded = np.empty((data.shape[0], *block.shape[1:]), block.dtype)
+            encoded[start:start + len(block)] = block
+        return encoded, (None if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) else kind)
 
 
 def _release_files(writer: gguf.GGUFWriter) -> None:

@@ -2,7 +2,8 @@
 SmolLM2-135M to random-weight checkpoints with the shapes of Llama-3.2-1B and Llama-3.1-8B.
 
 Every run is the `edgeprune` command in a child process; its peak RSS is the child's maximum resident set
-(getrusage), its stage times are those export/prune record in report.json.
+(wait4's rusage), sampled as well to say which stage it falls in; its stage times are those export/prune record in
+report.json.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -47,18 +49,39 @@ def _model(name: str, progress) -> Path:
 
 
 def _measure(command: list[str], out: Path) -> dict:
-    """Run the command in a child of a fresh Python, so that its peak RSS is its own."""
-    probe = ("import resource, subprocess, sys, json; r = subprocess.run(sys.argv[1:]); "
-             "print(json.dumps({'rc': r.returncode, 'peak': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))")
+    """Run the command as a child, so that its peak RSS (getrusage) is its own. Its RSS is also sampled every
+    0.1 s with the progress line showing at the time, so the table can say where the peak falls."""
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", probe, *command], capture_output=True, text=True)
+    child = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(child.stderr), daemon=True)
+    reader.start()
+    sampled, where = 0, ""
+    while True:
+        pid, status, usage = os.wait4(child.pid, os.WNOHANG)  # this child's own rusage, not all children's
+        if pid:
+            break
+        rss = _rss_bytes(child.pid)
+        if rss > sampled:
+            sampled, where = rss, (lines[-1].strip() if lines else "start")
+        time.sleep(0.1)
+    reader.join()
     wall = time.perf_counter() - start
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    rc = os.waitstatus_to_exitcode(status)
     report = out / "report.json"
-    export = json.loads(report.read_text())["export"] if report.is_file() and result["rc"] in (0, 1) else {}
-    return {"rc": result["rc"], "peak_rss_bytes": result["peak"] * 1024, "wall_s": round(wall, 1),
+    export = json.loads(report.read_text())["export"] if report.is_file() and rc in (0, 1) else {}
+    return {"rc": rc, "peak_rss_bytes": usage.ru_maxrss * 1024,
+            "sampled_peak_bytes": sampled, "sampled_peak_during": where, "wall_s": round(wall, 1),
             "seconds": export.get("seconds", {}), "resources": export.get("resources"), "gguf": export.get("gguf"),
-            "error": done.stderr.strip().splitlines()[-1] if result["rc"] not in (0, 1) and done.stderr.strip() else None}
+            "error": lines[-1].strip() if rc not in (0, 1) and lines else None}
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def run(progress) -> SuiteResult:
@@ -94,12 +117,14 @@ def run(progress) -> SuiteResult:
         stages = ", ".join(f"{k} {v:.0f}" for k, v in r["seconds"].items())
         cells.append([f"{r['run']} ({r['measured_at']})", f"{r['params'] / 1e9:.2f}", f"{r['float32_bytes'] / GIB:.1f}",
                       f"{r['peak_rss_bytes'] / GIB:.2f}" if r["rc"] in (0, 1) else f"failed: {r['error']}",
-                      f"{r['wall_s']:.0f}", stages, f"{r['stored_bytes'] / 1e9 / r['wall_s']:.3f}",
+                      r.get("sampled_peak_during", ""), f"{r['wall_s']:.0f}", stages,
+                      f"{r['stored_bytes'] / 1e9 / r['wall_s']:.3f}",
                       (r.get("sha256") or "")[:12]])
     return SuiteResult(
         title="Model size against peak memory and time: in-memory and layer-streamed paths",
         method=("Each run is `edgeprune export` or `edgeprune prune` in a child process; peak RSS is that child's "
-                "maximum resident set (getrusage), stages are the seconds report.json records. The 1B and 8B models "
+                "maximum resident set (getrusage); 'peak during' is the progress line showing when RSS, sampled "
+                "every 0.1 s, was highest. Stages are the seconds report.json records. The 1B and 8B models "
                 "are random bf16 checkpoints with the real shapes (python -m edgeprune.bench.synthetic), with "
                 "SmolLM2's tokenizer; their quality numbers mean nothing and their evaluation is cut to 4 chunks of "
                 "256 tokens. Throughput: GB of stored weights read per second of wall time. The 8B prune uses 8 "
@@ -107,6 +132,7 @@ def run(progress) -> SuiteResult:
                 "cores). Exit status 1 (a budget missed) still counts as a completed run."),
         data={"rows": rows},
         sections=["## Results", table(
-            ["run (measured)", "params (B)", "float32 GiB", "peak RSS GiB", "wall s", "stages (s)", "GB/s", "GGUF sha256"],
+            ["run (measured)", "params (B)", "float32 GiB", "peak RSS GiB", "peak during", "wall s", "stages (s)",
+             "GB/s", "GGUF sha256"],
             cells)],
     )

@@ -47,13 +47,17 @@ def ridge_refit(
     """
     w = linear.weight.detach()
     z = torch.cat([inputs[:, keep].double(), torch.ones(len(inputs), 1, dtype=torch.float64, device=inputs.device)], 1)
-    gzz = z.T @ z / len(z)
-    gtz = targets.double().T @ z / len(z)
-    prior = torch.cat([w[:, keep].double(), _bias_or_zero(linear)[:, None]], 1)
-    energy = float(gzz.diagonal()[:-1].mean()) if z.shape[1] > 1 else 0.0
-    reg = torch.full((z.shape[1],), ridge * energy, dtype=torch.float64, device=z.device)
+    # In place where it can be: the Gram matrix of an 8B model's down_proj is over 1 GB in float64, and
+    # `gzz + torch.diag(reg)` would hold three of them at once.
+    gzz = (z.T @ z).div_(len(z))
+    rhs = (targets.double().T @ z).div_(len(z))
+    del z
+    energy = float(gzz.diagonal()[:-1].mean()) if gzz.shape[1] > 1 else 0.0
+    reg = torch.full((gzz.shape[1],), ridge * energy, dtype=torch.float64, device=gzz.device)
     reg[-1] = 0.0  # the bias is free: a constant shift costs nothing to fit
-    solved = torch.linalg.solve(gzz + torch.diag(reg), (gtz + prior * reg).T).T
+    gzz.diagonal().add_(reg)
+    rhs.addcmul_(torch.cat([w[:, keep].double(), _bias_or_zero(linear)[:, None]], 1), reg)  # pull towards the prior
+    solved = torch.linalg.solve(gzz, rhs.T).T
     return solved[:, :-1].to(w.dtype), solved[:, -1].to(w.dtype)
 
 
