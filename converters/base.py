@@ -36,6 +36,8 @@ LAYER_TENSORS: dict[str, gguf.MODEL_TENSOR] = {
     "mlp.up_proj": T.FFN_UP,
     "mlp.down_proj": T.FFN_DOWN,
 }
+# Rope scalings whose llama.cpp form is known (add_rope_scaling); "default" is none.
+ROPE_SCALING = ("default", "linear", "yarn", "dynamic", "llama3")
 OUTPUT_TYPES = {
     "F32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
     "F16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
@@ -183,13 +185,13 @@ class ModelWriter:
                     layout.append((name + ".bias", (shape[0],)))
             if layer.n_head:
                 add(T.ATTN_NORM, (d,))
-                add(T.ATTN_Q, (layer.n_head * hd, d))
-                add(T.ATTN_K, (layer.n_head_kv * hd, d))
-                add(T.ATTN_V, (layer.n_head_kv * hd, d))
+                add(T.ATTN_Q, (layer.n_head * hd, d), layer.attn_qkv_bias)
+                add(T.ATTN_K, (layer.n_head_kv * hd, d), layer.attn_qkv_bias)
+                add(T.ATTN_V, (layer.n_head_kv * hd, d), layer.attn_qkv_bias)
                 add(T.ATTN_OUT, (d, layer.n_head * hd), layer.attn_output_bias)
             add(T.FFN_NORM, (d,))
-            add(T.FFN_GATE, (layer.n_ff, d))
-            add(T.FFN_UP, (layer.n_ff, d))
+            add(T.FFN_GATE, (layer.n_ff, d), layer.ffn_gate_up_bias)
+            add(T.FFN_UP, (layer.n_ff, d), layer.ffn_gate_up_bias)
             add(T.FFN_DOWN, (d, layer.n_ff), layer.ffn_down_bias)
         layout.append((gguf.TENSOR_NAMES[T.OUTPUT_NORM] + ".weight", (d,)))
         if not s.tied_embeddings:
@@ -211,9 +213,7 @@ class ModelWriter:
         writer.add_layer_norm_rms_eps(float(c.rms_norm_eps))
         rope = self.rope_parameters()
         writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
-        if rope.get("rope_type") == "linear" and rope.get("factor"):
-            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            writer.add_rope_scaling_factor(float(rope["factor"]))
+        add_rope_scaling(writer, rope)
         self.add_shape_parameters(writer)
         if with_vocab:
             self.source.vocab.write_to(writer)
@@ -221,14 +221,7 @@ class ModelWriter:
             writer.add_string(key, value)
 
     def rope_parameters(self) -> dict:
-        """transformers 5 keeps rope settings in `rope_parameters`; 4.x in rope_theta/rope_scaling."""
-        params = dict(getattr(self.config, "rope_parameters", None) or {})
-        params.setdefault("rope_theta", getattr(self.config, "rope_theta", 10000.0))
-        scaling = getattr(self.config, "rope_scaling", None) or {}
-        params.update({k: v for k, v in scaling.items() if k not in params})
-        if "type" in params and "rope_type" not in params:
-            params["rope_type"] = params["type"]
-        return params
+        return rope_parameters(self.config)
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         model = self.source.model
@@ -250,14 +243,11 @@ class ModelWriter:
             if module is None or (kind == T.ATTN_NORM and not layer.n_head):
                 continue  # a layer without attention (deci n_head == 0) has no attention tensors, norm included
             name = gguf.TENSOR_NAMES[kind].format(bid=bid)
-            weight = module.weight
-            if kind == T.ATTN_Q:
-                weight = permute_rows(weight, layer.n_head)
-            elif kind == T.ATTN_K:
-                weight = permute_rows(weight, layer.n_head_kv)
-            yield name + ".weight", weight
-            if getattr(module, "bias", None) is not None:
-                yield name + ".bias", module.bias
+            heads = {T.ATTN_Q: layer.n_head, T.ATTN_K: layer.n_head_kv}.get(kind)
+            for part in ("weight", "bias"):
+                tensor = getattr(module, part, None)
+                if tensor is not None:  # q/k rows, biases included, in llama.cpp's RoPE layout
+                    yield f"{name}.{part}", permute_rows(tensor, heads) if heads else tensor
 
     @staticmethod
     def tail_tensors(norm: torch.Tensor, output: torch.Tensor | None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -308,6 +298,52 @@ class ModelWriter:
                 encoded = np.empty((data.shape[0], *block.shape[1:]), block.dtype)
             encoded[start:start + len(block)] = block
         return encoded, (None if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) else kind)
+
+
+def rope_parameters(config) -> dict:
+    """transformers 5 keeps rope settings in `rope_parameters`; 4.x in rope_theta/rope_scaling."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    scaling = getattr(config, "rope_scaling", None) or {}
+    params.update({k: v for k, v in scaling.items() if k not in params})
+    if "type" in params and "rope_type" not in params:
+        params["rope_type"] = params["type"]
+    return params
+
+
+def check_rope_scaling(params: dict, where: str) -> None:
+    """Refuse, by name, a rope scaling that llama.cpp's Llama graph cannot reproduce (the GGUF would load and
+    compute other positions), or YaRN without the context length it stretches."""
+    kind = str(params.get("rope_type") or "default").lower()
+    if kind not in ROPE_SCALING:
+        raise EdgepruneError(f"{where} uses rope scaling {kind!r}: edgeprune writes {', '.join(ROPE_SCALING)} "
+                             "(llama.cpp's Llama graph has no other)")
+    if kind == "yarn" and not params.get("original_max_position_embeddings"):
+        raise EdgepruneError(f"{where} uses YaRN rope scaling without original_max_position_embeddings: add the "
+                             "context length the model was trained at to its rope_scaling")
+
+
+def add_rope_scaling(writer: gguf.GGUFWriter, params: dict) -> None:
+    """The rope scaling keys as llama.cpp's converter writes them. `dynamic` NTK writes nothing (llama.cpp does
+    not implement it; it only changes positions past the trained context), `llama3` is the rope_freqs tensor."""
+    check_rope_scaling(params, "the model")
+    kind, factor = str(params.get("rope_type") or "default").lower(), params.get("factor")
+    if kind == "linear" and factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(factor)
+    elif kind == "yarn" and factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(factor)
+        writer.add_rope_scaling_orig_ctx_len(params["original_max_position_embeddings"])
+        optional = {"extrapolation_factor": writer.add_rope_scaling_yarn_ext_factor,
+                    "beta_fast": writer.add_rope_scaling_yarn_beta_fast,
+                    "beta_slow": writer.add_rope_scaling_yarn_beta_slow}
+        for key, add in optional.items():
+            if params.get(key) is not None:
+                add(params[key])
+        attention_factor = params.get("attention_factor", params.get("attn_factor"))
+        if attention_factor is not None:
+            writer.add_rope_scaling_yarn_attn_factor(attention_factor)
 
 
 def _release_files(writer: gguf.GGUFWriter) -> None:

@@ -18,7 +18,22 @@ from edgeprune.errors import EdgepruneError
 # Keys of a GGUF's tokenizer section that are carried over verbatim from a GGUF input.
 _GGUF_TOKENIZER_PREFIX = "tokenizer."
 
-LLAMA3_PATTERN_MARK = "\\p{N}{1,3}"
+# The Split regexes of byte-level BPE tokenizer.json files, as llama.cpp's src/llama-vocab.cpp quotes them
+# ("original regex from tokenizer.json"). With the model's ignore_merges flag (which llama.cpp sets per
+# pre-tokenizer, not from the file), each names the tokenizer.ggml.pre that reproduces it.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+_TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
+                 r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|"
+                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+SPLIT_PRE_TOKENIZERS = {  # (regex, ignore_merges) → tokenizer.ggml.pre
+    (_LLAMA3_SPLIT, True): "llama-bpe",
+    (_LLAMA3_SPLIT, False): "smaug-bpe",  # Llama-3's regex, merges always applied (as llama.cpp's converter finds)
+    (_QWEN2_SPLIT, False): "qwen2",
+    (_TEKKEN_SPLIT, True): "tekken",
+}
 # gguf-py's SpecialVocab names special tokens by kind; these are their GGUF keys.
 _K = gguf.Keys.Tokenizer
 SPECIAL_TOKEN_KEYS = {
@@ -36,8 +51,7 @@ class Vocab:
     scores: list[float] | None = None
     merges: list[str] = field(default_factory=list)
     special_ids: dict[str, int] = field(default_factory=dict)  # "bos", "eos", "unk", "pad", ...
-    add_bos: bool | None = None
-    add_eos: bool | None = None
+    add_special: dict[str, bool] = field(default_factory=dict)  # "bos": True → tokenizer.ggml.add_bos_token
     add_space_prefix: bool | None = None
     chat_template: str | None = None
 
@@ -53,14 +67,16 @@ class Vocab:
             writer.add_token_merges(self.merges)
         for kind, token_id in self.special_ids.items():
             writer.add_uint32(SPECIAL_TOKEN_KEYS[kind], token_id)
-        if self.add_bos is not None:
-            writer.add_add_bos_token(self.add_bos)
-        if self.add_eos is not None:
-            writer.add_add_eos_token(self.add_eos)
+        for kind, add in self.add_special.items():
+            writer.add_bool(_add_token_key(kind), add)
         if self.add_space_prefix is not None:
             writer.add_add_space_prefix(self.add_space_prefix)
         if self.chat_template:
             writer.add_chat_template(self.chat_template)
+
+
+def _add_token_key(kind: str) -> str:
+    return f"{_GGUF_TOKENIZER_PREFIX}ggml.add_{kind}_token"
 
 
 def vocab_from_gguf(reader: gguf.GGUFReader) -> Vocab:
@@ -86,17 +102,20 @@ def vocab_from_gguf(reader: gguf.GGUFReader) -> Vocab:
         scores=[float(s) for s in value("ggml.scores")] if value("ggml.scores") is not None else None,
         merges=list(value("ggml.merges") or []),
         special_ids=special,
-        add_bos=value("ggml.add_bos_token"),
-        add_eos=value("ggml.add_eos_token"),
+        add_special={kind: bool(value(_add_token_key(kind))) for kind in SPECIAL_TOKEN_KEYS
+                     if value(_add_token_key(kind)) is not None},
         add_space_prefix=value("ggml.add_space_prefix"),
         chat_template=value("chat_template"),
     )
 
 
 def vocab_from_hf_dir(directory: Path, vocab_size: int) -> Vocab:
-    """Build the GGUF tokenizer from tokenizer.model (SentencePiece) or tokenizer.json (byte-level BPE)."""
+    """Build the GGUF tokenizer from tokenizer.model (SentencePiece) or tokenizer.json (SentencePiece-style BPE
+    with byte fallback, or byte-level BPE), in the order llama.cpp's converter tries them."""
     if (directory / "tokenizer.model").is_file():
         vocab = _sentencepiece_vocab(directory, vocab_size)
+    elif (directory / "tokenizer.json").is_file() and _is_sentencepiece_bpe(_read_tokenizer_json(directory)):
+        vocab = _sentencepiece_bpe_vocab(directory, vocab_size)
     elif (directory / "tokenizer.json").is_file():
         vocab = _bpe_vocab(directory, vocab_size)
     else:
@@ -106,10 +125,7 @@ def vocab_from_hf_dir(directory: Path, vocab_size: int) -> Vocab:
     special = gguf.SpecialVocab(directory, load_merges=vocab.model == "gpt2", n_vocab=vocab_size)
     vocab.merges = [m if isinstance(m, str) else " ".join(m) for m in special.merges]
     vocab.special_ids = {k: v for k, v in special.special_token_ids.items() if k in SPECIAL_TOKEN_KEYS}
-    vocab.add_bos = special.add_special_token.get("bos")
-    if vocab.add_bos is None and (directory / "tokenizer.json").is_file():
-        vocab.add_bos = _post_processor_adds_bos(_read_tokenizer_json(directory).get("post_processor"))
-    vocab.add_eos = special.add_special_token.get("eos")
+    vocab.add_special = dict(special.add_special_token)  # what llama.cpp's converter sets, and only that
     template = special.chat_template
     vocab.chat_template = template if isinstance(template, str) else None
     config_path = directory / "tokenizer_config.json"
@@ -146,39 +162,55 @@ def _bpe_vocab(directory: Path, vocab_size: int) -> Vocab:
         text, kind = by_id.get(i, (f"[PAD{i}]", gguf.TokenType.UNUSED))
         tokens.append(text)
         types.append(int(kind))
-    pre = _bpe_pre_tokenizer(spec.get("pre_tokenizer"), model["vocab"])
+    pre = _bpe_pre_tokenizer(spec.get("pre_tokenizer"), model)
     return Vocab(model="gpt2", pre=pre, tokens=tokens, token_types=types)
 
 
-def _post_processor_adds_bos(post: dict | None) -> bool | None:
-    """Whether transformers prepends a special token: the first item of the single-sequence template."""
-    if not post or post.get("type") != "TemplateProcessing" or not post.get("single"):
-        return None
-    return "SpecialToken" in post["single"][0]
-
-
-def _bpe_pre_tokenizer(pre: dict | None, vocab: dict[str, int]) -> str:
+def _bpe_pre_tokenizer(pre: dict | None, model: dict) -> str:
     """Name llama.cpp's pre-tokenizer that reproduces this tokenizer.json's pre-tokenization.
 
-    A plain GPT-2 ByteLevel pre-tokenizer over a vocabulary without a single multi-digit token comes from a
-    model trained with digits split one by one (SmolLM; transformers drops the Digits step when it rebuilds
-    the tokenizer from a GGUF). llama.cpp's `smollm` pre-tokenizer is the one that splits digits, and it is
-    what llama.cpp's own converter picks for such a directory.
+    A Split by one of the regexes llama.cpp carries (SPLIT_PRE_TOKENIZERS) followed by a ByteLevel step is that
+    pre-tokenizer. A plain GPT-2 ByteLevel pre-tokenizer over a vocabulary without a single multi-digit token
+    comes from a model trained with digits split one by one (SmolLM; transformers drops the Digits step when it
+    rebuilds the tokenizer from a GGUF). llama.cpp's `smollm` pre-tokenizer is the one that splits digits, and
+    it is what llama.cpp's own converter picks for such a directory.
     """
     if pre is None:
         return "default"
     parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [p.get("type") for p in parts]
     if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
-        digits_split = not any(sum(ch.isdigit() for ch in token) > 1 for token in vocab)
+        digits_split = not any(sum(ch.isdigit() for ch in token) > 1 for token in model["vocab"])
         return "smollm" if digits_split else "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
         return "smollm"
-    if kinds and kinds[0] == "Split" and LLAMA3_PATTERN_MARK in json.dumps(parts[0].get("pattern", {})).replace("\\\\", "\\"):
-        return "llama-bpe"
-    raise EdgepruneError(
-        f"unsupported BPE pre-tokenizer {kinds}: edgeprune knows GPT-2, Llama-3 and SmolLM byte-level BPE"
-    )
+    if kinds == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):
+        pattern = (parts[0].get("pattern") or {}).get("Regex", "")
+        found = SPLIT_PRE_TOKENIZERS.get((pattern, bool(model.get("ignore_merges"))))
+        if found is None:
+            raise EdgepruneError(f"unsupported BPE pre-tokenizer: a Split by the regex {pattern[:80]!r} with "
+                                 f"ignore_merges {bool(model.get('ignore_merges'))} is none of llama.cpp's "
+                                 f"{', '.join(SPLIT_PRE_TOKENIZERS.values())}")
+        return found
+    raise EdgepruneError(f"unsupported BPE pre-tokenizer {kinds}: edgeprune knows the byte-level pre-tokenizers "
+                         f"gpt-2, smollm, {', '.join(SPLIT_PRE_TOKENIZERS.values())}")
+
+
+def _is_sentencepiece_bpe(spec: dict) -> bool:
+    """A SentencePiece tokenizer as transformers saves it without tokenizer.model: BPE with byte fallback (a
+    Metaspace pre-tokenizer, or a Prepend + Replace normalizer), decoded by a Sequence. The test is gguf-py's
+    LlamaHfVocab's, which llama.cpp's converter uses for such a directory."""
+    model = spec.get("model") or {}
+    return model.get("type") == "BPE" and bool(model.get("byte_fallback")) and \
+        (spec.get("decoder") or {}).get("type") == "Sequence"
+
+
+def _sentencepiece_bpe_vocab(directory: Path, vocab_size: int) -> Vocab:
+    try:
+        pieces = list(gguf.LlamaHfVocab(directory).all_tokens())
+    except (OSError, ValueError, KeyError) as exc:
+        raise EdgepruneError(f"cannot read {directory / 'tokenizer.json'}: {str(exc).splitlines()[0]}") from exc
+    return _scored_vocab(pieces, vocab_size)
 
 
 def _sentencepiece_vocab(directory: Path, vocab_size: int) -> Vocab:
@@ -186,6 +218,11 @@ def _sentencepiece_vocab(directory: Path, vocab_size: int) -> Vocab:
         pieces = list(gguf.vocab.SentencePieceVocab(directory).all_tokens())
     except Exception as exc:  # sentencepiece raises bare RuntimeError on a damaged model file
         raise EdgepruneError(f"cannot read {directory / 'tokenizer.model'}: {str(exc).splitlines()[0]}") from exc
+    return _scored_vocab(pieces, vocab_size)
+
+
+def _scored_vocab(pieces: list[tuple[bytes, float, gguf.TokenType]], vocab_size: int) -> Vocab:
+    """The `llama` (SentencePiece) tokenizer model: pieces with scores, padded to the model's vocab_size."""
     if len(pieces) > vocab_size:
         raise EdgepruneError(
             f"tokenizer has {len(pieces)} tokens but the model's vocab_size is {vocab_size}: tokenizer and weights disagree"

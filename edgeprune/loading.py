@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Callable
 
@@ -16,12 +17,16 @@ import numpy as np
 import torch
 
 from converters.base import LAYER_TENSORS as LAYER_MODULES
+from converters.base import check_rope_scaling, rope_parameters
 from converters.vocab import Vocab, vocab_from_gguf, vocab_from_hf_dir
 
 from .errors import EdgepruneError
 from .gguf_check import read_gguf
 from .weights import GGUFWeights, SafetensorsWeights, read_safetensors_header
 
+# The same network under two names: llama.cpp's converter writes Mistral as `llama` too (its sliding window,
+# like llama.cpp's, is not applied: it matters only past 4096 tokens in Mistral-7B-v0.1 and is off in later ones).
+LLAMA_MODEL_TYPES = ("llama", "mistral")
 SUPPORTED = "a Hugging Face Llama directory (config.json, *.safetensors, tokenizer) or a llama-architecture .gguf"
 Progress = Callable[[str], None]
 
@@ -109,8 +114,11 @@ def _check_lazy_tensors(weights, config, path: Path) -> None:
     expected = {"model.embed_tokens.weight", "model.norm.weight"}
     if not config.tie_word_embeddings:
         expected.add("lm_head.weight")
+    biased = [m for m in LAYER_MODULES if (getattr(config, "attention_bias", False) and m.startswith("self_attn."))
+              or (getattr(config, "mlp_bias", False) and m.startswith("mlp."))]
     for i in range(config.num_hidden_layers):
         expected |= {f"model.layers.{i}.{module}.weight" for module in LAYER_MODULES}
+        expected |= {f"model.layers.{i}.{module}.bias" for module in biased}
     found = weights.names() - ({"lm_head.weight"} if config.tie_word_embeddings else set())
     disagreeing = sorted(expected ^ found)
     if disagreeing:
@@ -198,15 +206,13 @@ def _read_llama_config(directory: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise EdgepruneError(f"{path} is not valid JSON: {exc}") from exc
     model_type = config.get("model_type")
-    if model_type != "llama":
+    if model_type not in LLAMA_MODEL_TYPES:
         archs = ", ".join(config.get("architectures") or []) or "unknown"
         raise EdgepruneError(
-            f"{directory} holds a {model_type!r} model ({archs}): edgeprune supports Llama-family models (model_type 'llama')"
+            f"{directory} holds a {model_type!r} model ({archs}): edgeprune supports Llama-family models "
+            f"(model_type {' or '.join(repr(t) for t in LLAMA_MODEL_TYPES)})"
         )
-    biased = [key for key in ("attention_bias", "mlp_bias") if config.get(key)]
-    if biased:  # the converter writes no q/k/v or gate/up biases: the GGUF would load and talk nonsense
-        raise EdgepruneError(f"{directory}/config.json sets {' and '.join(f'{k}: true' for k in biased)}: edgeprune "
-                             "cannot convert those bias tensors yet, and a GGUF without them would be wrong")
+    check_rope_scaling(rope_parameters(SimpleNamespace(**config)), f"{directory}/config.json")
     return config
 
 

@@ -21,7 +21,7 @@ from converters import ConversionInput
 
 from .costmodel import Prediction, estimate_size, predict_for_size
 from .errors import EdgepruneError
-from .shapes import LayerShape, ModelShape
+from .shapes import ModelShape
 
 MIB = 1 << 20
 LAYER_DROPS = (0, 2, 4)
@@ -68,7 +68,7 @@ class Candidate:
     def shape(self, base: ModelShape) -> ModelShape:
         """The uniform shape with the same widths: what sizes and speeds are priced on."""
         kv = base.layers[0].n_head_kv
-        layer = LayerShape(self.heads_per_group * kv, kv, self.n_ff)
+        layer = dataclasses.replace(base.layers[0], n_head=self.heads_per_group * kv, n_ff=self.n_ff)
         return dataclasses.replace(base, layers=(layer,) * (base.n_layers - self.layers_removed))
 
     def prune_options(self, base: ModelShape):

@@ -18,8 +18,10 @@ class LayerShape:
     n_head: int  # query heads; 0 means the layer has no attention (deci only)
     n_head_kv: int
     n_ff: int
-    attn_output_bias: bool = False  # bias compensation written as blk.N.attn_output.bias
-    ffn_down_bias: bool = False  # bias compensation written as blk.N.ffn_down.bias
+    attn_output_bias: bool = False  # blk.N.attn_output.bias: bias compensation, or attention_bias
+    ffn_down_bias: bool = False  # blk.N.ffn_down.bias: bias compensation, or mlp_bias
+    attn_qkv_bias: bool = False  # blk.N.attn_{q,k,v}.bias: the checkpoint's attention_bias, cut with its heads
+    ffn_gate_up_bias: bool = False  # blk.N.ffn_{gate,up}.bias: the checkpoint's mlp_bias, cut with its channels
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ def shape_of(model: torch.nn.Module) -> ModelShape:
                 n_ff=mlp.gate_proj.out_features,
                 attn_output_bias=o_proj is not None and o_proj.bias is not None,
                 ffn_down_bias=mlp.down_proj.bias is not None,
+                attn_qkv_bias=q_proj is not None and q_proj.bias is not None,
+                ffn_gate_up_bias=mlp.gate_proj.bias is not None,
             )
         )
     embed = model.get_input_embeddings().weight
@@ -96,7 +100,8 @@ def shape_from_gguf(info) -> ModelShape:
     head_dim = int(info.arch_value("attention.key_length", n_embd // max(heads)))
     layers = tuple(
         LayerShape(heads[i], heads_kv[i], n_ff[i], f"blk.{i}.attn_output.bias" in tensors,
-                   f"blk.{i}.ffn_down.bias" in tensors)
+                   f"blk.{i}.ffn_down.bias" in tensors, f"blk.{i}.attn_q.bias" in tensors,
+                   f"blk.{i}.ffn_gate.bias" in tensors)
         for i in range(n_layer)
     )
     embd = tensors.get("token_embd.weight")

@@ -91,10 +91,12 @@ def lazy_shape(lazy: LazyModel) -> ModelShape:
     """The unpruned model's shape from its config and tensor shapes, without reading any weights."""
     c, w = lazy.config, lazy.weights
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    attention_bias, mlp_bias = bool(getattr(c, "attention_bias", False)), bool(getattr(c, "mlp_bias", False))
     layers = tuple(
         LayerShape(w.shape(f"model.layers.{i}.self_attn.q_proj.weight")[0] // head_dim,
                    w.shape(f"model.layers.{i}.self_attn.k_proj.weight")[0] // head_dim,
-                   w.shape(f"model.layers.{i}.mlp.gate_proj.weight")[0])
+                   w.shape(f"model.layers.{i}.mlp.gate_proj.weight")[0],
+                   attention_bias, mlp_bias, attention_bias, mlp_bias)
         for i in range(c.num_hidden_layers)
     )
     vocab, hidden = w.shape(EMBEDDING)
@@ -230,8 +232,10 @@ def _written_shape(base: ModelShape, keep: list[int], plans, options) -> ModelSh
     if plans is not None:
         bias = options.recovery != "none"  # bias compensation and the refit give o_proj and down_proj a bias
         layers = tuple(
-            LayerShape(len(p.keep_heads), len(p.keep_kv), len(p.keep_channels), bias and len(p.keep_heads) > 0, bias)
-            for p in plans
+            LayerShape(len(p.keep_heads), len(p.keep_kv), len(p.keep_channels),
+                       (bias or old.attn_output_bias) and len(p.keep_heads) > 0, bias or old.ffn_down_bias,
+                       old.attn_qkv_bias and len(p.keep_heads) > 0, old.ffn_gate_up_bias)
+            for p, old in zip(plans, layers)
         )
     shape = ModelShape(base.vocab_size, base.hidden_size, base.head_dim, layers, base.tied_embeddings)
     if shape.decoder_params() == base.decoder_params():

@@ -160,9 +160,9 @@ class GGUFWeights:
 
         tensor = self._tensor(name)
         weights = gguf.dequantize(tensor.data, tensor.tensor_type)
-        if name.endswith("q_proj.weight"):
+        if name.endswith(("q_proj.weight", "q_proj.bias")):
             weights = _unpermute(weights, self.n_head)
-        elif name.endswith("k_proj.weight"):
+        elif name.endswith(("k_proj.weight", "k_proj.bias")):
             weights = _unpermute(weights, self.n_head_kv)
         return torch.from_numpy(np.copy(weights)).to(torch.float32)
 

@@ -56,7 +56,7 @@ def test_hf_directory_tokenizes_like_llama_cpp_runtime(smollm2, smollm2_gguf, tm
     loaded, _ = smollm2
     hf_dir = save_hf_directory(loaded, tmp_path / "hf")
     reloaded = load_model(hf_dir)
-    assert reloaded.vocab.pre == "smollm" and reloaded.vocab.add_bos is False
+    assert reloaded.vocab.pre == "smollm" and not reloaded.vocab.add_special.get("bos")
     path = write_gguf(ConversionInput(reloaded.model, reloaded.vocab, "SmolLM2", 8192), tmp_path / "hf.gguf")
     text = default_evaluation_text().content[:20000]
     assert llama_tokens(path, text) == llama_tokens(smollm2_gguf, text)

@@ -21,7 +21,7 @@ from ..errors import EdgepruneError
 from ..fetch import DEFAULT_CACHE, fetch_smollm2
 from ..loading import load_model, save_hf_directory
 from ..texts import calibration_text, default_evaluation_text
-from .conversion import _converter_script
+from .llamacpp import converter_script
 from .tables import SuiteResult, table
 
 DEMO_PROFILE = "raspberry-pi-5-8gb"
@@ -70,7 +70,7 @@ def _llama_cpp_steps(tools: Path, model: Path, quant: str, work: Path, progress)
     threads = ["-t", "2"]
     steps = {}
     progress("build: llama.cpp convert_hf_to_gguf.py")
-    steps["convert"], _ = _timed([sys.executable, str(_converter_script(progress)), str(hf), "--outfile", str(f16),
+    steps["convert"], _ = _timed([sys.executable, str(converter_script(progress)), str(hf), "--outfile", str(f16),
                                   "--outtype", "f16"])
     progress("build: llama-imatrix")
     steps["imatrix"], _ = _timed([str(tools / "llama-imatrix"), "-m", str(f16), "-f", str(calib), "-c",

@@ -11,25 +11,22 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import subprocess
 import sys
-import tarfile
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
-import gguf
 import numpy as np
 import torch
 
 from converters import ConversionInput, write_gguf
 
 from ..errors import EdgepruneError
-from ..fetch import DEFAULT_CACHE, fetch_smollm2
+from ..fetch import fetch_smollm2
 from ..loading import LoadedModel, load_model, save_hf_directory
 from ..texts import default_evaluation_text
 from ..validate import MIB, divergence_rows
+from .llamacpp import compare_ggufs, llama_cpp_convert, llama_cpp_version
 from .tables import SuiteResult, table
 
 PARITY_TOKENS = 512
@@ -63,7 +60,7 @@ def run(progress) -> SuiteResult:
         reloaded = load_model(hf_dir, progress=progress)
         from_hf = _write(reloaded, tmp / "ours-from-hf.gguf", progress)
         ours_seconds = time.perf_counter() - start
-        theirs, theirs_seconds = _llama_cpp_convert(hf_dir, tmp / "llama-cpp-converter.gguf", progress)
+        theirs, theirs_seconds = llama_cpp_convert(hf_dir, tmp / "llama-cpp-converter.gguf", progress)
         ggufs = {"edgeprune, from the GGUF": from_gguf, "edgeprune, from the HF directory": from_hf,
                  "llama.cpp convert_hf_to_gguf.py, from the HF directory": theirs}
 
@@ -78,7 +75,7 @@ def run(progress) -> SuiteResult:
         tokenization = _tokenization(texts, {"GGUF input": (loaded, from_gguf), "HF directory": (reloaded, from_hf)},
                                      theirs)
         progress("comparing our GGUF with llama.cpp's converter's")
-        comparison = _compare_ggufs(from_hf, theirs)
+        comparison = compare_ggufs(from_hf, theirs)
         comparison["seconds"] = {"edgeprune": round(ours_seconds, 2), "llama.cpp": round(theirs_seconds, 2)}
         del loaded, reloaded  # free the torch models before the export runs
         export = _measure_export(source, tmp / "export", progress)
@@ -87,7 +84,7 @@ def run(progress) -> SuiteResult:
             "converter_comparison": comparison, "export": export}
     return SuiteResult(
         title="Conversion of SmolLM2-135M-Instruct: parity, tokenization, llama.cpp's converter, export cost",
-        method=_METHOD.format(n=PARITY_TOKENS, text=evaluation.name, version=_llama_cpp_version(),
+        method=_METHOD.format(n=PARITY_TOKENS, text=evaluation.name, version=llama_cpp_version(),
                               profile=EXPORT_PROFILE, quant=EXPORT_QUANT, chunks=EXPORT_CHUNKS),
         data=data,
         sections=[_parity_section(parity), _tokenization_section(tokenization),
@@ -115,46 +112,6 @@ def _write(loaded: LoadedModel, path: Path, progress) -> Path:
 
 
 # --- llama.cpp's converter --------------------------------------------------------------------------------
-
-
-def _llama_cpp_version() -> str:
-    """The converter must come from the llama.cpp we run, so take the installed llama-cpp-python's version."""
-    return metadata.version("llama-cpp-python")
-
-
-def _converter_script(progress, cache: Path = DEFAULT_CACHE) -> Path:
-    """convert_hf_to_gguf.py with its conversion/ and gguf-py/ packages, from the sdist on PyPI (the wheel lacks it)."""
-    version = _llama_cpp_version()
-    target = cache / f"llama.cpp-converter-{version}"
-    if not (target / "convert_hf_to_gguf.py").is_file():
-        sdist = cache / f"llama_cpp_python-{version}.tar.gz"
-        if not sdist.is_file():
-            progress(f"downloading the llama-cpp-python {version} sdist from PyPI (once) for its converter")
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d",
-                   str(cache), f"llama-cpp-python=={version}"]
-            if subprocess.run(cmd).returncode != 0 or not sdist.is_file():
-                raise EdgepruneError(f"could not download the llama-cpp-python {version} sdist: check pip's network")
-        prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
-        wanted = (prefix + "convert_hf_to_gguf.py", prefix + "conversion/", prefix + "gguf-py/")
-        with tarfile.open(sdist) as tar, tempfile.TemporaryDirectory(dir=cache) as staging:
-            tar.extractall(staging, members=[m for m in tar.getmembers() if m.name.startswith(wanted)],
-                           filter="data")
-            os.replace(Path(staging) / prefix, target)
-    return target / "convert_hf_to_gguf.py"
-
-
-def _llama_cpp_convert(hf_dir: Path, out: Path, progress) -> tuple[Path, float]:
-    """Run llama.cpp's converter (it puts its own gguf-py first on sys.path) and time it."""
-    script = _converter_script(progress)
-    progress(f"running llama.cpp's {script.name} on {hf_dir}")
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, str(script), str(hf_dir), "--outfile", str(out), "--outtype", "f16"],
-                          capture_output=True, text=True, errors="replace")
-    seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-        raise EdgepruneError(f"llama.cpp's converter failed on {hf_dir}: {last}")
-    return out, seconds
 
 
 # --- parity and tokenization -------------------------------------------------------------------------------
@@ -218,44 +175,6 @@ def _tokenization(texts: dict[str, str], paths: dict[str, tuple[LoadedModel, Pat
     for llm in vocabs.values():
         llm.close()
     return {"hard_string": HARD_TEXT, "rows": rows, "hf_path_identical_to_llama_cpp_converter": same_as_converter}
-
-
-# --- GGUF against GGUF -------------------------------------------------------------------------------------
-
-
-def _describe(ours, theirs) -> dict:
-    """A readable account of two differing metadata values; long lists by their first difference."""
-    if isinstance(ours, list) and isinstance(theirs, list):
-        first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-        return {"lengths": [len(ours), len(theirs)], "first_difference": first,
-                "at_first_difference": [repr(ours[first:first + 1])[:120], repr(theirs[first:first + 1])[:120]]}
-    return {"values": [repr(ours)[:200], repr(theirs)[:200]]}
-
-
-def _compare_ggufs(ours_path: Path, theirs_path: Path) -> dict:
-    ours, theirs = gguf.GGUFReader(ours_path), gguf.GGUFReader(theirs_path)
-    ours_t, theirs_t = {t.name: t for t in ours.tensors}, {t.name: t for t in theirs.tensors}
-    common = sorted(ours_t.keys() & theirs_t.keys())
-    shapes = [n for n in common if list(ours_t[n].shape) != list(theirs_t[n].shape)]
-    types = [n for n in common if ours_t[n].tensor_type != theirs_t[n].tensor_type]
-    data = [n for n in common if n not in shapes and n not in types
-            and ours_t[n].data.tobytes() != theirs_t[n].data.tobytes()]
-    ours_kv = {k: f.contents() for k, f in ours.fields.items() if not k.startswith("GGUF.")}
-    theirs_kv = {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
-    return {
-        "tensors": [len(ours_t), len(theirs_t)],
-        "tensors_only_ours": sorted(ours_t.keys() - theirs_t.keys()),
-        "tensors_only_theirs": sorted(theirs_t.keys() - ours_t.keys()),
-        "shape_differences": shapes,
-        "type_differences": {n: [ours_t[n].tensor_type.name, theirs_t[n].tensor_type.name] for n in types},
-        "data_differences": data,
-        "byte_identical_tensors": len(common) - len(shapes) - len(types) - len(data),
-        "keys_only_ours": {k: repr(ours_kv[k])[:200] for k in sorted(ours_kv.keys() - theirs_kv.keys())},
-        "keys_only_theirs": {k: repr(theirs_kv[k])[:200] for k in sorted(theirs_kv.keys() - ours_kv.keys())},
-        "keys_differing": {k: _describe(ours_kv[k], theirs_kv[k]) for k in sorted(ours_kv.keys() & theirs_kv.keys())
-                           if ours_kv[k] != theirs_kv[k]},
-        "file_bytes": [ours_path.stat().st_size, theirs_path.stat().st_size],
-    }
 
 
 # --- the export command ------------------------------------------------------------------------------------

@@ -1,0 +1,158 @@
+"""The checkpoints people have: each Llama config variant and tokenizer layout, exported at F16, must compute
+what transformers computes (mean KLD <= 1e-3 in llama.cpp) and be the GGUF llama.cpp's own convert_hf_to_gguf.py
+writes for the same directory: same tensors, same metadata apart from general.*, same tokenization."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import agreement, build_spm_tokenizer, build_tiny_llama, llama_cpp_logits, torch_logits
+
+from converters import ConversionInput, write_gguf
+from edgeprune.bench.llamacpp import compare_ggufs, llama_cpp_convert, vocab_test_files
+from edgeprune.errors import EdgepruneError
+from edgeprune.loading import load_model
+
+TEXT = ("The quick brown fox jumps over the lazy dog, 12345 times in 2026. Grüße aus Köln! "
+        "def main():\n    return [x ** 2 for x in range(10)]\n") * 6
+ROPE = {"rope_theta": 10000.0}
+VARIANTS = {
+    "attention_bias": dict(attention_bias=True),
+    "mlp_bias": dict(mlp_bias=True),
+    "both_biases": dict(attention_bias=True, mlp_bias=True),
+    "explicit_head_dim": dict(head_dim=32),  # 4 heads of 32 on a hidden size of 64
+    "rope_linear": dict(rope_scaling={**ROPE, "rope_type": "linear", "factor": 2.0}),
+    "rope_yarn": dict(rope_scaling={**ROPE, "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
+    "rope_dynamic": dict(rope_scaling={**ROPE, "rope_type": "dynamic", "factor": 2.0}),
+    "rope_llama3": dict(rope_scaling={**ROPE, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "tied_head": dict(tied=True),
+    "mistral": dict(family="mistral"),
+}
+# Tokenizer layouts, each a real tokenizer from llama.cpp's own test vocabularies, saved by transformers as a
+# tokenizer.json only (no tokenizer.model), as a user's checkpoint has it.
+TOKENIZERS = {  # layout: (llama.cpp test vocabulary, Meta's own tokenizer.json settings: ignore_merges and a BOS)
+    "sentencepiece_bpe_metaspace": ("llama-spm", False),  # Llama-2 / Mistral / TinyLlama saved by transformers
+    "sentencepiece_bpe_prepend_replace": ("phi-3", False),  # the older normalizer form of the same
+    "byte_level_llama3": ("llama-bpe", True),  # as Meta ships it: llama.cpp calls it llama-bpe
+    "byte_level_llama3_rebuilt": ("llama-bpe", False),  # as transformers rebuilds it: llama.cpp says smaug-bpe
+    "byte_level_qwen2": ("qwen2", False),
+}
+
+
+@pytest.fixture(scope="module")
+def spm_tokenizer(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("spm")
+    build_spm_tokenizer(d)
+    return d
+
+
+def make_like_meta_llama3(path: Path) -> None:
+    """Meta's Llama-3 tokenizer.json applies whole-word tokens before merges and prepends <|begin_of_text|>."""
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    spec["model"]["ignore_merges"] = True
+    bos = {"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}}
+    spec["post_processor"] = {
+        "type": "TemplateProcessing", "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, bos, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|begin_of_text|>": {"id": "<|begin_of_text|>", "ids": [128000],
+                                                 "tokens": ["<|begin_of_text|>"]}},
+    }
+    path.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+
+
+def export_f16(directory: Path, out: Path):
+    loaded = load_model(directory)
+    path = write_gguf(ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length), out, "F16")
+    return loaded, path
+
+
+def assert_parity_with_transformers(loaded, path: Path) -> None:
+    ids = loaded.tokenizer(TEXT, add_special_tokens=False)["input_ids"][:200]
+    assert len(ids) > 100
+    top1, kld = agreement(torch_logits(loaded.model, ids), llama_cpp_logits(path, ids))
+    assert kld <= 1e-3 and top1 >= 0.95, (kld, top1)
+
+
+def assert_same_as_converter(ours: Path, directory: Path, tmp_path: Path) -> dict:
+    theirs, _ = llama_cpp_convert(directory, tmp_path / "llama-cpp-converter.gguf", lambda _msg: None)
+    found = compare_ggufs(ours, theirs)
+    differing = {k: v for k, v in {**found["keys_only_ours"], **found["keys_only_theirs"], **found["keys_differing"]}.items()
+                 if not k.startswith("general.")}
+    assert differing == {}, differing
+    for key in ("tensors_only_ours", "tensors_only_theirs", "shape_differences", "type_differences", "data_differences"):
+        assert not found[key], (key, found[key])
+    return found
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_config_variant_matches_transformers_and_llama_cpp_converter(variant, spm_tokenizer, tmp_path):
+    d = tmp_path / variant
+    shutil.copytree(spm_tokenizer, d)
+    build_tiny_llama(d, 400, **{"tied": False, **VARIANTS[variant]})
+    loaded, ours = export_f16(d, tmp_path / "ours.gguf")
+    assert_parity_with_transformers(loaded, ours)
+    found = assert_same_as_converter(ours, d, tmp_path)
+    if "bias" in variant:
+        assert found["tensors"][0] > 3 * 9 + 3  # the bias tensors are there, on both sides
+
+
+@pytest.mark.parametrize("layout", TOKENIZERS)
+def test_tokenizer_layout_tokenizes_as_llama_cpp_converter(layout, tmp_path):
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    name, as_meta_ships = TOKENIZERS[layout]
+    vocab_file, inputs, expected = vocab_test_files(name)
+    d = tmp_path / layout
+    tokenizer = AutoTokenizer.from_pretrained(vocab_file.parent, gguf_file=vocab_file.name)
+    tokenizer.save_pretrained(d)
+    assert not (d / "tokenizer.model").exists()
+    if as_meta_ships:
+        make_like_meta_llama3(d / "tokenizer.json")
+        tokenizer = AutoTokenizer.from_pretrained(d)
+    special = {"bos_token_id": tokenizer.bos_token_id or 0, "eos_token_id": tokenizer.eos_token_id or 0}
+    build_tiny_llama(d, len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2, head_dim=8,
+                     **special)
+    loaded, ours = export_f16(d, tmp_path / "ours.gguf")
+    assert_same_as_converter(ours, d, tmp_path)  # tokenizer keys included
+    vocab = Llama(str(ours), vocab_only=True, verbose=False)
+    ids = [vocab.tokenize(text.encode("utf-8"), add_bos=False, special=False) for text in inputs]
+    vocab.close()
+    if loaded.vocab.pre in ("llama-bpe", "qwen2"):  # llama.cpp's own tokenizer test passes on our file
+        assert ids == expected
+    assert_parity_with_transformers(loaded, ours)
+
+
+def test_unknown_split_pre_tokenizer_is_refused_by_name(tmp_path):
+    from transformers import AutoTokenizer
+
+    vocab_file, _, _ = vocab_test_files("qwen2")
+    d = tmp_path / "odd"
+    tokenizer = AutoTokenizer.from_pretrained(vocab_file.parent, gguf_file=vocab_file.name)
+    tokenizer.save_pretrained(d)
+    spec = (d / "tokenizer.json").read_text(encoding="utf-8")
+    (d / "tokenizer.json").write_text(spec.replace("\\\\p{N}|", "\\\\p{N}{1,2}|", 1), encoding="utf-8")
+    build_tiny_llama(d, len(tokenizer), hidden_size=16, intermediate_size=16, num_hidden_layers=1, head_dim=4)
+    with pytest.raises(EdgepruneError, match=r"unsupported BPE pre-tokenizer: a Split by the regex .*\\p\{N\}\{1,2\}"):
+        load_model(d)
+
+
+@pytest.mark.parametrize("scaling, expected", [
+    ({"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.0] * 8}, "rope scaling 'longrope'"),
+    ({"rope_type": "yarn", "factor": 4.0}, "without original_max_position_embeddings"),
+])
+def test_rope_scaling_llama_cpp_cannot_run_is_refused(spm_tokenizer, tmp_path, scaling, expected):
+    d = tmp_path / "m"
+    shutil.copytree(spm_tokenizer, d)
+    build_tiny_llama(d, 400)
+    config = json.loads((d / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    config["rope_scaling"] = {**ROPE, **scaling}
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EdgepruneError, match=expected):
+        load_model(d)
