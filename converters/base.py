@@ -256,25 +256,7 @@ class ModelWriter:
             yield gguf.TENSOR_NAMES[T.OUTPUT] + ".weight", output
 
     def llama3_rope_factors(self) -> torch.Tensor | None:
-        """Llama-3.1 style rope scaling is stored as a per-frequency factor tensor (rope_freqs)."""
-        rope = self.rope_parameters()
-        if str(rope.get("rope_type", "")).lower() != "llama3":
-            return None
-        dim, base = self.shape.head_dim, float(rope.get("rope_theta", 10000.0))
-        factor = float(rope.get("factor", 8.0))
-        low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
-        old_ctx = float(rope.get("original_max_position_embeddings", 8192))
-        factors = []
-        for i in range(0, dim, 2):
-            wavelen = 2 * math.pi * base ** (i / dim)
-            if wavelen < old_ctx / high:
-                factors.append(1.0)
-            elif wavelen > old_ctx / low:
-                factors.append(factor)
-            else:
-                smooth = (old_ctx / wavelen - low) / (high - low)
-                factors.append(1.0 / ((1 - smooth) / factor + smooth))
-        return torch.tensor(factors, dtype=torch.float32)
+        return llama3_rope_factors(self.rope_parameters(), self.shape.head_dim)
 
     @staticmethod
     def encode(data: torch.Tensor, tensor_type: gguf.GGMLQuantizationType) -> tuple[np.ndarray, gguf.GGMLQuantizationType | None]:
@@ -309,6 +291,27 @@ def rope_parameters(config) -> dict:
     if "type" in params and "rope_type" not in params:
         params["rope_type"] = params["type"]
     return params
+
+
+def llama3_rope_factors(rope: dict, head_dim: int) -> torch.Tensor | None:
+    """Llama-3.1 style rope scaling is stored as a per-frequency factor tensor (rope_freqs)."""
+    if str(rope.get("rope_type", "")).lower() != "llama3":
+        return None
+    base = float(rope.get("rope_theta", 10000.0))
+    factor = float(rope.get("factor", 8.0))
+    low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
+    old_ctx = float(rope.get("original_max_position_embeddings", 8192))
+    factors = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * base ** (i / head_dim)
+        if wavelen < old_ctx / high:
+            factors.append(1.0)
+        elif wavelen > old_ctx / low:
+            factors.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            factors.append(1.0 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(factors, dtype=torch.float32)
 
 
 def check_rope_scaling(params: dict, where: str) -> None:

@@ -77,7 +77,7 @@ class LazyModel:
 
 def open_model(path: str | Path, progress: Progress | None = None) -> LazyModel:
     """Check and open a model for the layer-streamed pipeline: config, tokenizer and vocab now, weights later."""
-    from transformers import AutoConfig, LlamaConfig
+    from transformers import LlamaConfig
 
     path = Path(path)
     if not path.exists():
@@ -92,12 +92,7 @@ def open_model(path: str | Path, progress: Progress | None = None) -> LazyModel:
         vocab = vocab_from_hf_dir(path, config.vocab_size)
     elif path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
         info = _llama_gguf(path)
-        try:
-            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-        except (OSError, ValueError, KeyError) as exc:
-            raise EdgepruneError(f"cannot read {path}: {_first_line(exc)}") from exc
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
+        config = _gguf_config(path, info)
         weights = GGUFWeights(path, config.num_attention_heads, config.num_key_value_heads)
         config.tie_word_embeddings = "lm_head.weight" not in weights.names()
         name, context, tokenizer = info.name or path.stem, info.context_length, _load_tokenizer(path.parent, {"gguf_file": path.name})
@@ -233,25 +228,77 @@ def _llama_gguf(path: Path):
 
 
 def _load_gguf(path: Path) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+    """Every tensor through the lazy GGUF reader (q/k rows and biases un-permuted), into a model built from the
+    GGUF's own metadata. transformers' GGUF loader is not used: it drops biases and rope scaling without a word."""
+    from transformers import LlamaForCausalLM
 
-    info = _llama_gguf(path)
-    vocab = vocab_from_gguf(info.reader)
-    tokenizer = _load_tokenizer(path.parent, {"gguf_file": path.name})
-    try:
-        dequantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    except (OSError, ValueError, RuntimeError, KeyError, NotImplementedError) as exc:
-        raise EdgepruneError(f"cannot load {path}: {_first_line(exc)}") from exc
-    # A GGUF-loaded model carries a quantization flag that blocks save_pretrained; rebuild a plain model.
-    config = dequantized.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = LlamaForCausalLM(config)
-    missing, unexpected = model.load_state_dict(dequantized.state_dict(), strict=False)
+    lazy = open_model(path)
+    model = LlamaForCausalLM(lazy.config)
+    missing, unexpected = model.load_state_dict({name: lazy.weights.load(name) for name in lazy.weights.names()},
+                                                strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise EdgepruneError(f"{path} does not match its own metadata: tensors {sorted(unexpected or missing)[:3]} disagree")
     model.tie_weights()
-    return LoadedModel(model, tokenizer, vocab, info.name or path.stem, path, info.context_length)
+    return LoadedModel(model, lazy.tokenizer, lazy.vocab, lazy.name, path, lazy.context_length)
+
+
+def _gguf_config(path: Path, info):
+    """transformers' config for a llama GGUF, completed from the GGUF's own keys and tensors where transformers
+    leaves things out: q/k/v and MLP biases, and rope scaling (linear, YaRN, Llama-3's rope_freqs)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    except (OSError, ValueError, KeyError) as exc:
+        raise EdgepruneError(f"cannot read {path}: {_first_line(exc)}") from exc
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    names = {t.name for t in info.reader.tensors}
+    config.attention_bias = "blk.0.attn_q.bias" in names
+    config.mlp_bias = "blk.0.ffn_gate.bias" in names
+    rope = {"rope_type": "default", "rope_theta": float(info.arch_value("rope.freq_base", 10000.0))}
+    kind = str(info.arch_value("rope.scaling.type", "none"))
+    if kind in ("linear", "yarn"):
+        rope.update(rope_type=kind, factor=float(info.arch_value("rope.scaling.factor")))
+    if kind == "yarn":
+        rope["original_max_position_embeddings"] = int(info.arch_value("rope.scaling.original_context_length"))
+        for key, name in (("yarn_attn_factor", "attention_factor"), ("yarn_beta_fast", "beta_fast"),
+                          ("yarn_beta_slow", "beta_slow")):
+            if info.arch_value(f"rope.scaling.{key}") is not None:
+                rope[name] = float(info.arch_value(f"rope.scaling.{key}"))
+    elif kind not in ("none", "linear"):
+        raise EdgepruneError(f"{path} uses rope scaling {kind!r}: edgeprune reads none, linear, yarn and Llama-3's "
+                             "rope_freqs")
+    if "rope_freqs.weight" in names:
+        rope = _llama3_rope(path, info, rope, config)
+    config.rope_parameters = rope
+    return config
+
+
+def _llama3_rope(path: Path, info, rope: dict, config) -> dict:
+    """Llama-3 rope scaling, recovered from the rope_freqs factors llama.cpp stores. The factors fix only the
+    two wavelength thresholds, so the context length is taken as Llama-3.1's 8192 and the frequency factors
+    solved from it; the recovered settings must give back the stored factors, or the GGUF is refused."""
+    from converters.base import llama3_rope_factors
+
+    tensor = next(t for t in info.reader.tensors if t.name == "rope_freqs.weight")
+    stored = np.asarray(tensor.data, dtype=np.float64).reshape(-1)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    wavelength = 2 * np.pi * rope["rope_theta"] ** (np.arange(0, head_dim, 2) / head_dim)
+    factor = float(stored.max())
+    smooth = (1 / stored - 1 / factor) / (1 - 1 / factor) if factor > 1 else np.zeros_like(stored)
+    between = (stored > 1 + 1e-6) & (stored < factor - 1e-6)
+    context = 8192
+    recovered = None
+    if between.sum() >= 2:  # smooth = context / wavelength * a + b is a line in 1 / wavelength
+        slope, intercept = np.polyfit(context / wavelength[between], smooth[between], 1)
+        low, high = -intercept / slope, (1 - intercept) / slope
+        recovered = {**rope, "rope_type": "llama3", "factor": factor, "low_freq_factor": float(low),
+                     "high_freq_factor": float(high), "original_max_position_embeddings": context}
+    if recovered is None or not np.allclose(llama3_rope_factors(recovered, head_dim).numpy(), stored, rtol=1e-5):
+        raise EdgepruneError(f"{path} has rope_freqs factors that are not Llama-3's rope scaling: edgeprune cannot "
+                             "reproduce them")
+    return recovered
 
 
 def _load_tokenizer(directory: Path, kwargs: dict):

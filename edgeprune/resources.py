@@ -143,9 +143,9 @@ def plan_resources(model_path: str | Path, out_dir: Path, streaming: str, *, cal
     if peak > available:
         fix = ("use fewer calibration sequences (--calib-sequences) or a machine with more memory" if streamed else
                "use --streaming auto or on, which reads the model one layer at a time")
-        raise EdgepruneError(f"{Path(model_path).name} needs about {peak / GIB:.1f} GiB of RAM on the "
+        raise EdgepruneError(f"{Path(model_path).name} needs about {readable(peak)} of RAM on the "
                              f"{'layer-streamed' if streamed else 'in-memory'} path and this machine has "
-                             f"{available / GIB:.1f} GiB available: {fix}")
+                             f"{readable(available)} available: {fix}")
     if disk > free:
         raise EdgepruneError(f"not enough disk: the output needs about {readable(disk)} and {out_dir} has "
                              f"{readable(free)} free: free some space or choose another --out")

@@ -97,6 +97,10 @@ def test_config_variant_matches_transformers_and_llama_cpp_converter(variant, sp
     loaded, ours = export_f16(d, tmp_path / "ours.gguf")
     assert_parity_with_transformers(loaded, ours)
     found = assert_same_as_converter(ours, d, tmp_path)
+    # and the GGUF as input: the model it reads back is the checkpoint's (rope scaling and biases included)
+    ids = loaded.tokenizer(TEXT, add_special_tokens=False)["input_ids"][:200]
+    top1, kld = agreement(torch_logits(loaded.model, ids), torch_logits(load_model(ours).model, ids))
+    assert kld <= 1e-4 and top1 >= 0.99, (kld, top1)
     if "bias" in variant:
         assert found["tensors"][0] > 3 * 9 + 3  # the bias tensors are there, on both sides
 
@@ -156,3 +160,38 @@ def test_rope_scaling_llama_cpp_cannot_run_is_refused(spm_tokenizer, tmp_path, s
     (d / "config.json").write_text(json.dumps(config))
     with pytest.raises(EdgepruneError, match=expected):
         load_model(d)
+
+
+@pytest.mark.parametrize("options", [
+    dict(heads=0.5, ffn=0.5, head_mode="per-group"),  # uniform: a llama GGUF (auto is per-group when streamed)
+    dict(heads=0.5, ffn=0.4, allocation="adaptive", head_mode="per-group", recovery="bias"),  # widths differ: deci
+])
+def test_biased_model_is_pruned_with_its_biases(spm_tokenizer, tmp_path, options):
+    """q/k/v and gate/up biases are cut with their heads and channels; the pruned GGUF computes what the pruned
+    transformers model computes, and the layer-streamed path writes the same bytes."""
+    import filecmp
+
+    import numpy as np
+    import torch
+
+    from edgeprune import streaming
+    from edgeprune.loading import open_model
+    from edgeprune.pruning import PruneOptions, prune_model
+    from edgeprune.shapes import shape_of
+
+    d = tmp_path / "biased"
+    shutil.copytree(spm_tokenizer, d)
+    build_tiny_llama(d, 400, tied=False, attention_bias=True, mlp_bias=True)
+    ids = np.random.default_rng(0).integers(3, 400, 6000).tolist()
+    prune = PruneOptions(calib_sequences=8, calib_seq_len=64, **options)
+    loaded = load_model(d)
+    model = prune_model(loaded.model, ids, prune).model
+    shape = shape_of(model)
+    assert all(layer.attn_qkv_bias and layer.ffn_gate_up_bias for layer in shape.layers if layer.n_head)
+    assert shape.decoder_params() < shape_of(load_model(d).model).decoder_params()
+    ours = write_gguf(ConversionInput(model, loaded.vocab, loaded.name, loaded.context_length), tmp_path / "p.gguf")
+    loaded.model = model
+    assert_parity_with_transformers(loaded, ours)
+    streamed = streaming.stream_write(open_model(d), tmp_path / "streamed.gguf", {}, token_ids=ids, options=prune,
+                                      device=torch.device("cpu"))
+    assert filecmp.cmp(ours, streamed.gguf, shallow=False)
