@@ -93,7 +93,7 @@ def open_model(path: str | Path, progress: Progress | None = None) -> LazyModel:
     elif path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
         info = _llama_gguf(path)
         config = _gguf_config(path, info)
-        weights = GGUFWeights(path, config.num_attention_heads, config.num_key_value_heads)
+        weights = GGUFWeights(path, config.num_attention_heads, config.num_key_value_heads, info.reader)
         config.tie_word_embeddings = "lm_head.weight" not in weights.names()
         name, context, tokenizer = info.name or path.stem, info.context_length, _load_tokenizer(path.parent, {"gguf_file": path.name})
         vocab = vocab_from_gguf(info.reader)
@@ -245,14 +245,28 @@ def _load_gguf(path: Path) -> LoadedModel:
 def _gguf_config(path: Path, info):
     """transformers' config for a llama GGUF, completed from the GGUF's own keys and tensors where transformers
     leaves things out: q/k/v and MLP biases, and rope scaling (linear, YaRN, Llama-3's rope_freqs)."""
-    from transformers import AutoConfig
+    from transformers import LlamaConfig
 
-    try:
-        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    except (OSError, ValueError, KeyError) as exc:
-        raise EdgepruneError(f"cannot read {path}: {_first_line(exc)}") from exc
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
+    def number(key: str, default=None):
+        value = info.arch_value(key, default)
+        if value is None:
+            raise EdgepruneError(f"{path} has no {info.architecture}.{key}: the GGUF's metadata is incomplete")
+        return value
+
+    embedding = next((t for t in info.reader.tensors if t.name == "token_embd.weight"), None)
+    if embedding is None:
+        raise EdgepruneError(f"{path} has no token_embd.weight: it is not a complete llama GGUF")
+    n_head = int(number("attention.head_count"))
+    hidden = int(number("embedding_length"))
+    special = {kind: info.value(f"tokenizer.ggml.{kind}_token_id") for kind in ("bos", "eos", "padding")}
+    config = LlamaConfig(  # the keys transformers' GGUF loader maps for llama, read with the reader already open
+        vocab_size=int(embedding.shape[1]), hidden_size=hidden, intermediate_size=int(number("feed_forward_length")),
+        num_hidden_layers=info.block_count, num_attention_heads=n_head,
+        num_key_value_heads=int(number("attention.head_count_kv", n_head)),
+        head_dim=int(number("attention.key_length", number("rope.dimension_count", hidden // n_head))),
+        max_position_embeddings=info.context_length, rms_norm_eps=float(number("attention.layer_norm_rms_epsilon")),
+        bos_token_id=special["bos"], eos_token_id=special["eos"], pad_token_id=special["padding"],
+    )
     names = {t.name for t in info.reader.tensors}
     config.attention_bias = "blk.0.attn_q.bias" in names
     config.mlp_bias = "blk.0.ffn_gate.bias" in names

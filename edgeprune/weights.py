@@ -124,12 +124,12 @@ _GGUF_GLOBAL = {"token_embd.weight": EMBEDDING, "output_norm.weight": "model.nor
 class GGUFWeights:
     """The tensors of a llama GGUF, dequantized to float32 one at a time, under transformers' names."""
 
-    def __init__(self, path: Path, n_head: int, n_head_kv: int):
+    def __init__(self, path: Path, n_head: int, n_head_kv: int, reader=None):
         import gguf
 
         from converters.base import LAYER_TENSORS
 
-        self.reader = gguf.GGUFReader(path)
+        self.reader = reader or gguf.GGUFReader(path)  # parsing a 49k-token vocabulary takes seconds: share it
         self.n_head, self.n_head_kv = n_head, n_head_kv
         by_kind = {gguf.TENSOR_NAMES[kind]: module for module, kind in LAYER_TENSORS.items()}
         self.tensors = {}
