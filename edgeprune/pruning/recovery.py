@@ -56,7 +56,9 @@ def ridge_refit(
     reg = torch.full((gzz.shape[1],), ridge * energy, dtype=torch.float64, device=gzz.device)
     reg[-1] = 0.0  # the bias is free: a constant shift costs nothing to fit
     gzz.diagonal().add_(reg)
-    rhs.addcmul_(torch.cat([w[:, keep].double(), _bias_or_zero(linear)[:, None]], 1), reg)  # pull towards the prior
+    rhs += torch.cat([w[:, keep].double(), _bias_or_zero(linear)[:, None]], 1) * reg  # the pull to the prior
+    # (a product then a sum, not addcmul_: its fused multiply-add rounds differently, and the refit must give the
+    # bytes it gave before)
     solved = torch.linalg.solve(gzz, rhs.T).T
     return solved[:, :-1].to(w.dtype), solved[:, -1].to(w.dtype)
 
