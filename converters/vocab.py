@@ -114,10 +114,10 @@ def vocab_from_hf_dir(directory: Path, vocab_size: int) -> Vocab:
     with byte fallback, or byte-level BPE), in the order llama.cpp's converter tries them."""
     if (directory / "tokenizer.model").is_file():
         vocab = _sentencepiece_vocab(directory, vocab_size)
-    elif (directory / "tokenizer.json").is_file() and _is_sentencepiece_bpe(_read_tokenizer_json(directory)):
-        vocab = _sentencepiece_bpe_vocab(directory, vocab_size)
     elif (directory / "tokenizer.json").is_file():
-        vocab = _bpe_vocab(directory, vocab_size)
+        spec = _read_tokenizer_json(directory)
+        vocab = (_sentencepiece_bpe_vocab(directory, vocab_size) if _is_sentencepiece_bpe(spec)
+                 else _bpe_vocab(spec, directory, vocab_size))
     else:
         raise EdgepruneError(
             f"no tokenizer in {directory}: expected tokenizer.json or tokenizer.model next to config.json"
@@ -142,8 +142,7 @@ def _read_tokenizer_json(directory: Path) -> dict:
         raise EdgepruneError(f"{path} is not valid JSON ({exc}): the file is truncated or damaged") from exc
 
 
-def _bpe_vocab(directory: Path, vocab_size: int) -> Vocab:
-    spec = _read_tokenizer_json(directory)
+def _bpe_vocab(spec: dict, directory: Path, vocab_size: int) -> Vocab:
     model = spec.get("model") or {}
     if model.get("type") != "BPE":
         raise EdgepruneError(

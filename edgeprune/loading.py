@@ -243,8 +243,8 @@ def _load_gguf(path: Path) -> LoadedModel:
 
 
 def _gguf_config(path: Path, info):
-    """transformers' config for a llama GGUF, completed from the GGUF's own keys and tensors where transformers
-    leaves things out: q/k/v and MLP biases, and rope scaling (linear, YaRN, Llama-3's rope_freqs)."""
+    """A transformers LlamaConfig read from a llama GGUF's own keys and tensors, including what transformers'
+    GGUF loader leaves out: q/k/v and MLP biases, and rope scaling (linear, YaRN, Llama-3's rope_freqs)."""
     from transformers import LlamaConfig
 
     def number(key: str, default=None):
