@@ -1,7 +1,8 @@
-"""GGUF converters: a torch Llama model plus its vocab becomes a `llama` or `deci` GGUF.
+"""GGUF converters: a torch Llama-family model plus its vocab becomes a `llama`, `qwen2` or `deci` GGUF.
 
-`write_gguf` picks the architecture from the model's per-layer shape: `llama` when every layer is alike
-(every runtime loads it), `deci` when widths differ.
+`writer_class` picks the architecture from the model's family and per-layer shape: the family's own (`qwen2`)
+when llama.cpp's loader for it can hold the shape, else `llama` when every layer is alike (every runtime loads
+it), else `deci`.
 """
 
 from __future__ import annotations
@@ -9,23 +10,33 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from edgeprune.shapes import shape_of
+from edgeprune.families import family_of
+from edgeprune.shapes import ModelShape, shape_of
 
 from .base import OUTPUT_TYPES, ConversionInput, ModelWriter, gguf_tensor_name
 from .deci import DeciWriter
 from .llama import LlamaWriter
+from .qwen2 import Qwen2Writer
 from .vocab import Vocab, vocab_from_gguf, vocab_from_hf_dir
 
-WRITERS: dict[str, type[ModelWriter]] = {"llama": LlamaWriter, "deci": DeciWriter}
+# The writers a model of each family may take, first choice first (the first that can hold its shape).
+WRITERS: dict[str, tuple[type[ModelWriter], ...]] = {
+    "llama": (LlamaWriter, DeciWriter),
+    "qwen2": (Qwen2Writer, LlamaWriter, DeciWriter),
+}
+
+
+def writer_class(config, shape: ModelShape) -> type[ModelWriter]:
+    return next(w for w in WRITERS[family_of(config).module] if w.can_hold(shape))
 
 
 def write_gguf(source: ConversionInput, path: str | Path, out_type: str = "F16",
                progress: Callable[[str], None] | None = None) -> Path:
     shape = shape_of(source.model)
-    return WRITERS[shape.architecture](source, shape).write(path, out_type, progress)
+    return writer_class(source.config, shape)(source, shape).write(path, out_type, progress)
 
 
 __all__ = [
     "ConversionInput", "OUTPUT_TYPES", "Vocab", "WRITERS", "gguf_tensor_name", "vocab_from_gguf",
-    "vocab_from_hf_dir", "write_gguf",
+    "vocab_from_hf_dir", "write_gguf", "writer_class",
 ]

@@ -1,7 +1,8 @@
 """The machinery shared by every architecture: tensor naming, the Q/K permutation, dtypes and the write.
 
 Modelled on llama.cpp's `conversion/` package: this base does the work, and each architecture module
-(`llama.py`, `deci.py`) only says how the per-layer shape goes into the metadata. Shapes always come from
+(`llama.py`, `deci.py`, `qwen2.py`) only says how the per-layer shape goes into the metadata, which shapes it
+can hold, and whether q/k rows are permuted for its RoPE. Shapes always come from
 the model's weights (`edgeprune.shapes.shape_of`), so pruned models go through unchanged.
 """
 
@@ -85,19 +86,35 @@ class ConversionInput:
 
 
 class ModelWriter:
-    """Writes a GGUF for one architecture; subclasses fill in `arch` and `add_shape_parameters`."""
+    """Writes a GGUF for one architecture; subclasses fill in `arch` and the hooks below."""
 
     arch: gguf.MODEL_ARCH
+    rope_permuted = True  # llama's NORM rope rotates interleaved pairs: q/k rows are reordered for it
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.arch_name = gguf.MODEL_ARCH_NAMES[cls.arch]
 
     def __init__(self, source: ConversionInput, shape: ModelShape | None = None):
         self.source = source
         self.shape = shape or shape_of(source.model)
         self.config = source.config
-        self.arch_name = gguf.MODEL_ARCH_NAMES[self.arch]
 
-    # --- the hook each architecture implements
+    # --- the hooks each architecture implements
+    @staticmethod
+    def can_hold(shape: ModelShape) -> bool:
+        """Whether llama.cpp's loader for this architecture can hold `shape`."""
+        raise NotImplementedError
+
     def add_shape_parameters(self, writer: gguf.GGUFWriter) -> None:
         raise NotImplementedError
+
+    def add_dimension_keys(self, writer: gguf.GGUFWriter) -> None:
+        """The vocabulary and head sizes, as llama.cpp's converter writes them for a Llama."""
+        writer.add_vocab_size(self.shape.vocab_size)
+        writer.add_rope_dimension_count(self.shape.head_dim)
+        writer.add_key_length(self.shape.head_dim)
+        writer.add_value_length(self.shape.head_dim)
 
     # --- shared machinery
     def write(self, path: str | Path, out_type: str = "F16", progress: Callable[[str], None] | None = None,
@@ -206,10 +223,7 @@ class ModelWriter:
         writer.add_context_length(self.source.context_length)
         writer.add_embedding_length(s.hidden_size)
         writer.add_block_count(s.n_layers)
-        writer.add_vocab_size(s.vocab_size)
-        writer.add_rope_dimension_count(s.head_dim)
-        writer.add_key_length(s.head_dim)
-        writer.add_value_length(s.head_dim)
+        self.add_dimension_keys(writer)
         writer.add_layer_norm_rms_eps(float(c.rms_norm_eps))
         rope = self.rope_parameters()
         writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
@@ -236,14 +250,14 @@ class ModelWriter:
             yield gguf.TENSOR_NAMES[T.ROPE_FREQS] + ".weight", rope_freqs
 
     def layer_tensors(self, bid: int, block: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-        """One decoder layer's tensors under their GGUF names, q/k rows permuted for llama.cpp's RoPE."""
+        """One decoder layer's tensors under their GGUF names, q/k rows permuted where llama.cpp's RoPE wants."""
         layer = self.shape.layers[bid]
         for module_path, kind in LAYER_TENSORS.items():
             module = block.get_submodule(module_path) if _has_submodule(block, module_path) else None
             if module is None or (kind == T.ATTN_NORM and not layer.n_head):
                 continue  # a layer without attention (deci n_head == 0) has no attention tensors, norm included
             name = gguf.TENSOR_NAMES[kind].format(bid=bid)
-            heads = {T.ATTN_Q: layer.n_head, T.ATTN_K: layer.n_head_kv}.get(kind)
+            heads = {T.ATTN_Q: layer.n_head, T.ATTN_K: layer.n_head_kv}.get(kind) if self.rope_permuted else None
             for part in ("weight", "bias"):
                 tensor = getattr(module, part, None)
                 if tensor is not None:  # q/k rows, biases included, in llama.cpp's RoPE layout

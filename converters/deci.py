@@ -9,12 +9,17 @@ from __future__ import annotations
 import gguf
 
 from edgeprune.errors import EdgepruneError
+from edgeprune.shapes import ModelShape
 
 from .base import ModelWriter
 
 
 class DeciWriter(ModelWriter):
     arch = gguf.MODEL_ARCH.DECI
+
+    @staticmethod
+    def can_hold(shape: ModelShape) -> bool:
+        return True
 
     def add_shape_parameters(self, writer: gguf.GGUFWriter) -> None:
         layers = self.shape.layers

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import gguf
 
+from edgeprune.shapes import ModelShape
+
 from .base import ModelWriter
 
 
 class LlamaWriter(ModelWriter):
     arch = gguf.MODEL_ARCH.LLAMA
+
+    @staticmethod
+    def can_hold(shape: ModelShape) -> bool:
+        return shape.is_uniform
 
     def add_shape_parameters(self, writer: gguf.GGUFWriter) -> None:
         layer = self.shape.layers[0]

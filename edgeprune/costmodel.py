@@ -46,6 +46,7 @@ class SizeEstimate:
     quant: str
     tensors: tuple[TensorCost, ...]
     metadata_bytes: int  # header, key/values (vocabulary included) and tensor infos, padded
+    architecture: str  # the llama.cpp architecture the GGUF is (to be) written as
 
     @property
     def file_bytes(self) -> int:
@@ -69,10 +70,10 @@ class Prediction:
 
 def estimate_size(source: ConversionInput, shape: ModelShape, quant: str) -> SizeEstimate:
     """Exact per-tensor types and bytes of `shape` quantized to `quant`, from llama.cpp's dry run."""
-    from converters import WRITERS
+    from converters import writer_class
 
     quant = check_quant_type(quant)
-    writer = WRITERS[shape.architecture](source, shape)
+    writer = writer_class(source.config, shape)(source, shape)
     metadata = _metadata_bytes(writer)
     types = _dry_run_types(writer, quant)
     tensors = []
@@ -81,7 +82,7 @@ def estimate_size(source: ConversionInput, shape: ModelShape, quant: str) -> Siz
         type_name = types.get(name, "f16" if len(dims) == 2 else "f32")
         block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name.upper()]]
         tensors.append(TensorCost(name, row_length, rows, type_name, rows * row_length // block * type_size))
-    return SizeEstimate(quant, tuple(tensors), metadata)
+    return SizeEstimate(quant, tuple(tensors), metadata, writer.arch_name)
 
 
 def _metadata_bytes(writer) -> int:
@@ -181,9 +182,13 @@ def decode_seconds_per_token(size: SizeEstimate, device) -> float:
 
 
 def _decode_read_seconds(size: SizeEstimate, device) -> float:
-    per_type = device.decode_type_efficiency or {}
-    bandwidth = device.memory_bandwidth_gbs * 1e9
-    return sum(t.nbytes / (bandwidth * per_type.get(t.type_name, device.decode_efficiency)) for t in read_per_token(size))
+    return sum(tensor_decode_seconds(t, device) for t in read_per_token(size))
+
+
+def tensor_decode_seconds(tensor: TensorCost, device) -> float:
+    """Seconds to read one tensor for a decoded token, at its type's efficiency."""
+    efficiency = (device.decode_type_efficiency or {}).get(tensor.type_name, device.decode_efficiency)
+    return tensor.nbytes / (device.memory_bandwidth_gbs * 1e9 * efficiency)
 
 
 def layer_count(size: SizeEstimate) -> int:
@@ -241,7 +246,7 @@ def size_of_gguf(info) -> SizeEstimate:
     first_data = min(t.data_offset for t in info.reader.tensors)
     ftype = info.value("general.file_type")
     quant = next((name for name, value in QUANT_TYPES.items() if value == ftype), "unknown")
-    return SizeEstimate(quant, tensors, int(first_data))
+    return SizeEstimate(quant, tensors, int(first_data), info.architecture)
 
 
 def predict(source: ConversionInput, shape: ModelShape, quant: str, profile) -> Prediction:

@@ -338,7 +338,7 @@ def _check_tensor_names(info: GGUFInfo, path: Path) -> None:
     if unknown:
         raise EdgepruneError(f"{path} holds a tensor {unknown[0]!r} that a {info.architecture} model does not have: "
                              "the file is corrupt")
-    if info.architecture != "llama":
+    if info.architecture not in ("llama", "qwen2"):
         return  # deci layers may lack attention or FFN by design
     required = ["token_embd.weight", "output_norm.weight"]
     for b in range(info.block_count):
@@ -348,7 +348,8 @@ def _check_tensor_names(info: GGUFInfo, path: Path) -> None:
         required += dense if not set(experts) <= names else []
     missing = [name for name in required if name not in names]
     if missing:
-        raise EdgepruneError(f"{path} lacks the tensor {missing[0]!r} that every llama model has: the file is corrupt")
+        raise EdgepruneError(f"{path} lacks the tensor {missing[0]!r} that every {info.architecture} model has: "
+                             "the file is corrupt")
 
 
 def _check_tokenizer(info: GGUFInfo, path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Model input: a Hugging Face Llama directory or a `llama` GGUF becomes a float torch model plus tokenizer.
+"""Model input: a Hugging Face Llama-family directory or GGUF becomes a float torch model plus tokenizer.
 
 Model files are untrusted input. Everything is checked before it is loaded: the architecture, the
 safetensors headers against the file sizes, the GGUF header against its tensors. Pickle weights are
@@ -16,24 +16,22 @@ from typing import Callable
 import numpy as np
 import torch
 
-from converters.base import LAYER_TENSORS as LAYER_MODULES
 from converters.base import check_rope_scaling, rope_parameters
 from converters.vocab import Vocab, vocab_from_gguf, vocab_from_hf_dir
 
 from .errors import EdgepruneError
+from .families import MODEL_TYPES, family_for_gguf, family_for_model_type, family_of
 from .gguf_check import read_gguf
 from .weights import GGUFWeights, SafetensorsWeights, read_safetensors_header
 
-# The same network under two names: llama.cpp's converter writes Mistral as `llama` too (its sliding window,
-# like llama.cpp's, is not applied: it matters only past 4096 tokens in Mistral-7B-v0.1 and is off in later ones).
-LLAMA_MODEL_TYPES = ("llama", "mistral")
-SUPPORTED = "a Hugging Face Llama directory (config.json, *.safetensors, tokenizer) or a llama-architecture .gguf"
+SUPPORTED = ("a Hugging Face directory of a Llama-family model (config.json, *.safetensors, tokenizer) or a llama "
+             "or qwen2 .gguf")
 Progress = Callable[[str], None]
 
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module  # transformers LlamaForCausalLM, float32, eval mode
+    model: torch.nn.Module  # transformers LlamaForCausalLM (or its family's), float32, eval mode
     tokenizer: object  # transformers tokenizer, used to tokenize calibration text
     vocab: Vocab  # what the GGUF's tokenizer section will hold
     name: str
@@ -63,7 +61,7 @@ class LazyModel:
     """A model opened without loading its weights: the layer-streamed pipeline reads them one layer at a time."""
 
     weights: SafetensorsWeights | GGUFWeights
-    config: object  # transformers LlamaConfig
+    config: object  # transformers LlamaConfig (or its family's)
     tokenizer: object
     vocab: Vocab
     name: str
@@ -77,23 +75,22 @@ class LazyModel:
 
 def open_model(path: str | Path, progress: Progress | None = None) -> LazyModel:
     """Check and open a model for the layer-streamed pipeline: config, tokenizer and vocab now, weights later."""
-    from transformers import LlamaConfig
-
     path = Path(path)
     if not path.exists():
         raise EdgepruneError(f"model path {path} does not exist: give {SUPPORTED}")
     (progress or (lambda _msg: None))(f"opening {path} (weights are read layer by layer)")
     if path.is_dir():
         raw, safetensors = _check_hf_directory(path, allow_pickle=False)
-        config = LlamaConfig.from_pretrained(path)
+        config = family_for_model_type(raw["model_type"], str(path)).transformers_class("Config").from_pretrained(path)
         weights = SafetensorsWeights(safetensors)
         name, context, tokenizer = raw.get("_name_or_path") or path.name, int(raw.get("max_position_embeddings", 2048)), \
             _load_tokenizer(path, {})
         vocab = vocab_from_hf_dir(path, config.vocab_size)
     elif path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
-        info = _llama_gguf(path)
+        info = read_gguf(path)
         config = _gguf_config(path, info)
-        weights = GGUFWeights(path, config.num_attention_heads, config.num_key_value_heads, info.reader)
+        weights = GGUFWeights(path, config.num_attention_heads, config.num_key_value_heads, info.reader,
+                              family_of(config).rope_permuted_in_gguf)
         config.tie_word_embeddings = "lm_head.weight" not in weights.names()
         name, context, tokenizer = info.name or path.stem, info.context_length, _load_tokenizer(path.parent, {"gguf_file": path.name})
         vocab = vocab_from_gguf(info.reader)
@@ -105,15 +102,15 @@ def open_model(path: str | Path, progress: Progress | None = None) -> LazyModel:
 
 
 def _check_lazy_tensors(weights, config, path: Path) -> None:
-    """The tensors the config implies, present and no others: the lazy twin of from_pretrained's key check."""
+    """The tensors the config implies, present and no others: the lazy twin of from_pretrained's key check.
+    A layer's tensors are those its family's decoder layer has (built on the meta device: no memory)."""
     expected = {"model.embed_tokens.weight", "model.norm.weight"}
     if not config.tie_word_embeddings:
         expected.add("lm_head.weight")
-    biased = [m for m in LAYER_MODULES if (getattr(config, "attention_bias", False) and m.startswith("self_attn."))
-              or (getattr(config, "mlp_bias", False) and m.startswith("mlp."))]
+    with torch.device("meta"):
+        layer_names = family_of(config).transformers_class("DecoderLayer")(config, layer_idx=0).state_dict().keys()
     for i in range(config.num_hidden_layers):
-        expected |= {f"model.layers.{i}.{module}.weight" for module in LAYER_MODULES}
-        expected |= {f"model.layers.{i}.{module}.bias" for module in biased}
+        expected |= {f"model.layers.{i}.{name}" for name in layer_names}
     found = weights.names() - ({"lm_head.weight"} if config.tie_word_embeddings else set())
     disagreeing = sorted(expected ^ found)
     if disagreeing:
@@ -128,7 +125,7 @@ def layer_count(path: str | Path) -> int:
     if not path.exists():
         raise EdgepruneError(f"model path {path} does not exist: give {SUPPORTED}")
     if path.is_dir():
-        count = _read_llama_config(path).get("num_hidden_layers")
+        count = _read_config(path).get("num_hidden_layers")
         if not isinstance(count, int) or count < 1:
             raise EdgepruneError(f"{path}/config.json has no valid num_hidden_layers: the checkpoint's config is damaged")
         return count
@@ -149,7 +146,7 @@ def save_hf_directory(loaded: LoadedModel, directory: str | Path) -> Path:
 
 def _check_hf_directory(directory: Path, allow_pickle: bool) -> tuple[dict, list[Path]]:
     """The checked config and the safetensors files (empty when only trusted pickle weights are there)."""
-    config = _read_llama_config(directory)
+    config = _read_config(directory)
     safetensors = sorted(directory.glob("*.safetensors"))
     pickles = sorted(directory.glob("*.bin")) + sorted(directory.glob("*.pt")) + sorted(directory.glob("*.pth"))
     if safetensors:
@@ -168,11 +165,10 @@ def _check_hf_directory(directory: Path, allow_pickle: bool) -> tuple[dict, list
 
 
 def _load_hf_directory(directory: Path, allow_pickle: bool) -> LoadedModel:
-    from transformers import LlamaForCausalLM
-
     config, safetensors = _check_hf_directory(directory, allow_pickle)
+    causal_lm = family_for_model_type(config["model_type"], str(directory)).transformers_class("ForCausalLM")
     try:
-        model, info = LlamaForCausalLM.from_pretrained(
+        model, info = causal_lm.from_pretrained(
             directory, dtype=torch.float32, use_safetensors=bool(safetensors), trust_remote_code=False,
             output_loading_info=True,
         )
@@ -192,7 +188,8 @@ def _load_hf_directory(directory: Path, allow_pickle: bool) -> LoadedModel:
                        int(config.get("max_position_embeddings", 2048)))
 
 
-def _read_llama_config(directory: Path) -> dict:
+def _read_config(directory: Path) -> dict:
+    """config.json, checked: a supported family, and nothing in it that llama.cpp would run differently."""
     path = directory / "config.json"
     if not path.is_file():
         raise EdgepruneError(f"{directory} has no config.json: give {SUPPORTED}")
@@ -201,12 +198,12 @@ def _read_llama_config(directory: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise EdgepruneError(f"{path} is not valid JSON: {exc}") from exc
     model_type = config.get("model_type")
-    if model_type not in LLAMA_MODEL_TYPES:
+    if model_type not in MODEL_TYPES:
         archs = ", ".join(config.get("architectures") or []) or "unknown"
-        raise EdgepruneError(
-            f"{directory} holds a {model_type!r} model ({archs}): edgeprune supports Llama-family models "
-            f"(model_type {' or '.join(repr(t) for t in LLAMA_MODEL_TYPES)})"
-        )
+        family_for_model_type(model_type, f"{directory} ({archs})")  # refuses, naming what is supported
+    if config.get("use_sliding_window"):
+        raise EdgepruneError(f"{directory}/config.json sets use_sliding_window, which llama.cpp's {model_type} graph "
+                             "does not apply: the GGUF would attend differently; set it to false if the model allows")
     check_rope_scaling(rope_parameters(SimpleNamespace(**config)), f"{directory}/config.json")
     return config
 
@@ -218,22 +215,11 @@ def _has_gguf_magic(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def _llama_gguf(path: Path):
-    info = read_gguf(path)
-    if info.architecture != "llama":
-        raise EdgepruneError(
-            f"{path} is a {info.architecture!r} GGUF: edgeprune reads llama-architecture GGUFs (or a Hugging Face directory)"
-        )
-    return info
-
-
 def _load_gguf(path: Path) -> LoadedModel:
     """Every tensor through the lazy GGUF reader (q/k rows and biases un-permuted), into a model built from the
     GGUF's own metadata. transformers' GGUF loader is not used: it drops biases and rope scaling without a word."""
-    from transformers import LlamaForCausalLM
-
     lazy = open_model(path)
-    model = LlamaForCausalLM(lazy.config)
+    model = family_of(lazy.config).transformers_class("ForCausalLM")(lazy.config)
     missing, unexpected = model.load_state_dict({name: lazy.weights.load(name) for name in lazy.weights.names()},
                                                 strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:
@@ -243,9 +229,10 @@ def _load_gguf(path: Path) -> LoadedModel:
 
 
 def _gguf_config(path: Path, info):
-    """A transformers LlamaConfig read from a llama GGUF's own keys and tensors, including what transformers'
-    GGUF loader leaves out: q/k/v and MLP biases, and rope scaling (linear, YaRN, Llama-3's rope_freqs)."""
-    from transformers import LlamaConfig
+    """A transformers config of the GGUF's family, read from its own keys and tensors, including what
+    transformers' GGUF loader leaves out: q/k/v and MLP biases, and rope scaling (linear, YaRN, Llama-3's
+    rope_freqs)."""
+    family = family_for_gguf(info.architecture, str(path))
 
     def number(key: str, default=None):
         value = info.arch_value(key, default)
@@ -259,7 +246,7 @@ def _gguf_config(path: Path, info):
     n_head = int(number("attention.head_count"))
     hidden = int(number("embedding_length"))
     special = {kind: info.value(f"tokenizer.ggml.{kind}_token_id") for kind in ("bos", "eos", "padding")}
-    config = LlamaConfig(  # the keys transformers' GGUF loader maps for llama, read with the reader already open
+    config = family.transformers_class("Config")(  # the keys transformers' GGUF loader maps, read with the reader already open
         vocab_size=int(embedding.shape[1]), hidden_size=hidden, intermediate_size=int(number("feed_forward_length")),
         num_hidden_layers=info.block_count, num_attention_heads=n_head,
         num_key_value_heads=int(number("attention.head_count_kv", n_head)),
@@ -268,8 +255,9 @@ def _gguf_config(path: Path, info):
         bos_token_id=special["bos"], eos_token_id=special["eos"], pad_token_id=special["padding"],
     )
     names = {t.name for t in info.reader.tensors}
-    config.attention_bias = "blk.0.attn_q.bias" in names
-    config.mlp_bias = "blk.0.ffn_gate.bias" in names
+    if family.module == "llama":  # Qwen2's q/k/v biases are fixed by its architecture
+        config.attention_bias = "blk.0.attn_q.bias" in names
+        config.mlp_bias = "blk.0.ffn_gate.bias" in names
     rope = {"rope_type": "default", "rope_theta": float(info.arch_value("rope.freq_base", 10000.0))}
     kind = str(info.arch_value("rope.scaling.type", "none"))
     if kind in ("linear", "yarn"):

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from converters import ConversionInput, write_gguf
+from converters import ConversionInput, write_gguf, writer_class
 
 from .atomic import ensure_writable_dir
 from .bundle import BUNDLE_NAME, REFERENCE, finish_bundle, start_bundle
@@ -332,7 +332,7 @@ def build_output(prepared: Prepared, profile: Profile | None, out_dir: Path, say
 
 def _prune_summary(result) -> dict:
     return {
-        "architecture": result.shape.architecture,
+        "architecture": writer_class(result.model.config, result.shape).arch_name,
         "removed_params": result.removed_params,
         "decoder_params_before": result.decoder_params_before,
         "layers": [asdict(layer) for layer in result.shape.layers],

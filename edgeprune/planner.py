@@ -125,7 +125,7 @@ class Evaluated:
         p = self.prediction
         return {
             "label": self.candidate.label(base), **dataclasses.asdict(self.candidate),
-            "architecture": "deci" if self.candidate.allocation == "adaptive" else "llama",
+            "architecture": p.size.architecture,
             "file_mib": round(p.size.file_bytes / MIB, 2), "memory_mib": round(p.memory_bytes / MIB, 2),
             "decode_tps": round(p.decode_tps, 2), "prefill_tps": round(p.prefill_tps, 2), "ttft_s": round(p.ttft_s, 3),
             "estimated_ppl_increase": round(100 * (math.exp(self.quality_loss) - 1), 1), "estimate_basis": self.basis,

@@ -45,6 +45,7 @@ class ModelShape:
 
     @property
     def architecture(self) -> str:
+        """A Llama's GGUF architecture (other families may have their own: converters.writer_class)."""
         return "llama" if self.is_uniform else "deci"
 
     def decoder_params(self) -> int:

@@ -27,13 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from converters import WRITERS, ConversionInput
+from converters import ConversionInput, writer_class
 
 from .calibration import (
     CalibrationStats, LayerContext, _Accumulator, calibration_batches, chunk_sizes, collect_calibration, embed_chunks,
     observe_layer, observe_output,
 )
 from .errors import EdgepruneError
+from .families import family_of
 from .loading import LazyModel
 from .shapes import LayerShape, ModelShape
 from .weights import EMBEDDING
@@ -56,12 +57,11 @@ class LazyLayers:
     """The layer-by-layer view of a LazyModel: each call to `layer` reads and builds one decoder layer."""
 
     def __init__(self, lazy: LazyModel, device: torch.device, keep: list[int] | None = None):
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
         self.lazy, self.config, self.device = lazy, lazy.config, device
+        self.family = family_of(lazy.config)
         self.keep = list(range(lazy.config.num_hidden_layers)) if keep is None else list(keep)
         self.n_layers = len(self.keep)
-        self.rotary_emb = LlamaRotaryEmbedding(config=lazy.config).to(device)
+        self.rotary_emb = self.family.transformers_class("RotaryEmbedding")(config=lazy.config).to(device)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Embedding lookup from the memory-mapped matrix: only the rows used are converted."""
@@ -70,19 +70,15 @@ class LazyLayers:
         return rows[torch.as_tensor(inverse.reshape(ids.shape))].to(self.device)
 
     def layer(self, index: int) -> torch.nn.Module:
-        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
         prefix = f"model.layers.{self.keep[index]}."
         with torch.device("meta"):
-            layer = LlamaDecoderLayer(self.config, layer_idx=index)
+            layer = self.family.transformers_class("DecoderLayer")(self.config, layer_idx=index)
         state = {name: self.lazy.weights.load(prefix + name).to(self.device) for name in layer.state_dict()}
         layer.load_state_dict(state, assign=True)
         return layer.eval()
 
     def norm(self) -> torch.nn.Module:
-        from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-        norm = LlamaRMSNorm(self.config.hidden_size, eps=self.config.rms_norm_eps)
+        norm = self.family.transformers_class("RMSNorm")(self.config.hidden_size, eps=self.config.rms_norm_eps)
         norm.weight.data = self.lazy.weights.load("model.norm.weight").to(self.device)
         return norm.to(self.device)
 
@@ -91,14 +87,18 @@ def lazy_shape(lazy: LazyModel) -> ModelShape:
     """The unpruned model's shape from its config and tensor shapes, without reading any weights."""
     c, w = lazy.config, lazy.weights
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    attention_bias, mlp_bias = bool(getattr(c, "attention_bias", False)), bool(getattr(c, "mlp_bias", False))
-    layers = tuple(
-        LayerShape(w.shape(f"model.layers.{i}.self_attn.q_proj.weight")[0] // head_dim,
-                   w.shape(f"model.layers.{i}.self_attn.k_proj.weight")[0] // head_dim,
-                   w.shape(f"model.layers.{i}.mlp.gate_proj.weight")[0],
-                   attention_bias, mlp_bias, attention_bias, mlp_bias)
-        for i in range(c.num_hidden_layers)
-    )
+    names = w.names()
+
+    def layer(i: int) -> LayerShape:
+        prefix = f"model.layers.{i}."
+        biased = {module: f"{prefix}{module}.bias" in names for module in ("self_attn.q_proj", "self_attn.o_proj",
+                                                                            "mlp.gate_proj", "mlp.down_proj")}
+        return LayerShape(w.shape(f"{prefix}self_attn.q_proj.weight")[0] // head_dim,
+                          w.shape(f"{prefix}self_attn.k_proj.weight")[0] // head_dim,
+                          w.shape(f"{prefix}mlp.gate_proj.weight")[0], biased["self_attn.o_proj"],
+                          biased["mlp.down_proj"], biased["self_attn.q_proj"], biased["mlp.gate_proj"])
+
+    layers = tuple(layer(i) for i in range(c.num_hidden_layers))
     vocab, hidden = w.shape(EMBEDDING)
     return ModelShape(vocab, hidden, head_dim, layers, bool(c.tie_word_embeddings))
 
@@ -148,7 +148,7 @@ def stream_write(lazy: LazyModel, path: Path, metadata: dict[str, str], *, token
             source, plans, pruning, stats = _score_and_plan(lazy, source, token_ids, options, device, spill, say)
             seconds["score"] = round(time.perf_counter() - start, 2)
         shape = _written_shape(lazy_shape(lazy), source.keep, plans, options) if options else lazy_shape(lazy)
-        writer = WRITERS[shape.architecture](conversion_input(lazy, metadata), shape)
+        writer = writer_class(lazy.config, shape)(conversion_input(lazy, metadata), shape)
         acc = None
         if imatrix is not None:
             n_seq, seq_len, text_name = imatrix
@@ -161,7 +161,7 @@ def stream_write(lazy: LazyModel, path: Path, metadata: dict[str, str], *, token
         seconds["prune_and_write" if options is not None else "write"] = round(time.perf_counter() - start, 2)
         if pruning is not None:
             before = lazy_shape(lazy).decoder_params()
-            pruning = {"architecture": shape.architecture, "removed_params": before - shape.decoder_params(),
+            pruning = {"architecture": writer.arch_name, "removed_params": before - shape.decoder_params(),
                        "decoder_params_before": before, "layers": [asdict(layer) for layer in shape.layers],
                        "details": pruning}
             pruning["details"]["widths"] = [(s.n_head, s.n_head_kv, s.n_ff) for s in shape.layers]

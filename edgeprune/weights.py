@@ -122,15 +122,16 @@ _GGUF_GLOBAL = {"token_embd.weight": EMBEDDING, "output_norm.weight": "model.nor
 
 
 class GGUFWeights:
-    """The tensors of a llama GGUF, dequantized to float32 one at a time, under transformers' names."""
+    """The tensors of a llama (or qwen2) GGUF, dequantized to float32 one at a time, under transformers' names.
+    `rope_permuted`: q/k rows are stored in llama's interleaved RoPE order and are put back in transformers'."""
 
-    def __init__(self, path: Path, n_head: int, n_head_kv: int, reader=None):
+    def __init__(self, path: Path, n_head: int, n_head_kv: int, reader=None, rope_permuted: bool = True):
         import gguf
 
         from converters.base import LAYER_TENSORS
 
         self.reader = reader or gguf.GGUFReader(path)  # parsing a 49k-token vocabulary takes seconds: share it
-        self.n_head, self.n_head_kv = n_head, n_head_kv
+        self.n_head, self.n_head_kv, self.rope_permuted = n_head, n_head_kv, rope_permuted
         by_kind = {gguf.TENSOR_NAMES[kind]: module for module, kind in LAYER_TENSORS.items()}
         self.tensors = {}
         for tensor in self.reader.tensors:
@@ -142,7 +143,7 @@ class GGUFWeights:
                 module = by_kind.get(".".join(["blk", "{bid}", *parts[2:-1]])) if parts[0] == "blk" else None
                 if module is None or parts[-1] not in ("weight", "bias"):
                     raise EdgepruneError(f"{path} has tensor {tensor.name}, which edgeprune does not map: "
-                                         "it reads plain llama GGUFs")
+                                         "it reads plain llama and qwen2 GGUFs")
                 name = f"model.layers.{parts[1]}.{module}.{parts[-1]}"
             self.tensors[name] = tensor
 
@@ -160,10 +161,9 @@ class GGUFWeights:
 
         tensor = self._tensor(name)
         weights = gguf.dequantize(tensor.data, tensor.tensor_type)
-        if name.endswith(("q_proj.weight", "q_proj.bias")):
-            weights = _unpermute(weights, self.n_head)
-        elif name.endswith(("k_proj.weight", "k_proj.bias")):
-            weights = _unpermute(weights, self.n_head_kv)
+        heads = {"q_proj": self.n_head, "k_proj": self.n_head_kv}.get(name.split(".")[-2])
+        if heads and self.rope_permuted:
+            weights = _unpermute(weights, heads)
         return torch.from_numpy(np.copy(weights)).to(torch.float32)
 
     def rows(self, name: str, index: np.ndarray) -> torch.Tensor:

@@ -57,19 +57,23 @@ def build_spm_tokenizer(directory: Path) -> None:
 
 def build_tiny_llama(directory: Path, vocab_size: int, *, tied: bool = True, rope_scaling: dict | None = None,
                      seed: int = 0, family: str = "llama", **config_overrides) -> Path:
-    """A random Llama-family checkpoint (`family` "llama" or "mistral"); `config_overrides` such as
+    """A random Llama-family checkpoint (`family` "llama", "mistral" or "qwen2"); `config_overrides` such as
     attention_bias=True or head_dim=32 go into its config."""
     import transformers
 
     torch.manual_seed(seed)
-    classes = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM")}
+    classes = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+               "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
     config_class, model_class = (getattr(transformers, name) for name in classes[family])
     settings = dict(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
         tie_word_embeddings=tied, rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
     )
-    config = config_class(**{**settings, **config_overrides})
+    settings.update(config_overrides)
+    if settings["head_dim"] is None:  # as Qwen2.5 ships: config.json names no head_dim
+        del settings["head_dim"]
+    config = config_class(**settings)
     if rope_scaling:
         config.rope_scaling = rope_scaling
     model = model_class(config)
@@ -77,6 +81,10 @@ def build_tiny_llama(directory: Path, vocab_size: int, *, tied: bool = True, rop
         for p in model.parameters():
             p.mul_(3.0)
     model.save_pretrained(directory, safe_serialization=True)
+    if "head_dim" not in settings:  # transformers writes its derived value: leave it out
+        saved = json.loads((directory / "config.json").read_text())
+        saved.pop("head_dim", None)
+        (directory / "config.json").write_text(json.dumps(saved))
     return directory
 
 

@@ -29,7 +29,7 @@ def sized(mix: dict[str, str], n_layers: int = 2) -> SizeEstimate:
             tensors.append(TensorCost(f"blk.{i}.{kind}.weight", width, rows, mix.get(kind, "f16"), 0))
     tensors = [dataclasses.replace(t, nbytes=int(t.rows * t.row_length * BYTES_PER_WEIGHT[t.type_name]))
                for t in tensors]
-    return SizeEstimate("test", tuple(tensors), 4096)
+    return SizeEstimate("test", tuple(tensors), 4096, "llama")
 
 
 def test_nonnegative_least_squares_matches_the_exact_solution_and_clips_at_zero():

@@ -32,15 +32,19 @@ VARIANTS = {
                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
     "tied_head": dict(tied=True),
     "mistral": dict(family="mistral"),
+    "qwen2": dict(family="qwen2", head_dim=None),  # as Qwen2.5 ships: no head_dim in config.json
+    "qwen2_explicit_head_dim": dict(family="qwen2"),
+    "qwen2_tied_head": dict(family="qwen2", tied=True, head_dim=None),
 }
 # Tokenizer layouts, each a real tokenizer from llama.cpp's own test vocabularies, saved by transformers as a
 # tokenizer.json only (no tokenizer.model), as a user's checkpoint has it.
-TOKENIZERS = {  # layout: (llama.cpp test vocabulary, Meta's own tokenizer.json settings: ignore_merges and a BOS)
-    "sentencepiece_bpe_metaspace": ("llama-spm", False),  # Llama-2 / Mistral / TinyLlama saved by transformers
-    "sentencepiece_bpe_prepend_replace": ("phi-3", False),  # the older normalizer form of the same
-    "byte_level_llama3": ("llama-bpe", True),  # as Meta ships it: llama.cpp calls it llama-bpe
-    "byte_level_llama3_rebuilt": ("llama-bpe", False),  # as transformers rebuilds it: llama.cpp says smaug-bpe
-    "byte_level_qwen2": ("qwen2", False),
+TOKENIZERS = {  # layout: (llama.cpp test vocabulary, Meta's own tokenizer.json settings: ignore_merges and a BOS,
+    #                   the model family it comes with)
+    "sentencepiece_bpe_metaspace": ("llama-spm", False, "llama"),  # Llama-2 / Mistral / TinyLlama saved by transformers
+    "sentencepiece_bpe_prepend_replace": ("phi-3", False, "llama"),  # the older normalizer form of the same
+    "byte_level_llama3": ("llama-bpe", True, "llama"),  # as Meta ships it: llama.cpp calls it llama-bpe
+    "byte_level_llama3_rebuilt": ("llama-bpe", False, "llama"),  # as transformers rebuilds it: llama.cpp says smaug-bpe
+    "byte_level_qwen2": ("qwen2", False, "qwen2"),
 }
 
 
@@ -110,7 +114,7 @@ def test_tokenizer_layout_tokenizes_as_llama_cpp_converter(layout, tmp_path):
     from llama_cpp import Llama
     from transformers import AutoTokenizer
 
-    name, as_meta_ships = TOKENIZERS[layout]
+    name, as_meta_ships, family = TOKENIZERS[layout]
     vocab_file, inputs, expected = vocab_test_files(name)
     d = tmp_path / layout
     tokenizer = AutoTokenizer.from_pretrained(vocab_file.parent, gguf_file=vocab_file.name)
@@ -121,7 +125,7 @@ def test_tokenizer_layout_tokenizes_as_llama_cpp_converter(layout, tmp_path):
         tokenizer = AutoTokenizer.from_pretrained(d)
     special = {"bos_token_id": tokenizer.bos_token_id or 0, "eos_token_id": tokenizer.eos_token_id or 0}
     build_tiny_llama(d, len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2, head_dim=8,
-                     **special)
+                     family=family, **special)
     loaded, ours = export_f16(d, tmp_path / "ours.gguf")
     assert_same_as_converter(ours, d, tmp_path)  # tokenizer keys included
     vocab = Llama(str(ours), vocab_only=True, verbose=False)
@@ -162,36 +166,83 @@ def test_rope_scaling_llama_cpp_cannot_run_is_refused(spm_tokenizer, tmp_path, s
         load_model(d)
 
 
-@pytest.mark.parametrize("options", [
-    dict(heads=0.5, ffn=0.5, head_mode="per-group"),  # uniform: a llama GGUF (auto is per-group when streamed)
-    dict(heads=0.5, ffn=0.4, allocation="adaptive", head_mode="per-group", recovery="bias"),  # widths differ: deci
+@pytest.mark.parametrize("family, options, architecture", [
+    # uniform: a llama GGUF (auto is per-group when streamed)
+    ("llama", dict(heads=0.5, ffn=0.5, head_mode="per-group"), "llama"),
+    # widths differ: deci
+    ("llama", dict(heads=0.5, ffn=0.4, allocation="adaptive", head_mode="per-group", recovery="bias"), "deci"),
+    # Qwen2 with cut heads or recovery biases: llama.cpp's qwen2 loader cannot hold them, so llama and deci
+    ("qwen2", dict(heads=0.5, ffn=0.5, head_mode="per-group"), "llama"),
+    ("qwen2", dict(heads=0.5, ffn=0.4, allocation="adaptive", head_mode="per-group", recovery="bias"), "deci"),
+    # uniform FFN channels only, no recovery biases: still a qwen2
+    ("qwen2", dict(ffn=0.5, recovery="none"), "qwen2"),
 ])
-def test_biased_model_is_pruned_with_its_biases(spm_tokenizer, tmp_path, options):
-    """q/k/v and gate/up biases are cut with their heads and channels; the pruned GGUF computes what the pruned
-    transformers model computes, and the layer-streamed path writes the same bytes."""
+def test_biased_model_is_pruned_with_its_biases(spm_tokenizer, tmp_path, family, options, architecture):
+    """q/k/v and gate/up biases are cut with their heads and channels; the pruned GGUF, in the architecture
+    llama.cpp can load it as, computes what the pruned transformers model computes, and the layer-streamed
+    path writes the same bytes."""
     import filecmp
 
     import numpy as np
     import torch
 
     from edgeprune import streaming
+    from edgeprune.gguf_check import read_gguf
     from edgeprune.loading import open_model
     from edgeprune.pruning import PruneOptions, prune_model
     from edgeprune.shapes import shape_of
 
     d = tmp_path / "biased"
     shutil.copytree(spm_tokenizer, d)
-    build_tiny_llama(d, 400, tied=False, attention_bias=True, mlp_bias=True)
+    biases = dict(attention_bias=True, mlp_bias=True) if family == "llama" else dict(head_dim=None)  # Qwen2's own
+    build_tiny_llama(d, 400, tied=False, family=family, **biases)
     ids = np.random.default_rng(0).integers(3, 400, 6000).tolist()
     prune = PruneOptions(calib_sequences=8, calib_seq_len=64, **options)
     loaded = load_model(d)
     model = prune_model(loaded.model, ids, prune).model
     shape = shape_of(model)
-    assert all(layer.attn_qkv_bias and layer.ffn_gate_up_bias for layer in shape.layers if layer.n_head)
+    assert all(layer.attn_qkv_bias and layer.ffn_gate_up_bias == (family == "llama") for layer in shape.layers
+               if layer.n_head)
     assert shape.decoder_params() < shape_of(load_model(d).model).decoder_params()
     ours = write_gguf(ConversionInput(model, loaded.vocab, loaded.name, loaded.context_length), tmp_path / "p.gguf")
+    assert read_gguf(ours).architecture == architecture
     loaded.model = model
     assert_parity_with_transformers(loaded, ours)
     streamed = streaming.stream_write(open_model(d), tmp_path / "streamed.gguf", {}, token_ids=ids, options=prune,
                                       device=torch.device("cpu"))
     assert filecmp.cmp(ours, streamed.gguf, shallow=False)
+    if architecture == "qwen2":  # and the qwen2 GGUF as input reads back the pruned model
+        top1, kld = agreement(torch_logits(model, ids[:200]), torch_logits(load_model(ours).model, ids[:200]))
+        assert kld <= 1e-4 and top1 >= 0.99, (kld, top1)
+
+
+def test_tensor_the_converter_does_not_map_is_refused_by_name(spm_tokenizer, tmp_path):
+    """A Qwen3-style q_norm in a qwen2 checkpoint: loading it in memory or layer by layer names the tensor."""
+    from safetensors.torch import load_file, save_file
+
+    from edgeprune.loading import open_model
+
+    d = tmp_path / "extra"
+    shutil.copytree(spm_tokenizer, d)
+    build_tiny_llama(d, 400, family="qwen2")
+    tensors = load_file(d / "model.safetensors")
+    tensors["model.layers.1.self_attn.q_norm.weight"] = tensors["model.norm.weight"][:16].clone()
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    for load in (load_model, open_model):
+        with pytest.raises(EdgepruneError, match=r"model\.layers\.1\.self_attn\.q_norm\.weight"):
+            load(d)
+
+
+def test_gguf_of_an_unknown_architecture_is_refused_by_name(spm_tokenizer, tmp_path):
+    from edgeprune.pruning import PruneOptions, prune_model
+
+    d = tmp_path / "m"
+    shutil.copytree(spm_tokenizer, d)
+    build_tiny_llama(d, 400)
+    loaded = load_model(d)
+    ids = list(range(3, 400)) * 4
+    model = prune_model(loaded.model, ids, PruneOptions(heads=0.5, ffn=0.4, allocation="adaptive", calib_sequences=4,
+                                                         calib_seq_len=64)).model
+    deci = write_gguf(ConversionInput(model, loaded.vocab, loaded.name, loaded.context_length), tmp_path / "d.gguf")
+    with pytest.raises(EdgepruneError, match=r"is a 'deci' GGUF: edgeprune reads llama, qwen2 GGUFs"):
+        load_model(deci)

@@ -193,12 +193,13 @@ def test_smollm2_streamed_prune_is_the_in_memory_prune(smollm2_gguf, tmp_path):
 
 def test_writer_refuses_tensors_that_disagree_with_its_header(tiny_bpe_llama, tmp_path):
     """The header is written before the data: a stream that does not match it fails by name, leaving no file."""
-    from converters import WRITERS
+    from converters import writer_class
     from edgeprune.shapes import shape_of
 
     loaded = load_model(tiny_bpe_llama)
     source = ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length)
-    writer = WRITERS["llama"](source, shape_of(loaded.model))
+    shape = shape_of(loaded.model)
+    writer = writer_class(loaded.model.config, shape)(source, shape)
     swapped = list(writer.tensors())
     swapped[3], swapped[4] = swapped[4], swapped[3]
     with pytest.raises(EdgepruneError, match=r"arrived where the header declares"):

@@ -91,10 +91,13 @@ def sync_config(model: nn.Module) -> None:
     num_hidden_layers; per-layer widths live in the modules and reach the GGUF through shape_of)."""
     shape = shape_of(model)
     config = model.config
-    config.head_dim = shape.head_dim
     config.num_hidden_layers = shape.n_layers
     if shape.is_uniform:
         first = shape.layers[0]
         config.num_attention_heads = first.n_head
         config.num_key_value_heads = first.n_head_kv
         config.intermediate_size = first.n_ff
+    # A config that names no head_dim (as Qwen2 ships, and its GGUF then has no key_length) keeps it unnamed
+    # while hidden / heads still gives it
+    if getattr(config, "head_dim", None) is not None or config.hidden_size != shape.head_dim * config.num_attention_heads:
+        config.head_dim = shape.head_dim

@@ -1,0 +1,34 @@
+"""`qwen2` architecture (llama.cpp's src/models/qwen2.cpp): Llama's tensors plus q/k/v biases, with NEOX rope,
+so q/k rows keep transformers' order.
+
+llama.cpp's qwen2 loader fixes q and o at n_embd wide, reads one n_ff for every layer and has no o/down (or
+gate/up) biases. So it holds an unpruned Qwen2, and a pruned one only when nothing but uniform FFN widths
+changed without recovery biases; any other pruned Qwen2 is written as `llama` or `deci`, q/k rows permuted for
+their NORM rope, which computes the same.
+"""
+
+from __future__ import annotations
+
+import gguf
+
+from edgeprune.shapes import ModelShape
+
+from .llama import LlamaWriter
+
+
+class Qwen2Writer(LlamaWriter):
+    arch = gguf.MODEL_ARCH.QWEN2
+    rope_permuted = False
+
+    @staticmethod
+    def can_hold(shape: ModelShape) -> bool:
+        return shape.is_uniform and all(
+            l.n_head * shape.head_dim == shape.hidden_size and l.attn_qkv_bias and not l.attn_output_bias
+            and not l.ffn_down_bias and not l.ffn_gate_up_bias for l in shape.layers)
+
+    def add_dimension_keys(self, writer: gguf.GGUFWriter) -> None:
+        """As llama.cpp's converter writes a Qwen2: no vocab_size or rope.dimension_count, and the head size only
+        when config.json names head_dim (llama.cpp derives it otherwise)."""
+        if getattr(self.config, "head_dim", None) is not None:
+            writer.add_key_length(self.shape.head_dim)
+            writer.add_value_length(self.shape.head_dim)
