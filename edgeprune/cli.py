@@ -150,14 +150,17 @@ def text_options(fn):
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Output directory.")
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration text (UTF-8). Default: built-in, offline.")
 @click.option("--no-imatrix", is_flag=True, help="Quantize without an importance matrix.")
+@click.option("--mix", is_flag=True,
+              help="Mixed precision: a type per tensor by measured sensitivity, in the file size of the chosen quant "
+                   "and within the profile's decode budget.")
 @click.option("--allow-pickle", is_flag=True, help="Load pickle .bin weights (they can run code: trusted files only).")
 @search_option
 @pruning_options
 @text_options
 @scale_options
-def export(model, profile_name, quant, out_dir, calib, no_imatrix, allow_pickle, search, heads, ffn, layers, method,
-           allocation, eval_path, threads, eval_chunks, eval_ctx, host_profile, on_device, calib_sequences, streaming,
-           device):
+def export(model, profile_name, quant, out_dir, calib, no_imatrix, mix, allow_pickle, search, heads, ffn, layers,
+           method, allocation, eval_path, threads, eval_chunks, eval_ctx, host_profile, on_device, calib_sequences,
+           streaming, device):
     """Export MODEL (a Hugging Face Llama directory or a llama GGUF) for a device profile.
 
     The profile decides: the planner picks the quant type and the pruning that meet its budgets with the least
@@ -168,12 +171,14 @@ def export(model, profile_name, quant, out_dir, calib, no_imatrix, allow_pickle,
     require_build_install("export")
     from .pipeline import ExportOptions, export_model
 
+    if mix and no_imatrix:
+        raise EdgepruneError("--mix weighs each tensor's error by the importance matrix: drop --no-imatrix")
     profile = _profile(profile_name)
     prune = _prune_options(quant or profile.runtime.default_quant, heads, ffn, layers, method, allocation)
     options = ExportOptions(quant=quant, calib=calib, eval=eval_path, imatrix=not no_imatrix, eval_ctx=eval_ctx,
                             eval_chunks=eval_chunks, threads=threads, allow_pickle=allow_pickle,
                             host_profile=_profile(host_profile) if host_profile else None, on_device=on_device,
-                            prune=prune, search=search)
+                            prune=prune, search=search, mix=mix)
     result = export_model(model, profile, out_dir, _scale(options, calib_sequences, streaming, device), progress)
     click.echo(result.summary)
     click.echo(f"wrote {result.gguf}, {result.report_path} and the validation bundle {result.bundle} "

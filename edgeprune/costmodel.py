@@ -124,16 +124,21 @@ _DRY_RUN_CACHE: dict[tuple, dict[str, str]] = {}
 
 
 def _run_dry_run(writer, quant: str) -> dict[str, str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        return dry_run_types(writer.write_skeleton(Path(tmp) / "skeleton.gguf"), quant)
+
+
+def dry_run_types(path: Path, quant: str) -> dict[str, str]:
+    """The type llama.cpp's quantizer would give each tensor of the GGUF at `path` for `quant`, without
+    quantizing: its dry run logs them."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANT_TYPES[quant]
     params.dry_run = True
-    with tempfile.TemporaryDirectory() as tmp:
-        skeleton = writer.write_skeleton(Path(tmp) / "skeleton.gguf")
-        with _captured_llama_log() as log:
-            status = llama_cpp.llama_model_quantize(str(skeleton).encode(), str(Path(tmp) / "out.gguf").encode(),
-                                                   ctypes.byref(params))
+    with tempfile.TemporaryDirectory() as tmp, _captured_llama_log() as log:
+        status = llama_cpp.llama_model_quantize(str(path).encode(), str(Path(tmp) / "out.gguf").encode(),
+                                               ctypes.byref(params))
     raise_if_interrupted()
     if status != 0:
         raise EdgepruneError(f"llama.cpp could not plan a {quant} quantization of this shape")

@@ -24,6 +24,7 @@ from .bundle import BUNDLE_NAME, REFERENCE, finish_bundle, start_bundle
 from .calibration import check_calibration_length, collect_calibration
 from .errors import EdgepruneError
 from .loading import layer_count, load_model, open_model
+from .mixed import choose_mix
 from .planner import Plan, make_plan
 from .profiles import Profile
 from .reporting import write_report_pages
@@ -57,6 +58,7 @@ class ExportOptions:
     search: str = "estimated"  # "measured": build the planner's best few and keep the one llama.cpp scores best
     streaming: str = "auto"  # "on": read the model layer by layer (edgeprune.streaming); "off": all in RAM
     device: str | None = None  # torch device for calibration and recovery; None: a CUDA GPU if present, else CPU
+    mix: bool = False  # a ggml type per tensor by sensitivity, in the bytes of the chosen quant (edgeprune.mixed)
 
 
 @dataclass
@@ -256,10 +258,13 @@ def build_output(prepared: Prepared, profile: Profile | None, out_dir: Path, say
     quant = quant or (profile.runtime.default_quant if profile is not None else "F16")
     reference = prepared.reference
     stem = output_stem(model_path)
-    final = out_dir / f"{stem}-{quant}.gguf"
+    use_imatrix = quant != "F16" and options.imatrix and quant not in ("F32", "BF16")
+    if options.mix and not use_imatrix:
+        raise EdgepruneError(f"--mix chooses quantized types with the importance matrix: it needs a quantized type "
+                             f"(not {quant}) and the imatrix (drop --no-imatrix)")
+    final = out_dir / f"{stem}-{quant}{'-mixed' if options.mix else ''}.gguf"
     outputs = [final, out_dir / REPORT_NAME, out_dir / "report.html", out_dir / "report.md"]
     written += [path for path in outputs if not path.exists()]
-    use_imatrix = quant != "F16" and options.imatrix and quant not in ("F32", "BF16")
     float_gguf = final if quant == "F16" else out_dir / f".{stem}-F16.intermediate.gguf"
     if float_gguf != final:
         written.append(float_gguf)
@@ -288,11 +293,15 @@ def build_output(prepared: Prepared, profile: Profile | None, out_dir: Path, say
                 "calibrate", collect_calibration, model, prepared.tokens, n_seq=options.calib_sequences,
                 seq_len=options.calib_seq_len, text_name=prepared.calib.name, progress=say).gguf_imatrix()
 
-    quantized = None
+    quantized, mix = None, None
     try:
+        if options.mix:
+            mix = prepared.timed("mix", choose_mix, float_gguf, imatrix, quant, profile, threads=threads, progress=say)
+            say(f"mixed precision: {mix.describe()}; bits per weight: {', '.join(mix.bits_by_kind)}")
         if quant != "F16":
             quantized = prepared.timed("quantize", quantize_gguf, float_gguf, final, quant, imatrix=imatrix,
-                                       imatrix_text=prepared.calib.name, threads=threads, progress=say)
+                                       imatrix_text=prepared.calib.name, threads=threads,
+                                       tensor_types=mix.types if mix else None, progress=say)
     finally:
         if float_gguf not in (final, reference):
             float_gguf.unlink(missing_ok=True)
@@ -321,6 +330,7 @@ def build_output(prepared: Prepared, profile: Profile | None, out_dir: Path, say
         "imatrix": {"used": imatrix is not None, "text": prepared.calib.name, "entries": len(imatrix or {})},
         "fallbacks": [asdict(f) for f in quantized.fallbacks] if quantized else [],
         "pruning": prune_details, "seconds": timings, "resources": asdict(prepared.resources),
+        "mixed": asdict(mix) if mix else None,
     }
     report_path = out_dir / REPORT_NAME
     document = write_report(report_path, report, export=export)

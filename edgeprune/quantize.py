@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import gguf
 import numpy as np
 
 from .atomic import atomic_output, raise_if_interrupted
@@ -61,9 +62,11 @@ def check_quant_type(name: str) -> str:
 
 
 def quantize_gguf(src: str | Path, dst: str | Path, quant_type: str, *, imatrix: dict[str, np.ndarray] | None = None,
-                  imatrix_text: str | None = None, threads: int = 0,
+                  imatrix_text: str | None = None, threads: int = 0, tensor_types: dict[str, str] | None = None,
                   progress: Callable[[str], None] | None = None) -> QuantizeResult:
-    """Quantize the float GGUF `src` into `dst` (written atomically). `imatrix` maps GGUF tensor names to mean x²."""
+    """Quantize the float GGUF `src` into `dst` (written atomically). `imatrix` maps GGUF tensor names to mean x².
+    `tensor_types` gives single tensors their own ggml type (e.g. {"blk.3.ffn_down.weight": "q6_k"}), through
+    llama.cpp's per-tensor overrides; every other tensor takes `quant_type`'s choice."""
     import llama_cpp
 
     quant_type = check_quant_type(quant_type)
@@ -81,6 +84,8 @@ def quantize_gguf(src: str | Path, dst: str | Path, quant_type: str, *, imatrix:
             "quantize.imatrix.dataset": (imatrix_text or "unknown")[:120],
             "quantize.imatrix.entries_count": len(imatrix),
         }, keep_alive)
+    if tensor_types:
+        params.tt_overrides = _tensor_overrides(tensor_types, keep_alive)
     if progress:
         progress(f"quantizing to {quant_type}{' with importance matrix' if imatrix else ''}")
     start = time.perf_counter()
@@ -109,6 +114,24 @@ def _imatrix_array(imatrix: dict[str, np.ndarray], keep_alive: list):
     entries[len(imatrix)].name = None
     keep_alive.append(entries)
     return ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+
+
+def _tensor_overrides(tensor_types: dict[str, str], keep_alive: list):
+    """llama.cpp matches override patterns as regexes on tensor names: each name is anchored and escaped."""
+    import llama_cpp
+
+    overrides = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()
+    for i, (name, type_name) in enumerate(sorted(tensor_types.items())):
+        ggml_type = getattr(gguf.GGMLQuantizationType, type_name.upper(), None)
+        if ggml_type is None:
+            raise EdgepruneError(f"unknown tensor type {type_name!r} for {name}: give a ggml type such as q4_k or q6_k")
+        pattern = f"^{re.escape(name)}$".encode()
+        keep_alive.append(pattern)
+        overrides[i].pattern = pattern
+        overrides[i].type = int(ggml_type)
+    overrides[len(tensor_types)].pattern = None
+    keep_alive.append(overrides)
+    return ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
 
 
 def _kv_overrides(values: dict[str, str | int], keep_alive: list):
