@@ -1,0 +1,116 @@
+"""Mixed precision: sensitivities measured through llama.cpp's own quantizer, a solver that keeps the budgets, and
+files whose every tensor has the chosen type and that llama.cpp runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import gguf
+import numpy as np
+import pytest
+
+from conftest import build_spm_tokenizer, build_tiny_llama, llama_cpp_logits, run_export
+
+from converters import ConversionInput, write_gguf
+from edgeprune.calibration import collect_calibration
+from edgeprune.costmodel import decode_seconds_per_token
+from edgeprune.errors import EdgepruneError
+from edgeprune.loading import load_model
+from edgeprune.mixed import choose_mix, measure_sensitivity, solve
+from edgeprune.profiles import load_profile
+from edgeprune.quantize import quantize_gguf
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """256-wide rows, so both the K-quants and the 32-block types are candidates; untied, so output has its own."""
+    d = tmp_path_factory.mktemp("mixed")
+    build_spm_tokenizer(d)
+    build_tiny_llama(d, 400, tied=False, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    loaded = load_model(d)
+    float_gguf = write_gguf(ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length),
+                            d / "float.gguf", "F16")
+    ids = np.random.default_rng(0).integers(3, 400, 4000).tolist()
+    imatrix = collect_calibration(loaded.model, ids, n_seq=8, seq_len=64).gguf_imatrix()
+    return d, float_gguf, imatrix, measure_sensitivity(float_gguf, imatrix)
+
+
+def file_types(path) -> dict[str, str]:
+    return {t.name: t.tensor_type.name.lower() for t in gguf.GGUFReader(path).tensors if len(t.shape) == 2}
+
+
+def test_sensitivity_measures_every_type_each_row_width_allows(tiny_model):
+    _, _, _, sensitivity = tiny_model
+    for name, options in sensitivity.options.items():
+        types = {o.type_name: o.error for o in options}
+        assert {"q4_0", "q5_0", "q8_0", "q4_k", "q6_k"} <= set(types), name  # 256-wide rows take both families
+        assert all(error > 0 for error in types.values())
+        assert types["q8_0"] < types["q5_0"] < types["q4_0"] and types["q6_k"] < types["q4_k"], (name, types)
+    assert sensitivity.options["blk.0.ffn_down.weight"][0].type_name == "q2_k"  # 512-wide: the smallest
+
+
+def test_solver_keeps_the_byte_budget_and_spends_it_where_damage_falls(tiny_model, tmp_path):
+    _, float_gguf, imatrix, sensitivity = tiny_model
+    everything_at = {t: {n: t for n in sensitivity.options} for t in ("q4_0", "q8_0")}
+    low, high = (sensitivity.file_bytes_at(everything_at[t]) for t in ("q4_0", "q8_0"))
+    damages = []
+    for budget in (low, (low + high) // 2, high):
+        plan = solve(sensitivity, max_file_bytes=budget)
+        assert plan.file_bytes <= budget
+        damages.append(plan.estimated_damage)
+        quantized = quantize_gguf(float_gguf, tmp_path / "mixed.gguf", "Q4_K_M", imatrix=imatrix,
+                                  tensor_types=plan.types)
+        assert file_types(quantized.path) == plan.types  # llama.cpp stored exactly the chosen types
+        assert abs(quantized.path.stat().st_size - plan.file_bytes) < 1024  # the predicted size, to the imatrix keys
+    assert damages[0] > damages[1] > damages[2]
+    logits = llama_cpp_logits(quantized.path, list(range(3, 60)))
+    assert np.isfinite(logits).all()
+
+
+def test_solver_keeps_the_decode_budget(tiny_model):
+    """q8_0 made slow on this device: a decode budget that rules it out gets a mix without it where decode reads
+    it, predicted within the budget."""
+    _, _, _, sensitivity = tiny_model
+    device = dataclasses.replace(load_profile("x86-laptop-16gb").device, memory_bandwidth_gbs=0.01,
+                                 decode_type_efficiency={"q8_0": 0.05}, decode_layer_overhead_us=0.0)
+    unlimited = solve(sensitivity, max_file_bytes=10**9, device=device)
+    assert "q8_0" in unlimited.types.values()
+    limit = decode_seconds_per_token(sensitivity.size({name: "q6_k" for name in sensitivity.options}), device)
+    limited = solve(sensitivity, max_file_bytes=10**9, device=device, max_decode_s_per_token=limit)
+    assert limited.decode_s_per_token <= limit and limited.estimated_damage > unlimited.estimated_damage
+    # the untied embedding is only looked up, never read whole per token: its type costs no decode time
+    assert "q8_0" not in {t for name, t in limited.types.items() if name != "token_embd.weight"}
+
+
+def test_budget_below_the_smallest_types_is_refused(tiny_model):
+    _, _, _, sensitivity = tiny_model
+    with pytest.raises(EdgepruneError, match="even the smallest candidate types give .* MiB, over the budget"):
+        solve(sensitivity, max_file_bytes=1000)
+
+
+def test_choose_mix_matches_the_named_quant_size(tiny_model):
+    _, float_gguf, imatrix, _ = tiny_model
+    profile = load_profile("x86-laptop-16gb")
+    plan = choose_mix(float_gguf, imatrix, "Q4_K_M", profile)
+    named = quantize_gguf(float_gguf, float_gguf.parent / "named.gguf", "Q4_K_M", imatrix=imatrix)
+    assert plan.file_bytes <= named.path.stat().st_size + 1024
+    assert plan.decode_s_per_token <= 1 / profile.budgets.min_decode_tps
+
+
+def test_unknown_tensor_type_is_refused(tiny_model, tmp_path):
+    _, float_gguf, _, _ = tiny_model
+    with pytest.raises(EdgepruneError, match="unknown tensor type 'q9_9' for blk.0.attn_q.weight"):
+        quantize_gguf(float_gguf, tmp_path / "x.gguf", "Q4_0", tensor_types={"blk.0.attn_q.weight": "q9_9"})
+    assert not list(tmp_path.iterdir())
+
+
+def test_export_mix_writes_and_reports_the_chosen_types(tiny_model, tmp_path):
+    d, _, _, _ = tiny_model
+    result = run_export(d, tmp_path / "out", "--quant", "Q4_K_M", "--mix", "--eval-chunks", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    export = json.loads((tmp_path / "out" / "report.json").read_text())["export"]
+    assert export["gguf"].endswith("-Q4_K_M-mixed.gguf")
+    assert file_types(tmp_path / "out" / export["gguf"]) == export["mixed"]["types"]
+    assert "mixed precision:" in result.stderr and export["mixed"]["bits_by_kind"]
