@@ -41,6 +41,7 @@ class TypeOption:
     type_name: str
     nbytes: int
     error: float  # E‖ΔW x‖² per token over the calibration activations
+    plain_error: float  # Σ(W − Ŵ)², unweighted: the estimator the imatrix-weighted one is compared with (bench)
 
 
 @dataclass
@@ -67,8 +68,10 @@ class Sensitivity:
             tensors.append(TensorCost(name, 0, 0, option.type_name, option.nbytes))
         return SizeEstimate("mixed", tuple(tensors), self.metadata_bytes, "")
 
-    def damage(self, choice: dict[str, str]) -> float:
-        return sum(next(o.error for o in self.options[n] if o.type_name == t) for n, t in choice.items())
+    def damage(self, choice: dict[str, str], weighted: bool = True) -> float:
+        """The estimated damage of a choice: the sum of its tensors' errors."""
+        return sum(next(o.error if weighted else o.plain_error for o in self.options[n] if o.type_name == t)
+                   for n, t in choice.items())
 
 
 @dataclass
@@ -106,7 +109,7 @@ def measure_sensitivity(float_gguf: str | Path, imatrix: dict[str, np.ndarray], 
         raise EdgepruneError(f"{float_gguf} has no weight matrices to quantize")
     tied = "output.weight" not in matrices
     weights = {name: _column_weights(name, imatrix, tied) for name in matrices}
-    errors: dict[str, dict[str, float]] = {name: {} for name in matrices}
+    errors: dict[str, dict[str, tuple[float, float]]] = {name: {} for name in matrices}
     with tempfile.TemporaryDirectory(prefix=".edgeprune-sensitivity-", dir=Path(float_gguf).parent) as tmp:
         source = _without_vocabulary(reference, Path(tmp) / "float.gguf")
         for i, type_name in enumerate(types):
@@ -127,7 +130,7 @@ def measure_sensitivity(float_gguf: str | Path, imatrix: dict[str, np.ndarray], 
     for name, tensor in matrices.items():
         shapes[name] = (int(tensor.shape[1]), int(tensor.shape[0]))
         rows, row_length = int(tensor.shape[1]), int(tensor.shape[0])
-        options[name] = sorted((TypeOption(t, rows * row_bytes(t, row_length), e) for t, e in errors[name].items()),
+        options[name] = sorted((TypeOption(t, rows * row_bytes(t, row_length), *e) for t, e in errors[name].items()),
                                key=lambda o: o.nbytes)
         if not options[name]:
             raise EdgepruneError(f"{name} (rows of {row_length}) can take none of {', '.join(types)}")
@@ -162,18 +165,17 @@ def _column_weights(name: str, imatrix: dict[str, np.ndarray], tied: bool) -> np
     return None if values is None else np.asarray(values, dtype=np.float64)
 
 
-def _weighted_error(original, quantized, weights: np.ndarray | None) -> float:
-    """Σ_j w_j Σ_i (W_ij − Ŵ_ij)² estimated on every SAMPLE_EVERY-th row; with no weights, the mean over rows of
-    ‖W_i − Ŵ_i‖² (an embedding row looked up per token)."""
+def _weighted_error(original, quantized, weights: np.ndarray | None) -> tuple[float, float]:
+    """(Σ_j w_j Σ_i (W_ij − Ŵ_ij)², Σ_ij (W_ij − Ŵ_ij)²), estimated on every SAMPLE_EVERY-th row. With no weights
+    the first is the mean over rows of ‖W_i − Ŵ_i‖² (an embedding row looked up per token)."""
     rows = int(original.shape[1])
     picked = np.arange(0, rows, SAMPLE_EVERY)
     w = gguf.quants.dequantize(np.ascontiguousarray(original.data[picked]), original.tensor_type)
     q = gguf.quants.dequantize(np.ascontiguousarray(quantized.data[picked]), quantized.tensor_type)
     delta = np.asarray(q, dtype=np.float32) - np.asarray(w, dtype=np.float32)
     per_column = (delta * delta).sum(axis=0, dtype=np.float64)
-    if weights is None:
-        return float(per_column.sum()) / len(picked)
-    return float(per_column @ weights) * rows / len(picked)
+    plain = float(per_column.sum()) * rows / len(picked)
+    return (plain / rows if weights is None else float(per_column @ weights) * rows / len(picked)), plain
 
 
 def solve(sensitivity: Sensitivity, *, max_file_bytes: int, device=None,

@@ -21,6 +21,7 @@ SUITES: dict[str, str] = {
     "topk": "edgeprune.bench.topk",
     "scale": "edgeprune.bench.scale",
     "build": "edgeprune.bench.builds",
+    "mixed": "edgeprune.bench.mixed",
 }
 
 
