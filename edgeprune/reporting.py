@@ -156,6 +156,10 @@ def _run_sections(run: Run) -> list[Section]:
     layers = (run.export.get("pruning") or {}).get("layers")
     if layers:
         sections.append(Section("Pruning", [_layers_plot(layers)]))
+    mixed = run.export.get("mixed")
+    if mixed:
+        sections.append(Section("Tensor types (mixed precision)", [
+            Table(["tensor", "type"], [[name, type_name] for name, type_name in mixed["types"].items()])]))
     return sections
 
 
@@ -166,6 +170,8 @@ def _summary_rows(run: Run) -> list[list[str]]:
     if pruning:
         rows.append(["pruning", f"{pruning['architecture']}, {pruning['removed_params'] / 1e6:.1f} M of "
                                 f"{pruning['decoder_params_before'] / 1e6:.1f} M decoder parameters removed"])
+    if e.get("mixed"):
+        rows.append(["mixed precision", "bits per weight by sensitivity: " + ", ".join(e["mixed"]["bits_by_kind"])])
     if v is None:
         return rows + [["validation", "none (exported without a profile)"]]
     ppl, speed, mem = v.perplexity, v.speed, v.memory
