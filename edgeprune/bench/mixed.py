@@ -55,10 +55,15 @@ def run(progress) -> SuiteResult:
         without_legacy = dataclasses.replace(sensitivity, options={
             name: [o for o in options if o.type_name not in LEGACY] for name, options in sensitivity.options.items()})
 
+        topk = tmp / "reference-topk.npz"
+
         def measure(label: str, path: Path, **row) -> dict:
+            """The reference's logits are scored once, kept as top-k log-probs (mean KLD within 1% of the full
+            logits' on SmolLM2, bench topk), and every later file is compared with them."""
             progress(f"mixed: {label}: perplexity and KLD")
-            ppl, divergence = measure_perplexity(path, evaluation, reference_gguf=reference, n_ctx=EVAL_CTX,
-                                                 max_chunks=EVAL_CHUNKS, threads=threads, progress=progress)
+            against = {"reference_topk": topk} if topk.exists() else {"reference_gguf": reference, "save_topk": topk}
+            ppl, divergence = measure_perplexity(path, evaluation, n_ctx=EVAL_CTX, max_chunks=EVAL_CHUNKS,
+                                                 threads=threads, progress=progress, **against)
             speed = measure_speed(path, threads=threads, progress=progress)["speed"]
             types = {t.name: t.tensor_type.name.lower() for t in gguf.GGUFReader(path).tensors if len(t.shape) == 2}
             known = all(any(o.type_name == t for o in sensitivity.options[n]) for n, t in types.items())
@@ -94,7 +99,8 @@ def run(progress) -> SuiteResult:
             f"measured ({sensitivity.seconds:.0f} s on {threads} threads). Each named row is llama.cpp's type with "
             f"the imatrix; each mix is solved in that file's bytes and quantized by llama.cpp with per-tensor "
             f"overrides. PPL, mean KLD and top-1 agreement against the F16 reference on '{evaluation.name}' "
-            f"({EVAL_CHUNKS} chunks of {EVAL_CTX} tokens); decode tok/s llama-bench style. Command: `{COMMAND}`."
+            f"({EVAL_CHUNKS} chunks of {EVAL_CTX} tokens; the reference's top-k log-probs with tail draws, as a "
+            f"validation bundle keeps them); decode tok/s llama-bench style. Command: `{COMMAND}`."
         ),
         data={"rows": rows, "sensitivity_seconds": sensitivity.seconds, "speed_budget": speed_row,
               "estimator": _estimator_check(rows)},
