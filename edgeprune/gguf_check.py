@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
+import numpy as np
 
 from .errors import EdgepruneError
 
@@ -91,7 +92,7 @@ def read_gguf(path: str | Path) -> GGUFInfo:
     except _Corrupt as exc:
         raise EdgepruneError(_one_line(f"{path} is truncated or corrupt: {exc}: download or export it again")) from None
     try:
-        reader = gguf.GGUFReader(path)
+        reader = _Reader(path)
         info = _describe(reader, path)
         _check_tensors_inside_file(reader, path, size)
         _check_metadata_types(info, path)
@@ -103,6 +104,18 @@ def read_gguf(path: str | Path) -> GGUFInfo:
     except Exception as exc:  # any parse failure of untrusted bytes is the file's fault, not a crash of ours
         raise EdgepruneError(f"{path} is truncated or corrupt ({type(exc).__name__}): download or export it again") from exc
     return info
+
+
+class _Reader(gguf.GGUFReader):
+    """gguf-py's reader over a plain ndarray view of its memmap. Every slice of a np.memmap runs numpy's Python-level
+    memmap hooks, and the reader slices each of a vocabulary's ~100k strings and merges several times: cProfile put
+    three quarters of read_gguf there, and this view takes a SmolLM2 GGUF's parse from 2.5-3.2 s to 0.8-1.0 s of CPU.
+    The fields and tensors are the same values, still backed by the mapped file."""
+
+    def _get(self, offset, dtype, count=1, override_order=None):
+        if type(self.data) is not np.ndarray:
+            self.data = self.data.view(np.ndarray)
+        return super()._get(offset, dtype, count, override_order)
 
 
 # --- step 1: the layout, bounded by the file size, before any allocation
