@@ -15,6 +15,7 @@ file is checked in three steps, each turning every problem into one EdgepruneErr
 
 from __future__ import annotations
 
+import hashlib
 import math
 import mmap
 import struct
@@ -63,6 +64,16 @@ class GGUFInfo:
 
     def arch_value(self, key: str, default=None):
         return self.value(f"{self.architecture}.{key}", default)
+
+
+def tensor_digest(info: GGUFInfo) -> str:
+    """sha256 of the tensors alone (names, types, shapes, bytes), not of the metadata: GGUFs with the same digest
+    compute the same logits, whatever their general.name or edgeprune.profile say."""
+    digest = hashlib.sha256()
+    for t in info.reader.tensors:
+        digest.update(f"{t.name}:{int(t.tensor_type)}:{[int(d) for d in t.shape]}\n".encode())
+        digest.update(t.data)
+    return digest.hexdigest()
 
 
 _LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})

@@ -233,10 +233,10 @@ def _export(model_path, profile: Profile | None, out_dir: Path, options: ExportO
 
 
 def build_output(prepared: Prepared, profile: Profile | None, out_dir: Path, say: Progress, written: list[Path],
-                 reference_topk: Path | None = None) -> ExportResult:
+                 reference_topk: Path | None = None, reference_scores=None) -> ExportResult:
     """Plan, prune, convert, quantize and validate one output of a prepared model into `out_dir`. The reference's
-    evaluation logits come from `reference_topk` when given (shared by a build's targets), else from running the
-    reference GGUF."""
+    evaluation logits come from `reference_topk` when given (shared by a build's targets, with the reference's own
+    `reference_scores` against it), else from running the reference GGUF."""
     options, model_path, base_shape = prepared.options, prepared.model_path, prepared.base_shape
     explicit_quant = check_quant_type(options.quant) if options.quant else None
     threads = options.threads or os.cpu_count() or 1  # quantization runs here, on this machine's cores
@@ -306,7 +306,8 @@ def build_output(prepared: Prepared, profile: Profile | None, out_dir: Path, say
             "validate", validate_gguf, final, reference_gguf=None if reference_topk else reference,
             reference_topk=reference_topk, save_topk=None if reference_topk else partial / REFERENCE,
             eval_text=evaluation, n_ctx=options.eval_ctx, max_chunks=options.eval_chunks, threads=options.threads,
-            profile=profile, host_profile=options.host_profile, on_device=options.on_device, progress=say)
+            profile=profile, host_profile=options.host_profile, on_device=options.on_device,
+            reference_scores=reference_scores, progress=say)
         say("writing the validation bundle")
         if not (out_dir / BUNDLE_NAME).exists():
             written.append(out_dir / BUNDLE_NAME)

@@ -28,7 +28,7 @@ import numpy as np
 from .atomic import write_text_atomic
 from .errors import EdgepruneError
 from .costmodel import kv_cache_bytes, predict_gguf
-from .gguf_check import read_gguf
+from .gguf_check import read_gguf, tensor_digest
 from .shapes import shape_from_gguf
 from .texts import Text, check_evaluation_length, default_evaluation_text
 
@@ -99,6 +99,33 @@ class DivergenceResult:
     n_tokens: int
     reference_gguf: str
     reference_ppl: float
+
+
+@dataclass
+class ReferenceScores:
+    """A reference's PPL and KL divergence against the top-k file it saved, scored as a candidate would be.
+
+    A candidate with the same tensors (`tensor_digest`), scored with the same KV cache type, flash attention and
+    threads, computes the same logits and so these same numbers: `edgeprune build` reuses them for such a target (an
+    unpruned F16 one) instead of decoding the evaluation text again (45 s on SmolLM2, 20 chunks of 512)."""
+
+    tensors: str
+    runtime: Runtime
+    perplexity: PerplexityResult
+    divergence: DivergenceResult
+
+    def matches(self, info, runtime: Runtime) -> bool:
+        same_settings = (runtime.kv_cache_type, runtime.flash_attention, runtime.threads) == (
+            self.runtime.kv_cache_type, self.runtime.flash_attention, self.runtime.threads)
+        return same_settings and tensor_digest(info) == self.tensors
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ReferenceScores:
+        return cls(data["tensors"], Runtime(**data["runtime"]), PerplexityResult(**data["perplexity"]),
+                   DivergenceResult(**data["divergence"]))
 
 
 @dataclass
@@ -214,6 +241,7 @@ def validate_gguf(
     profile: Any = None,
     host_profile: Any = None,
     on_device: bool = False,
+    reference_scores: ReferenceScores | None = None,
     progress: Callable[[str], None] = print_to_stderr,
 ) -> ValidationReport:
     """Measure one GGUF with llama.cpp and, when a device `profile` is given, judge it against its budgets.
@@ -222,6 +250,7 @@ def validate_gguf(
     and threads. Memory and file size are judged as measured. Speed is judged as measured only `on_device`;
     elsewhere this machine says nothing about the device's speed, so the cost model's prediction for the device
     is judged. A `host_profile` (from `edgeprune profiles measure`) adds predictions for this machine.
+    `reference_scores` (those of `reference_topk`'s reference) are this model's own when they `match` it.
     """
     budgets = profile.budgets if profile is not None else None
     check_evaluation_options(n_ctx, max_chunks)
@@ -235,9 +264,13 @@ def validate_gguf(
     ttft_tokens = _budget(budgets, "ttft_prompt_tokens") or N_PROMPT
     progress(f"llama.cpp runtime: {runtime.describe()}")
 
-    perplexity, divergence = measure_perplexity(path, text, reference_gguf=reference_gguf,
-                                                reference_topk=reference_topk, save_topk=save_topk, n_ctx=n_ctx,
-                                                max_chunks=max_chunks, runtime=runtime, progress=progress)
+    if reference_scores is not None and reference_scores.matches(info, runtime):
+        progress("the reference's tensors and runtime: its perplexity and divergence are this model's")
+        perplexity, divergence = reference_scores.perplexity, reference_scores.divergence
+    else:
+        perplexity, divergence = measure_perplexity(path, text, reference_gguf=reference_gguf,
+                                                    reference_topk=reference_topk, save_topk=save_topk, n_ctx=n_ctx,
+                                                    max_chunks=max_chunks, runtime=runtime, progress=progress)
     probe = measure_speed(path, runtime=runtime, ttft_tokens=ttft_tokens, progress=progress)
     speed = SpeedResult(**probe["speed"])
     memory = _memory(path, info, probe, runtime)
@@ -295,13 +328,14 @@ def _memory(path: Path, info, probe: dict, runtime: Runtime) -> MemoryResult:
 
 def measure_perplexity(path: Path, text: Text | None, *, reference_gguf: str | Path | None = None,
                        reference_topk: str | Path | None = None, save_topk: str | Path | None = None,
-                       top_k: int | None = None, n_ctx: int = 512, max_chunks: int | None = 20,
-                       threads: int | None = None, runtime: Runtime | None = None,
+                       against_saved: bool = False, top_k: int | None = None, n_ctx: int = 512,
+                       max_chunks: int | None = 20, threads: int | None = None, runtime: Runtime | None = None,
                        progress: Callable[[str], None] = print_to_stderr) -> tuple[PerplexityResult, DivergenceResult | None]:
     """llama-perplexity's PPL of `path` on `text` and, with a reference, its KL divergence, in a child process.
 
     The reference is a GGUF, whose top-k log-probs are also written to `save_topk` when given (a validation
-    bundle's; without a reference, `path`'s own are: it is then the reference), or such a top-k file
+    bundle's; without a reference, `path`'s own are: it is then the reference, and `against_saved` scores it
+    against them as a candidate with its tensors would be, for `ReferenceScores`), or such a top-k file
     (`reference_topk`), which brings its own evaluation chunks (`text`, `n_ctx`
     and `max_chunks` are then unused). The candidate runs with `runtime`'s KV cache type, flash attention and
     threads (a quantized KV cache costs quality too), or llama.cpp's defaults on `threads`; the reference GGUF
@@ -314,7 +348,8 @@ def measure_perplexity(path: Path, text: Text | None, *, reference_gguf: str | P
     quality = _run_child({
         "kind": "quality", "gguf": str(path), "reference": str(reference_gguf) if reference_gguf else None,
         "reference_topk": str(reference_topk) if reference_topk else None,
-        "save_topk": str(save_topk) if save_topk else None, "top_k": top_k or DEFAULT_TOP_K,
+        "save_topk": str(save_topk) if save_topk else None, "against_saved": against_saved,
+        "top_k": top_k or DEFAULT_TOP_K,
         "text": text.content if text else None, "text_name": text.name if text else None, "n_ctx": n_ctx,
         "max_chunks": max_chunks, "runtime": dataclasses.asdict(runtime),
     }, f"measuring the perplexity of {path}", progress)
@@ -683,9 +718,10 @@ def _measure_quality(task: dict) -> dict:
             if task.get("save_topk"):
                 saved.append(bundle_logits.reference_from_logits(ref_logits, targets, task["top_k"]))
         else:
-            part = {"cand_logp": token_logprobs(cand_logits, targets)}
             if task.get("save_topk"):  # this model is the reference others will be measured against
                 saved.append(bundle_logits.reference_from_logits(cand_logits, targets, task["top_k"]))
+            part = (bundle_logits.divergence_from_topk(saved[-1], cand_logits) if task.get("against_saved")
+                    else {"cand_logp": token_logprobs(cand_logits, targets)})
         for key, values in part.items():
             rows.setdefault(key, []).append(values)
         nll_mean = -float(np.concatenate(rows["cand_logp"]).mean())
@@ -701,7 +737,8 @@ def _measure_quality(task: dict) -> dict:
     if "kld" in rows:
         _report("divergence: summarizing")
         merged = {key: np.concatenate(values) for key, values in rows.items()}
-        divergence = dataclasses.asdict(summarize_divergence(merged, task["reference"] or task["reference_topk"]))
+        divergence = dataclasses.asdict(summarize_divergence(merged, task["reference"] or task["reference_topk"]
+                                                             or task["save_topk"]))
     return {"perplexity": perplexity, "divergence": divergence}
 
 
