@@ -162,6 +162,30 @@ def test_a_target_with_the_references_tensors_and_runtime_reuses_its_scores(tiny
     assert [vars(part) for part in measured] == [validation["perplexity"], validation["divergence"]]
 
 
+def test_targets_wanting_the_same_quant_of_the_unpruned_model_quantize_it_once(tiny_bpe_llama, tmp_path):
+    path = tmp_path / "edgeprune.toml"
+    path.write_text(f"""
+[model]
+path = "{tiny_bpe_llama}"
+[evaluation]
+context = 128
+chunks = 2
+[[targets]]
+name = "laptop"
+profile = "x86-laptop-16gb"
+quants = ["Q8_0"]
+[[targets]]
+name = "mac"
+profile = "apple-m1-8gb"
+quants = ["Q8_0"]
+""")
+    result = run_cli("build", str(path), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("quantized for an earlier target") == 1
+    built = _ggufs(tmp_path / "out")
+    assert built["laptop"][0] == built["mac"][0]
+
+
 def _parse_modelfile(text: str) -> list[tuple[str, str]]:
     """Ollama's Modelfile grammar: comments, INSTRUCTION arguments, and triple-quoted multi-line values."""
     instructions, lines, i = [], text.splitlines(), 0
