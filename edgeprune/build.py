@@ -303,7 +303,7 @@ def run_build(build: BuildFile, *, only: tuple[str, ...] = (), jobs: int = 1, th
         shared_dir = out / SHARED
         shared_dir.mkdir(exist_ok=True)
         reference = _shared_reference(prepared, shared_dir, _digest(inputs), provenance(model, None), say)
-        topk = _shared_topk(reference, evaluation, build, shared_dir, threads, say)
+        topk, scores = _shared_topk(reference, evaluation, build, shared_dir, threads, say)
         done, started = [], time.perf_counter()
 
         def one(index_target):
@@ -313,7 +313,8 @@ def run_build(build: BuildFile, *, only: tuple[str, ...] = (), jobs: int = 1, th
             def tell(message: str) -> None:
                 say(f"[{name} {i + 1}/{len(todo)}] {message}")
 
-            outcome = _build_target(prepared, target, profiles[name], out, keys[name], topk, found_versions, tell)
+            outcome = _build_target(prepared, target, profiles[name], out, keys[name], topk, scores, found_versions,
+                                    tell)
             done.append(name)
             left = len(todo) - len(done)
             per_target = (time.perf_counter() - started) / len(done)
@@ -363,27 +364,35 @@ def _shared_reference(prepared, shared_dir: Path, key: str, metadata: dict, say:
     return path
 
 
-def _shared_topk(reference: Path, evaluation, build: BuildFile, shared_dir: Path, threads, say: Progress) -> Path:
-    """The reference's top-k log-probs on the evaluation text, scored once for every target's KL divergence."""
+def _shared_topk(reference: Path, evaluation, build: BuildFile, shared_dir: Path, threads, say: Progress):
+    """The reference's top-k log-probs on the evaluation text, scored once for every target's KL divergence, and
+    the reference's own scores against them (`ReferenceScores`: a target with its tensors and runtime reuses them)."""
     from .bundle_logits import DEFAULT_TOP_K
-    from .validate import measure_perplexity
+    from .gguf_check import read_gguf, tensor_digest
+    from .validate import ReferenceScores, Runtime, measure_perplexity
 
-    path, stamp = shared_dir / "reference-topk.npz", shared_dir / "reference-topk.key"
+    path, scores_path, stamp = (shared_dir / "reference-topk.npz", shared_dir / "reference-scores.json",
+                                shared_dir / "reference-topk.key")
     key = _digest({"reference": (shared_dir / "reference.key").read_text(), "ctx": build.eval_ctx,
                    "chunks": build.eval_chunks, "top_k": DEFAULT_TOP_K})
-    if path.is_file() and stamp.is_file() and stamp.read_text() == key:
-        return path
+    if path.is_file() and scores_path.is_file() and stamp.is_file() and stamp.read_text() == key:
+        return path, ReferenceScores.from_dict(json.loads(scores_path.read_text()))
     stamp.unlink(missing_ok=True)
     say("scoring the reference's evaluation logits once for every target")
     partial = shared_dir / f".reference-topk-{os.getpid()}.npz"
-    measure_perplexity(reference, evaluation, save_topk=partial, n_ctx=build.eval_ctx, max_chunks=build.eval_chunks,
-                       threads=threads, progress=say)
+    runtime = Runtime(build.eval_ctx, threads=threads or os.cpu_count() or 1)
+    perplexity, divergence = measure_perplexity(reference, evaluation, save_topk=partial, against_saved=True,
+                                                n_ctx=build.eval_ctx, max_chunks=build.eval_chunks, runtime=runtime,
+                                                progress=say)
+    scores = ReferenceScores(tensor_digest(read_gguf(reference)), runtime, perplexity,
+                             dataclasses.replace(divergence, reference_gguf=str(path)))
     partial.replace(path)
+    write_text_atomic(scores_path, json.dumps(scores.to_dict(), indent=2))
     write_text_atomic(stamp, key)
-    return path
+    return path, scores
 
 
-def _build_target(prepared, target: Target, profile_and_text, out: Path, key: str, topk: Path,
+def _build_target(prepared, target: Target, profile_and_text, out: Path, key: str, topk: Path, scores,
                   found_versions: dict, say: Progress) -> TargetOutcome:
     """One target into a hidden directory, renamed into place when complete; a failure is the target's alone."""
     from .handoff import write_handoff
@@ -400,7 +409,7 @@ def _build_target(prepared, target: Target, profile_and_text, out: Path, key: st
         profile_path.write_text(profile_text, encoding="utf-8")
         profile = dataclasses.replace(profile, path=profile_path)
         mine = dataclasses.replace(prepared, timings=dict(prepared.timings))
-        result = build_output(mine, profile, directory, say, [], reference_topk=topk)
+        result = build_output(mine, profile, directory, say, [], reference_topk=topk, reference_scores=scores)
         report = result.report
         entry = {
             "target": target.name, "model": str(prepared.model_path), "profile": profile.name,

@@ -15,6 +15,7 @@ file is checked in three steps, each turning every problem into one EdgepruneErr
 
 from __future__ import annotations
 
+import hashlib
 import math
 import mmap
 import struct
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
+import numpy as np
 
 from .errors import EdgepruneError
 
@@ -64,6 +66,16 @@ class GGUFInfo:
         return self.value(f"{self.architecture}.{key}", default)
 
 
+def tensor_digest(info: GGUFInfo) -> str:
+    """sha256 of the tensors alone (names, types, shapes, bytes), not of the metadata: GGUFs with the same digest
+    compute the same logits, whatever their general.name or edgeprune.profile say."""
+    digest = hashlib.sha256()
+    for t in info.reader.tensors:
+        digest.update(f"{t.name}:{int(t.tensor_type)}:{[int(d) for d in t.shape]}\n".encode())
+        digest.update(t.data)
+    return digest.hexdigest()
+
+
 _LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})
 
 
@@ -91,7 +103,7 @@ def read_gguf(path: str | Path) -> GGUFInfo:
     except _Corrupt as exc:
         raise EdgepruneError(_one_line(f"{path} is truncated or corrupt: {exc}: download or export it again")) from None
     try:
-        reader = gguf.GGUFReader(path)
+        reader = _Reader(path)
         info = _describe(reader, path)
         _check_tensors_inside_file(reader, path, size)
         _check_metadata_types(info, path)
@@ -103,6 +115,18 @@ def read_gguf(path: str | Path) -> GGUFInfo:
     except Exception as exc:  # any parse failure of untrusted bytes is the file's fault, not a crash of ours
         raise EdgepruneError(f"{path} is truncated or corrupt ({type(exc).__name__}): download or export it again") from exc
     return info
+
+
+class _Reader(gguf.GGUFReader):
+    """gguf-py's reader over a plain ndarray view of its memmap. Every slice of a np.memmap runs numpy's Python-level
+    memmap hooks, and the reader slices each of a vocabulary's ~100k strings and merges several times: cProfile put
+    three quarters of read_gguf there, and this view takes a SmolLM2 GGUF's parse from 2.5-3.2 s to 0.8-1.0 s of CPU.
+    The fields and tensors are the same values, still backed by the mapped file."""
+
+    def _get(self, offset, dtype, count=1, override_order=None):
+        if type(self.data) is not np.ndarray:
+            self.data = self.data.view(np.ndarray)
+        return super()._get(offset, dtype, count, override_order)
 
 
 # --- step 1: the layout, bounded by the file size, before any allocation

@@ -143,6 +143,49 @@ def test_a_killed_build_is_repaired(tiny_bpe_llama, tmp_path):
     assert unknown.returncode == 2 and "no target 'phone'" in unknown.stderr
 
 
+def test_a_target_with_the_references_tensors_and_runtime_reuses_its_scores(tiny_bpe_llama, tmp_path):
+    """An unpruned F16 target run as the reference was scored is not scored again: the reference's own scores
+    against its top-k file are the target's, the same numbers measuring the target gives."""
+    from edgeprune.validate import Runtime, measure_perplexity
+
+    path = _build_file(tmp_path, tiny_bpe_llama, laptop_quant="F16")
+    result = run_cli("build", str(path), "--only", "laptop", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "perplexity and divergence are this model's" in result.stderr
+    shared, target = tmp_path / "out" / ".shared", tmp_path / "out" / "laptop"
+    scores = json.loads((shared / "reference-scores.json").read_text())
+    validation = json.loads((target / "report.json").read_text())["validation"]
+    assert (validation["perplexity"], validation["divergence"]) == (scores["perplexity"], scores["divergence"])
+    gguf = target / json.loads((target / "build.json").read_text())["entry"]["gguf"]
+    measured = measure_perplexity(gguf, None, reference_topk=shared / "reference-topk.npz",
+                                  runtime=Runtime(**scores["runtime"]), progress=lambda _line: None)
+    assert [vars(part) for part in measured] == [validation["perplexity"], validation["divergence"]]
+
+
+def test_targets_wanting_the_same_quant_of_the_unpruned_model_quantize_it_once(tiny_bpe_llama, tmp_path):
+    path = tmp_path / "edgeprune.toml"
+    path.write_text(f"""
+[model]
+path = "{tiny_bpe_llama}"
+[evaluation]
+context = 128
+chunks = 2
+[[targets]]
+name = "laptop"
+profile = "x86-laptop-16gb"
+quants = ["Q8_0"]
+[[targets]]
+name = "mac"
+profile = "apple-m1-8gb"
+quants = ["Q8_0"]
+""")
+    result = run_cli("build", str(path), timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("quantized for an earlier target") == 1
+    built = _ggufs(tmp_path / "out")
+    assert built["laptop"][0] == built["mac"][0]
+
+
 def _parse_modelfile(text: str) -> list[tuple[str, str]]:
     """Ollama's Modelfile grammar: comments, INSTRUCTION arguments, and triple-quoted multi-line values."""
     instructions, lines, i = [], text.splitlines(), 0
