@@ -187,10 +187,10 @@ def test_gguf_metadata_disagrees_with_tensors_cli(tiny_gguf, tmp_path):
 
 
 def test_unknown_architecture_gguf(tiny_gguf, tmp_path):
-    qwen = rewrite_gguf(tiny_gguf, tmp_path / "qwen.gguf", arch="qwen2")
-    assert read_gguf(qwen).architecture == "qwen2"  # a well-formed file, just not a llama
-    r = export(qwen, tmp_path / "out")
-    assert_clean_failure(r, tmp_path / "out", "'qwen2'")
+    gemma = rewrite_gguf(tiny_gguf, tmp_path / "gemma.gguf", arch="gemma")
+    assert read_gguf(gemma).architecture == "gemma"  # a well-formed file, of a family edgeprune does not read
+    r = export(gemma, tmp_path / "out")
+    assert_clean_failure(r, tmp_path / "out", "is a 'gemma' GGUF: edgeprune reads llama, qwen2 GGUFs")
 
 
 @pytest.mark.parametrize("key, value, expected", [
