@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,6 +24,7 @@ from .costmodel import (
     SizeEstimate, TensorCost, decode_seconds_per_token, dry_run_types, read_per_token, tensor_decode_seconds,
 )
 from .errors import EdgepruneError
+from .planner import MIB, SPEED_MARGIN
 from .quantize import quantize_gguf
 
 # The types a tensor may take, each one quantizer pass in the sensitivity measurement: the K-quants for
@@ -33,7 +35,6 @@ CANDIDATE_TYPES = ("q2_k", "q3_k", "q4_0", "q4_1", "q4_k", "q5_0", "q5_1", "q5_k
 # up; reading back every row cost SmolLM2 about 20 s per type on 2 cores, the quantizer itself 5.
 SAMPLE_EVERY = 4
 Progress = Callable[[str], None]
-MIB = 2**20
 
 
 @dataclass(frozen=True)
@@ -56,16 +57,16 @@ class Sensitivity:
 
     def file_bytes_at(self, types: dict[str, str]) -> int:
         """The file size with these types (e.g. those llama.cpp's dry run gives a named quant)."""
-        matrices = sum(gguf.GGUFWriter.ggml_pad(rows * row_bytes(types[name], length), gguf.GGUF_DEFAULT_ALIGNMENT)
-                       for name, (rows, length) in self.shapes.items())
-        vectors = sum(gguf.GGUFWriter.ggml_pad(t.nbytes, gguf.GGUF_DEFAULT_ALIGNMENT) for t in self.fixed)
+        matrices = sum(_padded(rows * row_bytes(types[name], length)) for name, (rows, length) in self.shapes.items())
+        vectors = sum(_padded(t.nbytes) for t in self.fixed)
         return self.metadata_bytes + matrices + vectors
 
     def size(self, choice: dict[str, str]) -> SizeEstimate:
         tensors = list(self.fixed)
         for name, options in self.options.items():
             option = next(o for o in options if o.type_name == choice[name])
-            tensors.append(TensorCost(name, 0, 0, option.type_name, option.nbytes))
+            rows, length = self.shapes[name]
+            tensors.append(TensorCost(name, length, rows, option.type_name, option.nbytes))
         return SizeEstimate("mixed", tuple(tensors), self.metadata_bytes, "")
 
     def damage(self, choice: dict[str, str], weighted: bool = True) -> float:
@@ -84,10 +85,7 @@ class MixedPlan:
     sensitivity_seconds: float = 0.0
 
     def describe(self) -> str:
-        counts: dict[str, int] = {}
-        for t in self.types.values():
-            counts[t] = counts.get(t, 0) + 1
-        mix = ", ".join(f"{n} {t}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        mix = ", ".join(f"{n} {t}" for t, n in Counter(self.types.values()).most_common())
         return f"mixed types by sensitivity ({mix}; {self.file_bytes / MIB:.1f} MiB)"
 
 
@@ -128,8 +126,7 @@ def measure_sensitivity(float_gguf: str | Path, imatrix: dict[str, np.ndarray], 
             out.unlink()
     options, shapes = {}, {}
     for name, tensor in matrices.items():
-        shapes[name] = (int(tensor.shape[1]), int(tensor.shape[0]))
-        rows, row_length = int(tensor.shape[1]), int(tensor.shape[0])
+        rows, row_length = shapes[name] = int(tensor.shape[1]), int(tensor.shape[0])
         options[name] = sorted((TypeOption(t, rows * row_bytes(t, row_length), *e) for t, e in errors[name].items()),
                                key=lambda o: o.nbytes)
         if not options[name]:
@@ -211,7 +208,7 @@ def solve(sensitivity: Sensitivity, *, max_file_bytes: int, device=None,
         best, best_value = None, 0.0
         for name, current in choice.items():
             for option in sensitivity.options[name]:
-                gained, extra = current.error - option.error, option.nbytes - current.nbytes
+                gained, extra = current.error - option.error, _padded(option.nbytes) - _padded(current.nbytes)
                 extra_s = seconds(name, option) - seconds(name, current)
                 if gained <= 0 or extra > room_bytes or (room_s is not None and extra_s > room_s):
                     continue
@@ -229,16 +226,21 @@ def solve(sensitivity: Sensitivity, *, max_file_bytes: int, device=None,
     return MixedPlan(types, file_bytes, sensitivity.damage(types), decode_s, _bits_by_kind(sensitivity, types))
 
 
+def _padded(nbytes: int) -> int:
+    """A tensor's bytes in the file: each is aligned, as SizeEstimate.file_bytes counts them."""
+    return gguf.GGUFWriter.ggml_pad(nbytes, gguf.GGUF_DEFAULT_ALIGNMENT)
+
+
 def _bits_by_kind(sensitivity: Sensitivity, types: dict[str, str]) -> list[str]:
     """Bits per weight of each kind of tensor (attn_v, ffn_down, …), most first: where the bits went."""
     bits: dict[str, list[float]] = {}
     for name, type_name in types.items():
         kind = name.split(".")[-2] if name.startswith("blk.") else name.split(".")[0]
         option = next(o for o in sensitivity.options[name] if o.type_name == type_name)
-        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name.upper()]]
+        rows, length = sensitivity.shapes[name]
         total = bits.setdefault(kind, [0.0, 0.0])
         total[0] += 8 * option.nbytes
-        total[1] += option.nbytes // size * block
+        total[1] += rows * length
     ranked = sorted(((b / w, kind) for kind, (b, w) in bits.items()), reverse=True)
     return [f"{kind} {bpw:.2f} bpw" for bpw, kind in ranked]
 
@@ -247,8 +249,6 @@ def choose_mix(float_gguf: str | Path, imatrix: dict[str, np.ndarray], quant: st
                threads: int = 0, progress: Progress | None = None) -> MixedPlan:
     """Types per tensor for the bytes llama.cpp's `quant` gives this float GGUF (its dry run), and within the
     profile's decode-speed budget (with the planner's margin) where a profile is given."""
-    from .planner import SPEED_MARGIN
-
     sensitivity = measure_sensitivity(float_gguf, imatrix, threads=threads, progress=progress)
     budget = sensitivity.file_bytes_at(dry_run_types(Path(float_gguf), quant))
     device = profile.device if profile is not None else None
