@@ -199,7 +199,7 @@ def test_ridge_refit_recovers_a_redundant_column_exactly():
     x = torch.randn(500, 4)
     x[:, 3] = 2 * x[:, 0] - x[:, 1] + 0.5  # the removed column is a linear function of the kept ones
     keep = torch.tensor([0, 1, 2])
-    w, b = ridge_refit(linear, keep, x, linear(x).detach(), ridge=1e-9)
+    w, b = ridge_refit(linear, keep, x[:, keep], linear(x).detach(), ridge=1e-9)
     torch.testing.assert_close(x[:, keep] @ w.T + b, linear(x).detach(), rtol=1e-4, atol=1e-4)
 
 

@@ -38,15 +38,17 @@ def plain_removal(linear: torch.nn.Linear, keep: torch.Tensor) -> tuple[torch.Te
 
 
 def ridge_refit(
-    linear: torch.nn.Linear, keep: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, ridge: float
+    linear: torch.nn.Linear, keep: torch.Tensor, kept_inputs: torch.Tensor, targets: torch.Tensor, ridge: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias over the kept columns that best map `inputs` (tokens × in) to `targets` (tokens × out).
+    """Weight and bias over the kept columns that best map `kept_inputs` (tokens × kept columns) to `targets`
+    (tokens × out).
 
     The ridge pulls towards the original kept columns and bias (not towards zero), scaled by the mean input
     energy, so few calibration tokens cannot wreck a wide layer.
     """
     w = linear.weight.detach()
-    z = torch.cat([inputs[:, keep].double(), torch.ones(len(inputs), 1, dtype=torch.float64, device=inputs.device)], 1)
+    z = torch.cat([kept_inputs.double(), torch.ones(len(kept_inputs), 1, dtype=torch.float64, device=kept_inputs.device)],
+                  1)
     # In place where it can be: the Gram matrix of an 8B model's down_proj is over 1 GB in float64, and
     # `gzz + torch.diag(reg)` would hold three of them at once.
     gzz = (z.T @ z).div_(len(z))
@@ -70,15 +72,25 @@ def _bias_or_zero(linear: torch.nn.Linear) -> torch.Tensor:
 
 
 class _Capture:
-    """Forward pre-hook that keeps the inputs a module sees, flattened to tokens × features."""
+    """Forward pre-hook that keeps the kept columns of the inputs a module sees, per chunk, flattened to
+    tokens × kept columns: the refit's inputs, and, through the refitted module, the pruned layer's output
+    without running its other projections again: one attention and one MLP pass fewer per layer (SmolLM2,
+    20% of the FFN, 30 layers: 480 → 360 of each, reconstruction 45.6 → 43.2 s under cProfile)."""
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, module: torch.nn.Module, keep: torch.Tensor):
         self.parts: list[torch.Tensor] = []
-        self.handle = module.register_forward_pre_hook(lambda m, args: self.parts.append(args[0].detach().flatten(0, -2)))
+        self.handle = module.register_forward_pre_hook(
+            lambda m, args: self.parts.append(args[0].detach().flatten(0, -2)[:, keep]))
 
     def take(self) -> torch.Tensor:
         self.handle.remove()
         return torch.cat(self.parts)
+
+    def add_output(self, ctx: LayerContext, module: torch.nn.Module, stream: ChunkStore) -> ChunkStore:
+        """`stream` plus `module` (the refitted projection) applied to the captured inputs, chunk by chunk: what the
+        shrunk sub-layer adds to the residual stream."""
+        parts = iter(self.parts)
+        return ctx.run(lambda x, mask: x + module(next(parts)).view_as(x), stream)
 
 
 def reconstruct_layer(ctx: LayerContext, layer: torch.nn.Module, plan: LayerPlan, original: ChunkStore,
@@ -92,29 +104,28 @@ def reconstruct_layer(ctx: LayerContext, layer: torch.nn.Module, plan: LayerPlan
     mid_o = ctx.run(ctx.attention(layer), original) if has_attention else original
     out_o = ctx.run(ctx.mlp(layer), mid_o)
     if has_attention:
-        capture = _Capture(layer.self_attn.o_proj)
+        keep = head_index(plan.keep_heads, head_dim)
+        capture = _Capture(layer.self_attn.o_proj, keep)
         ctx.run(ctx.attention(layer), pruned)  # kept heads' outputs are the same before and after shrinking
         targets = torch.cat([(m - p).flatten(0, -2) for m, p in zip(mid_o, pruned)])
-        keep = head_index(plan.keep_heads, head_dim)
         o_weight, o_bias = ridge_refit(layer.self_attn.o_proj, keep, capture.take(), targets, ridge)
         del targets
         if len(plan.keep_heads) == 0:
             moved = o_bias
             pruned = ctx.run(lambda p, mask: p + o_bias, pruned)
         shrink_attention(layer, plan.keep_heads, plan.keep_kv, head_dim, o_weight, o_bias)
-        mid_p = ctx.run(ctx.attention(layer), pruned) if len(plan.keep_heads) else pruned
+        mid_p = capture.add_output(ctx, layer.self_attn.o_proj, pruned) if len(plan.keep_heads) else pruned
+        del capture
     else:
         mid_p = pruned
-    capture = _Capture(layer.mlp.down_proj)
-    ctx.run(ctx.mlp(layer), mid_p)
-    inputs = capture.take()
-    targets = torch.cat([(o - m).flatten(0, -2) for o, m in zip(out_o, mid_p)])
     keep = torch.as_tensor(plan.keep_channels, dtype=torch.long)
-    d_weight, d_bias = ridge_refit(layer.mlp.down_proj, keep, inputs, targets, ridge)
-    del inputs, targets
+    capture = _Capture(layer.mlp.down_proj, keep)
+    ctx.run(ctx.mlp(layer), mid_p)
+    targets = torch.cat([(o - m).flatten(0, -2) for o, m in zip(out_o, mid_p)])
+    d_weight, d_bias = ridge_refit(layer.mlp.down_proj, keep, capture.take(), targets, ridge)
+    del targets
     shrink_mlp(layer, plan.keep_channels, d_weight, d_bias)
-    return out_o, ctx.run(ctx.mlp(layer), mid_p), moved
-
+    return out_o, capture.add_output(ctx, layer.mlp.down_proj, mid_p), moved
 
 def reconstruct_sequentially(
     model: torch.nn.Module,
