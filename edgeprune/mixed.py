@@ -83,6 +83,7 @@ class MixedPlan:
     decode_s_per_token: float | None
     bits_by_kind: list[str] = field(default_factory=list)  # "ffn_down 5.1 bpw", most bits first: where they went
     sensitivity_seconds: float = 0.0
+    against_named: str = ""  # which tensors got more or fewer bits than the named type's, and the estimated gain
 
     def describe(self) -> str:
         mix = ", ".join(f"{n} {t}" for t, n in Counter(self.types.values()).most_common())
@@ -235,7 +236,7 @@ def _bits_by_kind(sensitivity: Sensitivity, types: dict[str, str]) -> list[str]:
     """Bits per weight of each kind of tensor (attn_v, ffn_down, …), most first: where the bits went."""
     bits: dict[str, list[float]] = {}
     for name, type_name in types.items():
-        kind = name.split(".")[-2] if name.startswith("blk.") else name.split(".")[0]
+        kind = _kind(name)
         option = next(o for o in sensitivity.options[name] if o.type_name == type_name)
         rows, length = sensitivity.shapes[name]
         total = bits.setdefault(kind, [0.0, 0.0])
@@ -245,12 +246,39 @@ def _bits_by_kind(sensitivity: Sensitivity, types: dict[str, str]) -> list[str]:
     return [f"{kind} {bpw:.2f} bpw" for bpw, kind in ranked]
 
 
+def _kind(name: str) -> str:
+    return name.split(".")[-2] if name.startswith("blk.") else name.split(".")[0]
+
+
+def _bits(type_name: str) -> float:
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name.upper()]]
+    return 8 * size / block
+
+
+def against_named(sensitivity: Sensitivity, types: dict[str, str], named: dict[str, str], quant: str) -> str:
+    """Which tensors the mix gives more and fewer bits than llama.cpp's `quant` (its types `named`), by kind, and
+    why: the estimated damage of both."""
+    def by_kind(names: list[str]) -> str:
+        return ", ".join(f"{kind} {n}" for kind, n in Counter(_kind(name) for name in names).most_common())
+
+    more = [n for n, t in types.items() if _bits(t) > _bits(named[n])]
+    fewer = [n for n, t in types.items() if _bits(t) < _bits(named[n])]
+    text = (f"against {quant}: more bits for {len(more)} tensors ({by_kind(more) or 'none'}), fewer for "
+            f"{len(fewer)} ({by_kind(fewer) or 'none'})")
+    if all(any(o.type_name == t for o in sensitivity.options[n]) for n, t in named.items() if n in types):
+        mine, theirs = sensitivity.damage(types), sensitivity.damage({n: named[n] for n in types})
+        text += (f": bytes moved to where they cut the imatrix-weighted error most, estimated damage {mine:.4g} "
+                 f"against {theirs:.4g}")
+    return text
+
+
 def choose_mix(float_gguf: str | Path, imatrix: dict[str, np.ndarray], quant: str, profile=None, *,
                threads: int = 0, progress: Progress | None = None) -> MixedPlan:
     """Types per tensor for the bytes llama.cpp's `quant` gives this float GGUF (its dry run), and within the
     profile's decode-speed budget (with the planner's margin) where a profile is given."""
     sensitivity = measure_sensitivity(float_gguf, imatrix, threads=threads, progress=progress)
-    budget = sensitivity.file_bytes_at(dry_run_types(Path(float_gguf), quant))
+    named = dry_run_types(Path(float_gguf), quant)
+    budget = sensitivity.file_bytes_at(named)
     device = profile.device if profile is not None else None
     max_s = 1.0 / (profile.budgets.min_decode_tps * (1 + SPEED_MARGIN)) if profile is not None else None
     if progress:
@@ -258,5 +286,6 @@ def choose_mix(float_gguf: str | Path, imatrix: dict[str, np.ndarray], quant: st
                  + (f" and {1 / max_s:.1f} tok/s on {profile.device.name}" if max_s else ""))
     plan = solve(sensitivity, max_file_bytes=budget, device=device, max_decode_s_per_token=max_s)
     plan.sensitivity_seconds = sensitivity.seconds
+    plan.against_named = against_named(sensitivity, plan.types, named, quant)
     return plan
 

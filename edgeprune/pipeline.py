@@ -25,7 +25,7 @@ from .calibration import check_calibration_length, collect_calibration
 from .errors import EdgepruneError
 from .loading import layer_count, load_model, open_model
 from .mixed import choose_mix
-from .planner import Plan, make_plan
+from .planner import Plan, check_mixed_search, make_plan
 from .profiles import Profile
 from .reporting import write_report_pages
 from .resources import Resources, plan_resources
@@ -38,6 +38,7 @@ from .validate import ValidationReport, check_evaluation_options, format_summary
 Progress = Callable[[str], None]
 REFERENCE_NAME = "reference-F16.gguf"
 REPORT_NAME = "report.json"
+RECOVERY_DIR = ".edgeprune-recovery"  # the teacher's cached outputs and distillation checkpoints, kept until done
 
 
 @dataclass
@@ -58,7 +59,9 @@ class ExportOptions:
     search: str = "estimated"  # "measured": build the planner's best few and keep the one llama.cpp scores best
     streaming: str = "auto"  # "on": read the model layer by layer (edgeprune.streaming); "off": all in RAM
     device: str | None = None  # torch device for calibration and recovery; None: a CUDA GPU if present, else CPU
-    mix: bool = False  # a ggml type per tensor by sensitivity, in the bytes of the chosen quant (edgeprune.mixed)
+    mix: bool = False  # mixed precision (edgeprune.mixed): the planner's mixed candidates, or a mix at --quant's size
+    distill: object | None = None  # edgeprune.pruning.distill.DistillOptions: recover a pruned model by distillation
+    recovery_text: Path | None = None  # None: texts.recovery_text (Shakespeare but The Tempest + calibration half)
 
 
 @dataclass
@@ -109,6 +112,7 @@ def check_export_inputs(model_path: str | Path, profile: Profile | None, out_dir
     path (in memory or layer-streamed) with its memory and disk estimates, refused if this machine lacks them."""
     if options.quant:
         check_quant_type(options.quant)
+    check_mixed_search(options.mix, options.search)
     if options.prune is not None:
         options.prune.validate(layer_count(model_path))
     if profile is not None:
@@ -132,6 +136,11 @@ def check_export_inputs(model_path: str | Path, profile: Profile | None, out_dir
                                  "path avoids: use --search estimated, or --streaming off if the model fits in RAM")
         if options.prune is not None:
             check_streamable(options.prune)
+        if options.distill is not None:
+            raise EdgepruneError("distillation trains the whole pruned model in memory, which the layer-streamed path "
+                                 "avoids: use --streaming off if the model fits in RAM, or drop --distill-steps")
+    if options.distill is not None:
+        options.distill.validate()
     return calib, evaluation, resources
 
 
@@ -269,7 +278,7 @@ def build_output(prepared: Prepared, profile: Profile | None, out_dir: Path, say
     plan, quant, prune = None, explicit_quant, options.prune
     if profile is not None and prune is None:
         plan = prepared.timed("plan", make_plan, prepared.conversion_input(metadata), base_shape, profile,
-                              quants=(explicit_quant,) if explicit_quant else None, progress=say)
+                              quants=(explicit_quant,) if explicit_quant else None, mixed=options.mix, progress=say)
         if options.search == "measured":
             from .search import measured_plan
 
@@ -278,13 +287,14 @@ def build_output(prepared: Prepared, profile: Profile | None, out_dir: Path, say
         say(f"plan: {plan.chosen.candidate.label(base_shape)}")
         quant, prune = plan.chosen.candidate.quant, plan.chosen.candidate.prune_options(base_shape)
     quant = quant or (profile.runtime.default_quant if profile is not None else "F16")
+    mixing = plan.chosen.candidate.mixed if plan is not None else options.mix
     reference = prepared.reference
     stem = output_stem(model_path)
     use_imatrix = quant != "F16" and options.imatrix and quant not in ("F32", "BF16")
-    if options.mix and not use_imatrix:
+    if mixing and not use_imatrix:
         raise EdgepruneError(f"--mix chooses quantized types with the importance matrix: it needs a quantized type "
                              f"(not {quant}) and the imatrix (drop --no-imatrix)")
-    final = out_dir / f"{stem}-{quant}{'-mixed' if options.mix else ''}.gguf"
+    final = out_dir / f"{stem}-{quant}{'-mixed' if mixing else ''}.gguf"
     outputs = [final, out_dir / REPORT_NAME, out_dir / "report.html", out_dir / "report.md"]
     written += [path for path in outputs if not path.exists()]
     float_gguf = final if quant == "F16" else out_dir / f".{stem}-F16.intermediate.gguf"
@@ -306,9 +316,12 @@ def build_output(prepared: Prepared, profile: Profile | None, out_dir: Path, say
         if prune is not None:
             from .pruning import prune_model
 
+            recovery = Distillation(prepared, model, out_dir, say) if options.distill is not None else None
             pruned = prepared.timed("prune", prune_model, copy.deepcopy(model) if prepared.shared else model,
-                                    prepared.tokens, prune, progress=say)
+                                    prepared.tokens, prune, progress=say, recover=recovery)
             model, prune_details = pruned.model, _prune_summary(pruned)
+            if recovery is not None:
+                prune_details["distillation"] = recovery.summary()
         prepared.timed("write_float", write_gguf, prepared.conversion_input(metadata, model), float_gguf, "F16", say)
         if use_imatrix:
             imatrix = prepared.unpruned_imatrix(say) if prune is None else prepared.timed(
@@ -317,9 +330,10 @@ def build_output(prepared: Prepared, profile: Profile | None, out_dir: Path, say
 
     quantized, mix = None, None
     try:
-        if options.mix:
+        if mixing:
             mix = prepared.timed("mix", choose_mix, float_gguf, imatrix, quant, profile, threads=threads, progress=say)
-            say(f"mixed precision: {mix.describe()}; bits per weight: {', '.join(mix.bits_by_kind)}")
+            say(f"mixed precision: {mix.describe()}; bits per weight: {', '.join(mix.bits_by_kind)}; "
+                f"{mix.against_named}")
         if quant != "F16":
             quantized = prepared.timed("quantize", prepared.quantize, float_gguf, final, quant, imatrix, threads, say,
                                        mix.types if mix else None)
@@ -358,8 +372,37 @@ def build_output(prepared: Prepared, profile: Profile | None, out_dir: Path, say
     document = write_report(report_path, report, export=export)
     say("writing the report pages")
     write_report_pages(document, out_dir)
+    shutil.rmtree(out_dir / RECOVERY_DIR, ignore_errors=True)  # done: nothing left to resume
     return ExportResult(final, reference, report_path, report, quantized, plan, timings,
                         validation_bundle.directory if validation_bundle else None, prepared.resources)
+
+
+class Distillation:
+    """Recovery by distillation after each pruning step (edgeprune.pruning.distill): the teacher, the unpruned
+    model, is run once over the recovery text's windows before pruning, its outputs cached under the output
+    directory with the checkpoints an interrupted run resumes from."""
+
+    def __init__(self, prepared: Prepared, teacher, out_dir: Path, say: Progress):
+        from .pruning.distill import TeacherCache, windows
+        from .texts import read_text_file, recovery_text
+
+        self.options, self.say, self.results = prepared.options.distill, say, []
+        self.directory = out_dir / RECOVERY_DIR
+        text = (read_text_file(prepared.options.recovery_text, "recovery") if prepared.options.recovery_text
+                else recovery_text())
+        self.text = text.name
+        say(f"distillation: windows of {text.name}")
+        train, held = windows(text, prepared.loaded.tokenizer, self.options, teacher.config.bos_token_id)
+        self.cache = prepared.timed("teacher", TeacherCache.build, teacher, train, held, self.options.top_k,
+                                    self.directory / "teacher", say)
+
+    def __call__(self, model, step: int) -> None:
+        from .pruning.distill import distill
+
+        self.results.append(distill(model, self.cache, self.options, self.directory / f"step-{step}.pt", self.say))
+
+    def summary(self) -> dict:
+        return {"text": self.text, "options": asdict(self.options), "steps": [asdict(r) for r in self.results]}
 
 
 def _prune_summary(result) -> dict:

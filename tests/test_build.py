@@ -74,6 +74,7 @@ def test_init_writes_an_example_that_loads_and_never_overwrites(tmp_path):
     ("[modle]\n", "unknown section \\[modle\\]"),
     ("[[targets]]\nname = 'a'\nprofile = 'p'\n[[targets]]\nname = 'a'\nprofile = 'q'\n", "target names repeat \\(a\\)"),
     ("[[targets]]\nname = 'a'\nprofile = 'p'\nallocation = 'wide'\n", "allocation must be"),
+    ("[[targets]]\nname = 'a'\nprofile = 'p'\nmix = 'yes'\n", "mix must be true or false"),
     ("[[targets]]\nname = '../a'\nprofile = 'p'\n", "needs a name of letters"),
     ("[evaluation]\nchunks = 0\n[[targets]]\nname = 'a'\nprofile = 'p'\n", "chunks must be a whole number"),
 ])
@@ -83,6 +84,12 @@ def test_bad_build_files_fail_in_one_line(tmp_path, text, message):
     with pytest.raises(EdgepruneError, match=message) as err:
         load_build_file(path)
     assert "\n" not in str(err.value)
+
+
+def test_a_target_can_ask_for_mixed_precision(tmp_path):
+    path = tmp_path / "b.toml"
+    path.write_text("[[targets]]\nname = 'a'\nprofile = 'p'\nmix = true\n[[targets]]\nname = 'b'\nprofile = 'p'\n")
+    assert [t.mix for t in load_build_file(path).targets] == [True, False]
 
 
 def test_chat_families_are_recognised():

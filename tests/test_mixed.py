@@ -114,4 +114,7 @@ def test_export_mix_writes_and_reports_the_chosen_types(tiny_model, tmp_path):
     assert export["gguf"].endswith("-Q4_K_M-mixed.gguf")
     assert file_types(tmp_path / "out" / export["gguf"]) == export["mixed"]["types"]
     assert "mixed precision:" in result.stderr and export["mixed"]["bits_by_kind"]
+    assert export["plan"]["chosen"]["label"] == "Q4_K_M mixed" and "mixed:" in export["plan"]["why"]
+    assert "against Q4_K_M: more bits for" in export["mixed"]["against_named"]
+    assert export["mixed"]["against_named"] in result.stderr
     assert "Tensor types (mixed precision)" in (tmp_path / "out" / "report.md").read_text()

@@ -102,6 +102,27 @@ def test_runtime_without_deci_never_gets_adaptive(tiny):
     assert plan.chosen.candidate.allocation == "uniform"
 
 
+def test_mixed_candidates_are_ranked_by_their_measured_rows_only_when_asked(tiny):
+    """A mix at Q4_K_M's bytes measured less lossy than Q5_K_M (mixed_table.toml): asked for, it wins, priced as
+    Q4_K_M; not asked for, no mix is offered. A type without a measured mix row gets its named type's estimate,
+    marked extrapolated, and the mix is preferred on that tie."""
+    shape = shape_of(tiny.model)
+    quants = ("Q5_K_M", "Q4_K_M")
+    named = make_plan(tiny, shape, budgeted(), quants=quants)
+    assert named.chosen.candidate.label(shape) == "Q5_K_M"
+    assert not any(e.candidate.mixed for e in [named.chosen, *named.rejected, *named.runners_up])
+    mixed = make_plan(tiny, shape, budgeted(), quants=quants, mixed=True)
+    assert mixed.chosen.candidate.label(shape) == "Q4_K_M mixed" and mixed.chosen.basis == "measured"
+    assert mixed.chosen.quality_loss < named.chosen.quality_loss
+    q4 = make_plan(tiny, shape, budgeted(), quants=("Q4_K_M",))
+    assert mixed.chosen.prediction.size.file_bytes == q4.chosen.prediction.size.file_bytes
+    text = format_plan(mixed, "tiny", budgeted())
+    assert "chosen     Q4_K_M mixed" in text and "mixed: each tensor gets" in mixed.why()
+    no_row = make_plan(tiny, shape, budgeted(), quants=("Q5_K_M",), mixed=True)
+    assert no_row.chosen.candidate.label(shape) == "Q5_K_M mixed" and no_row.chosen.estimate.endswith("!")
+    assert no_row.chosen.quality_loss == named.chosen.quality_loss
+
+
 def test_impossible_budget_is_one_line_with_a_way_out(tiny):
     with pytest.raises(EdgepruneError) as err:
         make_plan(tiny, shape_of(tiny.model), budgeted(memory_mib=0.5))

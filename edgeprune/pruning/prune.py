@@ -207,9 +207,12 @@ def _prune_step(model, ids, batches, options: PruneOptions, head_mode: str, head
 
 
 def prune_model(
-    model: torch.nn.Module, calib_token_ids: list[int], options: PruneOptions, progress: Progress | None = None
+    model: torch.nn.Module, calib_token_ids: list[int], options: PruneOptions, progress: Progress | None = None,
+    recover: Callable[[torch.nn.Module, int], None] | None = None,
 ) -> PruneResult:
-    """Prune `model` in place and return it with its new shape; see PruneOptions for what is removed."""
+    """Prune `model` in place and return it with its new shape; see PruneOptions for what is removed. `recover`
+    (e.g. distillation) runs after each of the `steps`, so the next step scores a recovered model: iterative
+    prune-and-recover."""
     start = time.perf_counter()
     before = shape_of(model)
     options.validate(before.n_layers)
@@ -230,6 +233,9 @@ def prune_model(
         details["steps"].append(step_details)
         if progress:
             progress(f"pruning step {step}/{options.steps} done")
+        if recover is not None:
+            sync_config(model)
+            recover(model, step)
     details["head_mode"] = head_mode
     sync_config(model)
     after = shape_of(model)

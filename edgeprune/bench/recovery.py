@@ -1,0 +1,120 @@
+"""Recovery suite: how much of the loss of a deep cut distillation from the dense model wins back on SmolLM2-135M.
+
+At 30% and 50% of decoder parameters removed (MLP channels, edgeprune's default pruning), three ways: one-shot
+retraining-free (the ridge reconstruction only), one-shot then distillation, and iterative (three pruning steps,
+each re-scored after the distillation of the one before). Every model is written as an F16 GGUF and measured by
+llama.cpp on both held-out texts, the odd Python reference topics and The Tempest; its KL divergence against the
+dense F16 model on the first. Distillation trains on texts.recovery_text, which holds neither.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from converters import ConversionInput, write_gguf
+
+from ..fetch import fetch_smollm2
+from ..loading import load_model
+from ..pruning import PruneOptions, prune_model
+from ..pruning.distill import DistillOptions, TeacherCache, distill, windows
+from ..texts import default_calibration_text, default_evaluation_text, recovery_text, tempest_text
+from ..validate import MIB, measure_perplexity
+from .pruning import split_budget
+from .tables import SuiteResult, table
+
+RATIOS = (0.3, 0.5)
+CHUNKS = 10  # 512-token chunks of each held-out text, as the pruning suite
+ITERATIVE_STEPS = 3
+COMMAND = "python -m edgeprune.bench recovery"
+
+
+def run(progress) -> SuiteResult:
+    threads = os.cpu_count() or 1
+    loaded = load_model(fetch_smollm2(), progress=progress)
+    dense = loaded.model
+    calib_ids = loaded.tokenizer(default_calibration_text().content, add_special_tokens=False)["input_ids"]
+    texts = [default_evaluation_text(), tempest_text()]
+    options = DistillOptions()
+    recovery = recovery_text()
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="edgeprune-bench-recovery-") as tmp:
+        tmp = Path(tmp)
+        progress("recovery: the teacher's top-k on the recovery windows")
+        start = time.perf_counter()
+        train, held = windows(recovery, loaded.tokenizer, options, dense.config.bos_token_id)
+        cache = TeacherCache.build(dense, train, held, options.top_k, tmp / "teacher", progress)
+        teacher_seconds = time.perf_counter() - start
+        reference = write_gguf(ConversionInput(dense, loaded.vocab, loaded.name, loaded.context_length),
+                               tmp / "dense-F16.gguf", "F16", progress)
+
+        def measure(label: str, ratio: float, model, seconds: float, **extra) -> None:
+            path = reference if model is dense else write_gguf(
+                ConversionInput(model, loaded.vocab, loaded.name, loaded.context_length), tmp / "model-F16.gguf", "F16")
+            row = {"label": label, "ratio": ratio, "seconds": round(seconds, 1), "mib": path.stat().st_size / MIB,
+                   **extra}
+            for i, text in enumerate(texts):
+                progress(f"recovery: {label}: perplexity on {text.name}")
+                against = {"reference_gguf": reference} if i == 0 and model is not dense else {}
+                ppl, divergence = measure_perplexity(path, text, max_chunks=CHUNKS, threads=threads, progress=progress,
+                                                     **against)
+                row[f"ppl {text.name}"] = ppl.ppl
+                if i == 0:
+                    row["kld"] = divergence.kld_mean if divergence else 0.0
+            rows.append(row)
+
+        measure("dense", 0.0, dense, 0.0)
+        for ratio in RATIOS:
+            _, ffn = split_budget(ratio, 0.0, dense)
+            for label, steps, distilled in (("one-shot", 1, False), ("one-shot + distillation", 1, True),
+                                            (f"iterative ×{ITERATIVE_STEPS} + distillation", ITERATIVE_STEPS, True)):
+                progress(f"recovery: {ratio:.0%}, {label}")
+                results = []
+
+                def recover(model, step: int) -> None:
+                    results.append(distill(model, cache, options, tmp / f"step-{step}.pt", progress))
+                    (tmp / f"step-{step}.pt").unlink(missing_ok=True)
+
+                start = time.perf_counter()
+                pruned = prune_model(copy.deepcopy(dense), calib_ids, PruneOptions(ffn=ffn, steps=steps),
+                                     progress=progress, recover=recover if distilled else None)
+                measure(label, ratio, pruned.model, time.perf_counter() - start,
+                        removed=pruned.removed_params / pruned.decoder_params_before,
+                        distill_steps=sum(r.steps for r in results),
+                        held_out_kld=[r.held_out_kld for r in results])
+                del pruned
+    names = [t.name for t in texts]
+    return SuiteResult(
+        title="Recovery by distillation on SmolLM2-135M-Instruct: one-shot, one-shot + distillation, iterative",
+        method=(f"{__doc__.split(chr(10) + chr(10))[1].replace(chr(10), ' ')} Distillation: {options}, on "
+                f"'{recovery.name}' (teacher top-k cached once, {teacher_seconds:.0f} s). {CHUNKS} chunks of 512 tokens "
+                f"per held-out text, {threads} threads. Wall time: pruning and distillation, on this machine. "
+                f"Command: `{COMMAND}`."),
+        data={"rows": rows, "options": options.__dict__, "teacher_seconds": teacher_seconds},
+        sections=[table(["removed", "method", "F16 MiB", *(f"PPL {n}" for n in names), "KLD vs dense",
+                         "gap closed", "distill steps", "wall s"], _cells(rows, names))],
+    )
+
+
+def _cells(rows: list[dict], names: list[str]) -> list[list]:
+    """One line per model; "gap closed" is the share of the one-shot model's PPL gap to the dense model that the
+    row wins back, per held-out text."""
+    dense = rows[0]
+    out = []
+    for row in rows:
+        one_shot = next((r for r in rows if r["ratio"] == row["ratio"] and r["label"] == "one-shot"), None)
+        closed = "–"
+        if one_shot is not None and row is not one_shot:
+            closed = " / ".join(f"{_closed(one_shot[f'ppl {n}'], row[f'ppl {n}'], dense[f'ppl {n}']):.0%}"
+                                for n in names)
+        out.append([f"{row['ratio']:.0%}" if row["ratio"] else "–", row["label"], f"{row['mib']:.1f}",
+                    *(f"{row[f'ppl {n}']:.2f}" for n in names), f"{row['kld']:.4f}", closed,
+                    row.get("distill_steps", "–"), f"{row['seconds']:.0f}"])
+    return out
+
+
+def _closed(one_shot: float, recovered: float, dense: float) -> float:
+    return (one_shot - recovered) / (one_shot - dense)

@@ -1,0 +1,105 @@
+"""Recovery by distillation: the loss is the KL divergence it claims, training brings a pruned student closer to its
+teacher on held-out windows, and a run interrupted by a real signal resumes to the same bytes."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CLI_ENV, run_cli
+
+from edgeprune.loading import load_model
+from edgeprune.pruning import PruneOptions, prune_model
+from edgeprune.pruning.distill import DistillOptions, TeacherCache, distill, topk_kl, windows
+from edgeprune.texts import default_calibration_text
+
+
+@pytest.fixture
+def recovery_file(tmp_path: Path) -> Path:
+    path = tmp_path / "recovery.txt"
+    path.write_text(default_calibration_text().content[:400_000])
+    return path
+
+
+def test_topk_kl_is_the_kl_divergence_when_k_covers_the_vocabulary():
+    torch.manual_seed(0)
+    teacher, student = torch.randn(2, 5, 30), torch.randn(2, 5, 30)
+    logp = torch.log_softmax(teacher, -1)
+    exact = (logp.exp() * (logp - torch.log_softmax(student, -1))).sum(-1).mean()
+    top = logp.topk(30, dim=-1)
+    tail = torch.full((2, 5), -30.0)  # no mass outside the top-k
+    assert torch.allclose(topk_kl(student, top.values, top.indices, tail), exact, atol=1e-5)
+    top = logp.topk(8, dim=-1)  # the tail taken as one token: a lower bound, still positive
+    tail = torch.log1p(-top.values.exp().sum(-1))
+    approx = topk_kl(student, top.values, top.indices, tail)
+    assert 0 < approx <= exact + 1e-6
+    assert float(topk_kl(teacher, top.values, top.indices, tail)) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_distillation_brings_the_pruned_student_closer_on_held_out_windows(tiny_bpe_llama, recovery_file, tmp_path):
+    loaded = load_model(tiny_bpe_llama)
+    teacher = loaded.model
+    options = DistillOptions(steps=60, batch_size=4, seq_len=64, top_k=16, held_out=4, eval_every=20, patience=5)
+    from edgeprune.texts import read_text_file
+
+    train, held = windows(read_text_file(recovery_file, "recovery"), loaded.tokenizer, options, 1)
+    assert train.shape == (240, 64) and held.shape == (4, 64)
+    cache = TeacherCache.build(teacher, train, held, options.top_k, tmp_path / "teacher")
+    ids = loaded.tokenizer(default_calibration_text().content[:200_000], add_special_tokens=False)["input_ids"]
+    student = prune_model(copy.deepcopy(teacher), ids, PruneOptions(ffn=0.5, calib_sequences=8, calib_seq_len=64)).model
+    before = [p.detach().clone() for p in student.model.embed_tokens.parameters()]
+    untrained = copy.deepcopy(student)
+    result = distill(student, cache, options, tmp_path / "ckpt.pt")
+    assert result.steps == 60 and result.resumed_from == 0
+    assert result.held_out_kld[-1] < 0.95 * result.held_out_kld[0], result.held_out_kld
+    assert sorted(result.held_out_kld, reverse=True) == result.held_out_kld  # better at every measurement
+    assert all(torch.equal(a, b) for a, b in zip(before, student.model.embed_tokens.parameters()))  # head stays
+    # the finished run's checkpoint makes the same call on the same student return at once, with the same weights
+    again = distill(untrained, cache, options, tmp_path / "ckpt.pt")
+    trained = dict(student.named_parameters())
+    assert again.resumed_from == 60 and all(torch.equal(trained[n], p) for n, p in untrained.named_parameters())
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_an_interrupted_recovery_resumes_to_the_same_gguf(tiny_bpe_llama, recovery_file, tmp_path):
+    """SIGINT in the middle of distillation: exit 130 with a checkpoint; the same command resumes from it and
+    writes the bytes an uninterrupted run writes."""
+    args = [str(tiny_bpe_llama), "--profile", "x86-laptop-16gb", "--quant", "Q8_0", "--ffn", "0.5",
+            "--prune-steps", "2", "--distill-steps", "300", "--recovery-text", str(recovery_file),
+            "--eval-chunks", "1", "--eval-ctx", "128"]
+    whole = run_cli("export", *args, "--out", str(tmp_path / "whole"), timeout=900)
+    assert whole.returncode in (0, 1), whole.stderr[-3000:]
+    assert "pruning step 2/2 done" in whole.stderr and "distillation: held-out KL" in whole.stderr
+
+    out, log = tmp_path / "resumed", tmp_path / "interrupted.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "edgeprune.cli", "export", *args, "--out", str(out)],
+                                stdout=subprocess.DEVNULL, stderr=err, env=CLI_ENV)
+        deadline = time.monotonic() + 600
+        while proc.poll() is None and time.monotonic() < deadline:
+            _, second, after = log.read_text().partition("pruning step 2/2 done")
+            if second and "distillation: step 5/300" in after:  # in the second pruning step's recovery
+                proc.send_signal(signal.SIGINT)
+                break
+            time.sleep(0.001)
+        proc.wait(timeout=600)
+    text = log.read_text()
+    assert proc.returncode == 130, text[-3000:]
+    assert (out / ".edgeprune-recovery" / "step-1.pt").is_file(), text[-3000:]
+    assert not list(out.glob("*.gguf")) or not any("Q8_0" in p.name for p in out.glob("*.gguf"))
+    resumed = run_cli("export", *args, "--out", str(out), timeout=900)
+    assert resumed.returncode in (0, 1), resumed.stderr[-3000:]
+    assert "distillation: resuming at step" in resumed.stderr
+    name = next(p.name for p in (tmp_path / "whole").glob("*-Q8_0.gguf"))
+    assert _sha(out / name) == _sha(tmp_path / "whole" / name)
+    assert not (out / ".edgeprune-recovery").exists()
