@@ -61,7 +61,7 @@ class ExportOptions:
     device: str | None = None  # torch device for calibration and recovery; None: a CUDA GPU if present, else CPU
     mix: bool = False  # mixed precision (edgeprune.mixed): the planner's mixed candidates, or a mix at --quant's size
     distill: object | None = None  # edgeprune.pruning.distill.DistillOptions: recover a pruned model by distillation
-    recovery_text: Path | None = None  # None: texts.recovery_text (Shakespeare but The Tempest + calibration half)
+    recovery_text: Path | None = None  # None: texts.recovery_texts (Shakespeare but The Tempest, calibration half)
 
 
 @dataclass
@@ -384,15 +384,15 @@ class Distillation:
 
     def __init__(self, prepared: Prepared, teacher, out_dir: Path, say: Progress):
         from .pruning.distill import TeacherCache, windows
-        from .texts import read_text_file, recovery_text
+        from .texts import read_text_file, recovery_texts
 
         self.options, self.say, self.results = prepared.options.distill, say, []
         self.directory = out_dir / RECOVERY_DIR
-        text = (read_text_file(prepared.options.recovery_text, "recovery") if prepared.options.recovery_text
-                else recovery_text())
-        self.text = text.name
-        say(f"distillation: windows of {text.name}")
-        train, held = windows(text, prepared.loaded.tokenizer, self.options, teacher.config.bos_token_id)
+        texts = ([read_text_file(prepared.options.recovery_text, "recovery")] if prepared.options.recovery_text
+                 else recovery_texts())
+        self.text = " + ".join(t.name for t in texts)
+        say(f"distillation: windows of {self.text}")
+        train, held = windows(texts, prepared.loaded.tokenizer, self.options, teacher.config.bos_token_id)
         self.cache = prepared.timed("teacher", TeacherCache.build, teacher, train, held, self.options.top_k,
                                     self.directory / "teacher", say)
 

@@ -49,7 +49,7 @@ def test_distillation_brings_the_pruned_student_closer_on_held_out_windows(tiny_
     options = DistillOptions(steps=60, batch_size=4, seq_len=64, top_k=16, held_out=4, eval_every=20, patience=5)
     from edgeprune.texts import read_text_file
 
-    train, held = windows(read_text_file(recovery_file, "recovery"), loaded.tokenizer, options, 1)
+    train, held = windows([read_text_file(recovery_file, "recovery")], loaded.tokenizer, options, 1)
     assert train.shape == (240, 64) and held.shape == (4, 64)
     cache = TeacherCache.build(teacher, train, held, options.top_k, tmp_path / "teacher")
     ids = loaded.tokenizer(default_calibration_text().content[:200_000], add_special_tokens=False)["input_ids"]

@@ -20,6 +20,7 @@ from pathlib import Path
 from ..errors import EdgepruneError
 from ..fetch import DEFAULT_CACHE, fetch_smollm2
 from ..loading import load_model, save_hf_directory
+from ..profiles import load_profile
 from ..texts import calibration_text, default_evaluation_text
 from .llamacpp import converter_script
 from .tables import SuiteResult, table
@@ -68,6 +69,9 @@ def _llama_cpp_steps(tools: Path, model: Path, quant: str, work: Path, progress)
     evaluation.write_text(default_evaluation_text().content)
     f16, imatrix, out, base = work / "f16.gguf", work / "imatrix.dat", work / f"out-{quant}.gguf", work / "base.kld"
     threads = ["-t", "2"]
+    # the export scores with the profile's runtime, flash attention included (off on the Pi 5, where
+    # llama-perplexity's default, auto, turns it on): the tools get the same setting
+    flash = ["-fa", "on" if load_profile(DEMO_PROFILE).runtime.flash_attention else "off"]
     steps = {}
     progress("build: llama.cpp convert_hf_to_gguf.py")
     steps["convert"], _ = _timed([sys.executable, str(converter_script(progress)), str(hf), "--outfile", str(f16),
@@ -81,9 +85,9 @@ def _llama_cpp_steps(tools: Path, model: Path, quant: str, work: Path, progress)
     progress("build: llama-perplexity (reference, then the result with KL divergence)")
     steps["perplexity reference"], _ = _timed([str(tools / "llama-perplexity"), "-m", str(f16), "-f", str(evaluation),
                                                "-c", str(EVAL_CTX), "--chunks", str(EVAL_CHUNKS),
-                                               "--kl-divergence-base", str(base), *threads])
+                                               "--kl-divergence-base", str(base), *threads, *flash])
     steps["perplexity + KLD"], _ = _timed([str(tools / "llama-perplexity"), "-m", str(out), "--kl-divergence-base",
-                                           str(base), "--kl-divergence", "-c", str(EVAL_CTX), *threads])
+                                           str(base), "--kl-divergence", "-c", str(EVAL_CTX), *threads, *flash])
     progress("build: llama-bench")
     steps["bench pp128/tg64 x5"], _ = _timed([str(tools / "llama-bench"), "-m", str(out), "-p", "128", "-n", "64",
                                                "-r", "5", *threads])
@@ -150,9 +154,10 @@ def run(progress) -> SuiteResult:
                 f"({DEMO_PROFILE}) and with four ({', '.join(FOUR)}), each into an empty directory, then the "
                 "four-target build again with nothing changed. The demo's export (`edgeprune export --profile "
                 f"{DEMO_PROFILE}`) against llama.cpp's tools doing the same steps on the same texts and quant: "
-                "convert_hf_to_gguf.py (from an HF directory of the same weights, written untimed; edgeprune's export of "
-                "that directory is timed too, like for like), llama-imatrix "
-                f"{CALIB_SEQUENCES}×{CALIB_SEQ_LEN} tokens, llama-quantize with that imatrix, llama-perplexity "
-                f"{EVAL_CHUNKS}×{EVAL_CTX} tokens on the F16 reference (saving its logits) and on the result with "
-                "KL divergence, llama-bench pp128/tg64 ×5; 2 threads. Wall clock of each command."),
+                "convert_hf_to_gguf.py (from an HF directory of the same weights, written untimed; edgeprune's "
+                f"export of that directory is timed too, like for like), llama-imatrix {CALIB_SEQUENCES}×"
+                f"{CALIB_SEQ_LEN} tokens, llama-quantize with that imatrix, llama-perplexity {EVAL_CHUNKS}×{EVAL_CTX} "
+                "tokens on the F16 reference (saving its logits) and on the result with KL divergence, both with the "
+                "profile's flash-attention setting, as the export; llama-bench pp128/tg64 ×5; 2 threads. Wall clock "
+                "of each command."),
         data=data, sections=sections)

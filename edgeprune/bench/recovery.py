@@ -4,7 +4,7 @@ At 30% and 50% of decoder parameters removed (MLP channels, edgeprune's default 
 retraining-free (the ridge reconstruction only), one-shot then distillation, and iterative (three pruning steps,
 each re-scored after the distillation of the one before). Every model is written as an F16 GGUF and measured by
 llama.cpp on both held-out texts, the odd Python reference topics and The Tempest; its KL divergence against the
-dense F16 model on the first. Distillation trains on texts.recovery_text, which holds neither.
+dense F16 model on the first. Distillation trains on texts.recovery_texts, which hold neither.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from ..fetch import fetch_smollm2
 from ..loading import load_model
 from ..pruning import PruneOptions, prune_model
 from ..pruning.distill import DistillOptions, TeacherCache, distill, windows
-from ..texts import default_calibration_text, default_evaluation_text, recovery_text, tempest_text
+from ..texts import default_calibration_text, default_evaluation_text, recovery_texts, tempest_text
 from ..validate import MIB, measure_perplexity
 from .pruning import split_budget
 from .tables import SuiteResult, table
@@ -39,7 +39,7 @@ def run(progress) -> SuiteResult:
     calib_ids = loaded.tokenizer(default_calibration_text().content, add_special_tokens=False)["input_ids"]
     texts = [default_evaluation_text(), tempest_text()]
     options = DistillOptions()
-    recovery = recovery_text()
+    recovery = recovery_texts()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="edgeprune-bench-recovery-") as tmp:
         tmp = Path(tmp)
@@ -90,9 +90,9 @@ def run(progress) -> SuiteResult:
     return SuiteResult(
         title="Recovery by distillation on SmolLM2-135M-Instruct: one-shot, one-shot + distillation, iterative",
         method=(f"{__doc__.split(chr(10) + chr(10))[1].replace(chr(10), ' ')} Distillation: {options}, on "
-                f"'{recovery.name}' (teacher top-k cached once, {teacher_seconds:.0f} s). {CHUNKS} chunks of 512 tokens "
-                f"per held-out text, {threads} threads. Wall time: pruning and distillation, on this machine. "
-                f"Command: `{COMMAND}`."),
+                f"{' + '.join(repr(t.name) for t in recovery)} (teacher top-k cached once, {teacher_seconds:.0f} s). "
+                f"{CHUNKS} chunks of 512 tokens per held-out text, {threads} threads. Wall time: pruning and "
+                f"distillation, on this machine. Command: `{COMMAND}`."),
         data={"rows": rows, "options": options.__dict__, "teacher_seconds": teacher_seconds},
         sections=[table(["removed", "method", "F16 MiB", *(f"PPL {n}" for n in names), "KLD vs dense",
                          "gap closed", "distill steps", "wall s"], _cells(rows, names))],

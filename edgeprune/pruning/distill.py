@@ -6,9 +6,9 @@ teacher itself need to stay in memory while the student trains. The loss is KL(t
 tokens plus the tail. Every weight of the decoder layers is trained (full fine-tuning of the kept weights); the
 embeddings and the output head stay as they are, so the exported shape, and the planner's cost model, do not change.
 
-Training sequences are windows spread evenly over the recovery text (texts.recovery_text: broader than the
-calibration text and free of every evaluation text); every other window is held out, and its KL divergence is the
-stop rule. Ctrl-C or SIGTERM ends the current step, then writes a checkpoint; the same run started again resumes
+Training sequences are windows spread evenly over the recovery texts (texts.recovery_texts: broader than the
+calibration text and free of every evaluation text), an equal share from each; a few are held out, and their KL
+divergence is the stop rule. Ctrl-C or SIGTERM ends the current step, then writes a checkpoint; the same run started again resumes
 from it and gives the same weights as a run that was never interrupted.
 """
 
@@ -67,17 +67,19 @@ class DistillResult:
     train_loss: list[float]
 
 
-def windows(text: Text, tokenizer, options: DistillOptions, bos_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training and held-out token windows, spread evenly over the whole text, alternating."""
-    n_train = options.steps * options.batch_size
-    count = n_train + options.held_out
+def windows(texts: list[Text], tokenizer, options: DistillOptions, bos_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training and held-out token windows, taken from the texts in turn (each text gets an equal share, however
+    long it is) and spread evenly over each one; the held-out ones are every so many of them."""
+    count = options.steps * options.batch_size + options.held_out
     width = options.seq_len * CHARS_PER_TOKEN
-    stride = max(1, (len(text.content) - width) // count)
+    per_text = -(-count // len(texts))
     rows = []
     for i in range(count):
-        ids = tokenizer(text.content[i * stride:i * stride + width], add_special_tokens=False)["input_ids"]
+        text = texts[i % len(texts)]
+        start = (i // len(texts)) * max(1, (len(text.content) - width) // per_text)
+        ids = tokenizer(text.content[start:start + width], add_special_tokens=False)["input_ids"]
         if len(ids) < options.seq_len:
-            raise EdgepruneError(f"recovery text {text.name} is too short for {count} windows of {options.seq_len} "
+            raise EdgepruneError(f"recovery text {text.name} is too short for {per_text} windows of {options.seq_len} "
                                  "tokens: give a longer text or fewer distillation steps")
         rows.append(ids[:options.seq_len])
     batch = torch.tensor(rows, dtype=torch.long)
