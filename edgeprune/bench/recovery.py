@@ -2,7 +2,7 @@
 
 At 30% and 50% of decoder parameters removed (MLP channels, edgeprune's default pruning), three ways: one-shot
 retraining-free (the ridge reconstruction only), one-shot then distillation, and iterative (three pruning steps,
-each re-scored after the distillation of the one before). Every model is written as an F16 GGUF and measured by
+each re-scored after the distillation of the one before, a third of the distillation steps each). Every model is written as an F16 GGUF and measured by
 llama.cpp on both held-out texts, the odd Python reference topics and The Tempest; its KL divergence against the
 dense F16 model on the first. Distillation trains on texts.recovery_texts, which hold neither.
 """
@@ -10,6 +10,7 @@ dense F16 model on the first. Distillation trains on texts.recovery_texts, which
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import tempfile
 import time
@@ -73,9 +74,10 @@ def run(progress) -> SuiteResult:
                                             (f"iterative ×{ITERATIVE_STEPS} + distillation", ITERATIVE_STEPS, True)):
                 progress(f"recovery: {ratio:.0%}, {label}")
                 results = []
+                per_step = dataclasses.replace(options, steps=options.steps // steps)  # the same budget in all
 
                 def recover(model, step: int) -> None:
-                    results.append(distill(model, cache, options, tmp / f"step-{step}.pt", progress))
+                    results.append(distill(model, cache, per_step, tmp / f"step-{step}.pt", progress))
                     (tmp / f"step-{step}.pt").unlink(missing_ok=True)
 
                 start = time.perf_counter()

@@ -36,8 +36,10 @@ CHARS_PER_TOKEN = 8  # characters read per wanted token of a window: more than a
 
 @dataclass(frozen=True)
 class DistillOptions:
-    """How long and how hard to distil. The defaults were measured on SmolLM2-135M at 30% of decoder parameters
-    removed (`python -m edgeprune.bench recovery`), on the Python reference and on The Tempest."""
+    """How long and how hard to distil, per pruning step. Measured on SmolLM2-135M at 30% of decoder parameters
+    removed, on both held-out texts (odd reference topics; The Tempest): 60 steps at lr 1e-4 took the one-shot PPL
+    15.18 / 90.37 to 14.09 / 52.07 (dense 11.66 / 29.89) in 4 minutes, held-out KL still falling; 120 steps
+    (about 8 minutes on 2 cores, 3 more for the teacher) is the default. `python -m edgeprune.bench recovery`."""
 
     steps: int = 120
     batch_size: int = 4
