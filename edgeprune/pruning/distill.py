@@ -192,12 +192,10 @@ class _DeferredInterrupt:
             signal.signal(s, handler)
         return False
 
-    def raise_now(self, checkpoint: Path, step: int):
-        if self.received == signal.SIGINT:
-            raise KeyboardInterrupt(f"interrupted at step {step}: checkpoint {checkpoint}")
-        from ..atomic import Terminated
+    def raise_now(self):
+        from ..atomic import _interruption
 
-        raise Terminated(f"terminated at step {step}: checkpoint {checkpoint}")
+        raise _interruption(self.received)
 
 
 def distill(student: torch.nn.Module, cache: TeacherCache, options: DistillOptions, checkpoint: Path,
@@ -241,8 +239,8 @@ def distill(student: torch.nn.Module, cache: TeacherCache, options: DistillOptio
                     _held_out_check(student, cache, options, state, device, progress)
                     if state["stopped"]:
                         break
-                rows = slice(step * options.batch_size % n_train, step * options.batch_size % n_train
-                             + options.batch_size)
+                first = step * options.batch_size % n_train
+                rows = slice(first, first + options.batch_size)
                 tokens, logp, ids, tail = cache.batch("train", rows, device)
                 loss = topk_kl(student(tokens, use_cache=False).logits, logp, ids, tail)
                 optimizer.zero_grad(set_to_none=True)
@@ -254,7 +252,7 @@ def distill(student: torch.nn.Module, cache: TeacherCache, options: DistillOptio
                     progress(f"distillation: step {step + 1}/{options.steps}, KL {state['train_loss'][-1]:.4f}")
                 if interrupt.received is not None:
                     _save(checkpoint, key, named, optimizer, state)
-                    interrupt.raise_now(checkpoint, state["step"])
+                    interrupt.raise_now()
             if not finished and not state["stopped"]:
                 _held_out_check(student, cache, options, state, device, progress)
     finally:
