@@ -40,7 +40,7 @@ _SECTIONS = {
     "texts": {"calibration", "evaluation"},
     "evaluation": {"context", "chunks"},
     "output": {"dir"},
-    "targets": {"name", "profile", "context_length", "quants", "allocation", "mix"},
+    "targets": {"name", "profile", "context_length", "quants", "allocation", "mix", "recovery_minutes"},
 }
 
 EXAMPLE = '''# edgeprune build file: `edgeprune build` builds every [[targets]] entry from one model.
@@ -65,7 +65,8 @@ dir = "out"     # one directory per target, plus manifest.json and index.html
 # One entry per device. `profile` is a shipped profile name (edgeprune profiles list) or a .toml path.
 # Optional overrides: context_length, quants (the planner's allow-list), allocation ("uniform" keeps a
 # plain llama GGUF every runtime loads; "adaptive" allows per-layer widths, a deci GGUF), mix (true: the
-# planner also ranks mixed-precision plans, a type per tensor by sensitivity, as `export --mix`).
+# planner also ranks mixed-precision plans, a type per tensor by sensitivity, as `export --mix`),
+# recovery_minutes (the planner may prune deeper and recover by distillation within that many minutes here).
 [[targets]]
 name = "pi5"
 profile = "raspberry-pi-5-8gb"
@@ -77,6 +78,7 @@ profile = "x86-laptop-16gb"
 # quants = ["Q4_K_M", "Q5_K_M", "Q8_0"]
 # allocation = "uniform"
 # mix = true
+# recovery_minutes = 15
 '''
 
 
@@ -88,6 +90,7 @@ class Target:
     quants: tuple[str, ...] | None = None
     allocation: str | None = None
     mix: bool = False
+    recovery_minutes: float | None = None
 
 
 @dataclass(frozen=True)
@@ -167,11 +170,17 @@ def load_build_file(path: Path) -> BuildFile:
         mix = entry.get("mix", False)
         if not isinstance(mix, bool):
             raise EdgepruneError(f"{path}: target {name!r}: mix must be true or false")
+        minutes = entry.get("recovery_minutes")
+        if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, (int, float))
+                                    or not 0 < minutes < float("inf")):
+            raise EdgepruneError(f"{path}: target {name!r}: recovery_minutes must be a number of minutes above zero, "
+                                 f"got {minutes!r}")
         if profile.endswith(".toml") or "/" in profile:
             profile = str(base / profile)
         targets.append(Target(name, profile, entry.get("context_length") and
                               integer(entry.get("context_length"), f"target {name!r} context_length", 0, 64),
-                              tuple(q.upper() for q in quants) if quants else None, allocation, mix))
+                              tuple(q.upper() for q in quants) if quants else None, allocation, mix,
+                              None if minutes is None else float(minutes)))
     if not targets:
         raise EdgepruneError(f"{path}: no [[targets]]: add one per device (see `edgeprune init`)")
     names = [t.name for t in targets]
@@ -282,7 +291,7 @@ def run_build(build: BuildFile, *, only: tuple[str, ...] = (), jobs: int = 1, th
                                  f"{base.name} does not allow (runtime.allow_deci = false)")
         profiles[target.name] = with_overrides(base, out / target.name / f"{base.name}.toml",
                                                context_length=target.context_length, quant_types=target.quants,
-                                               allow_deci=deci)
+                                               allow_deci=deci, recovery_minutes=target.recovery_minutes)
     hashes = _FileHashes(out / ".input-hashes.json")
     say(f"hashing the inputs ({model.name})")
     found_versions = versions()

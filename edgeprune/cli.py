@@ -7,6 +7,7 @@ file is left under a final name.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
@@ -52,10 +53,22 @@ def require_build_install(command: str) -> None:
                              "pip install 'edgeprune[build]', or run it on the build host")
 
 
-def _profile(name_or_path: str):
+def _profile(name_or_path: str, recovery_minutes: float | None = None):
+    """A profile by name or path; `recovery_minutes` (--recovery-minutes) replaces its recovery budget."""
     from .profiles import load_profile
 
-    return load_profile(name_or_path)
+    profile = load_profile(name_or_path)
+    if recovery_minutes is None:
+        return profile
+    if not 0 < recovery_minutes < float("inf"):
+        raise EdgepruneError(f"--recovery-minutes must be a number of minutes above zero, got {recovery_minutes:g}")
+    return dataclasses.replace(profile, budgets=dataclasses.replace(profile.budgets, recovery_minutes=recovery_minutes))
+
+
+def recovery_minutes_option(fn):
+    return click.option("--recovery-minutes", type=float, default=None,
+                        help="Minutes this machine may spend recovering a pruned model by distillation, replacing "
+                             "the profile's recovery_minutes: the planner may then prune deeper and recover.")(fn)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
@@ -185,11 +198,12 @@ def text_options(fn):
 @search_option
 @pruning_options
 @recovery_options
+@recovery_minutes_option
 @text_options
 @scale_options
 def export(model, profile_name, quant, out_dir, calib, no_imatrix, mix, allow_pickle, search, heads, ffn, layers,
-           method, allocation, distill_steps, prune_steps, recovery_text, eval_path, threads, eval_chunks, eval_ctx,
-           host_profile, on_device, calib_sequences, streaming, device):
+           method, allocation, distill_steps, prune_steps, recovery_text, recovery_minutes, eval_path, threads,
+           eval_chunks, eval_ctx, host_profile, on_device, calib_sequences, streaming, device):
     """Export MODEL (a Hugging Face Llama directory or a llama GGUF) for a device profile.
 
     The profile decides: the planner picks the quant type and the pruning that meet its budgets with the least
@@ -202,7 +216,7 @@ def export(model, profile_name, quant, out_dir, calib, no_imatrix, mix, allow_pi
 
     if mix and no_imatrix:
         raise EdgepruneError("--mix weighs each tensor's error by the importance matrix: drop --no-imatrix")
-    profile = _profile(profile_name)
+    profile = _profile(profile_name, recovery_minutes)
     prune = _prune_options(quant or profile.runtime.default_quant, heads, ffn, layers, method, allocation)
     options = ExportOptions(quant=quant, calib=calib, eval=eval_path, imatrix=not no_imatrix, eval_ctx=eval_ctx,
                             eval_chunks=eval_chunks, threads=threads, allow_pickle=allow_pickle,
@@ -395,23 +409,24 @@ def _write_back_efficiency(profile, gguf: Path, report, destination: Path) -> No
               help="Calibration text for --search measured (UTF-8). Default: built-in, offline.")
 @click.option("--threads", type=int, default=None, help="Threads for llama.cpp (--search measured). Default: all cores.")
 @click.option("--mix", is_flag=True, help="Also rank mixed-precision candidates, as export --mix does.")
+@recovery_minutes_option
 @search_option
-def plan(model, profile_name, quants, as_json, allow_pickle, calib, threads, mix, search):
+def plan(model, profile_name, quants, as_json, allow_pickle, calib, threads, mix, recovery_minutes, search):
     """Choose quantization and pruning for MODEL on a device, and explain why. Nothing is built unless
     --search measured builds and scores the best few candidates."""
     require_build_install("plan")
     from converters import ConversionInput
 
     from .loading import load_model, open_model
-    from .planner import check_mixed_search, format_plan, make_plan
+    from .planner import check_search_options, format_plan, make_plan
     from .quantize import check_quant_type
     from .shapes import shape_of
     from .streaming import conversion_input, lazy_shape
     from .texts import calibration_text
 
-    profile = _profile(profile_name)
+    profile = _profile(profile_name, recovery_minutes)
     quants = tuple(check_quant_type(q) for q in quants) or None
-    check_mixed_search(mix, search)
+    check_search_options(search, mix, profile)
     calibration = calibration_text(calib)
     if search == "measured" or allow_pickle:  # candidates are built from the whole model in memory
         loaded = load_model(model, allow_pickle=allow_pickle, progress=progress)

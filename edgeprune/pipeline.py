@@ -25,7 +25,7 @@ from .calibration import check_calibration_length, collect_calibration
 from .errors import EdgepruneError
 from .loading import layer_count, load_model, open_model
 from .mixed import choose_mix
-from .planner import Plan, check_mixed_search, make_plan
+from .planner import Plan, check_search_options, make_plan
 from .profiles import Profile
 from .reporting import write_report_pages
 from .resources import Resources, plan_resources
@@ -112,7 +112,7 @@ def check_export_inputs(model_path: str | Path, profile: Profile | None, out_dir
     path (in memory or layer-streamed) with its memory and disk estimates, refused if this machine lacks them."""
     if options.quant:
         check_quant_type(options.quant)
-    check_mixed_search(options.mix, options.search)
+    check_search_options(options.search, options.mix, profile)
     if options.prune is not None:
         options.prune.validate(layer_count(model_path))
     if profile is not None:
@@ -278,7 +278,8 @@ def build_output(prepared: Prepared, profile: Profile | None, out_dir: Path, say
     plan, quant, prune = None, explicit_quant, options.prune
     if profile is not None and prune is None:
         plan = prepared.timed("plan", make_plan, prepared.conversion_input(metadata), base_shape, profile,
-                              quants=(explicit_quant,) if explicit_quant else None, mixed=options.mix, progress=say)
+                              quants=(explicit_quant,) if explicit_quant else None, mixed=options.mix,
+                              can_recover=not prepared.resources.streamed, progress=say)
         if options.search == "measured":
             from .search import measured_plan
 
@@ -288,6 +289,11 @@ def build_output(prepared: Prepared, profile: Profile | None, out_dir: Path, say
         quant, prune = plan.chosen.candidate.quant, plan.chosen.candidate.prune_options(base_shape)
     quant = quant or (profile.runtime.default_quant if profile is not None else "F16")
     mixing = plan.chosen.candidate.mixed if plan is not None else options.mix
+    distillation = options.distill
+    if distillation is None and plan is not None and plan.chosen.candidate.recovered:
+        from .pruning.distill import DistillOptions
+
+        distillation = DistillOptions()  # the steps recovery_table.toml measured, which the plan's estimate assumes
     reference = prepared.reference
     stem = output_stem(model_path)
     use_imatrix = quant != "F16" and options.imatrix and quant not in ("F32", "BF16")
@@ -316,7 +322,7 @@ def build_output(prepared: Prepared, profile: Profile | None, out_dir: Path, say
         if prune is not None:
             from .pruning import prune_model
 
-            recovery = Distillation(prepared, model, out_dir, say) if options.distill is not None else None
+            recovery = Distillation(prepared, distillation, model, out_dir, say) if distillation is not None else None
             pruned = prepared.timed("prune", prune_model, copy.deepcopy(model) if prepared.shared else model,
                                     prepared.tokens, prune, progress=say, recover=recovery)
             model, prune_details = pruned.model, _prune_summary(pruned)
@@ -382,11 +388,11 @@ class Distillation:
     model, is run once over the recovery text's windows before pruning, its outputs cached under the output
     directory with the checkpoints an interrupted run resumes from."""
 
-    def __init__(self, prepared: Prepared, teacher, out_dir: Path, say: Progress):
+    def __init__(self, prepared: Prepared, options, teacher, out_dir: Path, say: Progress):
         from .pruning.distill import TeacherCache, windows
         from .texts import read_text_file, recovery_texts
 
-        self.options, self.say, self.results = prepared.options.distill, say, []
+        self.options, self.say, self.results = options, say, []
         self.directory = out_dir / RECOVERY_DIR
         texts = ([read_text_file(prepared.options.recovery_text, "recovery")] if prepared.options.recovery_text
                  else recovery_texts())

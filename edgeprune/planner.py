@@ -53,6 +53,7 @@ class Candidate:
     layers_removed: int
     allocation: str  # "uniform" exports as llama, "adaptive" as deci
     mixed: bool = False  # a type per tensor by sensitivity, in `quant`'s bytes (edgeprune.mixed)
+    recovered: bool = False  # pruned, then recovered by distillation from the unpruned model (pruning.distill)
 
     def label(self, base: ModelShape) -> str:
         parts = [f"{self.quant} mixed" if self.mixed else self.quant]
@@ -65,7 +66,7 @@ class Candidate:
             parts.append(f"-{self.layers_removed} layers")
         if len(parts) > 1:
             parts.append(self.allocation)
-        return ", ".join(parts)
+        return ", ".join(parts) + (" + distillation" if self.recovered else "")
 
     def shape(self, base: ModelShape) -> ModelShape:
         """The uniform shape with the same widths: what sizes and speeds are priced on."""
@@ -113,6 +114,7 @@ class Evaluated:
     quality_loss: float  # estimated Δ log PPL
     basis: str  # a key of BASES: how the quality table backs quality_loss
     violations: list[Violation] = field(default_factory=list)
+    recovery_minutes: float | None = None  # estimated recovery time on the build host, for a recovered candidate
 
     @property
     def estimate(self) -> str:
@@ -131,6 +133,7 @@ class Evaluated:
             "file_mib": round(p.size.file_bytes / MIB, 2), "memory_mib": round(p.memory_bytes / MIB, 2),
             "decode_tps": round(p.decode_tps, 2), "prefill_tps": round(p.prefill_tps, 2), "ttft_s": round(p.ttft_s, 3),
             "estimated_ppl_increase": round(100 * (math.exp(self.quality_loss) - 1), 1), "estimate_basis": self.basis,
+            "recovery_minutes": None if self.recovery_minutes is None else round(self.recovery_minutes, 1),
             "violations": [str(v) for v in self.violations],
         }
 
@@ -165,6 +168,9 @@ class Plan:
                       "that meet every budget")
         if better:
             reason += "; each less lossy one breaks a budget (below)"
+        if self.chosen.candidate.recovered:
+            reason += (f"; recovered by distillation from the unpruned model, about {self.chosen.recovery_minutes:.0f} "
+                       "min here (what recovery_table.toml measured on 2 cores, scaled by decoder parameters)")
         if self.chosen.candidate.mixed:
             reason += (f"; mixed: each tensor gets the llama.cpp type that removes the most estimated damage per byte "
                        f"(imatrix-weighted error, measured per tensor and type), in {self.chosen.candidate.quant}'s "
@@ -174,11 +180,21 @@ class Plan:
 
 def load_quality_table() -> dict:
     """quality_table.toml (`python -m edgeprune.bench quality`), with the mixed-precision rows of
-    mixed_table.toml (`python -m edgeprune.bench mixed`) under "mixed"."""
+    mixed_table.toml (`python -m edgeprune.bench mixed`) under "mixed" and the recovered-pruning rows of
+    recovery_table.toml (`python -m edgeprune.bench recovery`) under "recovery"."""
     package = resources.files("edgeprune")
     table = tomllib.loads(package.joinpath("quality_table.toml").read_text(encoding="utf-8"))
     table["mixed"] = tomllib.loads(package.joinpath("mixed_table.toml").read_text(encoding="utf-8"))
+    table["recovery"] = tomllib.loads(package.joinpath("recovery_table.toml").read_text(encoding="utf-8"))
     return table
+
+
+def recovery_minutes(base: ModelShape, table: dict) -> float:
+    """Estimated minutes of recovery by distillation (the teacher's pass and the default steps): what it took on the
+    machine that measured recovery_table.toml, scaled by decoder parameters (training cost is per parameter)."""
+    cost = table["recovery"]["cost"]
+    seconds = cost["teacher_seconds"] + cost["steps"] * cost["seconds_per_step"]
+    return seconds * base.decoder_params() / cost["decoder_params"] / 60
 
 
 def estimated_loss(candidate: Candidate, base: ModelShape, table: dict) -> tuple[float, str]:
@@ -203,7 +219,7 @@ def estimated_loss(candidate: Candidate, base: ModelShape, table: dict) -> tuple
     decoder = base.decoder_params()
     mlp_removed = 3 * d * (full.n_ff - candidate.n_ff) * (base.n_layers - candidate.layers_removed)
     heads_removed = 2 * d * hd * (full.n_head - candidate.heads_per_group * full.n_head_kv) * (base.n_layers - candidate.layers_removed)
-    curve = pruning[candidate.allocation]
+    curve = table["recovery"]["recovered"][candidate.allocation] if candidate.recovered else pruning[candidate.allocation]
     loss = _interpolate(curve, mlp_removed / decoder) + pruning["heads_factor"] * _interpolate(curve, heads_removed / decoder)
     bases = [basis, _curve_basis(curve, mlp_removed / decoder)]
     if heads_removed or candidate.layers_removed:  # heads_factor and per_layer_removed are estimates, not rows
@@ -225,15 +241,23 @@ def _curve_basis(points: list[list[float]], x: float) -> str:
     return "interpolated" if x < points[-1][0] else "extrapolated"
 
 
-def check_mixed_search(mixed: bool, search: str) -> None:
-    if mixed and search == "measured":
+def check_search_options(search: str, mixed: bool, profile=None) -> None:
+    """`--search measured` builds and scores plain candidates: refused with what it cannot build."""
+    if search != "measured":
+        return
+    if mixed:
         raise EdgepruneError("--search measured builds and scores named types only: drop --mix, or use --search "
                              "estimated to let the planner rank mixed candidates")
+    if profile is not None and profile.budgets.recovery_minutes is not None:
+        raise EdgepruneError(f"--search measured builds candidates without recovery, but profile {profile.name} "
+                             "gives a recovery budget (recovery_minutes): use --search estimated, or drop "
+                             "recovery_minutes")
 
 
-def enumerate_candidates(base: ModelShape, quants: tuple[str, ...], allow_deci: bool,
-                         mixed: bool = False) -> list[Candidate]:
-    """Every structure at every type; with `mixed`, each quantized one also as a mix in that type's bytes."""
+def enumerate_candidates(base: ModelShape, quants: tuple[str, ...], allow_deci: bool, mixed: bool = False,
+                         recovered: tuple[str, ...] = ()) -> list[Candidate]:
+    """Every structure at every type; with `mixed`, each quantized one also as a mix in that type's bytes; each
+    pruned one of an allocation in `recovered` also recovered by distillation."""
     full = base.layers[0]
     group = full.n_head // full.n_head_kv
     out = []
@@ -252,6 +276,7 @@ def enumerate_candidates(base: ModelShape, quants: tuple[str, ...], allow_deci: 
                         continue
                     for allocation in ("uniform", "adaptive") if allow_deci else ("uniform",):
                         out.append(Candidate(quant, n_ff, heads, layers, allocation))
+    out += [dataclasses.replace(c, recovered=True) for c in out if c.allocation in recovered]
     if mixed:
         out += [dataclasses.replace(c, mixed=True) for c in out if c.quant not in UNMIXED]
     return out
@@ -278,6 +303,7 @@ def evaluate(source: ConversionInput, base: ModelShape, candidates: list[Candida
     and within the profile's decode budget with the same margin (edgeprune.mixed.choose_mix)."""
     sizes: dict = {}
     out = []
+    minutes = recovery_minutes(base, table)
     for i, c in enumerate(candidates):
         shape = c.shape(base)
         key = (c.quant, shape)
@@ -286,18 +312,24 @@ def evaluate(source: ConversionInput, base: ModelShape, candidates: list[Candida
                 progress(f"planning: pricing candidate {i + 1}/{len(candidates)} with llama.cpp's dry run")
             sizes[key] = estimate_size(source, shape, c.quant)
         prediction = predict_for_size(sizes[key], shape, profile)
-        out.append(Evaluated(c, prediction, *estimated_loss(c, base, table), violations(prediction, profile)))
+        found = violations(prediction, profile)
+        if c.recovered and minutes > (profile.budgets.recovery_minutes or 0):
+            found.append(Violation("recovery", minutes, profile.budgets.recovery_minutes or 0, "min"))
+        out.append(Evaluated(c, prediction, *estimated_loss(c, base, table), found,
+                             minutes if c.recovered else None))
     return out
 
 
 def make_plan(source: ConversionInput, base: ModelShape, profile, *, quants: tuple[str, ...] | None = None,
-              mixed: bool = False, progress: Callable[[str], None] | None = None) -> Plan:
+              mixed: bool = False, can_recover: bool = True, progress: Callable[[str], None] | None = None) -> Plan:
     """The best candidate for `profile`, or a one-line error saying what the closest one misses and what would help.
-    `mixed` adds mixed-precision candidates (edgeprune.mixed), preferred over their named type on equal estimates."""
+    `mixed` adds mixed-precision candidates (edgeprune.mixed), preferred over their named type on equal estimates.
+    A profile with a recovery budget adds recovered twins of the pruned ones, where the export `can_recover`."""
     table = load_quality_table()
     quants = quants or profile.runtime.quant_types
-    evaluated = evaluate(source, base, enumerate_candidates(base, quants, profile.runtime.allow_deci, mixed), profile,
-                         table, progress)
+    recovered = tuple(table["recovery"]["recovered"]) if can_recover and profile.budgets.recovery_minutes else ()
+    candidates = enumerate_candidates(base, quants, profile.runtime.allow_deci, mixed, recovered)
+    evaluated = evaluate(source, base, candidates, profile, table, progress)
     feasible = sorted((e for e in evaluated if e.feasible), key=lambda e: (e.quality_loss, not e.candidate.mixed))
     if not feasible:
         raise EdgepruneError(_impossible(source, base, evaluated, profile, table))
@@ -337,6 +369,7 @@ def format_plan(plan: Plan, model_name: str, profile) -> str:
     """One screen: budgets, the choice with its predictions and reason, and the nearest rejected candidates."""
     b, c = profile.budgets, plan.chosen.to_dict(plan.base)
     file_budget = f", file <= {b.max_file_mib:g} MiB" if b.max_file_mib is not None else ""
+    file_budget += f", recovery <= {b.recovery_minutes:g} min" if b.recovery_minutes is not None else ""
     lines = [
         f"plan for {model_name} on {plan.device} [{plan.profile_name}]",
         f"budgets    memory <= {b.memory_mib:g} MiB at ctx {b.context_length}, decode >= {b.min_decode_tps:g} tok/s, "

@@ -66,6 +66,9 @@ class Budgets:
     max_ttft_s: float
     ttft_prompt_tokens: int
     max_file_mib: float | None
+    # Minutes the build host may spend on recovery by distillation (edgeprune.pruning.distill); absent: none.
+    # With it, the planner may prune deeper and recover.
+    recovery_minutes: float | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, _Field]]] = {
         "max_ttft_s": _Field("number", "2.0", "seconds"),
         "ttft_prompt_tokens": _Field("count", "128", "tokens"),
         "max_file_mib": _Field("number", "1024", "MiB", optional=True),
+        "recovery_minutes": _Field("number", "15", "minutes", optional=True),
     }),
 }
 
@@ -144,7 +148,8 @@ def profile_to_toml(profile: Profile) -> str:
 
 
 def with_overrides(profile: Profile, path: Path, *, context_length: int | None = None,
-                   quant_types: tuple[str, ...] | None = None, allow_deci: bool | None = None) -> tuple[Profile, str]:
+                   quant_types: tuple[str, ...] | None = None, allow_deci: bool | None = None,
+                   recovery_minutes: float | None = None) -> tuple[Profile, str]:
     """The profile with a build target's overrides, as it would read from `path`, and its TOML text: checked by
     the same rules as a profile file, so an override cannot make a profile no file could be."""
     runtime, budgets = profile.runtime, profile.budgets
@@ -155,6 +160,8 @@ def with_overrides(profile: Profile, path: Path, *, context_length: int | None =
         runtime = dataclasses.replace(runtime, allow_deci=allow_deci)
     if context_length is not None:
         budgets = dataclasses.replace(budgets, context_length=context_length)
+    if recovery_minutes is not None:
+        budgets = dataclasses.replace(budgets, recovery_minutes=recovery_minutes)
     text = profile_to_toml(dataclasses.replace(profile, runtime=runtime, budgets=budgets))
     return _parse(path, text), text
 

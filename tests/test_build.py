@@ -75,6 +75,7 @@ def test_init_writes_an_example_that_loads_and_never_overwrites(tmp_path):
     ("[[targets]]\nname = 'a'\nprofile = 'p'\n[[targets]]\nname = 'a'\nprofile = 'q'\n", "target names repeat \\(a\\)"),
     ("[[targets]]\nname = 'a'\nprofile = 'p'\nallocation = 'wide'\n", "allocation must be"),
     ("[[targets]]\nname = 'a'\nprofile = 'p'\nmix = 'yes'\n", "mix must be true or false"),
+    ("[[targets]]\nname = 'a'\nprofile = 'p'\nrecovery_minutes = -1\n", "recovery_minutes must be a number of minutes"),
     ("[[targets]]\nname = '../a'\nprofile = 'p'\n", "needs a name of letters"),
     ("[evaluation]\nchunks = 0\n[[targets]]\nname = 'a'\nprofile = 'p'\n", "chunks must be a whole number"),
 ])
@@ -86,10 +87,12 @@ def test_bad_build_files_fail_in_one_line(tmp_path, text, message):
     assert "\n" not in str(err.value)
 
 
-def test_a_target_can_ask_for_mixed_precision(tmp_path):
+def test_a_target_can_ask_for_mixed_precision_and_recovery(tmp_path):
     path = tmp_path / "b.toml"
-    path.write_text("[[targets]]\nname = 'a'\nprofile = 'p'\nmix = true\n[[targets]]\nname = 'b'\nprofile = 'p'\n")
-    assert [t.mix for t in load_build_file(path).targets] == [True, False]
+    path.write_text("[[targets]]\nname = 'a'\nprofile = 'p'\nmix = true\nrecovery_minutes = 15\n"
+                    "[[targets]]\nname = 'b'\nprofile = 'p'\n")
+    targets = load_build_file(path).targets
+    assert [t.mix for t in targets] == [True, False] and [t.recovery_minutes for t in targets] == [15.0, None]
 
 
 def test_chat_families_are_recognised():

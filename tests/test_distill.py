@@ -103,3 +103,35 @@ def test_an_interrupted_recovery_resumes_to_the_same_gguf(tiny_bpe_llama, recove
     name = next(p.name for p in (tmp_path / "whole").glob("*-Q8_0.gguf"))
     assert _sha(out / name) == _sha(tmp_path / "whole" / name)
     assert not (out / ".edgeprune-recovery").exists()
+
+
+def test_the_planner_chooses_recovery_when_the_profile_gives_it_time(tiny_bpe_llama, recovery_file, tmp_path):
+    """A file budget that forces pruning and --recovery-minutes: the plan is a recovered cut, the export distils it
+    from the unpruned model, and the report says how."""
+    import dataclasses
+    import json
+
+    from converters import ConversionInput
+    from edgeprune.costmodel import estimate_size
+    from edgeprune.profiles import load_profile, profile_to_toml
+    from edgeprune.shapes import shape_of
+
+    loaded = load_model(tiny_bpe_llama)
+    q4 = estimate_size(ConversionInput(loaded.model, loaded.vocab, "tiny", 256), shape_of(loaded.model),
+                       "Q4_0").file_bytes / (1 << 20)
+    base = load_profile("x86-laptop-16gb")
+    profile = tmp_path / "tight.toml"
+    profile.write_text(profile_to_toml(dataclasses.replace(base, budgets=dataclasses.replace(
+        base.budgets, context_length=256, max_file_mib=q4 * 0.97))))
+    out = tmp_path / "out"
+    result = run_cli("export", str(tiny_bpe_llama), "--profile", str(profile), "--out", str(out),
+                     "--recovery-minutes", "5", "--recovery-text", str(recovery_file), "--eval-chunks", "1",
+                     "--eval-ctx", "128", timeout=900)
+    assert result.returncode in (0, 1), result.stderr[-3000:]
+    plan_line = next(line for line in result.stderr.splitlines() if "] plan: " in line)
+    assert "+ distillation" in plan_line and "distillation: held-out KL" in result.stderr
+    export = json.loads((out / "report.json").read_text())["export"]
+    assert export["plan"]["chosen"]["recovered"] and export["plan"]["chosen"]["recovery_minutes"] < 5
+    distillation = export["pruning"]["distillation"]
+    assert distillation["options"]["steps"] == 120 and distillation["steps"][0]["steps"] >= 1
+    assert not (out / ".edgeprune-recovery").exists()

@@ -16,7 +16,7 @@ from edgeprune.costmodel import estimate_size, kv_cache_bytes, size_of_gguf
 from edgeprune.errors import EdgepruneError
 from edgeprune.gguf_check import read_gguf
 from edgeprune.loading import load_model
-from edgeprune.planner import SPEED_MARGIN, format_plan, make_plan
+from edgeprune.planner import SPEED_MARGIN, check_search_options, format_plan, make_plan
 from edgeprune.profiles import load_profile
 from edgeprune.quantize import quantize_gguf
 from edgeprune.search import SEARCH_CHUNKS, held_out_text, measured_plan
@@ -121,6 +121,36 @@ def test_mixed_candidates_are_ranked_by_their_measured_rows_only_when_asked(tiny
     no_row = make_plan(tiny, shape, budgeted(), quants=("Q5_K_M",), mixed=True)
     assert no_row.chosen.candidate.label(shape) == "Q5_K_M mixed" and no_row.chosen.estimate.endswith("!")
     assert no_row.chosen.quality_loss == named.chosen.quality_loss
+
+
+def test_a_recovery_budget_adds_recovered_candidates_that_must_fit_it(tiny):
+    """With recovery_minutes the pruned candidates also come recovered by distillation, ranked by
+    recovery_table.toml's rows (less lossy than the same cut without recovery) and priced in minutes; without it,
+    or where the export cannot recover, none is offered; a budget too short for the estimate rejects them by name."""
+    shape = shape_of(tiny.model)
+    q4 = estimate_size(tiny, shape, "Q4_0").file_bytes / MIB
+    tight = budgeted(max_file_mib=q4 * 0.97)
+    plain = make_plan(tiny, shape, tight)
+    assert not any(e.candidate.recovered for e in [plain.chosen, *plain.rejected, *plain.runners_up])
+
+    def with_recovery(minutes):
+        return dataclasses.replace(tight, budgets=dataclasses.replace(tight.budgets, recovery_minutes=minutes))
+
+    recovered = make_plan(tiny, shape, with_recovery(15))
+    chosen = recovered.chosen
+    assert chosen.candidate.recovered and chosen.candidate.allocation == "uniform"
+    assert chosen.quality_loss < plain.chosen.quality_loss
+    assert chosen.prediction.size.file_bytes / MIB <= q4 * 0.97
+    assert 0 < chosen.recovery_minutes < 1  # a tiny model: the measured minutes scaled by decoder parameters
+    assert "+ distillation" in chosen.candidate.label(shape) and "recovered by distillation" in recovered.why()
+    assert "recovery <= 15 min" in format_plan(recovered, "tiny", with_recovery(15))
+    assert make_plan(tiny, shape, with_recovery(15), can_recover=False).chosen.candidate == plain.chosen.candidate
+
+    too_short = make_plan(tiny, shape, with_recovery(chosen.recovery_minutes / 2))
+    assert not too_short.chosen.candidate.recovered
+    assert any(str(v).startswith("recovery ") and v.unit == "min" for e in too_short.rejected for v in e.violations)
+    with pytest.raises(EdgepruneError, match="--search measured builds candidates without recovery"):
+        check_search_options("measured", False, with_recovery(15))
 
 
 def test_impossible_budget_is_one_line_with_a_way_out(tiny):

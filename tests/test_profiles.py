@@ -346,3 +346,12 @@ def test_layer_overhead_must_be_a_positive_number(tmp_path):
     path = write(tmp_path, edited("prefill_efficiency = 1\n", "prefill_efficiency = 1\ndecode_layer_overhead_us = -3\n"))
     with pytest.raises(EdgepruneError, match=r"decode_layer_overhead_us.*microseconds per layer per token"):
         load_profile(path)
+
+
+def test_recovery_minutes_is_an_optional_positive_budget(tmp_path):
+    assert load_profile(write(tmp_path, VALID)).budgets.recovery_minutes is None
+    path = write(tmp_path, edited("max_file_mib = 120\n", "max_file_mib = 120\nrecovery_minutes = 15\n"))
+    assert load_profile(path).budgets.recovery_minutes == 15.0
+    path = write(tmp_path, edited("max_file_mib = 120\n", "max_file_mib = 120\nrecovery_minutes = 0\n"))
+    with pytest.raises(EdgepruneError, match=r"recovery_minutes = 0 must be a finite number of minutes above zero"):
+        load_profile(path)

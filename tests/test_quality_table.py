@@ -63,6 +63,23 @@ def test_uniform_candidates_on_measured_widths_are_measured_and_others_are_not(t
         assert estimated_loss(Candidate(quant, 1536, 3, 0, "none"), SMOLLM2, table) == (table["quant"][quant], "measured")
 
 
+def test_recovered_rows_are_measured_points_below_the_retraining_free_curve(table):
+    """recovery_table.toml: measured shares (whole 32-channel blocks), each less lossy than the one-shot curve there,
+    a recovered candidate on one of them measured, and a cost the planner can scale."""
+    recovered, one_shot = table["recovery"]["recovered"]["uniform"], table["pruning"]["uniform"]
+    assert recovered[0] == [0.0, 0.0] and [p[0] for p in recovered] == sorted({p[0] for p in recovered})
+    for share, loss in recovered[1:]:
+        assert round(share / ONE_BLOCK) == pytest.approx(share / ONE_BLOCK, abs=1e-4)
+        assert 0 < loss < next(l for s, l in one_shot if s == pytest.approx(share))
+    share, loss = recovered[1]
+    n_ff = 1536 - round(share / ONE_BLOCK) * 32
+    assert estimated_loss(Candidate("Q8_0", n_ff, 3, 0, "uniform", recovered=True), SMOLLM2, table) == (
+        pytest.approx(table["quant"]["Q8_0"] + loss), "measured")
+    cost = table["recovery"]["cost"]
+    assert cost["steps"] > 0 and cost["seconds_per_step"] > 0 and cost["decoder_params"] == SMOLLM2.decoder_params()
+    assert table["recovery"]["measured"]["command"] == "python -m edgeprune.bench recovery"
+
+
 # A tiny shape: 2 layers, hidden 64, 4 heads of 16 over 2 KV heads, FFN 128. 32 FFN channels are 1/6 of the
 # decoder parameters, one query head per KV group 1/9.
 TINY = ModelShape(100, 64, 16, (LayerShape(4, 2, 128),) * 2, True)

@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 from converters import ConversionInput, write_gguf
 
+from ..atomic import write_text_atomic
 from ..fetch import fetch_smollm2
 from ..loading import load_model
 from ..pruning import PruneOptions, prune_model
 from ..pruning.distill import DistillOptions, TeacherCache, distill, windows
+from ..shapes import shape_of
 from ..texts import default_calibration_text, default_evaluation_text, recovery_texts, tempest_text
 from ..validate import MIB, measure_perplexity
 from .pruning import split_budget
@@ -32,6 +36,7 @@ RATIOS = tuple(float(r) for r in os.environ.get("EDGEPRUNE_RECOVERY_RATIOS", "0.
 CHUNKS = 10  # 512-token chunks of each held-out text, as the pruning suite
 ITERATIVE_STEPS = 3
 COMMAND = "python -m edgeprune.bench recovery"
+RECOVERY_TABLE = Path(__file__).resolve().parents[1] / "recovery_table.toml"
 
 
 def run(progress) -> SuiteResult:
@@ -87,9 +92,13 @@ def run(progress) -> SuiteResult:
                 measure(label, ratio, pruned.model, time.perf_counter() - start,
                         removed=pruned.removed_params / pruned.decoder_params_before,
                         distill_steps=sum(r.steps for r in results),
+                        distill_seconds=round(sum(r.seconds for r in results), 1),
                         held_out_kld=[r.held_out_kld for r in results])
                 del pruned
     names = [t.name for t in texts]
+    write_text_atomic(RECOVERY_TABLE, recovery_table_toml(rows, names[0], options, teacher_seconds,
+                                                          shape_of(dense).decoder_params(), time.strftime("%Y-%m-%d")))
+    progress(f"recovery: wrote {RECOVERY_TABLE}")
     return SuiteResult(
         title="Recovery by distillation on SmolLM2-135M-Instruct: one-shot, one-shot + distillation, iterative",
         method=(f"{__doc__.split(chr(10) + chr(10))[1].replace(chr(10), ' ')} Distillation: {options}, on "
@@ -121,3 +130,44 @@ def _cells(rows: list[dict], names: list[str]) -> list[list]:
 
 def _closed(one_shot: float, recovered: float, dense: float) -> float:
     return (one_shot - recovered) / (one_shot - dense)
+
+
+def recovery_table_toml(rows: list[dict], text: str, options: DistillOptions, teacher_seconds: float,
+                        decoder_params: int, date: str) -> str:
+    """The planner's rows for recovered candidates (edgeprune.planner.load_quality_table): Δ log PPL against the
+    dense model of one-shot pruning + distillation, per share of decoder parameters removed, and what recovery
+    cost here. Points at ratios this run did not measure are kept from the table it replaces."""
+    dense = rows[0][f"ppl {text}"]
+    recovered = [r for r in rows if r["label"] == "one-shot + distillation"]
+    points = {round(r["removed"], 6): [round(r["removed"], 6), round(math.log(r[f"ppl {text}"] / dense), 5)]
+              for r in recovered}
+    if RECOVERY_TABLE.is_file():
+        for share, loss in tomllib.loads(RECOVERY_TABLE.read_text(encoding="utf-8"))["recovered"]["uniform"][1:]:
+            points.setdefault(round(share, 6), [share, loss])
+    # seconds per step of the slowest measured cut (the least pruned trains slowest), the evaluations included
+    per_step = max(r["distill_seconds"] / r["distill_steps"] for r in recovered)
+    curve = [[0.0, 0.0], *(points[k] for k in sorted(points))]
+    lines = [
+        "# Estimated quality loss of a pruned model recovered by distillation (edgeprune.pruning.distill), as",
+        "# Δ log(perplexity) against the dense model, the measure of quality_table.toml. Written by",
+        f"# `{COMMAND}` (edgeprune/bench/recovery.py): rerun it rather than edit.",
+        f"# SmolLM2-135M-Instruct, MLP channels, one-shot pruning then {options.steps} distillation steps; PPL on",
+        f"# {text}, {CHUNKS} chunks of 512 tokens (quality_table.toml's 20 chunks put the one-shot",
+        "# models within 0.03 of this suite's). [cost] is what recovery took on the 2-core machine that measured it,",
+        "# the teacher's pass included; the planner scales it by decoder parameters.",
+        "",
+        "[recovered]",
+        "# share of decoder parameters removed from MLP channels -> Δ log PPL, per allocation",
+        f"uniform = {curve}",
+        "",
+        "[cost]",
+        f"steps = {options.steps}",
+        f"seconds_per_step = {per_step:.2f}",
+        f"teacher_seconds = {teacher_seconds:.0f}",
+        f"decoder_params = {decoder_params}",
+        "",
+        "[measured]",
+        f'command = "{COMMAND}"',
+        f'date = "{date}"',
+    ]
+    return "\n".join(lines) + "\n"
