@@ -219,7 +219,8 @@ def estimated_loss(candidate: Candidate, base: ModelShape, table: dict) -> tuple
     decoder = base.decoder_params()
     mlp_removed = 3 * d * (full.n_ff - candidate.n_ff) * (base.n_layers - candidate.layers_removed)
     heads_removed = 2 * d * hd * (full.n_head - candidate.heads_per_group * full.n_head_kv) * (base.n_layers - candidate.layers_removed)
-    curve = table["recovery"]["recovered"][candidate.allocation] if candidate.recovered else pruning[candidate.allocation]
+    curves = table["recovery"]["recovered"] if candidate.recovered else pruning
+    curve = curves[candidate.allocation]
     loss = _interpolate(curve, mlp_removed / decoder) + pruning["heads_factor"] * _interpolate(curve, heads_removed / decoder)
     bases = [basis, _curve_basis(curve, mlp_removed / decoder)]
     if heads_removed or candidate.layers_removed:  # heads_factor and per_layer_removed are estimates, not rows

@@ -250,7 +250,7 @@ def _written_tensors(writer, source: LazyLayers, cut: _Cut | None, batches, acc,
     """Pass two, as a stream of GGUF tensors: cut and recover each layer, observe it for the importance matrix,
     and hand its tensors to the writer. A layer is held back until the next one is cut, because losing all
     its heads moves the next layer's attention bias into this layer's down_proj."""
-    from .pruning.prune import RIDGE, cut_layer
+    from .pruning.prune import cut_layer
     from .pruning.recovery import reconstruct_layer
     from .pruning.surgery import add_output_bias
 
@@ -275,7 +275,8 @@ def _written_tensors(writer, source: LazyLayers, cut: _Cut | None, batches, acc,
             layer = source.layer(i)
             moved = None
             if streams is not None:
-                original, pruned, moved = reconstruct_layer(ctx, layer, cut.plans[i], *streams, head_dim, RIDGE)
+                original, pruned, moved = reconstruct_layer(ctx, layer, cut.plans[i], *streams, head_dim,
+                                                            cut.options.ridge)
                 streams = (original, pruned)
             elif cut is not None:
                 moved = cut_layer(i, layer, cut.plans[i], cut.stats, cut.options.recovery, head_dim)

@@ -212,6 +212,7 @@ def test_ridge_refit_recovers_a_redundant_column_exactly():
         (PruneOptions(layers=3), "cannot remove 3 of 3 layers"),
         (PruneOptions(head_mode="rows"), "unknown head_mode"),
         (PruneOptions(ffn=0.2, align=0), "align must be a positive integer"),  # a ratio: a no-op is refused first
+        (PruneOptions(ffn=0.2, ridge=0.0), "ridge must be above zero"),
     ],
 )
 def test_bad_options_are_one_line_errors(tiny, ids, options, message):

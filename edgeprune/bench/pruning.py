@@ -9,6 +9,10 @@ an interrupted run keeps what it measured.
 
     python -m edgeprune.bench.pruning            # the full table (about an hour on 2 cores)
     python -m edgeprune.bench.pruning --ratios 0.2 --methods edgeprune flap magnitude --allocations adaptive
+    python -m edgeprune.bench.pruning --ratios 0.2 0.3 --methods edgeprune --ridges 0.05 0.5 5   # the defaults
+
+"Δ log PPL, mean" is the mean over both texts of log(PPL / dense PPL): in-domain and unlike-calibration text
+weighed alike, the measure edgeprune's pruning defaults are chosen by.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import tempfile
 import time
@@ -31,6 +36,7 @@ from ..cli import progress
 from ..fetch import fetch_smollm2
 from ..loading import load_model
 from ..pruning import PruneOptions, prune_model
+from ..pruning.prune import RIDGE
 from ..shapes import shape_of
 from ..texts import Text, default_calibration_text, default_evaluation_text, tempest_text
 from ..validate import MIB, measure_perplexity, measure_speed, peak_rss_bytes
@@ -81,13 +87,17 @@ def markdown_sections(rows: list[dict], texts: list[str]) -> list[str]:
     """One table per ratio, the dense model first in each, so every row compares against the same baseline."""
     dense = next(r for r in rows if r["method"] == "dense")
     header = ["method", "allocation", "GGUF", "params removed", "F16 MiB", *(f"PPL {t}" for t in texts),
-              "decode tok/s", "prune s", "prune peak RSS MiB"]
+              "Δ log PPL, mean", "decode tok/s", "prune s", "prune peak RSS MiB"]
 
     def cells(r: dict) -> list:
         rss = r.get("prune_peak_rss_mib")
-        return [r["method"], r["allocation"] or "–", r["architecture"], f"{100 * r['removed_fraction']:.1f}%",
-                f"{r['file_mib']:.1f}", *(f"{r['ppl'][t]:,.2f}" for t in texts), f"{r['decode_tps']:.1f}",
-                f"{r['prune_seconds']:.0f}" if "prune_seconds" in r else "–", f"{rss:.0f}" if rss else "–"]
+        ridge = r.get("options", {}).get("ridge", RIDGE)
+        name = r["method"] + (f", ridge {ridge:g}" if ridge != RIDGE else "")
+        mean = sum(math.log(r["ppl"][t] / dense["ppl"][t]) for t in texts) / len(texts)
+        return [name, r["allocation"] or "–", r["architecture"], f"{100 * r['removed_fraction']:.1f}%",
+                f"{r['file_mib']:.1f}", *(f"{r['ppl'][t]:,.2f}" for t in texts), f"{mean:.4f}",
+                f"{r['decode_tps']:.1f}", f"{r['prune_seconds']:.0f}" if "prune_seconds" in r else "–",
+                f"{rss:.0f}" if rss else "–"]
 
     sections = []
     for ratio in sorted({r["ratio"] for r in rows if r["ratio"]}):
@@ -104,6 +114,8 @@ def main() -> None:
     parser.add_argument("--allocations", nargs="+", default=["uniform", "adaptive"], choices=["uniform", "adaptive"])
     parser.add_argument("--head-share", type=float, default=0.0,
                         help="share of the removed parameters taken from attention heads (rest from FFN channels)")
+    parser.add_argument("--ridges", type=float, nargs="+", default=[RIDGE],
+                        help="the reconstruction's ridge strengths to try (edgeprune's own recovery only)")
     parser.add_argument("--chunks", type=int, default=10, help="512-token chunks of each evaluation text")
     parser.add_argument("--calib-sequences", type=int, default=32)
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
@@ -135,28 +147,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="edgeprune-bench-pruning-") as tmp:
         rows.append({"method": "dense", "allocation": None, "ratio": 0.0, "removed_fraction": 0.0, **measured(base, tmp)})
         for ratio in args.ratios:
-            for name in args.methods:
-                for allocation in args.allocations:
-                    heads, ffn = split_budget(ratio, args.head_share, base)
-                    options = PruneOptions(heads=heads, ffn=ffn, allocation=allocation,
-                                           calib_sequences=args.calib_sequences, **METHODS[name])
-                    progress(f"pruning: {name}, {allocation}, {ratio:.0%}")
-                    model = copy.deepcopy(base)
-                    rss_window = reset_peak_rss()
-                    result = prune_model(model, calib_ids, options, progress=progress)
-                    peak = peak_rss_bytes() if rss_window else None
-                    rows.append({
-                        "method": name, "allocation": allocation, "ratio": ratio, "options": asdict(options),
-                        "removed_fraction": result.removed_params / result.decoder_params_before,
-                        "prune_seconds": round(result.seconds, 1),
-                        "prune_peak_rss_mib": peak / MIB if peak else None,
-                        "widths": result.details["widths"], "head_mode": result.details["head_mode"],
-                        **measured(result.model, tmp),
-                    })
-                    print(json.dumps({k: rows[-1][k] for k in ("method", "allocation", "ratio", "ppl", "decode_tps")}),
-                          flush=True)
-                    checkpoint()
-                    del model, result
+            for name, allocation, ridge in [(n, a, r) for n in args.methods for a in args.allocations
+                                            for r in (args.ridges if METHODS[n].get("recovery") in (None, "reconstruct") else [RIDGE])]:
+                heads, ffn = split_budget(ratio, args.head_share, base)
+                options = PruneOptions(heads=heads, ffn=ffn, allocation=allocation, ridge=ridge,
+                                       calib_sequences=args.calib_sequences, **METHODS[name])
+                progress(f"pruning: {name}, {allocation}, ridge {ridge:g}, {ratio:.0%}")
+                model = copy.deepcopy(base)
+                rss_window = reset_peak_rss()
+                result = prune_model(model, calib_ids, options, progress=progress)
+                peak = peak_rss_bytes() if rss_window else None
+                rows.append({
+                    "method": name, "allocation": allocation, "ratio": ratio, "options": asdict(options),
+                    "removed_fraction": result.removed_params / result.decoder_params_before,
+                    "prune_seconds": round(result.seconds, 1),
+                    "prune_peak_rss_mib": peak / MIB if peak else None,
+                    "widths": result.details["widths"], "head_mode": result.details["head_mode"],
+                    **measured(result.model, tmp),
+                })
+                print(json.dumps({k: rows[-1][k] for k in ("method", "allocation", "ratio", "ppl", "decode_tps")}),
+                      flush=True)
+                checkpoint()
+                del model, result
         checkpoint()
 
 

@@ -43,7 +43,7 @@ class PruneOptions:
     method="flap", recovery="bias", allocation="adaptive". Uniform allocation exports as `llama`, adaptive
     as `deci`; uniform is the default because with the refit it measured better on SmolLM2 (FFN-only, PPL
     13.5 vs 13.8 at 20% and 14.9 vs 16.5 at 30% of decoder parameters). `align` is the multiple kept FFN
-    widths land on (256 for K-quants, 32 otherwise).
+    widths land on (256 for K-quants, 32 otherwise). `ridge` is the refit's regularization (RIDGE).
     """
 
     heads: float = 0.0
@@ -58,6 +58,7 @@ class PruneOptions:
     calib_sequences: int = 32
     calib_seq_len: int = 256
     seed: int = 0
+    ridge: float = RIDGE
 
     def validate(self, n_layers: int) -> None:
         for name, allowed in (("method", METHODS), ("allocation", ALLOCATIONS), ("head_mode", HEAD_MODES),
@@ -74,6 +75,8 @@ class PruneOptions:
         for name in ("align", "steps", "calib_sequences", "calib_seq_len"):
             if getattr(self, name) < 1:
                 raise EdgepruneError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if not self.ridge > 0:
+            raise EdgepruneError(f"ridge must be above zero, got {self.ridge}")
 
     @property
     def criterion(self) -> str:
@@ -200,7 +203,7 @@ def _prune_step(model, ids, batches, options: PruneOptions, head_mode: str, head
                 model, shape, scores, options, head_target, stats, batches)
     plans = _plan(shape, scores, options, head_mode, head_target, ffn_target)
     if options.recovery == "reconstruct":
-        reconstruct_sequentially(model, plans, batches, shape.head_dim, RIDGE, progress)
+        reconstruct_sequentially(model, plans, batches, shape.head_dim, options.ridge, progress)
     else:
         _apply_direct(model, plans, stats, options.recovery, shape.head_dim)
     return head_mode, details
