@@ -43,21 +43,27 @@ def test_topk_kl_is_the_kl_divergence_when_k_covers_the_vocabulary():
     assert float(topk_kl(teacher, top.values, top.indices, tail)) == pytest.approx(0.0, abs=1e-5)
 
 
-def test_distillation_brings_the_pruned_student_closer_on_held_out_windows(tiny_bpe_llama, recovery_file, tmp_path):
-    loaded = load_model(tiny_bpe_llama)
-    teacher = loaded.model
-    options = DistillOptions(steps=60, batch_size=4, seq_len=64, top_k=16, held_out=4, eval_every=20, patience=5)
+def _student_and_teacher(model_path, recovery_file, options, directory):
+    """A tiny Llama pruned to half its MLP channels, and its teacher's cached outputs on the recovery file."""
     from edgeprune.texts import read_text_file
 
+    loaded = load_model(model_path)
+    teacher = loaded.model
     train, held = windows([read_text_file(recovery_file, "recovery")], loaded.tokenizer, options, 1)
-    assert train.shape == (240, 64) and held.shape == (4, 64)
-    cache = TeacherCache.build(teacher, train, held, options.top_k, tmp_path / "teacher")
+    cache = TeacherCache.build(teacher, train, held, options.top_k, directory / "teacher")
     ids = loaded.tokenizer(default_calibration_text().content[:200_000], add_special_tokens=False)["input_ids"]
     student = prune_model(copy.deepcopy(teacher), ids, PruneOptions(ffn=0.5, calib_sequences=8, calib_seq_len=64)).model
+    return student, cache, train, held
+
+
+def test_distillation_brings_the_pruned_student_closer_on_held_out_windows(tiny_bpe_llama, recovery_file, tmp_path):
+    options = DistillOptions(steps=60, batch_size=4, seq_len=64, top_k=16, held_out=4, eval_every=20, patience=5)
+    student, cache, train, held = _student_and_teacher(tiny_bpe_llama, recovery_file, options, tmp_path)
+    assert train.shape == (240, 64) and held.shape == (4, 64)
     before = [p.detach().clone() for p in student.model.embed_tokens.parameters()]
     untrained = copy.deepcopy(student)
     result = distill(student, cache, options, tmp_path / "ckpt.pt")
-    assert result.steps == 60 and result.resumed_from == 0
+    assert result.steps == 60 and result.resumed_from == 0 and result.kept_step == 60
     assert result.held_out_kld[-1] < 0.95 * result.held_out_kld[0], result.held_out_kld
     assert sorted(result.held_out_kld, reverse=True) == result.held_out_kld  # better at every measurement
     assert all(torch.equal(a, b) for a, b in zip(before, student.model.embed_tokens.parameters()))  # head stays
@@ -65,6 +71,21 @@ def test_distillation_brings_the_pruned_student_closer_on_held_out_windows(tiny_
     again = distill(untrained, cache, options, tmp_path / "ckpt.pt")
     trained = dict(student.named_parameters())
     assert again.resumed_from == 60 and all(torch.equal(trained[n], p) for n, p in untrained.named_parameters())
+
+
+def test_a_run_that_only_hurts_ends_with_the_weights_of_its_best_measurement(tiny_bpe_llama, recovery_file, tmp_path):
+    """A learning rate far too high: every held-out measurement after the first is worse, so the student ends with
+    the weights it started from, and the best-weights file is gone."""
+    options = DistillOptions(steps=40, batch_size=4, seq_len=64, top_k=16, held_out=4, eval_every=20, patience=5,
+                             learning_rate=0.05)
+    student, cache, _, _ = _student_and_teacher(tiny_bpe_llama, recovery_file, options, tmp_path)
+    untrained = copy.deepcopy(student)
+    result = distill(student, cache, options, tmp_path / "ckpt.pt")
+    assert result.steps == 40 and min(result.held_out_kld[1:]) > result.held_out_kld[0], result.held_out_kld
+    assert result.kept_step == 0
+    start = dict(untrained.named_parameters())
+    assert all(torch.equal(start[n], p) for n, p in student.named_parameters())
+    assert not (tmp_path / "ckpt-best.pt").exists() and (tmp_path / "ckpt.pt").is_file()
 
 
 def _sha(path: Path) -> str:
