@@ -304,7 +304,7 @@ def evaluate(source: ConversionInput, base: ModelShape, candidates: list[Candida
     and within the profile's decode budget with the same margin (edgeprune.mixed.choose_mix)."""
     sizes: dict = {}
     out = []
-    minutes = recovery_minutes(base, table)
+    minutes, budget = recovery_minutes(base, table), profile.budgets.recovery_minutes
     for i, c in enumerate(candidates):
         shape = c.shape(base)
         key = (c.quant, shape)
@@ -314,8 +314,8 @@ def evaluate(source: ConversionInput, base: ModelShape, candidates: list[Candida
             sizes[key] = estimate_size(source, shape, c.quant)
         prediction = predict_for_size(sizes[key], shape, profile)
         found = violations(prediction, profile)
-        if c.recovered and minutes > (profile.budgets.recovery_minutes or 0):
-            found.append(Violation("recovery", minutes, profile.budgets.recovery_minutes or 0, "min"))
+        if c.recovered and minutes > budget:  # recovered candidates come only with a budget (make_plan)
+            found.append(Violation("recovery", minutes, budget, "min"))
         out.append(Evaluated(c, prediction, *estimated_loss(c, base, table), found,
                              minutes if c.recovered else None))
     return out
