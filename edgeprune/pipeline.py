@@ -161,6 +161,7 @@ class Prepared:
     timings: dict[str, float] = field(default_factory=dict)
     reference: Path | None = None
     shared: bool = False  # several targets: in-memory pruning works on a copy of the model
+    teacher_dir: Path | None = None  # a build's cache of the teacher's outputs for every target's distillation
     cache: dict = field(default_factory=dict)  # shared by per-target copies (dataclasses.replace)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -386,7 +387,7 @@ def build_output(prepared: Prepared, profile: Profile | None, out_dir: Path, say
 class Distillation:
     """Recovery by distillation after each pruning step (edgeprune.pruning.distill): the teacher, the unpruned
     model, is run once over the recovery text's windows before pruning, its outputs cached under the output
-    directory with the checkpoints an interrupted run resumes from."""
+    directory with the checkpoints an interrupted run resumes from (a build caches them once for its targets)."""
 
     def __init__(self, prepared: Prepared, options, teacher, out_dir: Path, say: Progress):
         from .pruning.distill import TeacherCache, windows
@@ -399,8 +400,9 @@ class Distillation:
         self.text = " + ".join(t.name for t in texts)
         say(f"distillation: windows of {self.text}")
         train, held = windows(texts, prepared.loaded.tokenizer, self.options, teacher.config.bos_token_id)
-        self.cache = prepared.timed("teacher", TeacherCache.build, teacher, train, held, self.options.top_k,
-                                    self.directory / "teacher", say)
+        with prepared.lock:  # a build's targets share one cache: the first builds it, the others reuse it
+            self.cache = prepared.timed("teacher", TeacherCache.build, teacher, train, held, self.options.top_k,
+                                        prepared.teacher_dir or self.directory / "teacher", say)
 
     def __call__(self, model, step: int) -> None:
         from .pruning.distill import distill

@@ -156,3 +156,49 @@ def test_the_planner_chooses_recovery_when_the_profile_gives_it_time(tiny_bpe_ll
     distillation = export["pruning"]["distillation"]
     assert distillation["options"]["steps"] == 120 and distillation["steps"][0]["steps"] >= 1
     assert not (out / ".edgeprune-recovery").exists()
+
+
+def test_a_build_distils_every_recovered_target_from_one_teacher_pass(tiny_bpe_llama, recovery_file, tmp_path):
+    """Two targets with recovery time: the teacher runs over the recovery text once, for the first; the second
+    reuses its outputs. A teacher with other weights does not reuse them."""
+    import dataclasses
+
+    from converters import ConversionInput
+    from edgeprune.build import load_build_file, run_build
+    from edgeprune.costmodel import estimate_size
+    from edgeprune.profiles import load_profile, profile_to_toml
+    from edgeprune.shapes import shape_of
+
+    loaded = load_model(tiny_bpe_llama)
+    q4 = estimate_size(ConversionInput(loaded.model, loaded.vocab, "tiny", 256), shape_of(loaded.model),
+                       "Q4_0").file_bytes / (1 << 20)
+    base = load_profile("x86-laptop-16gb")
+    (tmp_path / "tight.toml").write_text(profile_to_toml(dataclasses.replace(base, budgets=dataclasses.replace(
+        base.budgets, context_length=256, max_file_mib=q4 * 0.97))))
+    path = tmp_path / "edgeprune.toml"
+    path.write_text(f'[model]\npath = "{tiny_bpe_llama}"\n[texts]\nrecovery = "{recovery_file.name}"\n'
+                    '[evaluation]\ncontext = 128\nchunks = 1\n'
+                    '[[targets]]\nname = "a"\nprofile = "tight.toml"\nrecovery_minutes = 5\n'
+                    '[[targets]]\nname = "b"\nprofile = "tight.toml"\nrecovery_minutes = 5\ncontext_length = 128\n')
+    said: list[str] = []
+    result = run_build(load_build_file(path), progress=said.append)
+    assert [o.status for o in result.targets] == ["built", "built"], [o.error for o in result.targets]
+    assert all("+ distillation" in o.entry["plan"] for o in result.targets)
+    teacher_lines = [line for line in said if "distillation: teacher top-" in line]
+    assert teacher_lines and all(line.startswith("[a 1/2]") for line in teacher_lines)
+    assert any(line.startswith("[b 2/2] distillation: held-out KL") for line in said)
+
+    from edgeprune.pruning.distill import TeacherCache, windows
+    from edgeprune.texts import read_text_file
+
+    options = DistillOptions()
+    train, held = windows([read_text_file(recovery_file, "recovery")], loaded.tokenizer, options,
+                          loaded.model.config.bos_token_id)
+    shared = tmp_path / "out" / ".shared" / "teacher"
+    stamp = (shared / "stamp").read_text()
+    TeacherCache.build(loaded.model, train, held, options.top_k, shared)
+    assert (shared / "stamp").read_text() == stamp  # the same teacher: reused as it is
+    with torch.no_grad():
+        loaded.model.model.norm.weight.mul_(1.01)
+    TeacherCache.build(loaded.model, train, held, options.top_k, shared)
+    assert (shared / "stamp").read_text() != stamp  # other weights: scored again

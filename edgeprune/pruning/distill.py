@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -112,8 +113,10 @@ class TeacherCache:
     def build(cls, teacher: torch.nn.Module, train: torch.Tensor, held: torch.Tensor, top_k: int, directory: Path,
               progress: Progress | None = None, batch_size: int = 4) -> TeacherCache:
         """Run the teacher over the windows once, `batch_size` at a time, writing each part's arrays as it goes.
-        A directory whose stamp matches (same teacher output settings and windows) is reused."""
-        stamp = hashlib.sha256(train.numpy().tobytes() + held.numpy().tobytes() + str(top_k).encode()).hexdigest()
+        A directory whose stamp matches (the same teacher weights, windows and top-k) is reused."""
+        digest = hashlib.sha256(train.numpy().tobytes() + held.numpy().tobytes() + str(top_k).encode())
+        _hash_parameters(digest, teacher.named_parameters())
+        stamp = digest.hexdigest()
         if (directory / "stamp").is_file() and (directory / "stamp").read_text() == stamp:
             return cls(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -170,22 +173,28 @@ def _trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
 def _digest(named: list[tuple[str, torch.nn.Parameter]], options: DistillOptions, cache: TeacherCache) -> str:
     digest = hashlib.sha256(json.dumps(asdict(options), sort_keys=True).encode())
     digest.update((cache.directory / "stamp").read_bytes())
+    _hash_parameters(digest, named)
+    return digest.hexdigest()
+
+
+def _hash_parameters(digest, named) -> None:
     for name, parameter in named:
         digest.update(name.encode())
         digest.update(parameter.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 class _DeferredInterrupt:
     """While active, SIGINT and SIGTERM only record themselves, so a training step is never cut in half; the loop
-    checks `received` between steps, writes its checkpoint and then raises as the signal would have."""
+    checks `received` between steps, writes its checkpoint and then raises as the signal would have. Only the main
+    thread can hold signals (`edgeprune build --jobs 2` trains in worker threads): elsewhere it defers nothing."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self):
         self.received = None
-        self.previous = {s: signal.getsignal(s) for s in self.SIGNALS}
-        for s in self.SIGNALS:
+        in_main = threading.current_thread() is threading.main_thread()
+        self.previous = {s: signal.getsignal(s) for s in self.SIGNALS} if in_main else {}
+        for s in self.previous:
             signal.signal(s, self._record)
         return self
 
