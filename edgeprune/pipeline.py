@@ -278,6 +278,9 @@ def build_output(prepared: Prepared, profile: Profile | None, out_dir: Path, say
     metadata = provenance(model_path, profile)
     plan, quant, prune = None, explicit_quant, options.prune
     if profile is not None and prune is None:
+        if prepared.resources.streamed and profile.budgets.recovery_minutes:
+            say("recovery_minutes left unused: distillation trains the whole model in memory, which the "
+                "layer-streamed path avoids (--streaming off if the model fits in RAM)")
         plan = prepared.timed("plan", make_plan, prepared.conversion_input(metadata), base_shape, profile,
                               quants=(explicit_quant,) if explicit_quant else None, mixed=options.mix,
                               can_recover=not prepared.resources.streamed, progress=say)

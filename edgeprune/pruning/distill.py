@@ -44,8 +44,8 @@ class DistillOptions:
     11.74 / 37.41, 10 chunks each) in `python -m edgeprune.bench recovery`, held-out KL falling to the end.
     The learning rate, 120 steps each, same texts: 5e-5 13.49 / 64.24, 1e-4 13.62 / 60.76, 2e-4 13.91 / 58.90,
     3e-4 14.67 / 59.58. 1e-4 and 2e-4 tie on the mean Δ log PPL over both texts (0.317, 0.312; 5e-5 0.340);
-    1e-4 is kept because it wins back more of the in-domain gap, the half recovery falls short on. (2e-4 and 3e-4 ended past their best held-out
-    KL; training now ends with the best measurement's weights.)"""
+    1e-4 is kept because it wins back more of the in-domain gap, the half recovery falls short on. (2e-4 and
+    3e-4 ended past their best held-out KL; training now ends with the best measurement's weights.)"""
 
     steps: int = 120
     batch_size: int = 4
