@@ -397,28 +397,27 @@ def _shared_reference(prepared, shared_dir: Path, key: str, metadata: dict, say:
 
 def _shared_topk(reference: Path, evaluation, build: BuildFile, shared_dir: Path, threads, say: Progress):
     """The reference's top-k log-probs on the evaluation text, scored once for every target's KL divergence, and
-    the reference's own scores against them (`ReferenceScores`: a target with its tensors and runtime reuses them)."""
+    the build's `ScoreCache` against them, which starts with the reference's own scores (an unpruned F16 target's)."""
     from .bundle_logits import DEFAULT_TOP_K
-    from .gguf_check import read_gguf, tensor_digest
-    from .validate import ReferenceScores, Runtime, measure_perplexity
+    from .gguf_check import read_gguf
+    from .validate import Runtime, ScoreCache, measure_perplexity
 
-    path, scores_path, stamp = (shared_dir / "reference-topk.npz", shared_dir / "reference-scores.json",
-                                shared_dir / "reference-topk.key")
+    path, stamp, scores_dir = shared_dir / "reference-topk.npz", shared_dir / "reference-topk.key", shared_dir / "scores"
     key = _digest({"reference": (shared_dir / "reference.key").read_text(), "ctx": build.eval_ctx,
                    "chunks": build.eval_chunks, "top_k": DEFAULT_TOP_K})
-    if path.is_file() and scores_path.is_file() and stamp.is_file() and stamp.read_text() == key:
-        return path, ReferenceScores.from_dict(json.loads(scores_path.read_text()))
+    scores = ScoreCache(scores_dir, key)
+    if path.is_file() and stamp.is_file() and stamp.read_text() == key:
+        return path, scores
     stamp.unlink(missing_ok=True)
+    shutil.rmtree(scores_dir, ignore_errors=True)  # scored against top-k log-probs about to be replaced
     say("scoring the reference's evaluation logits once for every target")
     partial = shared_dir / f".reference-topk-{os.getpid()}.npz"
     runtime = Runtime(build.eval_ctx, threads=threads or os.cpu_count() or 1)
     perplexity, divergence = measure_perplexity(reference, evaluation, save_topk=partial, against_saved=True,
                                                 n_ctx=build.eval_ctx, max_chunks=build.eval_chunks, runtime=runtime,
                                                 progress=say)
-    scores = ReferenceScores(tensor_digest(read_gguf(reference)), runtime, perplexity,
-                             dataclasses.replace(divergence, reference_gguf=str(path)))
+    scores.put(read_gguf(reference), runtime, perplexity, dataclasses.replace(divergence, reference_gguf=str(path)))
     partial.replace(path)
-    write_text_atomic(scores_path, json.dumps(scores.to_dict(), indent=2))
     write_text_atomic(stamp, key)
     return path, scores
 
@@ -441,7 +440,7 @@ def _build_target(prepared, target: Target, profile_and_text, out: Path, key: st
         profile = dataclasses.replace(profile, path=profile_path)
         mine = dataclasses.replace(prepared, timings=dict(prepared.timings),
                                    options=dataclasses.replace(prepared.options, mix=target.mix))
-        result = build_output(mine, profile, directory, say, [], reference_topk=topk, reference_scores=scores)
+        result = build_output(mine, profile, directory, say, [], reference_topk=topk, scores=scores)
         report = result.report
         entry = {
             "target": target.name, "model": str(prepared.model_path), "profile": profile.name,

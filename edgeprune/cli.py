@@ -277,7 +277,8 @@ def prune(model, out_dir, quant, calib, allow_pickle, heads, ffn, layers, method
 def validate(gguf, reference, profile_name, json_path, updated_profile, remote, identity, known_hosts, remote_command,
              remote_dir, remote_timeout, eval_path, threads, eval_chunks, eval_ctx, host_profile, on_device):
     """Measure GGUF with llama.cpp, run with the profile's runtime (context length, KV cache type, flash attention,
-    threads): perplexity, KL divergence, speed and memory, judged against the profile's budgets.
+    threads): perplexity, KL divergence, speed and memory, judged against the profile's budgets. Quality is scored
+    with flash attention only where a quantized KV cache needs it: elsewhere it changes speed, not the file's quality.
 
     Given the BUNDLE directory an export wrote, it validates on this machine as the device: the bundle's GGUF
     against the bundle's profile (or --profile), KL divergence from the reference's stored top-k log-probs, speed

@@ -267,7 +267,7 @@ def _export(model_path, profile: Profile | None, out_dir: Path, options: ExportO
 
 
 def build_output(prepared: Prepared, profile: Profile | None, out_dir: Path, say: Progress, written: list[Path],
-                 reference_topk: Path | None = None, reference_scores=None) -> ExportResult:
+                 reference_topk: Path | None = None, scores=None) -> ExportResult:
     """Plan, prune, convert, quantize and validate one output of a prepared model into `out_dir`. The reference's
     evaluation logits come from `reference_topk` when given (shared by a build's targets, with the reference's own
     `reference_scores` against it), else from running the reference GGUF."""
@@ -361,7 +361,7 @@ def build_output(prepared: Prepared, profile: Profile | None, out_dir: Path, say
             reference_topk=reference_topk, save_topk=None if reference_topk else partial / REFERENCE,
             eval_text=evaluation, n_ctx=options.eval_ctx, max_chunks=options.eval_chunks, threads=options.threads,
             profile=profile, host_profile=options.host_profile, on_device=options.on_device,
-            reference_scores=reference_scores, progress=say)
+            scores=scores, progress=say)
         say("writing the validation bundle")
         if not (out_dir / BUNDLE_NAME).exists():
             written.append(out_dir / BUNDLE_NAME)

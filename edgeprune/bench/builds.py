@@ -22,6 +22,7 @@ from ..fetch import DEFAULT_CACHE, fetch_smollm2
 from ..loading import load_model, save_hf_directory
 from ..profiles import load_profile
 from ..texts import calibration_text, default_evaluation_text
+from ..validate import Runtime
 from .llamacpp import converter_script
 from .tables import SuiteResult, table
 
@@ -69,9 +70,10 @@ def _llama_cpp_steps(tools: Path, model: Path, quant: str, work: Path, progress)
     evaluation.write_text(default_evaluation_text().content)
     f16, imatrix, out, base = work / "f16.gguf", work / "imatrix.dat", work / f"out-{quant}.gguf", work / "base.kld"
     threads = ["-t", "2"]
-    # the export scores with the profile's runtime, flash attention included (off on the Pi 5, where
+    # the export scores quality with Runtime.for_scoring's flash attention (off for the Pi 5's f16 KV cache, where
     # llama-perplexity's default, auto, turns it on): the tools get the same setting
-    flash = ["-fa", "on" if load_profile(DEMO_PROFILE).runtime.flash_attention else "off"]
+    scoring = Runtime.of(load_profile(DEMO_PROFILE)).for_scoring()
+    flash = ["-fa", "on" if scoring.flash_attention else "off"]
     steps = {}
     progress("build: llama.cpp convert_hf_to_gguf.py")
     steps["convert"], _ = _timed([sys.executable, str(converter_script(progress)), str(hf), "--outfile", str(f16),
@@ -158,6 +160,6 @@ def run(progress) -> SuiteResult:
                 f"export of that directory is timed too, like for like), llama-imatrix {CALIB_SEQUENCES}×"
                 f"{CALIB_SEQ_LEN} tokens, llama-quantize with that imatrix, llama-perplexity {EVAL_CHUNKS}×{EVAL_CTX} "
                 "tokens on the F16 reference (saving its logits) and on the result with KL divergence, both with the "
-                "profile's flash-attention setting, as the export; llama-bench pp128/tg64 ×5; 2 threads. Wall clock "
+                "flash-attention setting the export scores with; llama-bench pp128/tg64 ×5; 2 threads. Wall clock "
                 "of each command."),
         data=data, sections=sections)
