@@ -93,6 +93,8 @@ class PerplexityResult:
     n_chunks: int
     n_ctx: int
     n_tokens_scored: int
+    kv_cache_type: str = "f16"  # the runtime scored with (Runtime.for_scoring)
+    flash_attention: bool = False
 
 
 @dataclass
@@ -508,7 +510,7 @@ def format_summary(report: ValidationReport) -> str:
         f"GGUF        {report.gguf}",
         f"size        {mem.file_bytes / MIB:.1f} MiB, {mem.n_params / 1e6:.1f} M parameters",
         f"PPL         {ppl.ppl:.3f}  ({report.eval_text}: {ppl.n_chunks} chunks of {ppl.n_ctx} tokens, "
-        f"{ppl.n_tokens_scored} scored)",
+        f"{ppl.n_tokens_scored} scored; KV {ppl.kv_cache_type}, flash attention {'on' if ppl.flash_attention else 'off'})",
     ]
     if (d := report.divergence) is not None:
         lines += [
@@ -767,7 +769,8 @@ def _measure_quality(task: dict) -> dict:
     if saved:
         bundle_logits.save(task["save_topk"], bundle_logits.concatenate(saved), chunks)
     perplexity = {"ppl": math.exp(nll_mean), "nll_mean": nll_mean, "n_chunks": n_chunks, "n_ctx": n_ctx,
-                  "n_tokens_scored": n_chunks * per_chunk}
+                  "n_tokens_scored": n_chunks * per_chunk, "kv_cache_type": runtime["kv_cache_type"],
+                  "flash_attention": runtime["flash_attention"]}
     divergence = None
     if "kld" in rows:
         _report("divergence: summarizing")

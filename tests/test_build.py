@@ -199,6 +199,7 @@ quants = ["Q8_0"]
                    for name in ("laptop", "mac"))
     assert (laptop["perplexity"], laptop["divergence"]) == (mac["perplexity"], mac["divergence"])
     assert (laptop["memory"]["flash_attention"], mac["memory"]["flash_attention"]) == (False, True)
+    assert mac["perplexity"]["flash_attention"] is False
 
 
 def _parse_modelfile(text: str) -> list[tuple[str, str]]:

@@ -116,7 +116,8 @@ def test_runtime_follows_the_profile():
 @pytest.mark.parametrize("name", ["snapdragon-8-gen-3-phone", "raspberry-pi-5-8gb"])
 def test_memory_is_measured_in_the_profiles_runtime_and_matches_the_plan(smollm2_gguf, name):
     """The phone runs a q8_0 KV cache with flash attention, the Pi an f16 one without: validation creates exactly
-    that context, measures llama.cpp's buffers, and the planner's prediction for the file agrees within 5%."""
+    that context, measures llama.cpp's buffers, and the planner's prediction for the file agrees within 5%. Quality
+    is scored with the phone's q8_0 cache too."""
     profile = load_profile(name)
     profile = dataclasses.replace(profile, budgets=dataclasses.replace(profile.budgets, ttft_prompt_tokens=64))
     report = validate_gguf(smollm2_gguf, eval_text=None, n_ctx=128, max_chunks=1, threads=1, profile=profile,
@@ -124,6 +125,9 @@ def test_memory_is_measured_in_the_profiles_runtime_and_matches_the_plan(smollm2
     mem, rt = report.memory, profile.runtime
     assert (mem.kv_cache_type, mem.flash_attention, mem.context_length) == (
         rt.kv_cache_type, rt.flash_attention, profile.budgets.context_length)
+    # quality is scored with the KV cache type, and with flash attention only where it needs it (the q8_0 cache)
+    scored = report.perplexity
+    assert (scored.kv_cache_type, scored.flash_attention) == (rt.kv_cache_type, rt.kv_cache_type == "q8_0")
     assert mem.basis["kv_cache"].startswith("measured")
     computed = kv_cache_bytes(shape_from_gguf(read_gguf(smollm2_gguf)), mem.context_length, rt.kv_cache_type,
                               rt.flash_attention)
