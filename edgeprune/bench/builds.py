@@ -138,7 +138,7 @@ def run(progress) -> SuiteResult:
             for target, stages in fastest["targets"].items():
                 rows.append([f"… {target}", f"{sum(stages.values()):.0f}",
                              ", ".join(f"{k} {v:.0f}" for k, v in stages.items())])
-        rows.append(["build, 4 profiles, nothing changed", f"{data['unchanged']['seconds']:.1f}",
+        rows.append(["build, four profiles, nothing changed", f"{data['unchanged']['seconds']:.1f}",
                      data["unchanged"]["said"]])
 
         def export(source: Path, name: str) -> tuple[float, dict]:
