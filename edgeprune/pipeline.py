@@ -269,8 +269,8 @@ def _export(model_path, profile: Profile | None, out_dir: Path, options: ExportO
 def build_output(prepared: Prepared, profile: Profile | None, out_dir: Path, say: Progress, written: list[Path],
                  reference_topk: Path | None = None, scores=None) -> ExportResult:
     """Plan, prune, convert, quantize and validate one output of a prepared model into `out_dir`. The reference's
-    evaluation logits come from `reference_topk` when given (shared by a build's targets, with the reference's own
-    `reference_scores` against it), else from running the reference GGUF."""
+    evaluation logits come from `reference_topk` when given (shared by a build's targets, with the build's `scores`
+    against it: a validate.ScoreCache), else from running the reference GGUF."""
     options, model_path, base_shape = prepared.options, prepared.model_path, prepared.base_shape
     explicit_quant = check_quant_type(options.quant) if options.quant else None
     threads = options.threads or os.cpu_count() or 1  # quantization runs here, on this machine's cores

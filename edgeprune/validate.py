@@ -134,8 +134,11 @@ class ScoreCache:
                                           scoring.flash_attention]).encode()).hexdigest()
 
     def put(self, info, runtime: Runtime, perplexity: PerplexityResult, divergence: DivergenceResult) -> None:
+        self._write(self._key(info, runtime), perplexity, divergence)
+
+    def _write(self, key: str, perplexity: PerplexityResult, divergence: DivergenceResult) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.directory / f"{self._key(info, runtime)}.json", json.dumps(
+        write_text_atomic(self.directory / f"{key}.json", json.dumps(
             {"perplexity": dataclasses.asdict(perplexity), "divergence": dataclasses.asdict(divergence)}, indent=2))
 
     def scores(self, info, runtime: Runtime, measure: Callable[[], tuple[PerplexityResult, DivergenceResult]]
@@ -151,7 +154,7 @@ class ScoreCache:
                 return PerplexityResult(**data["perplexity"]), DivergenceResult(**data["divergence"]), True
             except (OSError, json.JSONDecodeError, KeyError, TypeError):
                 perplexity, divergence = measure()
-                self.put(info, runtime, perplexity, divergence)
+                self._write(key, perplexity, divergence)  # the key already hashed the tensors: not again
                 return perplexity, divergence, False
 
 
