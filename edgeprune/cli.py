@@ -21,6 +21,7 @@ import click
 
 from .atomic import install_signal_handlers, write_text_atomic
 from .errors import EdgepruneError
+from .provenance import version_string
 
 _START = time.perf_counter()
 EXIT_BUDGET_MISSED = 1
@@ -73,7 +74,7 @@ def recovery_minutes_option(fn):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
              epilog=EXIT_CODES_HELP)
-@click.version_option(package_name="edgeprune")
+@click.version_option(version=version_string(), prog_name="edgeprune")
 def cli() -> None:
     """Prune and quantize a Llama-family model into a GGUF that fits a device, and prove that it does.
 
