@@ -21,7 +21,7 @@ import click
 
 from .atomic import install_signal_handlers, write_text_atomic
 from .errors import EdgepruneError
-from .provenance import version_string
+from .codedigest import version_string
 
 _START = time.perf_counter()
 EXIT_BUDGET_MISSED = 1
