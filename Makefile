@@ -11,7 +11,7 @@ DEMO_OUT ?= out/demo
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.edgeprune-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast bench clean
 
 install: $(STAMP)
 
@@ -28,6 +28,11 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The inner loop: unit tests and tiny-model CLI tests; no SmolLM2, sshd, chromium or fresh virtualenv
+# (tests/conftest.py marks those `slow` by what they use).
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
 
 bench: install
 	$(PY) -m edgeprune.bench

@@ -145,6 +145,70 @@ def agreement(reference, candidate) -> tuple[float, float]:
     return float((reference.argmax(-1) == candidate.argmax(-1)).mean()), float(kld.mean())
 
 
+# --- the fast tier: tests are marked by the slow things they use, found in their code, not by hand
+
+# What makes a test slow, and the names or strings in code that betray its use. A test uses it when its fixture
+# closure holds one of the fixtures, or when its code, its fixtures' code, or a module-level function either of
+# them calls (followed to any depth) holds one of the names or strings.
+SLOW_RESOURCES = {
+    "smollm2": {"fixtures": {"smollm2_gguf"}, "names": {"fetch_smollm2"}, "strings": set()},
+    "sshd": {"fixtures": {"sshd"}, "names": {"SSHD"}, "strings": {"/usr/sbin/sshd"}},
+    "chromium": {"fixtures": set(), "names": set(), "strings": {"chromium"}},
+    "fresh_venv": {"fixtures": set(), "names": {"EnvBuilder"}, "strings": {"venv"}},
+}
+
+
+def _code_objects(code):
+    yield code
+    for const in code.co_consts:
+        if hasattr(const, "co_code"):
+            yield from _code_objects(const)
+
+
+def _resources_of_function(function, seen: dict) -> set[str]:
+    """The slow resources a function's code reaches, through the module-level functions it names."""
+    function = getattr(function, "__wrapped__", function)
+    code = getattr(function, "__code__", None)
+    if code is None:
+        return set()
+    if code in seen:
+        return seen[code]
+    seen[code] = found = set()
+    namespace = getattr(function, "__globals__", {})
+    for inner in _code_objects(code):
+        strings = [c for c in inner.co_consts if isinstance(c, str)]
+        for resource, betrays in SLOW_RESOURCES.items():
+            if betrays["names"] & set(inner.co_names) or any(s in betrays["strings"] for s in strings):
+                found.add(resource)
+        for name in inner.co_names:
+            called = namespace.get(name)
+            if callable(called) and getattr(called, "__module__", "").startswith(("tests", "test_", "conftest")):
+                found |= _resources_of_function(called, seen)
+    return found
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: uses SmolLM2, sshd, chromium or a fresh virtualenv (conftest marks it)")
+    for resource in SLOW_RESOURCES:
+        config.addinivalue_line("markers", f"{resource}: the test uses {resource} (conftest marks it)")
+
+
+def pytest_collection_modifyitems(config, items):
+    seen: dict = {}
+    for item in items:
+        fixturenames = set(getattr(item, "fixturenames", ()))
+        used = {r for r, betrays in SLOW_RESOURCES.items() if betrays["fixtures"] & fixturenames}
+        used |= _resources_of_function(getattr(item, "function", None), seen)
+        fixture_defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        for name in fixturenames:
+            for definition in fixture_defs.get(name, ()):
+                used |= _resources_of_function(definition.func, seen)
+        for resource in sorted(used):
+            item.add_marker(getattr(pytest.mark, resource))
+        if used:
+            item.add_marker(pytest.mark.slow)
+
+
 # --- the real CLI in a child process, as a user runs it
 
 CLI_ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")

@@ -236,7 +236,6 @@ def smollm2(smollm2_gguf):
     return load, tokenizer
 
 
-@pytest.mark.slow
 def test_smollm2_default_beats_magnitude_at_20_percent(smollm2):
     from edgeprune.texts import default_calibration_text, default_evaluation_text
 
