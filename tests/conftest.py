@@ -244,9 +244,10 @@ def smollm2_bundle(smollm2_gguf, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("bundle-export")
     laptop = load_profile("x86-laptop-16gb").path.read_text()
+    assert laptop.count("context_length = 8192\n") == 1, "the shipped laptop profile's context line changed"
     profile = out.parent / "laptop-ctx512.toml"  # a short context keeps the speed runs quick
-    profile.write_text(laptop.replace("context_length = 8192", "context_length = 512"))
+    profile.write_text(laptop.replace("context_length = 8192\n", "context_length = 512\n"))
     result = run_cli("export", str(smollm2_gguf), "--profile", str(profile), "--out", str(out), "--quant", "Q8_0",
                      "--eval-chunks", "4", "--eval-ctx", "256", "--threads", "1", timeout=1800)
-    assert result.returncode in (0, 1), result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-3000:]  # off the device, speed is judged on the laptop's prediction
     return out / "bundle"
