@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from edgeprune.families import family_of
+from edgeprune.families import config_defaults, family_for_model_type, family_of
 from edgeprune.shapes import ModelShape, shape_of
 
-from .base import OUTPUT_TYPES, ConversionInput, ModelWriter, gguf_tensor_name
+from .base import OUTPUT_TYPES, ConversionInput, ModelWriter, check_config_fields, gguf_tensor_name
 from .deci import DeciWriter
 from .llama import LlamaWriter
 from .qwen2 import Qwen2Writer
@@ -27,7 +27,15 @@ WRITERS: dict[str, tuple[type[ModelWriter], ...]] = {
 
 
 def writer_class(config, shape: ModelShape) -> type[ModelWriter]:
+    check_config(config.to_dict(), "the model's config")
     return next(w for w in WRITERS[family_of(config).module] if w.can_hold(shape))
+
+
+def check_config(config: dict, where: str) -> None:
+    """config.json (or a transformers config's dict) field by field, against its family's table."""
+    model_type = config.get("model_type")
+    fields = WRITERS[family_for_model_type(model_type, where).module][0].config_fields
+    check_config_fields(config, fields, config_defaults(model_type), where)
 
 
 def write_gguf(source: ConversionInput, path: str | Path, out_type: str = "F16",
@@ -37,6 +45,6 @@ def write_gguf(source: ConversionInput, path: str | Path, out_type: str = "F16",
 
 
 __all__ = [
-    "ConversionInput", "OUTPUT_TYPES", "Vocab", "WRITERS", "gguf_tensor_name", "vocab_from_gguf",
+    "ConversionInput", "OUTPUT_TYPES", "Vocab", "WRITERS", "check_config", "gguf_tensor_name", "vocab_from_gguf",
     "vocab_from_hf_dir", "write_gguf", "writer_class",
 ]

@@ -39,6 +39,12 @@ LAYER_TENSORS: dict[str, gguf.MODEL_TENSOR] = {
 }
 # Rope scalings whose llama.cpp form is known (add_rope_scaling); "default" is none.
 ROPE_SCALING = ("default", "linear", "yarn", "dynamic", "llama3")
+# The settings each scaling cannot go without (transformers reads them with no default; llama.cpp writes them).
+ROPE_SCALING_NEEDS = {
+    "linear": ("factor",),
+    "yarn": ("factor", "original_max_position_embeddings"),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 OUTPUT_TYPES = {
     "F32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
     "F16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
@@ -89,6 +95,7 @@ class ModelWriter:
     """Writes a GGUF for one architecture; subclasses fill in `arch` and the hooks below."""
 
     arch: gguf.MODEL_ARCH
+    config_fields: dict  # the family's config.json fields and their handling (check_config_fields), on its first writer
     rope_permuted = True  # llama's NORM rope rotates interleaved pairs: q/k rows are reordered for it
 
     def __init_subclass__(cls, **kwargs):
@@ -311,10 +318,11 @@ def llama3_rope_factors(rope: dict, head_dim: int) -> torch.Tensor | None:
     """Llama-3.1 style rope scaling is stored as a per-frequency factor tensor (rope_freqs)."""
     if str(rope.get("rope_type", "")).lower() != "llama3":
         return None
+    check_rope_scaling(rope, "the model")
     base = float(rope.get("rope_theta", 10000.0))
-    factor = float(rope.get("factor", 8.0))
-    low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
-    old_ctx = float(rope.get("original_max_position_embeddings", 8192))
+    factor = float(rope["factor"])
+    low, high = float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+    old_ctx = float(rope["original_max_position_embeddings"])
     factors = []
     for i in range(0, head_dim, 2):
         wavelen = 2 * math.pi * base ** (i / head_dim)
@@ -330,14 +338,16 @@ def llama3_rope_factors(rope: dict, head_dim: int) -> torch.Tensor | None:
 
 def check_rope_scaling(params: dict, where: str) -> None:
     """Refuse, by name, a rope scaling that llama.cpp's Llama graph cannot reproduce (the GGUF would load and
-    compute other positions), or YaRN without the context length it stretches."""
+    compute other positions), or one without a setting it needs (a `linear` scaling without its factor would
+    be written as no scaling at all; llama3's would take numbers of ours)."""
     kind = str(params.get("rope_type") or "default").lower()
     if kind not in ROPE_SCALING:
         raise EdgepruneError(f"{where} uses rope scaling {kind!r}: edgeprune writes {', '.join(ROPE_SCALING)} "
                              "(llama.cpp's Llama graph has no other)")
-    if kind == "yarn" and not params.get("original_max_position_embeddings"):
-        raise EdgepruneError(f"{where} uses YaRN rope scaling without original_max_position_embeddings: add the "
-                             "context length the model was trained at to its rope_scaling")
+    for key in ROPE_SCALING_NEEDS.get(kind, ()):
+        if params.get(key) is None:
+            raise EdgepruneError(f"{where} uses {kind} rope scaling without {key}: that scaling needs "
+                                 f"{', '.join(ROPE_SCALING_NEEDS[kind])} in its rope_scaling")
 
 
 def add_rope_scaling(writer: gguf.GGUFWriter, params: dict) -> None:
@@ -345,10 +355,10 @@ def add_rope_scaling(writer: gguf.GGUFWriter, params: dict) -> None:
     not implement it; it only changes positions past the trained context), `llama3` is the rope_freqs tensor."""
     check_rope_scaling(params, "the model")
     kind, factor = str(params.get("rope_type") or "default").lower(), params.get("factor")
-    if kind == "linear" and factor is not None:
+    if kind == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(factor)
-    elif kind == "yarn" and factor is not None:
+    elif kind == "yarn":
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         writer.add_rope_scaling_factor(factor)
         writer.add_rope_scaling_orig_ctx_len(params["original_max_position_embeddings"])
@@ -361,6 +371,40 @@ def add_rope_scaling(writer: gguf.GGUFWriter, params: dict) -> None:
         attention_factor = params.get("attention_factor", params.get("attn_factor"))
         if attention_factor is not None:
             writer.add_rope_scaling_yarn_attn_factor(attention_factor)
+
+
+# --- config.json, field by field: each family's table (llama.py, qwen2.py) says what becomes of each field that
+# transformers' config class reads, so that none is read with a default of ours or silently left out.
+MAPPED = "mapped"  # written into the GGUF: a shape key or tensor, the context length, the rope or norm keys, a token id
+INERT = "inert"  # changes nothing transformers computes at inference
+
+
+@dataclass(frozen=True)
+class Only:
+    """A field checked against the values llama.cpp's graph runs (none: refused whatever its value); `each`
+    checks every item of a list."""
+
+    values: tuple = ()
+    why: str = ""
+    each: bool = False
+
+    def allows(self, value) -> bool:
+        return all(item in self.values for item in (value if self.each and isinstance(value, list) else [value]))
+
+
+def check_config_fields(config: dict, fields: dict, known: Iterable[str], where: str) -> None:
+    """Refuse, by name, a config.json field whose value llama.cpp would not run as transformers does, and a field
+    transformers' config class reads (`known`) that the family's table does not classify (a newer transformers)."""
+    known = set(known)
+    for name, value in config.items():
+        handling = fields.get(name)
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        if isinstance(handling, Only) and value is not None and not handling.allows(value):
+            supported = f"supported: {', '.join(map(repr, handling.values))}" if handling.values else "not supported"
+            raise EdgepruneError(f"{where} sets {name} = {shown}: {supported} ({handling.why})")
+        if handling is None and name in known:
+            raise EdgepruneError(f"{where} sets {name} = {shown}, a setting edgeprune cannot say llama.cpp runs as "
+                                 f"transformers does: not supported")
 
 
 def _release_files(writer: gguf.GGUFWriter) -> None:

@@ -13,12 +13,25 @@ import gguf
 
 from edgeprune.shapes import ModelShape
 
+from .base import INERT, Only
+from .llama import CONFIG_FIELDS as LLAMA_FIELDS
 from .llama import LlamaWriter
+
+# Qwen2Config's fields: Llama's (its q/k/v biases are fixed, not a field), and the sliding window, which
+# llama.cpp's qwen2 graph does not have: refused when on, inert when off.
+CONFIG_FIELDS = {
+    **{name: handling for name, handling in LLAMA_FIELDS.items()
+       if name not in ("attention_bias", "mlp_bias", "pretraining_tp", "sliding_window")},
+    "use_sliding_window": Only((False,), "llama.cpp's qwen2 graph attends to the whole context"),
+    **dict.fromkeys(("sliding_window", "max_window_layers"), INERT),  # read only with use_sliding_window
+    "layer_types": Only(("full_attention",), "llama.cpp's qwen2 graph attends to the whole context", each=True),
+}
 
 
 class Qwen2Writer(LlamaWriter):
     arch = gguf.MODEL_ARCH.QWEN2
     rope_permuted = False
+    config_fields = CONFIG_FIELDS
 
     @staticmethod
     def can_hold(shape: ModelShape) -> bool:

@@ -8,6 +8,7 @@ llama.cpp's convert_hf_to_gguf.py does, with gguf-py's helpers for merges, speci
 from __future__ import annotations
 
 import json
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,7 +117,9 @@ def vocab_from_hf_dir(directory: Path, vocab_size: int) -> Vocab:
         vocab = _sentencepiece_vocab(directory, vocab_size)
     elif (directory / "tokenizer.json").is_file():
         spec = _read_tokenizer_json(directory)
-        vocab = (_sentencepiece_bpe_vocab(directory, vocab_size) if _is_sentencepiece_bpe(spec)
+        sentencepiece = _is_sentencepiece_bpe(spec)
+        _check_normalizer_and_decoder(spec, sentencepiece, directory / "tokenizer.json")
+        vocab = (_sentencepiece_bpe_vocab(directory, vocab_size) if sentencepiece
                  else _bpe_vocab(spec, directory, vocab_size))
     else:
         raise EdgepruneError(
@@ -130,8 +133,18 @@ def vocab_from_hf_dir(directory: Path, vocab_size: int) -> Vocab:
     vocab.chat_template = template if isinstance(template, str) else None
     config_path = directory / "tokenizer_config.json"
     if config_path.is_file():
-        vocab.add_space_prefix = json.loads(config_path.read_text(encoding="utf-8")).get("add_prefix_space")
+        settings = json.loads(config_path.read_text(encoding="utf-8"))
+        _check_tokenizer_config(settings, vocab.model, config_path)
+        vocab.add_space_prefix = settings.get("add_prefix_space")  # as llama.cpp's converter writes it
     return vocab
+
+
+def _check_tokenizer_config(settings: dict, model: str, path: Path) -> None:
+    """tokenizer_config.json's settings that change how text is split. add_prefix_space: llama.cpp's SentencePiece
+    tokenizer reads it (tokenizer.ggml.add_space_prefix); its byte-level BPE tokenizer never prepends a space."""
+    if model == "gpt2" and settings.get("add_prefix_space"):
+        raise EdgepruneError(f"{path} sets add_prefix_space = true: supported for a byte-level BPE tokenizer: "
+                             "false (llama.cpp's BPE tokenizer never prepends a space)")
 
 
 def _read_tokenizer_json(directory: Path) -> dict:
@@ -169,18 +182,23 @@ def _bpe_pre_tokenizer(pre: dict | None, model: dict) -> str:
     """Name llama.cpp's pre-tokenizer that reproduces this tokenizer.json's pre-tokenization.
 
     A Split by one of the regexes llama.cpp carries (SPLIT_PRE_TOKENIZERS) followed by a ByteLevel step is that
-    pre-tokenizer. A plain GPT-2 ByteLevel pre-tokenizer over a vocabulary without a single multi-digit token
-    comes from a model trained with digits split one by one (SmolLM; transformers drops the Digits step when it
-    rebuilds the tokenizer from a GGUF). llama.cpp's `smollm` pre-tokenizer is the one that splits digits, and
-    it is what llama.cpp's own converter picks for such a directory.
+    pre-tokenizer. A plain ByteLevel step with its regex splits by GPT-2's regex, llama.cpp's `gpt-2`. When no
+    token of the vocabulary joins a digit to anything else, as in a model trained with digits split one by one
+    (SmolLM; transformers drops the Digits step when it rebuilds the tokenizer from a GGUF), BPE cannot merge a
+    digit either way, so `smollm` (GPT-2's regex after splitting digits) gives the same tokens: llama.cpp's own
+    converter, which recognises a tokenizer by its tokenization of a test text, names it so.
     """
     if pre is None:
-        return "default"
+        raise EdgepruneError("tokenizer.json has no pre_tokenizer: supported for a byte-level BPE tokenizer are a "
+                             "ByteLevel step, alone or after a Digits or Split step (llama.cpp always splits words)")
     parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [p.get("type") for p in parts]
+    for part in parts:
+        if part.get("type") == "ByteLevel" and part.get("add_prefix_space"):
+            raise EdgepruneError("tokenizer.json's ByteLevel pre-tokenizer sets add_prefix_space = true: supported: "
+                                 "false (llama.cpp's BPE tokenizer never prepends a space)")
     if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
-        digits_split = not any(sum(ch.isdigit() for ch in token) > 1 for token in model["vocab"])
-        return "smollm" if digits_split else "gpt-2"
+        return "smollm" if not any(_joins_a_digit(token) for token in model["vocab"]) else "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):
@@ -193,6 +211,52 @@ def _bpe_pre_tokenizer(pre: dict | None, model: dict) -> str:
         return found
     raise EdgepruneError(f"unsupported BPE pre-tokenizer {kinds}: edgeprune knows the byte-level pre-tokenizers "
                          f"gpt-2, smollm, {', '.join(SPLIT_PRE_TOKENIZERS.values())}")
+
+
+_BYTE_OF_CHAR = {ch: byte for byte, ch in gguf.vocab.bytes_to_unicode().items()}
+
+
+def _joins_a_digit(token: str) -> bool:
+    """Whether a byte-level token holds a digit (any Unicode number) beside another character."""
+    text = bytes(_BYTE_OF_CHAR.get(ch, 0) for ch in token).decode("utf-8", errors="replace")
+    return len(text) > 1 and any(unicodedata.category(ch).startswith("N") for ch in text)
+
+
+# Normalizers llama.cpp applies: none for byte-level BPE; for SentencePiece-style BPE, the Prepend + Replace pair
+# that is its own space handling (a space prefix, spaces as U+2581).
+_SENTENCEPIECE_NORMALIZER = [{"type": "Prepend", "prepend": "\u2581"},
+                             {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]
+# ... except NFC on byte-level BPE, kept as llama.cpp's converter keeps it for Qwen2, whose tokenizer.json carries
+# it: text already in NFC form (as typed and as edgeprune's texts are) is left unchanged by it.
+_BYTE_LEVEL_NORMALIZERS = ({"type": "NFC"},)
+# Decoders that undo each tokenizer model's encoding as llama.cpp's detokenizer does.
+_SENTENCEPIECE_DECODER_STEPS = ("Replace", "ByteFallback", "Fuse", "Strip", "Metaspace")
+
+
+def _check_normalizer_and_decoder(spec: dict, sentencepiece: bool, path: Path) -> None:
+    """Refuse, by name, a tokenizer.json normalizer llama.cpp does not apply (it would tokenize other text than
+    transformers), and a decoder that does not match the tokenizer model."""
+    normalizer = spec.get("normalizer")
+    steps = (normalizer or {}).get("normalizers", [normalizer]) if (normalizer or {}).get("type") == "Sequence" \
+        else [normalizer]
+    if sentencepiece:
+        allowed = normalizer is None or steps == _SENTENCEPIECE_NORMALIZER
+        supported = "none (with a Metaspace pre-tokenizer), or Prepend('\u2581') + Replace(' ', '\u2581')"
+    else:
+        allowed = normalizer is None or normalizer in _BYTE_LEVEL_NORMALIZERS
+        supported = "none, or NFC (llama.cpp applies no normalizer to byte-level BPE)"
+    if not allowed:
+        kinds = [(s or {}).get("type") for s in steps]
+        raise EdgepruneError(f"{path} has the normalizer {'+'.join(map(str, kinds))}: supported: {supported}")
+    decoder = spec.get("decoder") or {}
+    decoder_steps = [d.get("type") for d in decoder.get("decoders", [])] if decoder.get("type") == "Sequence" \
+        else [decoder.get("type")]
+    if sentencepiece and not set(decoder_steps) <= set(_SENTENCEPIECE_DECODER_STEPS):
+        raise EdgepruneError(f"{path} has the decoder {'+'.join(map(str, decoder_steps))} for a SentencePiece-style "
+                             f"BPE: supported: a Sequence of {', '.join(_SENTENCEPIECE_DECODER_STEPS)}")
+    if not sentencepiece and decoder_steps != ["ByteLevel"]:
+        raise EdgepruneError(f"{path} has the decoder {'+'.join(map(str, decoder_steps))} for a byte-level BPE: "
+                             "supported: ByteLevel")
 
 
 def _is_sentencepiece_bpe(spec: dict) -> bool:

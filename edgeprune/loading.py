@@ -16,11 +16,12 @@ from typing import Callable
 import numpy as np
 import torch
 
+from converters import check_config
 from converters.base import check_rope_scaling, rope_parameters
 from converters.vocab import Vocab, vocab_from_gguf, vocab_from_hf_dir
 
 from .errors import EdgepruneError
-from .families import MODEL_TYPES, family_for_gguf, family_for_model_type, family_of
+from .families import MODEL_TYPES, config_defaults, family_for_gguf, family_for_model_type, family_of
 from .gguf_check import read_gguf
 from .weights import GGUFWeights, SafetensorsWeights, read_safetensors_header
 
@@ -83,7 +84,7 @@ def open_model(path: str | Path, progress: Progress | None = None) -> LazyModel:
         raw, safetensors = _check_hf_directory(path, allow_pickle=False)
         config = family_for_model_type(raw["model_type"], str(path)).transformers_class("Config").from_pretrained(path)
         weights = SafetensorsWeights(safetensors)
-        name, context, tokenizer = raw.get("_name_or_path") or path.name, int(raw.get("max_position_embeddings", 2048)), \
+        name, context, tokenizer = raw.get("_name_or_path") or path.name, _context_length(raw), \
             _load_tokenizer(path, {})
         vocab = vocab_from_hf_dir(path, config.vocab_size)
     elif path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
@@ -185,7 +186,7 @@ def _load_hf_directory(directory: Path, allow_pickle: bool) -> LoadedModel:
     tokenizer = _load_tokenizer(directory, {})
     vocab = vocab_from_hf_dir(directory, model.config.vocab_size)
     return LoadedModel(model, tokenizer, vocab, config.get("_name_or_path") or directory.name, directory,
-                       int(config.get("max_position_embeddings", 2048)))
+                       _context_length(config))
 
 
 def _read_config(directory: Path) -> dict:
@@ -201,11 +202,15 @@ def _read_config(directory: Path) -> dict:
     if model_type not in MODEL_TYPES:
         archs = ", ".join(config.get("architectures") or []) or "unknown"
         family_for_model_type(model_type, f"{directory} ({archs})")  # refuses, naming what is supported
-    if config.get("use_sliding_window"):
-        raise EdgepruneError(f"{directory}/config.json sets use_sliding_window, which llama.cpp's {model_type} graph "
-                             "does not apply: the GGUF would attend differently; set it to false if the model allows")
+    check_config(config, f"{directory}/config.json")
     check_rope_scaling(rope_parameters(SimpleNamespace(**config)), f"{directory}/config.json")
     return config
+
+
+def _context_length(config: dict) -> int:
+    """max_position_embeddings, or when config.json leaves it out the value transformers' class takes."""
+    value = config.get("max_position_embeddings")
+    return int(config_defaults(config["model_type"])["max_position_embeddings"] if value is None else value)
 
 
 # --- GGUF files
