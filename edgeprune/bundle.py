@@ -116,6 +116,22 @@ def open_bundle(directory: str | Path, progress: Callable[[str], None] = lambda 
     return Bundle(directory, manifest, _read_json(directory / EXPECTED))
 
 
+def chunks_to_score(directory: str | Path, requested: int | None,
+                    progress: Callable[[str], None] = lambda _line: None) -> int | None:
+    """--eval-chunks on a bundle: its reference-topk.npz fixes the chunks, so its first `requested` are scored, and
+    more than it holds is refused. None (all of them) when none were requested."""
+    if requested is None:
+        return None
+    from .bundle_logits import load
+
+    available, n_ctx = load(Path(directory) / REFERENCE)[1].shape
+    if not 1 <= requested <= available:
+        raise EdgepruneError(f"--eval-chunks {requested} on the bundle {directory}: its {REFERENCE} holds {available} "
+                             f"chunks of {n_ctx} tokens, so give 1 to {available}")
+    progress(f"scoring the first {requested} of the bundle's {available} chunks (--eval-chunks)")
+    return requested
+
+
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

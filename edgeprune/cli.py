@@ -66,6 +66,24 @@ def _profile(name_or_path: str, recovery_minutes: float | None = None):
     return dataclasses.replace(profile, budgets=dataclasses.replace(profile.budgets, recovery_minutes=recovery_minutes))
 
 
+def given_flags() -> dict[str, str]:
+    """The options the user gave on this command line, {parameter name: flag}: a default cannot tell "20" from
+    nothing given, and a flag a mode does not use must be refused, not dropped."""
+    context = click.get_current_context()
+    return {p.name: p.opts[0] for p in context.command.params
+            if isinstance(p, click.Option) and context.get_parameter_source(p.name) not in
+            (None, click.core.ParameterSource.DEFAULT)}
+
+
+def refuse_unused(given: dict[str, str], mode: str, reasons: dict[str, str]) -> None:
+    """One line for the first flag given that `mode` does not use, naming the flag, its value, the mode and why."""
+    values = click.get_current_context().params
+    for name, reason in reasons.items():
+        if name in given:
+            shown = given[name] if isinstance(values.get(name), bool) else f"{given[name]} {values.get(name)}"
+            raise EdgepruneError(f"{shown} does nothing in {mode}: {reason}; drop {given[name]}")
+
+
 def recovery_minutes_option(fn):
     return click.option("--recovery-minutes", type=float, default=None,
                         help="Minutes this machine may spend recovering a pruned model by distillation, replacing "
@@ -219,6 +237,16 @@ def export(model, profile_name, quant, out_dir, calib, no_imatrix, mix, allow_pi
         raise EdgepruneError("--mix weighs each tensor's error by the importance matrix: drop --no-imatrix")
     profile = _profile(profile_name, recovery_minutes)
     prune = _prune_options(quant or profile.runtime.default_quant, heads, ffn, layers, method, allocation)
+    if prune is not None:
+        planner_off = "pruning flags (--heads, --ffn, --layers, --method, --allocation) replace the planner's pruning"
+        refuse_unused(given_flags(), "export with pruning flags", {
+            "recovery_minutes": f"it is the planner's recovery budget, and {planner_off} (recover with "
+                                "--distill-steps)",
+            **({"search": f"it ranks the planner's candidates, and {planner_off}"} if search == "measured" else {})})
+    if recovery_text is not None and not (distill_steps or (prune is None and profile.budgets.recovery_minutes)):
+        raise EdgepruneError("--recovery-text does nothing without --distill-steps or a recovery budget (the "
+                             "profile's recovery_minutes or --recovery-minutes, with the planner choosing the "
+                             "pruning): add one, or drop --recovery-text")
     options = ExportOptions(quant=quant, calib=calib, eval=eval_path, imatrix=not no_imatrix, eval_ctx=eval_ctx,
                             eval_chunks=eval_chunks, threads=threads, allow_pickle=allow_pickle,
                             host_profile=_profile(host_profile) if host_profile else None, on_device=on_device,
@@ -291,17 +319,29 @@ def validate(gguf, reference, profile_name, json_path, updated_profile, remote, 
     from .texts import evaluation_text
     from .validate import check_evaluation_options, format_summary, validate_gguf, write_report
 
+    given = given_flags()
+    bundle_reasons = {"reference": "a bundle brings its reference's top-k log-probs",
+                      "eval_path": "a bundle brings its evaluation text, tokenized",
+                      "eval_ctx": "a bundle's reference-topk.npz fixes the chunk length (--eval-chunks takes its "
+                                  "first chunks)"}
     if remote is not None:
         if not is_bundle(gguf):
             raise EdgepruneError(f"--remote runs a validation bundle: {gguf} is not one (give the bundle/ directory "
                                  "an export wrote)")
+        refuse_unused(given, "validate BUNDLE --remote", {
+            **bundle_reasons,
+            "host_profile": "the remote is the device and its speed is measured there, not predicted for this host",
+            "on_device": "the remote is the device: a bundle is always judged as measured there"})
         _validate_remote(gguf, remote, identity, known_hosts, remote_command, remote_dir, remote_timeout, threads,
-                         json_path)
+                         json_path, profile_name, eval_chunks if "eval_chunks" in given else None, updated_profile)
         return
+    refuse_unused(given, "validate without --remote", {name: "it is for validate BUNDLE --remote user@host" for name in
+                                                       ("identity", "known_hosts", "remote_command", "remote_dir",
+                                                        "remote_timeout")})
     if is_bundle(gguf):
-        if reference is not None or eval_path is not None:
-            raise EdgepruneError("a bundle brings its own reference and evaluation text: drop --reference and --eval")
-        _validate_bundle(gguf, profile_name, json_path, updated_profile, threads, host_profile)
+        refuse_unused(given, "validate BUNDLE", bundle_reasons)
+        _validate_bundle(gguf, profile_name, json_path, updated_profile, threads, host_profile,
+                         eval_chunks if "eval_chunks" in given else None)
         return
     profile = _profile(profile_name) if profile_name else None
     if updated_profile is not None:
@@ -310,6 +350,9 @@ def validate(gguf, reference, profile_name, json_path, updated_profile, remote, 
                                  "a run on the device itself measures the device's efficiencies)")
         check_user_profile_path(updated_profile)
         ensure_writable_dir(updated_profile.parent)
+    if on_device and profile is None:
+        raise EdgepruneError("--on-device needs --profile: it judges the profile's speed budgets as measured here, "
+                             "and without a profile no budget is judged")
     check_evaluation_options(eval_ctx, eval_chunks)
     evaluation = evaluation_text(eval_path)
     host = _profile(host_profile) if host_profile else None
@@ -326,20 +369,33 @@ def validate(gguf, reference, profile_name, json_path, updated_profile, remote, 
 
 
 def _validate_remote(bundle: Path, remote: str, identity, known_hosts, remote_command: str, remote_dir: str | None,
-                     timeout_s: float, threads: int | None, json_path: Path | None) -> None:
-    """`validate BUNDLE --remote`: the validation runs on the SSH host; its report and exit status come back."""
+                     timeout_s: float, threads: int | None, json_path: Path | None, profile_name: str | None,
+                     eval_chunks: int | None, updated_profile: Path | None) -> None:
+    """`validate BUNDLE --remote`: the validation runs on the SSH host; its report and exit status come back. The
+    flags the remote validator understands are checked here, before connecting, and forwarded."""
+    from .atomic import ensure_writable_dir
+    from .bundle import chunks_to_score
+    from .profiles import check_user_profile_path
     from .remote import check_remote_tools, parse_target, validate_remote
     from .validate import ValidationReport, format_summary
 
     target = parse_target(remote)
+    profile = _profile(profile_name).path if profile_name else None
+    chunks_to_score(bundle, eval_chunks)
+    if updated_profile is not None:
+        check_user_profile_path(updated_profile)
+        ensure_writable_dir(updated_profile.parent)
     check_remote_tools()
     document, code = validate_remote(bundle, target, identity=identity, known_hosts=known_hosts,
                                      remote_command=remote_command, remote_dir=remote_dir, threads=threads,
-                                     timeout_s=timeout_s, progress=progress)
+                                     timeout_s=timeout_s, profile=profile, eval_chunks=eval_chunks,
+                                     update_profile=updated_profile, progress=progress)
     click.echo(format_summary(ValidationReport.from_dict(document["validation"])))
     report_path = json_path or bundle / f"report-{target.host}.json"
     write_text_atomic(report_path, json.dumps(document, indent=2) + "\n")
     _write_pages(document, report_path)
+    if updated_profile is not None:
+        click.echo(f"wrote {updated_profile} (the profile with the efficiencies measured on {target})")
     sys.exit(code)
 
 
@@ -357,9 +413,10 @@ def _write_pages(document: dict, report_path: Path) -> None:
 
 
 def _validate_bundle(directory: Path, profile_name: str | None, json_path: Path | None, updated_profile: Path | None,
-                     threads: int | None, host_profile: Path | None) -> None:
-    """`validate BUNDLE`: the bundle checked against its manifest, then its GGUF run as on the device."""
-    from .bundle import open_bundle
+                     threads: int | None, host_profile: Path | None, eval_chunks: int | None) -> None:
+    """`validate BUNDLE`: the bundle checked against its manifest, then its GGUF run as on the device, on all the
+    bundle's chunks or its first `eval_chunks`."""
+    from .bundle import chunks_to_score, open_bundle
     from .profiles import check_user_profile_path
     from .texts import Text
     from .validate import format_summary, validate_gguf, write_report
@@ -367,11 +424,13 @@ def _validate_bundle(directory: Path, profile_name: str | None, json_path: Path 
     if updated_profile is not None:
         check_user_profile_path(updated_profile)
     report_path = json_path or directory / "report.json"
+    chunks = chunks_to_score(directory, eval_chunks, progress)
     bundle = open_bundle(directory, progress)
     profile = _profile(profile_name or str(bundle.profile))
     report = validate_gguf(bundle.model, reference_topk=bundle.reference, eval_text=Text(bundle.expected["eval_text"], ""),
-                           threads=threads, profile=profile, host_profile=_profile(host_profile) if host_profile else None,
-                           on_device=True, progress=progress)
+                           max_chunks=chunks, threads=threads, profile=profile,
+                           host_profile=_profile(host_profile) if host_profile else None, on_device=True,
+                           progress=progress)
     click.echo(format_summary(report))
     document = write_report(report_path, report,
                             bundle={key: bundle.expected[key] for key in ("model", "quant", "profile")},
@@ -426,6 +485,10 @@ def plan(model, profile_name, quants, as_json, allow_pickle, calib, threads, mix
     from .streaming import conversion_input, lazy_shape
     from .texts import calibration_text
 
+    if search != "measured":
+        refuse_unused(given_flags(), "plan --search estimated", {
+            "calib": "the estimated plan reads no text; --search measured scores its candidates on it",
+            "threads": "the estimated plan runs no llama.cpp; --search measured does"})
     profile = _profile(profile_name, recovery_minutes)
     quants = tuple(check_quant_type(q) for q in quants) or None
     check_search_options(search, mix, profile)

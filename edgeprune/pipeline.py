@@ -32,7 +32,8 @@ from .resources import Resources, plan_resources
 from .quantize import QUANT_TYPES, QuantizeResult, check_quant_type, quantize_gguf
 from .shapes import shape_of
 from .streaming import LazyLayers, check_streamable, compute_device, conversion_input, lazy_shape, stream_write
-from .texts import Text, calibration_text, check_evaluation_length, evaluation_text
+from .texts import Text, calibration_text, check_evaluation_length, check_recovery_length, evaluation_text, \
+    read_text_file
 from .validate import ValidationReport, check_evaluation_options, format_summary, validate_gguf, write_report
 
 Progress = Callable[[str], None]
@@ -123,6 +124,11 @@ def check_export_inputs(model_path: str | Path, profile: Profile | None, out_dir
     if evaluation is not None:  # no token covers less than a byte; the BOS is added
         check_evaluation_length(evaluation.name, len(evaluation.content.encode("utf-8")) + 1, options.eval_ctx,
                                 options.eval_chunks, upper_bound=True)
+    if options.recovery_text is not None:  # with the other texts, before the model is loaded
+        from .pruning.distill import DistillOptions
+
+        check_recovery_length(read_text_file(options.recovery_text, "recovery"),
+                              (options.distill or DistillOptions()).seq_len)
     ensure_writable_dir(out_dir)
     pruning = options.prune is not None or profile is not None
     resources = plan_resources(
@@ -394,7 +400,7 @@ class Distillation:
 
     def __init__(self, prepared: Prepared, options, teacher, out_dir: Path, say: Progress):
         from .pruning.distill import TeacherCache, windows
-        from .texts import read_text_file, recovery_texts
+        from .texts import recovery_texts
 
         self.options, self.say, self.results = options, say, []
         self.directory = out_dir / RECOVERY_DIR

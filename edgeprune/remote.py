@@ -25,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from .atomic import write_text_atomic
+from .codedigest import version_string
 from .errors import EdgepruneError
 
 CONNECT_TIMEOUT_S = 10
@@ -36,6 +38,8 @@ QUICK_STEP_S = 120  # the version check and the report fetch: a connection plus 
 DEFAULT_TIMEOUT_S = 7200.0  # the whole remote run: copy, hash and validate a large model on a slow board
 INSTALL_HINT = "install it there with pip install 'edgeprune[device]'"
 REPORT_NAME = "report.json"
+GIVEN_PROFILE_DIR = "given-profile"  # --profile's file, under its own name (a profile is named by its file's stem)
+UPDATED_PROFILE_PREFIX = "updated-"  # where the remote writes --update-profile, fetched back afterwards
 
 # Run with the remote's python3: hashes the files whose size matches the manifest, creates the directories the
 # copy needs, and prints {name: sha256}. A file of the wrong size is not hashed (it must be copied anyway).
@@ -217,6 +221,18 @@ def _last_line(text: str) -> str:
     return next((ln.strip() for ln in reversed(text.splitlines()) if ln.strip()), "no message")
 
 
+def version_mismatch(target: RemoteTarget, version_output: str) -> str | None:
+    """A line saying that the remote's `edgeprune --version` differs from this one's (None when they agree): the
+    version string carries a digest of the code, so another release or an edited checkout there is noticed."""
+    line = _last_line(version_output)
+    found = re.search(r"version\s+(\S+)", line)
+    remote, local = (found[1] if found else line), version_string()
+    if remote == local:
+        return None
+    return (f"warning: {target} runs edgeprune {remote}, this machine {local}: the remote validates with other code "
+            "(flags, scoring, budgets may differ); install the same version there for comparable reports")
+
+
 def _remote_hashes(ssh: _Ssh, remote_dir: str, files: dict[str, dict]) -> dict[str, str]:
     sizes = {name: entry["bytes"] for name, entry in files.items()}
     q = shlex.quote
@@ -231,7 +247,8 @@ def _remote_hashes(ssh: _Ssh, remote_dir: str, files: dict[str, dict]) -> dict[s
 
 def _sync(ssh: _Ssh, bundle_dir: Path, files: dict[str, dict], remote_dir: str,
           progress: Callable[[str], None]) -> None:
-    """Copy what the remote lacks or holds in another version, then check the copies' hashes there."""
+    """Copy what the remote lacks or holds in another version, then check the copies' hashes there. A file's
+    "local" entry names it here when it is not in the bundle (the --profile given)."""
     there = _remote_hashes(ssh, remote_dir, files)
     missing = [name for name, entry in files.items() if there.get(name) != entry["sha256"]]
     size_mb = sum(files[name]["bytes"] for name in missing) / 1e6
@@ -240,7 +257,8 @@ def _sync(ssh: _Ssh, bundle_dir: Path, files: dict[str, dict], remote_dir: str,
     by_dir: dict[str, list[Path]] = {}
     for name in missing:
         parent = str(PurePosixPath(name).parent)
-        by_dir.setdefault(remote_dir if parent == "." else f"{remote_dir}/{parent}", []).append(bundle_dir / name)
+        by_dir.setdefault(remote_dir if parent == "." else f"{remote_dir}/{parent}", []).append(
+            files[name].get("local", bundle_dir / name))
     for directory, paths in by_dir.items():
         ssh.copy(paths, directory)
     if missing:
@@ -270,16 +288,24 @@ def _validator_error(target: RemoteTarget, code: int, tail: list[str]) -> Edgepr
 def validate_remote(bundle_dir: Path, target: RemoteTarget, *, identity: Path | None = None,
                     known_hosts: Path | None = None, remote_command: str = "edgeprune",
                     remote_dir: str | None = None, threads: int | None = None,
-                    timeout_s: float = DEFAULT_TIMEOUT_S,
+                    timeout_s: float = DEFAULT_TIMEOUT_S, profile: Path | None = None,
+                    eval_chunks: int | None = None, update_profile: Path | None = None,
                     progress: Callable[[str], None] = lambda message: None) -> tuple[dict, int]:
     """Validate bundle_dir on target; returns (the remote's JSON report, its exit code: 0 pass, 1 budget missed).
 
     remote_command is a shell command line on the remote (e.g. a venv's bin/edgeprune). remote_dir defaults to
     ~/.cache/edgeprune/bundles/<bundle id>, so a second run of the same bundle copies nothing; a path starting
-    with ~/ is taken relative to the remote home, where ssh and scp start.
+    with ~/ is taken relative to the remote home, where ssh and scp start. What the remote validator understands
+    is forwarded: `profile` (a profile file here, copied beside the bundle, replacing the bundle's own),
+    `eval_chunks` (the bundle's first chunks) and `update_profile` (the profile with the efficiencies measured
+    there, written to this local path).
     """
     bundle_dir = Path(bundle_dir)
     files = _bundle_files(bundle_dir)  # a bad bundle is bad input: say so before connecting
+    if profile is not None:
+        profile = Path(profile)
+        files[f"{GIVEN_PROFILE_DIR}/{profile.name}"] = {"sha256": hashlib.sha256(profile.read_bytes()).hexdigest(),
+                                                        "bytes": profile.stat().st_size, "local": profile}
     if remote_dir is None:
         remote_dir = f".cache/edgeprune/bundles/{files['manifest.json']['sha256']}"
     elif remote_dir.startswith("~/"):
@@ -295,6 +321,9 @@ def validate_remote(bundle_dir: Path, target: RemoteTarget, *, identity: Path | 
         raise EdgepruneError(f"edgeprune on {target} does not start ({_last_line(version.stderr)}): {INSTALL_HINT}")
     shown = remote_dir if remote_dir.startswith("/") else f"~/{remote_dir}"
     progress(f"{target} has {_last_line(version.stdout)}; the bundle goes to {shown}")
+    mismatch = version_mismatch(target, version.stdout)
+    if mismatch:
+        progress(mismatch)
 
     _sync(ssh, bundle_dir, files, remote_dir, progress)
 
@@ -302,8 +331,16 @@ def validate_remote(bundle_dir: Path, target: RemoteTarget, *, identity: Path | 
     progress(f"running the validator on {target}")
     # sh, whatever the login shell, and "; exit $?" keeping it the validator's parent: a crash then reads as
     # 128+signal, and ssh's 255 means only that the connection failed.
-    script = (f"rm -f {q(report)}; {remote_command} validate {q(remote_dir)} --json {q(report)}"
-              + (f" --threads {int(threads)}" if threads else "") + "; exit $?")
+    flags = [] if threads is None else ["--threads", str(int(threads))]
+    if profile is not None:
+        flags += ["--profile", f"{remote_dir}/{GIVEN_PROFILE_DIR}/{profile.name}"]
+    if eval_chunks is not None:
+        flags += ["--eval-chunks", str(int(eval_chunks))]
+    updated = None if update_profile is None else f"{remote_dir}/{UPDATED_PROFILE_PREFIX}{Path(update_profile).name}"
+    if updated is not None:
+        flags += ["--update-profile", updated]
+    script = (f"rm -f {q(report)}{'' if updated is None else ' ' + q(updated)}; {remote_command} validate "
+              f"{q(remote_dir)} --json {q(report)}{''.join(' ' + q(f) for f in flags)}; exit $?")
     code, tail = ssh.stream(f"sh -c {q(script)}", "the remote run", progress)
     if code not in (0, 1):
         raise _validator_error(target, code, tail)
@@ -311,7 +348,15 @@ def validate_remote(bundle_dir: Path, target: RemoteTarget, *, identity: Path | 
     progress("fetching the report")
     fetched = ssh.run(f"cat {q(report)}", "fetching the report", step_s=QUICK_STEP_S)
     try:
-        return json.loads(fetched.stdout), code
+        document = json.loads(fetched.stdout)
     except ValueError:
         raise EdgepruneError(f"the validator on {target} exited {code} but left no readable report at "
                              f"{shown}/{REPORT_NAME} ({_last_line(fetched.stderr)})") from None
+    if updated is not None:
+        progress("fetching the updated profile")
+        profile_text = ssh.run(f"cat {q(updated)}", "fetching the updated profile", step_s=QUICK_STEP_S)
+        if profile_text.returncode != 0 or not profile_text.stdout.strip():
+            raise EdgepruneError(f"the validator on {target} wrote no updated profile at {updated} "
+                                 f"({_last_line(profile_text.stderr)})")
+        write_text_atomic(Path(update_profile), profile_text.stdout)
+    return document, code

@@ -87,6 +87,15 @@ def evaluation_text(path: str | Path | None) -> Text:
     return read_text_file(path, "evaluation") if path else default_evaluation_text()
 
 
+def check_recovery_length(text: Text, seq_len: int) -> None:
+    """Refuse, before the model is loaded, a recovery text too short for one distillation window. Before a tokenizer
+    is at hand, its UTF-8 byte count bounds its tokens (every token covers at least a byte)."""
+    n_bytes = len(text.content.encode("utf-8"))
+    if n_bytes < seq_len:
+        raise EdgepruneError(f"recovery text {text.name} has at most {n_bytes} tokens; a distillation window needs "
+                             f"{seq_len}: give a longer --recovery-text")
+
+
 def check_evaluation_length(text_name: str, n_tokens: int, n_ctx: int, chunks: int | None, *,
                             upper_bound: bool = False) -> None:
     """Refuse, before any long work, a text too short for the perplexity chunks asked for. Before a tokenizer is
