@@ -376,8 +376,8 @@ def measure_perplexity(path: Path, text: Text | None, *, reference_gguf: str | P
     The reference is a GGUF, whose top-k log-probs are also written to `save_topk` when given (a validation
     bundle's; without a reference, `path`'s own are: it is then the reference, and `against_saved` scores it
     against them as a candidate with its tensors would be, for a build's `ScoreCache`), or such a top-k file
-    (`reference_topk`), which brings its own evaluation chunks (`text`, `n_ctx`
-    and `max_chunks` are then unused). The candidate runs with `runtime`'s KV cache type, flash attention and
+    (`reference_topk`), which brings its own evaluation chunks (`text` and `n_ctx` are then unused; `max_chunks`
+    takes its first chunks). The candidate runs with `runtime`'s KV cache type, flash attention and
     threads (a quantized KV cache costs quality too), or llama.cpp's defaults on `threads`; the reference GGUF
     with llama.cpp's defaults."""
     from .bundle_logits import DEFAULT_TOP_K
@@ -726,6 +726,7 @@ def _measure_quality(task: dict) -> dict:
     ref, topk = None, None
     if task.get("reference_topk"):
         topk, chunks = bundle_logits.load(task["reference_topk"])
+        chunks = chunks[:task["max_chunks"]]  # the first chunks: their rows come first in topk
         if int(chunks.max()) >= cand.n_vocab:
             raise EdgepruneError(f"{task['gguf']} has {cand.n_vocab} tokens but the bundle's text uses token "
                                  f"{int(chunks.max())}: the bundle belongs to another model")
