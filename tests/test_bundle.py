@@ -3,6 +3,7 @@ or transformers (blocked in the process, and absent from a fresh virtualenv with
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -40,25 +41,39 @@ def test_export_writes_a_small_complete_bundle(smollm2_bundle):
     assert besides_model < 2 * 1024 * 1024, besides_model  # 4 chunks here; about 1 MB at the default 20
 
 
-def _validate_bundle(bundle: Path, report: Path, env: dict, python: str = sys.executable):
+def _validate_bundle(bundle: Path, report: Path, env: dict, python: str = sys.executable, *extra: str):
     """Run from the report's directory: `python -m` must find edgeprune where it is installed, not in this checkout."""
     return subprocess.run([python, "-m", "edgeprune.cli", "validate", str(bundle), "--threads", "1", "--json",
-                           str(report)], capture_output=True, text=True, timeout=900, env=env, cwd=report.parent)
+                           str(report), *extra], capture_output=True, text=True, timeout=900, env=env, cwd=report.parent)
+
+
+def _loose_profile(bundle: Path, path: Path) -> Path:
+    """The bundle's profile (same runtime, so the same chunks score the same) with speed budgets any machine meets:
+    the device's verdict then has one right answer, PASS (exit 0)."""
+    from edgeprune.profiles import load_profile, profile_to_toml
+
+    profile = load_profile(bundle / "profile.toml")
+    budgets = dataclasses.replace(profile.budgets, min_decode_tps=0.01, max_ttft_s=3600.0)
+    path.write_text(profile_to_toml(dataclasses.replace(profile, budgets=budgets)))
+    return path
 
 
 def test_bundle_validates_without_torch_and_agrees_with_the_host(smollm2_bundle, tmp_path):
     """The same PPL as the host's in-process validation (same chunks, same runtime), and the KLD and top-1
-    estimated from the stored top-k close to the host's full-logit ones."""
+    estimated from the stored top-k as close to the host's full-logit ones as the README says: mean, median, p90 and
+    p99 within 1%."""
     (tmp_path / "sitecustomize.py").write_text(BLOCK_TORCH)
     env = dict(CLI_ENV, PYTHONPATH=os.pathsep.join([str(tmp_path), str(REPO)]))
     report = tmp_path / "device.json"
-    r = _validate_bundle(smollm2_bundle, report, env)
-    assert r.returncode in (0, 1), r.stderr[-3000:]
+    loose = _loose_profile(smollm2_bundle, tmp_path / "loose.toml")
+    r = _validate_bundle(smollm2_bundle, report, env, sys.executable, "--profile", str(loose))
+    assert r.returncode == 0, r.stderr[-3000:]
     document = json.loads(report.read_text())
     device, host = document["validation"], _host_validation(smollm2_bundle)
     assert device["on_device"] is True and document["schema_version"] == 1
     assert device["perplexity"]["ppl"] == host["perplexity"]["ppl"]
-    assert device["divergence"]["kld_mean"] == pytest.approx(host["divergence"]["kld_mean"], rel=0.1)
+    for key in ("kld_mean", "kld_median", "kld_p90", "kld_p99"):
+        assert device["divergence"][key] == pytest.approx(host["divergence"][key], rel=0.01), key
     assert abs(device["divergence"]["top1_agreement"] - host["divergence"]["top1_agreement"]) < 0.01
     assert device["divergence"]["reference_ppl"] == pytest.approx(host["divergence"]["reference_ppl"], rel=1e-3)
     machine = device["machine"]
@@ -97,8 +112,9 @@ def test_fresh_virtualenv_with_the_device_install_validates_a_bundle(smollm2_bun
         assert probe.returncode != 0, f"{module} is installed in the device virtualenv"
     env = {key: value for key, value in CLI_ENV.items() if key != "PYTHONPATH"}
     report = tmp_path / "device.json"
-    r = _validate_bundle(smollm2_bundle, report, env, python=python)
-    assert r.returncode in (0, 1), r.stderr[-3000:]
+    loose = _loose_profile(smollm2_bundle, tmp_path / "loose.toml")
+    r = _validate_bundle(smollm2_bundle, report, env, python, "--profile", str(loose))
+    assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(report.read_text())["validation"]["perplexity"]["ppl"] == \
         _host_validation(smollm2_bundle)["perplexity"]["ppl"]
     build = subprocess.run([python, "-m", "edgeprune.cli", "export", str(smollm2_bundle / MODEL), "--profile",

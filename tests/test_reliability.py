@@ -394,9 +394,10 @@ def test_interrupts_leave_nothing_partial_and_rerun_completes(small_model, tmp_p
     assert_nothing_partial(out)
     assert not final.exists()  # the quantizer's ~0.3 s window is far wider than the 1 ms polling
 
-    # A plain re-run finishes the job: pass (0) or a missed budget (1), and a complete GGUF.
+    # A plain re-run finishes the job and passes (speed is judged on the laptop's prediction), with a complete GGUF.
     r = run_cli("export", *args, "--out", str(out))
-    assert r.returncode in (0, 1), r.stderr[-3000:]
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "report.json").read_text())["validation"]["passed"] is True
     assert_nothing_partial(out)
     assert read_gguf(final).block_count == 4
     assert (out / "report.json").is_file()

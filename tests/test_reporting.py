@@ -218,3 +218,35 @@ def test_page_renders_its_images_in_a_real_browser(tmp_path):
     assert image[..., :3].std() > 0.05, "the screenshot is blank"
     assert colour_pixels(image, PASS_COLOR) > 2000 and colour_pixels(image, FAIL_COLOR) > 2000, \
         "the margin plot's bars are not in the screenshot"
+
+
+def test_a_real_exports_page_shows_its_own_report_json(tiny_bpe_llama, tmp_path):
+    """A tiny model exported through the real CLI (real llama.cpp validation): the page written beside report.json
+    shows that document's own numbers, with every budget's measured value, basis and result, and the Markdown holds
+    the same tables. The tests above render documents made here; this one renders what an export really writes."""
+    from conftest import run_export
+
+    from edgeprune.profiles import load_profile, profile_to_toml
+
+    laptop = load_profile("x86-laptop-16gb")
+    profile = tmp_path / "laptop-512.toml"
+    profile.write_text(profile_to_toml(dataclasses.replace(laptop, budgets=dataclasses.replace(
+        laptop.budgets, context_length=512))))
+    out = tmp_path / "out"
+    result = run_export(tiny_bpe_llama, out, "--quant", "Q8_0", "--eval-chunks", "1", "--eval-ctx", "128",
+                        "--threads", "1", profile=str(profile))
+    assert result.returncode == 0, result.stderr[-3000:]
+    v = json.loads((out / "report.json").read_text())["validation"]
+    page = (out / "report.html").read_text()
+    rows = table_rows(page)
+    assert ["GGUF", v["gguf"]] in rows and ["quant", "Q8_0"] in rows and ["verdict", "PASS"] in rows
+    ppl, d, speed = v["perplexity"], v["divergence"], v["speed"]
+    assert ["PPL", f"{ppl['ppl']:.3f} ({v['eval_text']}: 1 chunks of 128 tokens)"] in rows
+    assert ["KLD", f"mean {d['kld_mean']:.5f}, p99 {d['kld_p99']:.5f} (reference PPL {d['reference_ppl']:.3f})"] in rows
+    assert ["decode", f"{speed['decode_tps']:.1f} tok/s (tg{speed['n_gen']}, 1 thread(s))"] in rows
+    assert {c["name"] for c in v["checks"]} == {"memory", "decode_tps", "ttft"}
+    for c in v["checks"]:
+        assert [c["name"], f"{c['measured']:.3f} {c['unit']}", c["basis"], "PASS" if c["passed"] else "FAIL"] == \
+            [r[i] for r in rows if r[0] == c["name"] and len(r) == 6 for i in (0, 2, 4, 5)], c
+    assert markdown_rows((out / "report.md").read_text()) == rows
+    assert not EXTERNAL.search(page) and len(re.findall(r'<img src="data:image/png;base64,', page)) == 2
