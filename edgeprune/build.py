@@ -4,9 +4,11 @@
 writes the F16 reference and scores its evaluation logits once, then plans, prunes, converts, quantizes and
 validates each target into `<out>/<target>/` with the GGUF, the validation bundle, the report and the runtime
 hand-off (`edgeprune.handoff`). Every target's output is keyed by a content hash of everything it depends on
-(the model files, the texts, the target's effective profile, the evaluation settings, the versions of
-edgeprune and llama.cpp): a build with nothing changed rebuilds nothing. A target's build.json, its cache
-entry, is written last, so a killed build leaves no entry that looks whole; the next build rebuilds that target.
+(the model files, the texts, the target's profile file and effective profile, the evaluation settings, the
+planner's measured tables, the digest of edgeprune's own code (`codedigest`), the versions of llama.cpp and the
+other libraries): a build with nothing changed rebuilds nothing. A target's build.json, its cache entry, records
+those inputs, so a rebuild says which of them changed; it is written last, so a killed build leaves no entry that
+looks whole, and the next build rebuilds that target. None of it goes into the GGUF.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ MANIFEST = "manifest.json"
 SHARED = ".shared"
 PARTIAL = ".partial-"
 DEFAULT_MODEL = "smollm2"  # the built-in default: SmolLM2-135M-Instruct from PyPI (edgeprune.fetch)
+TABLES = ("quality_table.toml", "mixed_table.toml", "recovery_table.toml")  # what planner.load_table reads
 Progress = Callable[[str], None]
 
 _SECTIONS = {
@@ -181,8 +184,9 @@ def load_build_file(path: Path) -> BuildFile:
                                  f"got {minutes!r}")
         if profile.endswith(".toml") or "/" in profile:
             profile = str(base / profile)
-        targets.append(Target(name, profile, entry.get("context_length") and
-                              integer(entry.get("context_length"), f"target {name!r} context_length", 0, 64),
+        context_length = entry.get("context_length")  # 0 is no length, not "no override": refused with the rest
+        targets.append(Target(name, profile, None if context_length is None else
+                              integer(context_length, f"target {name!r} context_length", 0, 64),
                               tuple(q.upper() for q in quants) if quants else None, allocation, mix,
                               None if minutes is None else float(minutes)))
     if not targets:
@@ -265,9 +269,10 @@ def _model_files(model: Path) -> list[Path]:
 def run_build(build: BuildFile, *, only: tuple[str, ...] = (), jobs: int = 1, threads: int | None = None,
               progress: Progress | None = None) -> BuildResult:
     """Build every target (or `only` those), reusing what an earlier build left that nothing has changed."""
+    from .codedigest import code_digest
     from .fetch import fetch_smollm2
     from .profiles import load_profile, with_overrides
-    from .texts import calibration_text, evaluation_text, read_text_file
+    from .texts import calibration_text, evaluation_text, read_text_file, recovery_texts
 
     say = progress or (lambda _msg: None)
     start = time.perf_counter()
@@ -287,9 +292,10 @@ def run_build(build: BuildFile, *, only: tuple[str, ...] = (), jobs: int = 1, th
     if not model.exists():
         raise EdgepruneError(f"{build.path}: model {model} does not exist: fix [model] path")
     calib, evaluation = calibration_text(build.calibration), evaluation_text(build.evaluation)
-    profiles = {}
+    profiles, profile_files = {}, {}
     for target in targets:
         base = load_profile(target.profile)
+        profile_files[target.name] = Path(base.path)
         deci = None if target.allocation is None else target.allocation == "adaptive"
         if deci and not base.runtime.allow_deci:
             raise EdgepruneError(f"target {target.name!r}: allocation \"adaptive\" writes a deci GGUF, which profile "
@@ -300,27 +306,40 @@ def run_build(build: BuildFile, *, only: tuple[str, ...] = (), jobs: int = 1, th
     hashes = _FileHashes(out / ".input-hashes.json")
     say(f"hashing the inputs ({model.name})")
     found_versions = versions()
-    inputs = {"model": {f.name: hashes.of(f) for f in _model_files(model)},
-              "calibration": hashlib.sha256(calib.content.encode()).hexdigest(),
-              "evaluation": hashlib.sha256(evaluation.content.encode()).hexdigest(),
-              "eval_ctx": build.eval_ctx, "eval_chunks": build.eval_chunks, "versions": found_versions}
+    # what the reference, its top-k file and the score cache depend on; each target's key adds its own inputs
+    inputs = {"model": {f.name: hashes.of(f) for f in _model_files(model)}, "calibration": _text_digest(calib),
+              "evaluation": _text_digest(evaluation), "eval_ctx": build.eval_ctx, "eval_chunks": build.eval_chunks,
+              "versions": found_versions, "code": code_digest()}
+    tables = {name: sha256_of(Path(__file__).with_name(name)) for name in TABLES}
+    recovery = None
+    if any(profile.budgets.recovery_minutes for profile, _ in profiles.values()):
+        recovery = _text_digest(*([read_text_file(build.recovery, "recovery")] if build.recovery
+                                  else recovery_texts()))
     hashes.save()
-    recovery = (hashlib.sha256(read_text_file(build.recovery, "recovery").content.encode()).hexdigest()
-                if build.recovery else "built-in")
 
-    def key(target: Target) -> str:
-        """What the target's output depends on: the shared inputs, its profile, and its own options."""
+    def target_inputs(target: Target) -> dict:
+        """What the target's output depends on: the shared inputs, the tables its plan reads, its profile file and
+        effective profile (the file with the target's overrides), and its own options."""
+        profile, text = profiles[target.name]
+        source = profile_files[target.name]
         own = {"mix": True} if target.mix else {}
-        if profiles[target.name][0].budgets.recovery_minutes:
+        if profile.budgets.recovery_minutes:
             own["recovery"] = recovery
-        return _digest({**inputs, "profile": profiles[target.name][1], **own})
+        return {**inputs, "tables": tables, "profile_file": {source.name: sha256_of(source)},
+                "profile": hashlib.sha256(text.encode()).hexdigest(), **own}
 
-    keys = {t.name: key(t) for t in targets}
-    outcomes = {t.name: _cached(out / t.name, keys[t.name]) for t in targets}
-    todo = [t for t in targets if outcomes[t.name] is None]
+    recorded = {t.name: target_inputs(t) for t in targets}
+    keys = {name: _digest(value) for name, value in recorded.items()}
+    code_files = _code_file_hashes()
+    outcomes, todo = {}, []
     for target in targets:
-        if outcomes[target.name] is not None:
-            say(f"{target.name}: up to date ({outcomes[target.name].entry['gguf']})")
+        outcome, why = _cached(out / target.name, keys[target.name], recorded[target.name], code_files)
+        if outcome is None:
+            todo.append(target)
+            say(f"{target.name}: {why}")
+        else:
+            outcomes[target.name] = outcome
+            say(f"{target.name}: up to date ({outcome.entry['gguf']})")
     if todo:
         from .pipeline import ExportOptions, check_export_inputs, prepare, provenance
 
@@ -345,7 +364,7 @@ def run_build(build: BuildFile, *, only: tuple[str, ...] = (), jobs: int = 1, th
                 say(f"[{name} {i + 1}/{len(todo)}] {message}")
 
             outcome = _build_target(prepared, target, profiles[name], out, keys[name], topk, scores, found_versions,
-                                    tell)
+                                    tell, {"inputs": recorded[name], "code_files": code_files})
             done.append(name)
             left = len(todo) - len(done)
             per_target = (time.perf_counter() - started) / len(done)
@@ -366,20 +385,65 @@ def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
-def _cached(directory: Path, key: str) -> TargetOutcome | None:
-    """The target's earlier output when its key matches and every file it lists is still there, whole."""
+def _text_digest(*texts) -> str:
+    return _digest([text.content for text in texts])
+
+
+def _code_file_hashes() -> dict[str, str]:
+    """sha256 of each file `code_digest()` covers, by its path: recorded in build.json so that a rebuild for
+    changed code names the files that changed."""
+    from .codedigest import code_files
+
+    root = Path(__file__).resolve().parents[1]
+    return {f.relative_to(root).as_posix(): sha256_of(f) for f in code_files()}
+
+
+_INPUT_NAMES = {"model": "model file {}", "calibration": "calibration text", "evaluation": "evaluation text",
+                "eval_ctx": "[evaluation] context", "eval_chunks": "[evaluation] chunks", "versions": "{} version",
+                "code": "edgeprune's code", "tables": "{}", "profile_file": "profile file {}",
+                "profile": "profile with the target's overrides", "mix": "mix", "recovery": "recovery text"}
+
+
+def _changed_inputs(old: dict, new: dict, old_files: dict, new_files: dict) -> list[str]:
+    """The inputs of a target's key that differ between two builds, by name; a change of edgeprune's code is told
+    by the files that changed, the tables and a shipped profile (named on their own) apart."""
+    named = {f"edgeprune/{table}" for table in TABLES} | {f"profiles/{file}" for file in new.get("profile_file", {})}
+    changed = []
+    for name in [*_INPUT_NAMES, *sorted((set(old) | set(new)) - set(_INPUT_NAMES))]:
+        before, after = old.get(name), new.get(name)
+        if before == after:
+            continue
+        if name == "code":
+            files = [f for f in sorted(set(old_files) | set(new_files)) if old_files.get(f) != new_files.get(f)
+                     and f not in named] if old_files else ["edgeprune's code"]
+            changed += files[:3] + ([f"{len(files) - 3} more files"] if len(files) > 3 else [])
+        elif isinstance(before, dict) or isinstance(after, dict):
+            before, after = before or {}, after or {}
+            changed += [_INPUT_NAMES.get(name, name + " {}").format(part) for part in sorted(set(before) | set(after))
+                        if before.get(part) != after.get(part)]
+        else:
+            changed.append(_INPUT_NAMES.get(name, name))
+    return changed
+
+
+def _cached(directory: Path, key: str, inputs: dict, code_files: dict) -> tuple[TargetOutcome | None, str]:
+    """The target's earlier output when its key matches and every file it lists is still there, whole; else
+    None and why it is to be built."""
     try:
         record = json.loads((directory / BUILD_RECORD).read_text())
     except (OSError, json.JSONDecodeError):
-        return None
+        return None, "building (no earlier build here)"
     entry = record.get("entry", {})
     if record.get("key") != key:
-        return None
+        if "inputs" not in record:
+            return None, "rebuilding: its build.json, from an earlier edgeprune, does not record its inputs"
+        changed = _changed_inputs(record["inputs"], inputs, record.get("code_files", {}), code_files)
+        return None, f"rebuilding: {', '.join(changed) or 'its inputs'} changed"
     for artifact in entry.get("artifacts", []):
         file = directory / artifact["path"]
         if not file.is_file() or file.stat().st_size != artifact["bytes"]:
-            return None
-    return TargetOutcome(directory.name, directory, "cached", entry, serve=record.get("serve"))
+            return None, f"rebuilding: {artifact['path']} is missing or not as built"
+    return TargetOutcome(directory.name, directory, "cached", entry, serve=record.get("serve")), "up to date"
 
 
 def _shared_reference(prepared, shared_dir: Path, key: str, metadata: dict, say: Progress) -> Path:
@@ -423,8 +487,10 @@ def _shared_topk(reference: Path, evaluation, build: BuildFile, shared_dir: Path
 
 
 def _build_target(prepared, target: Target, profile_and_text, out: Path, key: str, topk: Path, scores,
-                  found_versions: dict, say: Progress) -> TargetOutcome:
-    """One target into a hidden directory, renamed into place when complete; a failure is the target's alone."""
+                  found_versions: dict, say: Progress, made_of: dict) -> TargetOutcome:
+    """One target into a hidden directory, renamed into place when complete; a failure is the target's alone.
+    `made_of` (the key's inputs and the code files' hashes) goes into build.json, for the next build to say what
+    changed."""
     from .handoff import write_handoff
     from .pipeline import build_output
 
@@ -455,7 +521,8 @@ def _build_target(prepared, target: Target, profile_and_text, out: Path, key: st
                                "sha256": sha256_of(f)} for f in sorted(directory.rglob("*")) if f.is_file()]
         serve = settings.llama_cpp_python_server()
         # written last: a target directory without it is a build that did not finish
-        write_text_atomic(directory / BUILD_RECORD, json.dumps({"key": key, "entry": entry, "serve": serve}, indent=2))
+        write_text_atomic(directory / BUILD_RECORD, json.dumps({"key": key, **made_of, "entry": entry, "serve": serve},
+                                                               indent=2))
         shutil.rmtree(previous, ignore_errors=True)
         return TargetOutcome(target.name, directory, "built", entry, serve=serve)
     except BaseException as exc:

@@ -66,10 +66,23 @@ class GGUFInfo:
         return self.value(f"{self.architecture}.{key}", default)
 
 
-def tensor_digest(info: GGUFInfo) -> str:
-    """sha256 of the tensors alone (names, types, shapes, bytes), not of the metadata: GGUFs with the same digest
-    compute the same logits, whatever their general.name or edgeprune.profile say."""
+# Metadata that cannot change what llama.cpp computes: names, licences and other general.* facts, edgeprune's own
+# provenance (edgeprune.source, edgeprune.profile), the chat template (applied to messages before tokens exist),
+# and gguf-py's header pseudo-fields (the tensor count is in the tensors).
+_NOT_COMPUTED_FROM = ("general.", "edgeprune.", "GGUF.")
+_NOT_COMPUTED_FROM_KEYS = ("tokenizer.chat_template",)
+
+
+def logits_digest(info: GGUFInfo) -> str:
+    """sha256 of what decides a GGUF's logits: every tensor (name, type, shape, bytes) and every metadata key
+    llama.cpp may read (rope, norms, heads, tokenizer, ...), as stored. GGUFs with the same digest compute the same
+    logits whatever their general.name or edgeprune.profile say; a changed rope.freq_base alone changes it."""
     digest = hashlib.sha256()
+    for field in info.reader.fields.values():
+        if field.name.startswith(_NOT_COMPUTED_FROM) or field.name in _NOT_COMPUTED_FROM_KEYS:
+            continue
+        stored = sum(part.nbytes for part in field.parts)
+        digest.update(bytes(info.reader.data[field.offset:field.offset + stored]))
     for t in info.reader.tensors:
         digest.update(f"{t.name}:{int(t.tensor_type)}:{[int(d) for d in t.shape]}\n".encode())
         digest.update(t.data)

@@ -30,7 +30,7 @@ import numpy as np
 from .atomic import write_text_atomic
 from .errors import EdgepruneError
 from .costmodel import kv_cache_bytes, predict_gguf
-from .gguf_check import read_gguf, tensor_digest
+from .gguf_check import logits_digest, read_gguf
 from .shapes import shape_from_gguf
 from .texts import Text, check_evaluation_length, default_evaluation_text
 
@@ -116,7 +116,8 @@ class DivergenceResult:
 
 class ScoreCache:
     """Perplexity and KL divergence of GGUFs scored against one reference top-k file (`basis` names it), kept by
-    what decides them: the tensors (`tensor_digest`) and the runtime they are scored with (`Runtime.for_scoring`).
+    what decides them: the tensors and the metadata llama.cpp reads (`logits_digest`: a file differing only in
+    rope.freq_base is scored anew) and the runtime they are scored with (`Runtime.for_scoring`).
 
     A build scores each distinct file once for all its targets: an unpruned F16 target is the reference, scored
     when its top-k file was saved; targets shipping the same quantization of the same model (the Pi 5 and the M1
@@ -130,7 +131,7 @@ class ScoreCache:
 
     def _key(self, info, runtime: Runtime) -> str:
         scoring = runtime.for_scoring()
-        return hashlib.sha256(json.dumps([self.basis, tensor_digest(info), scoring.kv_cache_type,
+        return hashlib.sha256(json.dumps([self.basis, logits_digest(info), scoring.kv_cache_type,
                                           scoring.flash_attention]).encode()).hexdigest()
 
     def put(self, info, runtime: Runtime, perplexity: PerplexityResult, divergence: DivergenceResult) -> None:
@@ -143,7 +144,7 @@ class ScoreCache:
 
     def scores(self, info, runtime: Runtime, measure: Callable[[], tuple[PerplexityResult, DivergenceResult]]
                ) -> tuple[PerplexityResult, DivergenceResult, bool]:
-        """The file's scores, measured (`measure`) only if no target scored the same tensors before; the flag says
+        """The file's scores, measured (`measure`) only if no target scored the same file before; the flag says
         whether they were reused. Concurrent targets wanting the same scores wait for the first to measure them."""
         key = self._key(info, runtime)
         with self._guard:
@@ -154,7 +155,7 @@ class ScoreCache:
                 return PerplexityResult(**data["perplexity"]), DivergenceResult(**data["divergence"]), True
             except (OSError, json.JSONDecodeError, KeyError, TypeError):
                 perplexity, divergence = measure()
-                self._write(key, perplexity, divergence)  # the key already hashed the tensors: not again
+                self._write(key, perplexity, divergence)  # the key already hashed the file: not again
                 return perplexity, divergence, False
 
 
