@@ -18,8 +18,10 @@ from typing import Callable
 import gguf
 import numpy as np
 
+from . import llama_log
 from .atomic import atomic_output, raise_if_interrupted
 from .errors import EdgepruneError
+from .llama_log import Fallback
 
 # llama.cpp's llama_ftype values by the names llama-quantize uses.
 QUANT_TYPES: dict[str, int] = {
@@ -31,18 +33,6 @@ QUANT_TYPES: dict[str, int] = {
 }
 # llama.cpp refuses these without an importance matrix (tensor_requires_imatrix in llama-quant.cpp).
 NEEDS_IMATRIX = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K_S"}
-_FALLBACK_RE = re.compile(r"warning: (\S+)\s+- ncols\s+(\d+) not divisible by\s+(\d+) \(required for type\s+(\S+)\).*falling back to\s+(\S+)")
-
-
-@dataclass
-class Fallback:
-    """A tensor whose row length is not a multiple of the target type's block, so llama.cpp used another type."""
-
-    tensor: str
-    row_length: int
-    wanted: str
-    used: str
-
 
 @dataclass
 class QuantizeResult:
@@ -89,14 +79,26 @@ def quantize_gguf(src: str | Path, dst: str | Path, quant_type: str, *, imatrix:
     if progress:
         progress(f"quantizing to {quant_type}{' with importance matrix' if imatrix else ''}")
     start = time.perf_counter()
-    with atomic_output(dst) as tmp, _captured_llama_log() as log:
-        status = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+    with atomic_output(dst) as tmp:
+        with llama_log.captured() as log:
+            status = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         raise_if_interrupted()
         if status != 0:
-            detail = next((l for l in reversed(log) if "error" in l.lower() or "failed" in l.lower()), "see llama.cpp log")
-            raise EdgepruneError(f"llama.cpp could not quantize {src} to {quant_type}: {detail.strip()}")
-    fallbacks = [Fallback(m[1], int(m[2]), m[4], m[5]) for m in (_FALLBACK_RE.search(l) for l in "".join(log).splitlines()) if m]
+            detail = llama_log.error_line(log.text()) or "see llama.cpp's log"
+            raise EdgepruneError(f"llama.cpp could not quantize {src} to {quant_type}: {detail}")
+        fallbacks = checked_fallbacks(log.text(), tmp)
     return QuantizeResult(dst, quant_type, time.perf_counter() - start, len(imatrix or {}), fallbacks)
+
+
+def checked_fallbacks(text: str, path: Path) -> list[Fallback]:
+    """The fallbacks llama.cpp logged while writing `path`, each checked against the type the file holds."""
+    held = {t.name: t.tensor_type.name.lower() for t in gguf.GGUFReader(path).tensors}
+    found = llama_log.fallbacks(text)
+    for fb in found:
+        if held.get(fb.tensor) != fb.used:
+            raise llama_log.unreadable(f"says {fb.tensor} fell back to {fb.used}, but the file holds it as "
+                                       f"{held.get(fb.tensor, 'no such tensor')}")
+    return found
 
 
 def _imatrix_array(imatrix: dict[str, np.ndarray], keep_alive: list):
@@ -149,29 +151,3 @@ def _kv_overrides(values: dict[str, str | int], keep_alive: list):
     overrides[len(values)].key = b""
     keep_alive.append(overrides)
     return ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_kv_override))
-
-
-class _captured_llama_log:
-    """Collect llama.cpp's log lines (the quantizer reports fallbacks there) instead of printing them."""
-
-    def __enter__(self) -> list[str]:
-        import llama_cpp
-
-        self.lines: list[str] = []
-
-        @llama_cpp.llama_log_callback
-        def collect(level, text, user_data):  # noqa: ARG001 - C callback signature
-            try:
-                self.lines.append(text.decode("utf-8", "replace"))
-            except BaseException:  # noqa: BLE001 - a signal landing here must not print a ctypes traceback;
-                pass  # the handler has recorded it, and raise_if_interrupted re-raises it after the native call
-
-        self.callback = collect
-        llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
-        return self.lines
-
-    def __exit__(self, *exc) -> None:
-        import llama_cpp
-        from llama_cpp import _logger
-
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
