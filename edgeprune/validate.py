@@ -7,13 +7,11 @@ becomes a one-line error instead of killing the caller, and the child's peak RSS
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import hashlib
 import json
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -27,11 +25,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from . import llama_log
 from .atomic import write_text_atomic
 from .errors import EdgepruneError
-from .costmodel import kv_cache_bytes, predict_gguf
+from .costmodel import predict_gguf
 from .gguf_check import logits_digest, read_gguf
-from .shapes import shape_from_gguf
 from .texts import Text, check_evaluation_length, default_evaluation_text
 
 MIB = 1024 * 1024
@@ -314,7 +312,7 @@ def validate_gguf(
                      "divergence are reused")
     probe = measure_speed(path, runtime=runtime, ttft_tokens=ttft_tokens, progress=progress)
     speed = SpeedResult(**probe["speed"])
-    memory = _memory(path, info, probe, runtime)
+    memory = _memory(path, probe, runtime)
     machine = machine_record(runtime.threads, probe["llama_cpp"])
     device = Predicted.of(info, profile) if profile is not None else None
     host = Predicted.of(info, host_profile) if host_profile is not None else None
@@ -344,25 +342,18 @@ def check_evaluation_options(n_ctx: int, chunks: int | None) -> None:
         raise EdgepruneError(f"--eval-chunks {chunks} scores nothing: give 1 or more (20 is the default)")
 
 
-def _memory(path: Path, info, probe: dict, runtime: Runtime) -> MemoryResult:
-    """What the device must hold, from the sizes llama.cpp reported for the context it created with `runtime`.
-    Only when llama.cpp did not report the KV cache is it computed, and the basis says so."""
+def _memory(path: Path, probe: dict, runtime: Runtime) -> MemoryResult:
+    """What the device must hold, from the sizes llama.cpp reported for the context it created with `runtime`
+    (`llama_log.buffer_bytes` refuses a log that lacks them)."""
     file_bytes = path.stat().st_size
-    basis = {"file": "measured (file size)", "peak_rss": "measured (VmHWM of the measuring process)"}
-    kv_bytes = probe["kv_cache_bytes"]
-    if kv_bytes is None:
-        kv_bytes = kv_cache_bytes(shape_from_gguf(info), runtime.context_length, runtime.kv_cache_type,
-                                  runtime.flash_attention)
-        basis["kv_cache"] = "computed (llama.cpp did not report its KV buffers)"
-    else:
-        basis["kv_cache"] = "measured (llama.cpp's KV buffer sizes)"
-    compute = probe["compute_buffer_bytes"]
-    basis["compute_buffer"] = ("measured (llama.cpp's compute buffer sizes)" if compute is not None
-                               else "unknown: total is the peak RSS")
+    basis = {"file": "measured (file size)", "peak_rss": "measured (VmHWM of the measuring process)",
+             "kv_cache": "measured (llama.cpp's KV buffer sizes)",
+             "compute_buffer": "measured (llama.cpp's compute buffer sizes)"}
+    kv_bytes, compute = probe["kv_cache_bytes"], probe["compute_buffer_bytes"]
     return MemoryResult(
         file_bytes=file_bytes, n_params=probe["n_params"], kv_cache_bytes=kv_bytes,
         peak_rss_bytes=probe["peak_rss_bytes"], context_length=runtime.context_length, compute_buffer_bytes=compute,
-        total_bytes=file_bytes + kv_bytes + compute if compute is not None else probe["peak_rss_bytes"],
+        total_bytes=file_bytes + kv_bytes + compute,
         kv_cache_type=runtime.kv_cache_type, flash_attention=runtime.flash_attention, basis=basis,
     )
 
@@ -615,10 +606,6 @@ def _death_error(signum: int, doing: str, other_lines: deque[str]) -> EdgepruneE
 
 # --- the child side: everything below runs in the measuring process ----------------------------------------
 
-_llama_log: list[str] = []
-_log_callback = None  # the ctypes callback must stay referenced for as long as llama.cpp may call it
-
-
 def _child_main(task_path: str) -> None:
     """Entry point of the measuring process: run one task and write its result next to the task file."""
     task_file = Path(task_path)
@@ -635,19 +622,13 @@ def _report(line: str) -> None:
 
 
 def _import_llama_cpp():
-    """Import llama_cpp and route its log into `_llama_log`: silent, yet the sizes it reports stay readable."""
-    global _log_callback
+    """Import llama_cpp and route its log into this process's `llama_log.process_log()`: silent, yet the sizes
+    it reports stay readable."""
     try:
         import llama_cpp
     except ImportError as exc:
         raise EdgepruneError("llama-cpp-python is not installed: pip install llama-cpp-python==0.3.36") from exc
-    if _log_callback is None:
-        @llama_cpp.llama_log_callback
-        def on_log(level, text, user_data):  # noqa: ARG001 - ggml_log_callback signature
-            _llama_log.append(text.decode("utf-8", errors="replace"))
-
-        _log_callback = on_log
-        llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+    llama_log.process_log()
     return llama_cpp
 
 
@@ -657,6 +638,8 @@ class _Model:
     def __init__(self, path: str, *, n_ctx: int, n_batch: int, threads: int, kv_cache_type: str = "f16",
                  flash_attention: bool = False):
         self.lib = _import_llama_cpp()
+        log = llama_log.process_log()
+        self.log_start = log.mark()
         try:
             self.llm = self.lib.Llama(
                 model_path=path, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(n_batch, SPEED_BATCH),
@@ -664,9 +647,9 @@ class _Model:
                 type_k=GGML_TYPE_IDS[kv_cache_type], type_v=GGML_TYPE_IDS[kv_cache_type],
             )
         except (ValueError, RuntimeError) as exc:
-            errors = [line.strip() for line in "".join(_llama_log).splitlines() if "error" in line.lower()]
-            reason = errors[-1] if errors else str(exc)
+            reason = llama_log.error_line(log.text(self.log_start)) or str(exc)
             raise EdgepruneError(f"llama.cpp could not load {path}: {reason}") from exc
+        self.log_end = log.mark()  # the log of this model's loading and its context's allocations
         self.ctx = self.llm.ctx
         vocab = self.lib.llama_model_get_vocab(self.llm.model)
         self.n_vocab = self.lib.llama_vocab_n_tokens(vocab)
@@ -838,7 +821,7 @@ def _measure_speed(task: dict) -> dict:
         tg.append(N_GEN / timed(generate, N_GEN))
         # every shipped profile's TTFT prompt is pp's: one run times both (SmolLM2 Q4_K_M: 16.1 -> 12.9 s of CPU)
         ttft.append(first_s if ttft_tokens == N_PROMPT else first_token(ttft_tokens)[1])
-    log = "".join(_llama_log)
+    buffers = llama_log.buffer_bytes(llama_log.process_log().text(model.log_start, model.log_end))
     return {
         "speed": {"prefill_tps": float(np.median(pp)), "decode_tps": float(np.median(tg)),
                   "ttft_s": float(np.median(ttft)), "n_prompt": N_PROMPT, "n_gen": N_GEN, "repetitions": REPETITIONS,
@@ -848,8 +831,7 @@ def _measure_speed(task: dict) -> dict:
                       "system_info": model.lib.llama_print_system_info().decode("utf-8", errors="replace").strip()},
         "per_repetition": {"prefill_tps": pp, "decode_tps": tg},  # for pooling over several measurements
         "n_params": int(model.lib.llama_model_n_params(model.llm.model)),
-        "kv_cache_bytes": _logged_bytes(r"KV buffer size =\s*([0-9.]+) MiB", log),
-        "compute_buffer_bytes": _logged_bytes(r"compute buffer size =\s*([0-9.]+) MiB", log),
+        **buffers,
         "peak_rss_bytes": peak_rss_bytes(),
     }
 
@@ -873,12 +855,6 @@ def machine_record(threads: int, llama_cpp: dict) -> dict:
             "ram_bytes": ram, "os": platform.platform(), "python": platform.python_version(),
             "llama_cpp_python": llama_cpp["version"], "llama_cpp_system_info": llama_cpp["system_info"],
             "threads": threads}
-
-
-def _logged_bytes(pattern: str, log: str) -> int | None:
-    """The sum of the buffer sizes llama.cpp logged (in MiB, two decimals), or None when it logged none."""
-    sizes = re.findall(pattern, log)
-    return round(sum(float(mib) for mib in sizes) * MIB) if sizes else None
 
 
 def peak_rss_bytes() -> int:
