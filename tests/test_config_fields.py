@@ -1,0 +1,139 @@
+"""Every config.json field transformers reads, and the tokenizer files' settings, are mapped into the GGUF,
+checked against what llama.cpp runs, or refused by name: a checkpoint llama.cpp would run differently from
+transformers is never exported without a word."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import gguf
+import pytest
+
+from conftest import assert_clean_failure, build_bpe_tokenizer, build_tiny_llama, run_export
+
+from converters import WRITERS, write_gguf
+from converters.base import ConversionInput
+from edgeprune.families import config_defaults, family_for_model_type
+from edgeprune.loading import load_model, open_model
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """A tiny random llama and qwen2, each with a real byte-level BPE tokenizer (built once per module)."""
+    made = {}
+    for family in ("llama", "qwen2"):
+        d = tmp_path_factory.mktemp(family)
+        build_bpe_tokenizer(d)
+        vocab = json.loads((d / "tokenizer.json").read_text())["model"]["vocab"]
+        made[family] = build_tiny_llama(d, len(vocab) + 3, family=family)
+    return made
+
+
+def edited(source: Path, tmp_path: Path, file: str, edit) -> Path:
+    """A copy of `source` whose JSON `file` went through `edit` (which changes the dict in place)."""
+    d = tmp_path / "edited"
+    shutil.copytree(source, d)
+    data = json.loads((d / file).read_text(encoding="utf-8"))
+    edit(data)
+    (d / file).write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return d
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+def test_every_field_transformers_reads_is_classified(model_type):
+    """A transformers release that reads a new field fails here until the family's table says what it does."""
+    table = WRITERS[family_for_model_type(model_type, "test").module][0].config_fields
+    assert sorted(set(config_defaults(model_type)) - set(table)) == []
+
+
+def set_key(key, value):
+    return lambda data: data.__setitem__(key, value)
+
+
+def set_rope(scaling):
+    def edit(config):
+        config.pop("rope_parameters", None)
+        config["rope_scaling"] = {"rope_theta": 10000.0, **scaling}
+    return edit
+
+
+def set_pre_tokenizer_part(**settings):
+    return lambda spec: spec["pre_tokenizer"].update(settings)
+
+
+CONFIG_REFUSALS = {  # case: (family, edit of config.json, what the one error line must say)
+    "hidden_act_gelu": ("llama", set_key("hidden_act", "gelu_pytorch_tanh"),
+                        "hidden_act = 'gelu_pytorch_tanh': supported: 'silu'"),
+    "quantization_config_gptq": ("llama", set_key("quantization_config", {"quant_method": "gptq", "bits": 4}),
+                                 "quantization_config = {'quant_method': 'gptq', 'bits': 4}: not supported"),
+    "quantization_config_fp8": ("qwen2", set_key("quantization_config", {"quant_method": "fp8"}),
+                                "quantization_config = {'quant_method': 'fp8'}: not supported"),
+    "rope_linear_without_factor": ("llama", set_rope({"rope_type": "linear"}),
+                                   "linear rope scaling without factor: that scaling needs factor"),
+    "rope_yarn_without_factor": ("llama", set_rope({"rope_type": "yarn", "original_max_position_embeddings": 64}),
+                                 "yarn rope scaling without factor"),
+    "rope_llama3_without_low_freq_factor": (
+        "llama", set_rope({"rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0,
+                           "original_max_position_embeddings": 64}), "llama3 rope scaling without low_freq_factor"),
+    "qwen2_sliding_window": ("qwen2", set_key("use_sliding_window", True),
+                             "use_sliding_window = true: supported: false"),
+    "qwen2_sliding_layer": ("qwen2", set_key("layer_types", ["full_attention", "sliding_attention", "full_attention"]),
+                            "layer_types = ['full_attention', 'sliding_attention', 'full_attention']: supported: "
+                            "'full_attention'"),
+}
+
+
+@pytest.mark.parametrize("case", CONFIG_REFUSALS)
+def test_config_field_llama_cpp_would_run_differently_is_refused(case, checkpoints, tmp_path):
+    family, edit, expected = CONFIG_REFUSALS[case]
+    d = edited(checkpoints[family], tmp_path, "config.json", edit)
+    out = tmp_path / "out"
+    line = assert_clean_failure(run_export(d, out), out, expected)
+    assert "config.json" in line
+
+
+TOKENIZER_REFUSALS = {  # case: (file, edit, what the one error line must say)
+    "normalizer_nfkc": ("tokenizer.json", set_key("normalizer", {"type": "NFKC"}),
+                        "normalizer NFKC: supported: none, or NFC"),
+    "byte_level_add_prefix_space": ("tokenizer.json", set_pre_tokenizer_part(add_prefix_space=True),
+                                    "ByteLevel pre-tokenizer sets add_prefix_space = true: supported: false"),
+    "no_pre_tokenizer": ("tokenizer.json", set_key("pre_tokenizer", None), "no pre_tokenizer: supported"),
+    "byte_level_without_regex": ("tokenizer.json", set_pre_tokenizer_part(use_regex=False),
+                                 "unsupported BPE pre-tokenizer ['ByteLevel']"),
+    "decoder_of_sentencepiece": ("tokenizer.json", set_key("decoder", {"type": "Metaspace", "replacement": "\u2581"}),
+                                 "decoder Metaspace for a byte-level BPE: supported: ByteLevel"),
+    "tokenizer_config_add_prefix_space": ("tokenizer_config.json", set_key("add_prefix_space", True),
+                                          "add_prefix_space = true: supported for a byte-level BPE tokenizer: false"),
+}
+
+
+@pytest.mark.parametrize("case", TOKENIZER_REFUSALS)
+def test_tokenizer_setting_llama_cpp_does_not_apply_is_refused(case, checkpoints, tmp_path):
+    file, edit, expected = TOKENIZER_REFUSALS[case]
+    d = edited(checkpoints["llama"], tmp_path, file, edit)
+    out = tmp_path / "out"
+    line = assert_clean_failure(run_export(d, out), out, expected)
+    assert file.split(".")[0] in line or "pre-tokenizer" in line
+
+
+@pytest.mark.parametrize("model_type, family", [("qwen2", "qwen2"), ("mistral", "llama")])
+def test_absent_context_length_is_the_one_transformers_runs(model_type, family, checkpoints, tmp_path):
+    """config.json without max_position_embeddings: the GGUF's context length is transformers' default for the
+    class (32768 for Qwen2, 131072 for Mistral), in memory and layer by layer."""
+    from transformers import AutoConfig
+
+    def edit(config):
+        config.pop("max_position_embeddings")
+        config["model_type"] = model_type
+    d = edited(checkpoints[family], tmp_path, "config.json", edit)
+    expected = AutoConfig.from_pretrained(d).max_position_embeddings
+    assert expected == {"qwen2": 32768, "mistral": 131072}[model_type]
+    assert open_model(d).context_length == expected
+    loaded = load_model(d)
+    path = write_gguf(ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length),
+                      tmp_path / "m.gguf", "F16")
+    reader = gguf.GGUFReader(path)
+    arch = reader.fields["general.architecture"].contents()
+    assert reader.fields[f"{arch}.context_length"].contents() == expected
