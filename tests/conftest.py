@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -88,21 +89,33 @@ def build_tiny_llama(directory: Path, vocab_size: int, *, tied: bool = True, rop
     return directory
 
 
-@pytest.fixture
-def tiny_bpe_llama(tmp_path: Path) -> Path:
-    d = tmp_path / "tiny-bpe"
+@pytest.fixture(scope="session")
+def _tiny_bpe_llama_once(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny-bpe-once") / "tiny-bpe"
     d.mkdir()
     build_bpe_tokenizer(d)
     vocab = json.loads((d / "tokenizer.json").read_text())["model"]["vocab"]
     return build_tiny_llama(d, len(vocab) + 3)
 
 
-@pytest.fixture
-def tiny_spm_llama(tmp_path: Path) -> Path:
-    d = tmp_path / "tiny-spm"
+@pytest.fixture(scope="session")
+def _tiny_spm_llama_once(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny-spm-once") / "tiny-spm"
     d.mkdir()
     build_spm_tokenizer(d)
     return build_tiny_llama(d, 400, tied=False)
+
+
+@pytest.fixture
+def tiny_bpe_llama(_tiny_bpe_llama_once: Path, tmp_path: Path) -> Path:
+    """A random Llama with a byte-level BPE tokenizer: built once per session, each test gets its own copy to edit."""
+    return Path(shutil.copytree(_tiny_bpe_llama_once, tmp_path / "tiny-bpe"))
+
+
+@pytest.fixture
+def tiny_spm_llama(_tiny_spm_llama_once: Path, tmp_path: Path) -> Path:
+    """A random Llama with a SentencePiece tokenizer: built once per session, each test gets its own copy."""
+    return Path(shutil.copytree(_tiny_spm_llama_once, tmp_path / "tiny-spm"))
 
 
 @pytest.fixture(scope="session")
