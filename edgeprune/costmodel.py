@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import hashlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,8 +95,9 @@ def _metadata_bytes(writer) -> int:
 
 
 def _vocab_bytes(vocab, arch_name: str) -> int:
-    """The bytes a vocabulary's key/values take in a GGUF, cached under a digest of its content."""
-    key = hashlib.sha256(repr([getattr(vocab, f.name) for f in dataclasses.fields(vocab)]).encode()).hexdigest()
+    """The bytes a vocabulary's key/values take in a GGUF, cached under its content (a tuple of its fields: hashing
+    it reuses each string's cached hash, so a SmolLM2-sized vocabulary is looked up in milliseconds)."""
+    key = tuple(_frozen(getattr(vocab, f.name)) for f in dataclasses.fields(vocab))
     if key not in _VOCAB_BYTES:
         with tempfile.TemporaryDirectory() as tmp:
             sizes = []
@@ -113,7 +113,13 @@ def _vocab_bytes(vocab, arch_name: str) -> int:
     return _VOCAB_BYTES[key]
 
 
-_VOCAB_BYTES: dict[str, int] = {}
+def _frozen(value):
+    if isinstance(value, dict):
+        return tuple(sorted(value.items()))
+    return tuple(value) if isinstance(value, list) else value
+
+
+_VOCAB_BYTES: dict[tuple, int] = {}
 _IMATRIX_KEYS_BYTES = 256  # quantize.imatrix.* keys added by the quantizer
 
 
