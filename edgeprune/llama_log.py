@@ -17,6 +17,8 @@ import ctypes
 import re
 from dataclasses import dataclass
 
+import gguf
+
 from .errors import EdgepruneError
 
 MIB = 1024 * 1024
@@ -130,6 +132,9 @@ def tensor_types(text: str, names: list[str], source: str) -> dict[str, str]:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise unreadable(f"gives no type for {len(missing)} of the {len(names)} tensors of {source} "
                          f"({shown})")
+    for name in names:
+        if found[name].upper() not in gguf.GGMLQuantizationType.__members__:
+            raise unreadable(f"gives {name} of {source} the type {found[name]!r}, which gguf-py does not know")
     return {name: found[name] for name in names}
 
 

@@ -15,7 +15,7 @@ from edgeprune import llama_log
 from edgeprune.costmodel import _IMATRIX_KEYS_BYTES, dry_run_types, estimate_size, kv_cache_bytes
 from edgeprune.errors import EdgepruneError
 from edgeprune.loading import load_model
-from edgeprune.quantize import QUANT_TYPES, quantize_gguf
+from edgeprune.quantize import QUANT_TYPES, checked_fallbacks, quantize_gguf
 from edgeprune.shapes import shape_of
 
 
@@ -96,6 +96,24 @@ def test_a_fallback_missing_from_the_log_is_refused(tiny):
     with pytest.raises(EdgepruneError) as info:
         llama_log.fallbacks(without_line(text, "required fallback quantization"))
     assert_one_line_naming_the_version(info, "no count of fallback tensors")
+
+
+def test_fallbacks_the_file_contradicts_are_refused(tiny, tmp_path):
+    """Each logged fallback is checked against the type the written file holds (gguf-py's reader)."""
+    _, _, f16 = tiny
+    q8 = quantize_gguf(f16, tmp_path / "q8.gguf", "Q8_0").path
+    with pytest.raises(EdgepruneError) as info:
+        checked_fallbacks(dry_run_log(f16, "Q4_K_M"), q8)  # the log of another quantization than the file's
+    assert_one_line_naming_the_version(info, "fell back to q5_0, but the file holds it as q8_0")
+
+
+def test_an_unknown_type_name_is_refused(tiny):
+    _, _, f16 = tiny
+    names = [t.name for t in gguf.GGUFReader(f16).tensors]
+    text = dry_run_log(f16, "Q8_0").replace("(q8_0)", "(q8_9)", 1)
+    with pytest.raises(EdgepruneError) as info:
+        llama_log.tensor_types(text, names, "f16.gguf")
+    assert_one_line_naming_the_version(info, "'q8_9', which gguf-py does not know")
 
 
 def test_buffers_are_read_and_a_missing_one_is_refused(tiny):
