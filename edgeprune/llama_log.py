@@ -5,8 +5,11 @@ fallbacks, the buffers a context allocates, the reason a load or a quantization 
 meant for people, and a llama-cpp-python release may reword it; so each parse here checks that it found
 everything it must (every tensor of the file has a type; the KV buffers add up to the cache llama.cpp
 says it made; every compute buffer) and otherwise fails in one line naming the llama-cpp-python version.
-No parse falls back to a guess. Where a structured answer exists it is used instead: the tensor list comes
-from gguf-py's reader, sizes of the model from the model API.
+No parse falls back to a guess. Where a structured answer exists it is used instead or as the check: the
+tensor list comes from the file (gguf-py's reader, or the layout a skeleton was written from), a real
+quantization's fallbacks are checked against the types its file holds, the parameter count comes from the
+model API. The dry run stays a log read: it writes no file, and a real quantization of SmolLM2's skeleton to
+read the types from takes 2.4 s where the dry run takes 0.013 s (the planner prices hundreds of shapes).
 
 No torch here: validation on a device reads the log too.
 """
