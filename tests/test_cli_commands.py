@@ -18,7 +18,7 @@ import pytest
 from edgeprune.codedigest import version_string
 from edgeprune.profiles import load_profile, profile_to_toml
 
-from conftest import CLI_ENV, build_bpe_tokenizer, build_tiny_llama, run_cli, run_export
+from conftest import CLI_ENV, run_cli, run_export
 from test_build import _build_file, _ggufs
 from test_remote import EDGEPRUNE, _keygen, _sleeping_edgeprune, _stop_sleeper, sshd  # noqa: F401 (a fixture)
 from test_reporting import markdown_rows
@@ -52,12 +52,9 @@ def _ok(result, *codes: int):
 # --- the shared models and exports
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    """A tiny random Llama with a byte-level BPE tokenizer, in safetensors."""
-    d = tmp_path_factory.mktemp("tiny") / "tiny"
-    d.mkdir()
-    build_bpe_tokenizer(d)
-    return build_tiny_llama(d, len(json.loads((d / "tokenizer.json").read_text())["model"]["vocab"]) + 3)
+def tiny(_tiny_bpe_llama_once) -> Path:
+    """The session's tiny random Llama with a byte-level BPE tokenizer, in safetensors: only read here."""
+    return _tiny_bpe_llama_once
 
 
 @pytest.fixture(scope="module")
@@ -304,3 +301,46 @@ def test_build_jobs_2_builds_the_same_files_as_jobs_1(tiny, tmp_path):
                          {name: (e["plan"], e["passed"]) for name, e in manifest["targets"].items()})
     assert set(results["1"][0]) == {"pi5", "laptop"}
     assert results["2"] == results["1"]
+
+
+# --- validate BUNDLE --remote: the SSH glue, against test_remote.py's real sshd
+
+def _remote(sshd, bundle: Path, *extra: str, **given: str):
+    flags = {"--identity": str(sshd.identity), "--known-hosts": str(sshd.known_hosts),
+             "--remote-command": str(EDGEPRUNE), **given}
+    return run_cli("validate", str(bundle), "--remote", str(sshd.target), *(x for kv in flags.items() for x in kv),
+                   "--threads", "1", *extra, timeout=300)
+
+
+def test_remote_runs_in_the_remote_dir_and_brings_the_report_home(sshd, plain, tmp_path):  # noqa: F811
+    bundle = tmp_path / "bundle"
+    shutil.copytree(plain[0] / "bundle", bundle)
+    remote_dir = tmp_path / "on-the-device"
+    result = _remote(sshd, bundle, "--remote-dir", str(remote_dir), "--remote-timeout", "240")
+    host = json.loads((bundle / "manifest.json").read_text())
+    assert result.returncode in (0, 1), result.stderr[-3000:]
+    assert {*host["files"], "manifest.json"} <= {p.name for p in remote_dir.iterdir()}
+    assert _sha(remote_dir / "model.gguf") == _sha(bundle / "model.gguf")
+    report = json.loads((bundle / "report-127.0.0.1.json").read_text())
+    expected = json.loads((bundle / "expected.json").read_text())["host_validation"]
+    assert report["validation"]["perplexity"]["ppl"] == pytest.approx(expected["perplexity"]["ppl"], rel=1e-6)
+    assert result.returncode == (0 if report["validation"]["passed"] else 1)
+    assert (bundle / "report-127.0.0.1.html").is_file() and (bundle / "report-127.0.0.1.md").is_file()
+
+
+def test_remote_credentials_and_timeout_are_the_ones_given(sshd, plain, tmp_path):  # noqa: F811
+    bundle = plain[0] / "bundle"
+    (tmp_path / "empty").write_text("")
+    cases = [({"--identity": str(_keygen(tmp_path / "other_key"))}, "refused the key"),
+             ({"--known-hosts": str(tmp_path / "empty")}, "host key is not in known_hosts")]
+    for given, words in cases:
+        result = _remote(sshd, bundle, **given)
+        assert result.returncode == 2 and words in result.stderr, result.stderr[-3000:]
+    start = time.monotonic()
+    try:
+        result = _remote(sshd, bundle, "--remote-dir", str(tmp_path / "r"), "--remote-timeout", "5",
+                         **{"--remote-command": _sleeping_edgeprune(tmp_path)})
+    finally:
+        _stop_sleeper(tmp_path)
+    assert result.returncode == 2 and "did not finish in time" in result.stderr, result.stderr[-3000:]
+    assert time.monotonic() - start < 60
