@@ -140,8 +140,16 @@ def vocab_from_hf_dir(directory: Path, vocab_size: int) -> Vocab:
 
 
 def _check_tokenizer_config(settings: dict, model: str, path: Path) -> None:
-    """tokenizer_config.json's settings that change how text is split. add_prefix_space: llama.cpp's SentencePiece
-    tokenizer reads it (tokenizer.ggml.add_space_prefix); its byte-level BPE tokenizer never prepends a space."""
+    """tokenizer_config.json's settings that change how transformers splits text (it rebuilds a SentencePiece
+    tokenizer's space handling from them, whatever tokenizer.json says).
+
+    add_prefix_space: llama.cpp's SentencePiece tokenizer reads it (tokenizer.ggml.add_space_prefix, written as
+    llama.cpp's converter writes it); its byte-level BPE tokenizer never prepends a space, so true is refused there.
+    legacy: transformers' `false` (its default) prefixes a space to the first piece of text only, llama.cpp
+    (like `true`) also to text that follows a special token written in the text. Text without special tokens in
+    it (the built-in texts; llama.cpp scores with special tokens unparsed) splits the same either way, so both
+    are accepted (tests/test_config_fields.py); llama.cpp has no key for the difference.
+    """
     if model == "gpt2" and settings.get("add_prefix_space"):
         raise EdgepruneError(f"{path} sets add_prefix_space = true: supported for a byte-level BPE tokenizer: "
                              "false (llama.cpp's BPE tokenizer never prepends a space)")

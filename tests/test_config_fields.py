@@ -137,3 +137,23 @@ def test_absent_context_length_is_the_one_transformers_runs(model_type, family, 
     reader = gguf.GGUFReader(path)
     arch = reader.fields["general.architecture"].contents()
     assert reader.fields[f"{arch}.context_length"].contents() == expected
+
+
+@pytest.mark.parametrize("settings", [{}, {"legacy": True}, {"legacy": False}, {"add_prefix_space": False},
+                                      {"add_prefix_space": False, "legacy": True}])
+def test_sentencepiece_space_settings_split_text_as_transformers(settings, tiny_spm_llama, tmp_path):
+    """tokenizer_config.json's add_prefix_space is mapped to tokenizer.ggml.add_space_prefix, and legacy is
+    accepted: llama.cpp splits text as transformers does under each."""
+    from llama_cpp import Llama
+
+    d = edited(tiny_spm_llama, tmp_path, "tokenizer_config.json", lambda config: config.update(settings))
+    loaded = load_model(d)
+    path = write_gguf(ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length),
+                      tmp_path / "m.gguf", "F16")
+    field = gguf.GGUFReader(path).fields.get("tokenizer.ggml.add_space_prefix")
+    assert (field.contents() if field else None) == settings.get("add_prefix_space")
+    text = "Hello world, 12345 times.\nNumbers and  two spaces"
+    vocab = Llama(str(path), vocab_only=True, verbose=False)
+    ours = vocab.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+    vocab.close()
+    assert ours == loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
