@@ -84,7 +84,7 @@ def table_rows(page: str) -> list[list[str]]:
 
 
 def markdown_rows(md: str) -> list[list[str]]:
-    return [[cell.strip() for cell in line.strip().strip("|").split(" | ")]
+    return [[cell.strip().replace("\\|", "|") for cell in line.strip().strip("|").split(" | ")]
             for line in md.splitlines() if line.startswith("| ") and not line.startswith("| ---")]
 
 
