@@ -94,6 +94,15 @@ def test_config_field_llama_cpp_would_run_differently_is_refused(case, checkpoin
     assert "config.json" in line
 
 
+@pytest.mark.parametrize("streaming", ["on", "off"])
+def test_gelu_llama_is_refused_by_name_streamed_and_in_memory(streaming, checkpoints, tmp_path):
+    """The issue's case: a Llama-shaped checkpoint with a GELU FFN, which llama.cpp's llama graph would run as SiLU."""
+    d = edited(checkpoints["llama"], tmp_path, "config.json", set_key("hidden_act", "gelu_pytorch_tanh"))
+    out = tmp_path / "out"
+    assert_clean_failure(run_export(d, out, "--streaming", streaming), out,
+                         "config.json sets hidden_act = 'gelu_pytorch_tanh': supported: 'silu'")
+
+
 TOKENIZER_REFUSALS = {  # case: (file, edit, what the one error line must say)
     "normalizer_nfkc": ("tokenizer.json", set_key("normalizer", {"type": "NFKC"}),
                         "normalizer NFKC: supported: none, or NFC"),
@@ -157,3 +166,15 @@ def test_sentencepiece_space_settings_split_text_as_transformers(settings, tiny_
     ours = vocab.tokenize(text.encode("utf-8"), add_bos=False, special=False)
     vocab.close()
     assert ours == loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_writer_checks_a_config_built_in_memory(checkpoints, tmp_path):
+    """A model whose config was never a config.json (built or edited in Python) is checked when it is written."""
+    from edgeprune.errors import EdgepruneError
+
+    loaded = load_model(checkpoints["llama"])
+    loaded.model.config.hidden_act = "gelu"
+    with pytest.raises(EdgepruneError, match=r"hidden_act = 'gelu': supported: 'silu'"):
+        write_gguf(ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length),
+                   tmp_path / "m.gguf", "F16")
+    assert not (tmp_path / "m.gguf").exists()
