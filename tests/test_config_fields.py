@@ -178,3 +178,48 @@ def test_writer_checks_a_config_built_in_memory(checkpoints, tmp_path):
         write_gguf(ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length),
                    tmp_path / "m.gguf", "F16")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def digit_split_bpe_without_its_digits_step(directory: Path, join_space_and_digit: bool) -> None:
+    """A byte-level BPE trained with digits split one by one, saved with a plain ByteLevel pre-tokenizer (as
+    transformers rebuilds SmolLM's from a GGUF); optionally with one merge that joins a space to a digit."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import TRAINING_TEXT
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([TRAINING_TEXT], trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(directory)
+    spec = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    if join_space_and_digit:
+        spec["model"]["vocab"]["\u01201"] = max(spec["model"]["vocab"].values()) + 1
+        spec["model"]["merges"].insert(0, ["\u0120", "1"] if isinstance(spec["model"]["merges"][0], list) else "\u0120 1")
+    (directory / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+
+
+@pytest.mark.parametrize("join_space_and_digit, pre", [(False, "smollm"), (True, "gpt-2")])
+def test_plain_byte_level_pre_tokenizer_is_mapped_to_what_splits_as_transformers(join_space_and_digit, pre, tmp_path):
+    """A plain ByteLevel pre-tokenizer splits by GPT-2's regex; it is written as `smollm` (llama.cpp's converter's
+    name for it) only when no token joins a digit to anything, where both give the same tokens."""
+    from llama_cpp import Llama
+
+    d = tmp_path / "m"
+    d.mkdir()
+    digit_split_bpe_without_its_digits_step(d, join_space_and_digit)
+    build_tiny_llama(d, len(json.loads((d / "tokenizer.json").read_text())["model"]["vocab"]) + 3,
+                     bos_token_id=0, eos_token_id=0)
+    loaded = load_model(d)
+    assert loaded.vocab.pre == pre
+    path = write_gguf(ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length),
+                      tmp_path / "m.gguf", "F16")
+    text = "in 2026, 1 and 12 and 12345 times x1 a1b 2 1"
+    vocab = Llama(str(path), vocab_only=True, verbose=False)
+    ours = vocab.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+    vocab.close()
+    assert ours == loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
