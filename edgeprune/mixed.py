@@ -24,6 +24,7 @@ from .costmodel import (
     SizeEstimate, TensorCost, decode_seconds_per_token, dry_run_types, read_per_token, tensor_decode_seconds,
 )
 from .errors import EdgepruneError
+from .gguf_check import copy_gguf
 from .planner import MIB, SPEED_MARGIN
 from .quantize import quantize_gguf
 
@@ -110,7 +111,8 @@ def measure_sensitivity(float_gguf: str | Path, imatrix: dict[str, np.ndarray], 
     weights = {name: _column_weights(name, imatrix, tied) for name in matrices}
     errors: dict[str, dict[str, tuple[float, float]]] = {name: {} for name in matrices}
     with tempfile.TemporaryDirectory(prefix=".edgeprune-sensitivity-", dir=Path(float_gguf).parent) as tmp:
-        source = _without_vocabulary(reference, Path(tmp) / "float.gguf")
+        # without its vocabulary: the quantizer does not read it, and gguf-py spends seconds parsing 49k tokens
+        source = copy_gguf(reference, Path(tmp) / "float.gguf", drop_prefixes=("tokenizer.",))
         for i, type_name in enumerate(types):
             say(f"sensitivity: quantizing every tensor to {type_name} ({i + 1}/{len(types)})")
             storable = {name for name, t in matrices.items() if row_bytes(type_name, int(t.shape[0]))}
@@ -138,22 +140,6 @@ def measure_sensitivity(float_gguf: str | Path, imatrix: dict[str, np.ndarray], 
     return Sensitivity(options, shapes, fixed, int(metadata), time.perf_counter() - start)
 
 
-def _without_vocabulary(reader: gguf.GGUFReader, path: Path) -> Path:
-    """A copy of the float GGUF without its tokenizer: the quantizer does not read it, and each pass's output
-    is read back, where gguf-py spends seconds parsing a 49k-token vocabulary."""
-    writer = gguf.GGUFWriter(path, reader.fields["general.architecture"].contents())
-    for field in reader.fields.values():
-        if field.name.startswith(("GGUF.", "tokenizer.")) or field.name == "general.architecture":
-            continue
-        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
-    for tensor in reader.tensors:
-        writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
 
 
 def _column_weights(name: str, imatrix: dict[str, np.ndarray], tied: bool) -> np.ndarray | None:

@@ -14,6 +14,8 @@ import gguf
 
 from conftest import CLI_ENV, assert_clean_failure, llama_cpp_logits, run_cli
 
+from edgeprune.gguf_check import copy_gguf
+
 ROOT = Path(__file__).resolve().parents[1]
 
 ONE_TARGET = """
@@ -81,22 +83,8 @@ def test_an_edited_quality_table_rebuilds_and_says_why(tiny_bpe_llama, tmp_path)
 
 
 def _copy_gguf(source: Path, destination: Path, **changes) -> Path:
-    """A copy of `source` written by gguf-py with the metadata values in `changes` (key: value) replaced."""
-    reader = gguf.GGUFReader(source)
-    writer = gguf.GGUFWriter(destination, reader.fields["general.architecture"].contents())
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name == "general.architecture":
-            continue
-        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, changes.get(field.name, field.contents()), field.types[0],
-                             sub_type=sub_type)
-    for tensor in reader.tensors:
-        writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return destination
+    """A copy of `source` with the metadata values in `changes` (key: value) replaced."""
+    return copy_gguf(gguf.GGUFReader(source), destination, changes=changes)
 
 
 def test_a_changed_rope_freq_base_alone_misses_the_score_cache(tiny_bpe_llama, tmp_path):
