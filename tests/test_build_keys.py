@@ -12,9 +12,9 @@ from pathlib import Path
 
 import gguf
 
-from conftest import CLI_ENV, assert_clean_failure, llama_cpp_logits, run_cli
-
 from edgeprune.gguf_check import copy_gguf
+
+from conftest import CLI_ENV, assert_clean_failure, llama_cpp_logits, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
