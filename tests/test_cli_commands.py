@@ -133,6 +133,7 @@ def test_profiles_measure_writes_a_profile_of_this_machine(tiny, tmp_path):
     out = tmp_path / "host.toml"
     result = _ok(run_cli("profiles", "measure", "--out", str(out), "--model", str(tiny), "--threads", "1"))
     device = load_profile(out).device
+    assert f"loading {tiny}" in result.stderr  # the model given, not SmolLM2
     assert device.threads == 1 and {"f16", "q8_0"} <= set(device.decode_type_efficiency)
     assert result.stdout.startswith(f"wrote {out}: {device.memory_bandwidth_gbs:.1f} GB/s, "
                                     f"{device.compute_gflops:.1f} GFLOPS, 1 threads, decode efficiency "
@@ -180,12 +181,16 @@ def test_plan_recovery_minutes_lets_a_recovered_cut_win(tiny, tight):
     assert recovered["recovered"] and "+ distillation" in recovered["label"] and recovered["recovery_minutes"] < 5
 
 
-def test_plan_search_measured_keeps_the_candidate_llama_cpp_scores_best(tiny, tight):
+def test_search_measured_keeps_the_candidate_llama_cpp_scores_best_in_plan_and_export(tiny, tight, tmp_path):
     plan = json.loads(_ok(run_cli("plan", str(tiny), "--profile", str(tight), "--json", "--search", "measured",
                                   "--threads", "1")).stdout)
     measured = plan["measured"]
     assert len(measured) >= 2 and plan["why"].startswith("lowest PPL measured by llama.cpp")
     assert plan["chosen"]["label"] == min(measured, key=lambda m: m["measured_loss"])["label"]
+    _ok(run_export(tiny, tmp_path / "out", "--search", "measured", "--eval-chunks", "1", "--eval-ctx", "64",
+                   "--threads", "1", profile=str(tight)), 0, 1)
+    exported = _report(tmp_path / "out")["export"]["plan"]
+    assert exported["measured"] == measured and exported["chosen"]["label"] == plan["chosen"]["label"]
 
 
 # --- export flags, read from the two shared exports
@@ -291,11 +296,16 @@ def test_report_merges_exports_into_one_page_with_their_numbers_and_verdicts(pla
 # --- build
 
 def test_build_jobs_2_builds_the_same_files_as_jobs_1(tiny, tmp_path):
+    """Two targets at once (their progress lines interleave; one at a time they do not), to the same bytes."""
     results = {}
     for jobs in ("1", "2"):
         path = _build_file(tmp_path, tiny, out=f"out{jobs}", name=f"jobs{jobs}.toml")
         result = _ok(run_cli("build", str(path), "--jobs", jobs, "--threads", "1", timeout=900), 0, 1)
         assert "2 built" in result.stdout
+        lines = result.stderr.splitlines()
+        first_laptop = next(i for i, line in enumerate(lines) if "[laptop 2/2]" in line)
+        last_pi5 = max(i for i, line in enumerate(lines) if "[pi5 1/2]" in line)
+        assert (first_laptop < last_pi5) == (jobs == "2"), lines
         manifest = json.loads((tmp_path / f"out{jobs}" / "manifest.json").read_text())
         results[jobs] = ({name: sha for name, (sha, _) in _ggufs(tmp_path / f"out{jobs}").items()},
                          {name: (e["plan"], e["passed"]) for name, e in manifest["targets"].items()})
