@@ -244,6 +244,8 @@ _SENTENCEPIECE_DECODER_STEPS = ("Replace", "ByteFallback", "Fuse", "Strip", "Met
 def _check_normalizer_and_decoder(spec: dict, sentencepiece: bool, path: Path) -> None:
     """Refuse, by name, a tokenizer.json normalizer llama.cpp does not apply (it would tokenize other text than
     transformers), and a decoder that does not match the tokenizer model."""
+    if (spec.get("model") or {}).get("type") != "BPE":
+        return  # refused by its model type (_bpe_vocab)
     normalizer = spec.get("normalizer")
     steps = (normalizer or {}).get("normalizers", [normalizer]) if (normalizer or {}).get("type") == "Sequence" \
         else [normalizer]
