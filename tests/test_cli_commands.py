@@ -80,20 +80,31 @@ def eval_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pruned(tiny, eval_file, tmp_path_factory):
-    """One layer removed by wanda-sp, 4 calibration sequences, torch on the CPU, speed judged as measured here."""
+def calib_file(tmp_path_factory) -> Path:
+    from edgeprune.texts import default_calibration_text
+
+    path = tmp_path_factory.mktemp("texts") / "calib.txt"
+    path.write_text(default_calibration_text().content[:60_000])
+    return path
+
+
+@pytest.fixture(scope="module")
+def pruned(tiny, calib_file, eval_file, tmp_path_factory):
+    """One layer removed by wanda-sp, 4 calibration sequences of a given text, torch on the CPU, speed judged as
+    measured here."""
     out = tmp_path_factory.mktemp("pruned") / "out"
-    result = run_export(tiny, out, "--quant", "Q8_0", "--layers", "1", "--method", "wanda-sp", "--calib-sequences",
-                        "4", "--device", "cpu", "--on-device", "--eval", str(eval_file), *EVAL, profile=LAPTOP)
+    result = run_export(tiny, out, "--quant", "Q8_0", "--layers", "1", "--method", "wanda-sp", "--calib",
+                        str(calib_file), "--calib-sequences", "4", "--device", "cpu", "--on-device", "--eval",
+                        str(eval_file), *EVAL, profile=LAPTOP)
     return out, _ok(result, 0, 1)
 
 
 @pytest.fixture(scope="module")
 def plain(pickled, eval_file, tmp_path_factory):
-    """The pickled model, unpruned, at Q8_0 without an importance matrix."""
+    """The pickled model, unpruned, at Q8_0 without an importance matrix, with predictions for a host profile."""
     out = tmp_path_factory.mktemp("plain") / "out"
     result = run_export(pickled, out, "--quant", "Q8_0", "--no-imatrix", "--allow-pickle", "--eval", str(eval_file),
-                        *EVAL, profile=LAPTOP)
+                        "--host-profile", str(PROFILES / "apple-m1-8gb.toml"), *EVAL, profile=LAPTOP)
     return out, _ok(result, 0, 1)
 
 
@@ -205,10 +216,18 @@ def test_layers_removes_one_block_by_the_method_asked(pruned, tiny):
     assert len(export["pruning"]["details"]["dropped_layers"]) == 1
 
 
-def test_calib_sequences_sets_the_calibration_pass(pruned, plain):
-    _, result = pruned
+def test_calib_and_calib_sequences_set_the_calibration_pass(pruned, calib_file):
+    out, result = pruned
     passes = {line.split("(")[-1] for line in result.stderr.splitlines() if "] calibration: layer" in line}
     assert passes == {"4 sequences of 256 tokens)"}, passes
+    assert _report(out)["export"]["imatrix"]["text"] == calib_file.name
+    assert _gguf_fields(out / _report(out)["export"]["gguf"])["quantize.imatrix.dataset"] == calib_file.name
+
+
+def test_host_profile_adds_predictions_for_this_machine(plain):
+    validation = _report(plain[0])["validation"]
+    assert validation["predicted_host"]["device"] == load_profile("apple-m1-8gb").device.name
+    assert validation["predicted_device"]["device"] == load_profile(LAPTOP).device.name
 
 
 def test_on_device_judges_the_speed_measured_here(pruned, plain):
