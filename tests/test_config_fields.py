@@ -223,3 +223,22 @@ def test_plain_byte_level_pre_tokenizer_is_mapped_to_what_splits_as_transformers
     ours = vocab.tokenize(text.encode("utf-8"), add_bos=False, special=False)
     vocab.close()
     assert ours == loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_nfc_normalizer_is_accepted_for_text_in_nfc_form(tiny_bpe_llama, tmp_path):
+    """NFC (as Qwen2's tokenizer.json carries it) is the one byte-level normalizer accepted: llama.cpp applies
+    none, and text already in NFC form, as typed, splits the same."""
+    import unicodedata
+
+    from llama_cpp import Llama
+
+    d = edited(tiny_bpe_llama, tmp_path, "tokenizer.json", set_key("normalizer", {"type": "NFC"}))
+    loaded = load_model(d)
+    path = write_gguf(ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length),
+                      tmp_path / "m.gguf", "F16")
+    text = "unicode café naïve 東京, Grüße aus Köln"
+    assert unicodedata.normalize("NFC", text) == text
+    vocab = Llama(str(path), vocab_only=True, verbose=False)
+    ours = vocab.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+    vocab.close()
+    assert ours == loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
