@@ -86,12 +86,13 @@ def test_export_cli_end_to_end(smollm2_gguf, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["export"]["quant"] == "Q8_0" and report["export"]["imatrix"]["used"]
     validation = report["validation"]
-    # Q8_0 is near-lossless: FACTS.md measured PPL 18.07 against F16's 17.87 (+1.1%) on this text (20 chunks of 512),
-    # and on the 2 chunks here the mean KLD against the F16 reference is a few 1e-4
+    # Q8_0 is near-lossless: FACTS.md measured PPL 18.07 against F16's 17.87 (+1.1%) on this text (20 chunks of 512).
+    # On the 2 chunks here, measured: F16 reference 10.907, Q8_0 10.918 (+0.1%), mean KLD 0.0040, top-1 96.3%.
+    # Q5_0 in its place (Q4_K_M's fallback here) costs FACTS.md's +8.7% PPL.
     ppl, divergence = validation["perplexity"]["ppl"], validation["divergence"]
-    assert 1.0 <= ppl / divergence["reference_ppl"] < 1.03, (ppl, divergence["reference_ppl"])
-    assert 14 < divergence["reference_ppl"] < 22  # the F16 reference on 2 of the 20 chunks FACTS.md scored
-    assert divergence["kld_mean"] < 0.005 and divergence["top1_agreement"] > 0.95, divergence
+    assert divergence["reference_ppl"] == pytest.approx(10.907, rel=0.02)
+    assert 0.995 <= ppl / divergence["reference_ppl"] < 1.02, (ppl, divergence["reference_ppl"])
+    assert divergence["kld_mean"] < 0.008 and divergence["top1_agreement"] > 0.93, divergence
     assert validation["memory"]["file_bytes"] == (out / "SmolLM2-135M-Instruct-Q8_0.gguf").stat().st_size
     assert f"PPL         {ppl:.3f}  (" in r.stdout and f"mean {divergence['kld_mean']:.5f}" in r.stdout
     # off the device the speed budgets are judged on the laptop's prediction (about 200 tok/s), which passes
