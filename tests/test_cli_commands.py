@@ -8,6 +8,8 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 import time
 import tomllib
 from pathlib import Path
@@ -253,10 +255,8 @@ def test_allow_pickle_loads_the_same_weights_as_safetensors(plain, pruned):
 
 
 def test_device_cpu_computes_on_the_cpu(tiny, tmp_path):
-    """--device cpu prunes on the CPU whatever torch sees: the same bytes as a run with every GPU hidden."""
-    import subprocess
-    import sys
-
+    """--device cpu prunes on the CPU whatever torch sees: the same bytes as a run with every GPU hidden. (Only where
+    torch sees a CUDA GPU can this fail: without one, both runs are CPU runs.)"""
     args = ["prune", str(tiny), "--ffn", "0.3", "--calib-sequences", "2"]
     _ok(run_cli(*args, "--out", str(tmp_path / "asked"), "--device", "cpu"))
     hidden = subprocess.run([sys.executable, "-m", "edgeprune.cli", *args, "--out", str(tmp_path / "hidden")],
