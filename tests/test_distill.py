@@ -148,7 +148,7 @@ def test_the_planner_chooses_recovery_when_the_profile_gives_it_time(tiny_bpe_ll
     result = run_cli("export", str(tiny_bpe_llama), "--profile", str(profile), "--out", str(out),
                      "--recovery-minutes", "5", "--recovery-text", str(recovery_file), "--eval-chunks", "1",
                      "--eval-ctx", "128", timeout=900)
-    assert result.returncode in (0, 1), result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-3000:]  # the plan meets the file budget; speed is predicted
     plan_line = next(line for line in result.stderr.splitlines() if "] plan: " in line)
     assert "+ distillation" in plan_line and "distillation: held-out KL" in result.stderr
     export = json.loads((out / "report.json").read_text())["export"]
