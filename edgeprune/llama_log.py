@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import re
+import threading
 from dataclasses import dataclass
 
 import gguf
@@ -75,11 +76,17 @@ class LlamaLog:
         llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
 
 
+# llama.cpp has one log callback per process: two threads capturing at once (`build --jobs 2` pricing two
+# targets' plans) would each install theirs and one would read an empty log. Captures take turns.
+_ONE_CAPTURE_AT_A_TIME = threading.RLock()
+
+
 class captured:
     """`with captured() as log:` llama.cpp logs into `log` instead of printing; afterwards llama-cpp-python's
-    own logger is back."""
+    own logger is back. Other threads' captures wait meanwhile."""
 
     def __enter__(self) -> LlamaLog:
+        _ONE_CAPTURE_AT_A_TIME.acquire()
         self.log = LlamaLog()
         self.log._install()
         return self.log
@@ -88,7 +95,10 @@ class captured:
         import llama_cpp
         from llama_cpp import _logger
 
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        try:
+            llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        finally:
+            _ONE_CAPTURE_AT_A_TIME.release()
 
 
 _PROCESS_LOG: LlamaLog | None = None
