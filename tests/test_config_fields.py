@@ -42,6 +42,21 @@ def edited(source: Path, tmp_path: Path, file: str, edit) -> Path:
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+
+def f16_gguf(loaded, path: Path) -> Path:
+    """The loaded model written by edgeprune's converter at F16."""
+    return write_gguf(ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length), path, "F16")
+
+
+def llama_cpp_tokens(gguf_path: Path, text: str) -> list[int]:
+    """How llama.cpp tokenizes `text` with the GGUF's vocabulary (no BOS, special tokens as text)."""
+    from llama_cpp import Llama
+
+    vocab = Llama(str(gguf_path), vocab_only=True, verbose=False)
+    tokens = vocab.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+    vocab.close()
+    return tokens
+
 def test_every_field_transformers_reads_is_classified(model_type):
     """A transformers release that reads a new field fails here until the family's table says what it does."""
     table = WRITERS[family_for_model_type(model_type, "test").module][0].config_fields
@@ -141,8 +156,7 @@ def test_absent_context_length_is_the_one_transformers_runs(model_type, family, 
     assert expected == {"qwen2": 32768, "mistral": 131072}[model_type]
     assert open_model(d).context_length == expected
     loaded = load_model(d)
-    path = write_gguf(ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length),
-                      tmp_path / "m.gguf", "F16")
+    path = f16_gguf(loaded, tmp_path / "m.gguf")
     reader = gguf.GGUFReader(path)
     arch = reader.fields["general.architecture"].contents()
     assert reader.fields[f"{arch}.context_length"].contents() == expected
@@ -153,19 +167,13 @@ def test_absent_context_length_is_the_one_transformers_runs(model_type, family, 
 def test_sentencepiece_space_settings_split_text_as_transformers(settings, tiny_spm_llama, tmp_path):
     """tokenizer_config.json's add_prefix_space is mapped to tokenizer.ggml.add_space_prefix, and legacy is
     accepted: llama.cpp splits text as transformers does under each."""
-    from llama_cpp import Llama
-
     d = edited(tiny_spm_llama, tmp_path, "tokenizer_config.json", lambda config: config.update(settings))
     loaded = load_model(d)
-    path = write_gguf(ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length),
-                      tmp_path / "m.gguf", "F16")
+    path = f16_gguf(loaded, tmp_path / "m.gguf")
     field = gguf.GGUFReader(path).fields.get("tokenizer.ggml.add_space_prefix")
     assert (field.contents() if field else None) == settings.get("add_prefix_space")
     text = "Hello world, 12345 times.\nNumbers and  two spaces"
-    vocab = Llama(str(path), vocab_only=True, verbose=False)
-    ours = vocab.tokenize(text.encode("utf-8"), add_bos=False, special=False)
-    vocab.close()
-    assert ours == loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert llama_cpp_tokens(path, text) == loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def test_writer_checks_a_config_built_in_memory(checkpoints, tmp_path):
@@ -207,8 +215,6 @@ def digit_split_bpe_without_its_digits_step(directory: Path, join_space_and_digi
 def test_plain_byte_level_pre_tokenizer_is_mapped_to_what_splits_as_transformers(join_space_and_digit, pre, tmp_path):
     """A plain ByteLevel pre-tokenizer splits by GPT-2's regex; it is written as `smollm` (llama.cpp's converter's
     name for it) only when no token joins a digit to anything, where both give the same tokens."""
-    from llama_cpp import Llama
-
     d = tmp_path / "m"
     d.mkdir()
     digit_split_bpe_without_its_digits_step(d, join_space_and_digit)
@@ -216,13 +222,9 @@ def test_plain_byte_level_pre_tokenizer_is_mapped_to_what_splits_as_transformers
                      bos_token_id=0, eos_token_id=0)
     loaded = load_model(d)
     assert loaded.vocab.pre == pre
-    path = write_gguf(ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length),
-                      tmp_path / "m.gguf", "F16")
+    path = f16_gguf(loaded, tmp_path / "m.gguf")
     text = "in 2026, 1 and 12 and 12345 times x1 a1b 2 1"
-    vocab = Llama(str(path), vocab_only=True, verbose=False)
-    ours = vocab.tokenize(text.encode("utf-8"), add_bos=False, special=False)
-    vocab.close()
-    assert ours == loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert llama_cpp_tokens(path, text) == loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def test_nfc_normalizer_is_accepted_for_text_in_nfc_form(tiny_bpe_llama, tmp_path):
@@ -230,15 +232,9 @@ def test_nfc_normalizer_is_accepted_for_text_in_nfc_form(tiny_bpe_llama, tmp_pat
     none, and text already in NFC form, as typed, splits the same."""
     import unicodedata
 
-    from llama_cpp import Llama
-
     d = edited(tiny_bpe_llama, tmp_path, "tokenizer.json", set_key("normalizer", {"type": "NFC"}))
     loaded = load_model(d)
-    path = write_gguf(ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length),
-                      tmp_path / "m.gguf", "F16")
+    path = f16_gguf(loaded, tmp_path / "m.gguf")
     text = "unicode café naïve 東京, Grüße aus Köln"
     assert unicodedata.normalize("NFC", text) == text
-    vocab = Llama(str(path), vocab_only=True, verbose=False)
-    ours = vocab.tokenize(text.encode("utf-8"), add_bos=False, special=False)
-    vocab.close()
-    assert ours == loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert llama_cpp_tokens(path, text) == loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
