@@ -8,11 +8,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import assert_clean_failure, build_bpe_tokenizer, build_tiny_llama, run_cli
+from conftest import assert_clean_failure, run_cli
 from test_remote import sshd  # noqa: F401 - the real sshd fixture, for the --remote tests
 
 from edgeprune import fetch
@@ -25,12 +26,9 @@ UNREACHABLE = "root@127.0.0.1:9"  # refusals must come before any connection is 
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("flags") / "tiny-bpe"
-    directory.mkdir()
-    build_bpe_tokenizer(directory)
-    vocab = json.loads((directory / "tokenizer.json").read_text())["model"]["vocab"]
-    return build_tiny_llama(directory, len(vocab) + 3)
+def tiny_model(_tiny_bpe_llama_once, tmp_path_factory) -> Path:
+    """The session's tiny BPE model, copied for this module (its export lands beside it)."""
+    return Path(shutil.copytree(_tiny_bpe_llama_once, tmp_path_factory.mktemp("flags") / "tiny-bpe"))
 
 
 @pytest.fixture(scope="module")
