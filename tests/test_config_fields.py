@@ -41,8 +41,6 @@ def edited(source: Path, tmp_path: Path, file: str, edit) -> Path:
     return d
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
-
 def f16_gguf(loaded, path: Path) -> Path:
     """The loaded model written by edgeprune's converter at F16."""
     return write_gguf(ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length), path, "F16")
@@ -57,6 +55,8 @@ def llama_cpp_tokens(gguf_path: Path, text: str) -> list[int]:
     vocab.close()
     return tokens
 
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
 def test_every_field_transformers_reads_is_classified(model_type):
     """A transformers release that reads a new field fails here until the family's table says what it does."""
     table = WRITERS[family_for_model_type(model_type, "test").module][0].config_fields
