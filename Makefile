@@ -29,8 +29,8 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
-# The inner loop: unit tests and tiny-model CLI tests; no SmolLM2, sshd, chromium or fresh virtualenv
-# (tests/conftest.py marks those `slow` by what they use).
+# The inner loop: unit tests and in-process tiny-model tests; no SmolLM2, sshd, chromium, fresh virtualenv,
+# llama.cpp converter or child process (tests/conftest.py marks those `slow` by what they use).
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 

@@ -168,6 +168,11 @@ SLOW_RESOURCES = {
     "sshd": {"fixtures": {"sshd"}, "names": {"SSHD"}, "strings": {"/usr/sbin/sshd"}},
     "chromium": {"fixtures": set(), "names": set(), "strings": {"chromium"}},
     "fresh_venv": {"fixtures": set(), "names": {"EnvBuilder"}, "strings": {"venv"}},
+    # llama.cpp's own convert_hf_to_gguf.py as the reference: 4-60 s a test (a fast-tier run measured 250 s of 300)
+    "reference_converter": {"fixtures": set(), "names": {"llama_cpp_convert"}, "strings": set()},
+    # a child process (the CLI as a user runs it, or a signal sent to one): 2.5 s each before any work, for Python,
+    # torch and llama.cpp to start; 188 such tests would take the fast tier past 10 minutes
+    "child_process": {"fixtures": set(), "names": {"run_cli", "run_export", "Popen", "subprocess"}, "strings": set()},
 }
 
 
@@ -201,7 +206,8 @@ def _resources_of_function(function, seen: dict) -> set[str]:
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: uses SmolLM2, sshd, chromium or a fresh virtualenv (conftest marks it)")
+    config.addinivalue_line("markers", "slow: uses SmolLM2, sshd, chromium, a fresh virtualenv, llama.cpp's converter or "
+                                       "a child process (conftest marks it)")
     for resource in SLOW_RESOURCES:
         config.addinivalue_line("markers", f"{resource}: the test uses {resource} (conftest marks it)")
 
