@@ -228,6 +228,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+def build_toml(model: Path | str, *targets: dict, context: int = 128, chunks: int = 2) -> str:
+    """A build file for `model` with a short evaluation and the given `[[targets]]` tables."""
+    tables = "".join("[[targets]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in t.items()) for t in targets)
+    return f'[model]\npath = "{model}"\n[evaluation]\ncontext = {context}\nchunks = {chunks}\n' + tables
+
+
 # --- the real CLI in a child process, as a user runs it
 
 CLI_ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")

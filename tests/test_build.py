@@ -18,7 +18,7 @@ from edgeprune.build import EXAMPLE, init_build_file, load_build_file
 from edgeprune.errors import EdgepruneError
 from edgeprune.handoff import chat_family
 
-from conftest import run_cli
+from conftest import build_toml, run_cli
 
 TINY_BUILD = """
 [model]
@@ -172,21 +172,8 @@ def test_a_target_with_the_references_tensors_reuses_its_scores(tiny_bpe_llama, 
 
 def test_targets_wanting_the_same_quant_of_the_unpruned_model_quantize_and_score_it_once(tiny_bpe_llama, tmp_path):
     path = tmp_path / "edgeprune.toml"
-    path.write_text(f"""
-[model]
-path = "{tiny_bpe_llama}"
-[evaluation]
-context = 128
-chunks = 2
-[[targets]]
-name = "laptop"
-profile = "x86-laptop-16gb"
-quants = ["Q8_0"]
-[[targets]]
-name = "mac"
-profile = "apple-m1-8gb"
-quants = ["Q8_0"]
-""")
+    path.write_text(build_toml(tiny_bpe_llama, {"name": "laptop", "profile": "x86-laptop-16gb", "quants": ["Q8_0"]},
+                               {"name": "mac", "profile": "apple-m1-8gb", "quants": ["Q8_0"]}))
     result = run_cli("build", str(path), timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("quantized for an earlier target") == 1

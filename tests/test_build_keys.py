@@ -14,22 +14,14 @@ import gguf
 
 from edgeprune.gguf_check import copy_gguf
 
-from conftest import CLI_ENV, assert_clean_failure, llama_cpp_logits, run_cli
+from conftest import CLI_ENV, assert_clean_failure, build_toml, llama_cpp_logits, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
-ONE_TARGET = """
-[model]
-path = "{model}"
-[evaluation]
-context = 128
-chunks = 2
-[[targets]]
-name = "laptop"
-profile = "x86-laptop-16gb"
-quants = ["Q8_0"]
-context_length = {context_length}
-"""
+
+def one_target(model: Path, context_length: int) -> str:
+    return build_toml(model, {"name": "laptop", "profile": "x86-laptop-16gb", "quants": ["Q8_0"],
+                              "context_length": context_length})
 
 
 def _copy_of_edgeprune(tmp_path: Path) -> Path:
@@ -52,7 +44,7 @@ def test_an_edited_quality_table_rebuilds_and_says_why(tiny_bpe_llama, tmp_path)
                            capture_output=True, env=dict(CLI_ENV, PYTHONPATH=str(copy)), cwd=copy)
     assert Path(where.stdout.strip()).parent == copy / "edgeprune"  # the copy runs, not the checkout
     path = tmp_path / "edgeprune.toml"
-    path.write_text(ONE_TARGET.format(model=tiny_bpe_llama, context_length=1024))
+    path.write_text(one_target(tiny_bpe_llama, 1024))
     first = _cli_of(copy, "build", str(path))
     assert first.returncode == 0, first.stderr[-3000:]
     assert "laptop: building (no earlier build here)" in first.stderr
@@ -118,7 +110,7 @@ def test_a_changed_rope_freq_base_alone_misses_the_score_cache(tiny_bpe_llama, t
 
 def test_a_zero_context_length_is_refused_in_one_line(tmp_path):
     path = tmp_path / "edgeprune.toml"
-    path.write_text(ONE_TARGET.format(model=tmp_path / "model", context_length=0))
+    path.write_text(one_target(tmp_path / "model", 0))
     result = run_cli("build", str(path))
     line = assert_clean_failure(result, tmp_path / "out", "context_length")
     assert "'laptop'" in line and "got 0" in line and "at least 64" in line
