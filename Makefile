@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: install
-	$(VENV)/bin/edgeprune export "$$($(PY) -m edgeprune.fetch)" --profile $(DEMO_PROFILE) --out $(DEMO_OUT)
+	$(VENV)/bin/edgeprune export "$$($(PY) -m edgeprune.core.fetch)" --profile $(DEMO_PROFILE) --out $(DEMO_OUT)
 
 test: install
 	$(PY) -m pytest -q
@@ -35,8 +35,8 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 bench: install
-	$(PY) -m edgeprune.bench
-	$(PY) -m edgeprune.bench.pruning
+	$(PY) -m edgeprune.build.bench
+	$(PY) -m edgeprune.build.bench.pruning
 
 clean:
 	rm -rf $(VENV) out bench-results

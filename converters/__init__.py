@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from edgeprune.families import config_defaults, family_for_model_type, family_of
-from edgeprune.shapes import ModelShape, shape_of
+from edgeprune.core.families import config_defaults, family_for_model_type, family_of
+from edgeprune.core.shapes import ModelShape, shape_of
 
 from .base import OUTPUT_TYPES, ConversionInput, ModelWriter, check_config_fields, gguf_tensor_name
 from .deci import DeciWriter

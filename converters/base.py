@@ -3,7 +3,7 @@
 Modelled on llama.cpp's `conversion/` package: this base does the work, and each architecture module
 (`llama.py`, `deci.py`, `qwen2.py`) only says how the per-layer shape goes into the metadata, which shapes it
 can hold, and whether q/k rows are permuted for its RoPE. Shapes always come from
-the model's weights (`edgeprune.shapes.shape_of`), so pruned models go through unchanged.
+the model's weights (`edgeprune.core.shapes.shape_of`), so pruned models go through unchanged.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import gguf
 import numpy as np
 import torch
 
-from edgeprune.atomic import atomic_output, write_error
-from edgeprune.errors import EdgepruneError
-from edgeprune.shapes import ModelShape, shape_of
+from edgeprune.core.atomic import atomic_output, write_error
+from edgeprune.core.errors import EdgepruneError
+from edgeprune.core.shapes import ModelShape, shape_of
 
 from .vocab import Vocab
 

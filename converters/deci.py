@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import gguf
 
-from edgeprune.errors import EdgepruneError
-from edgeprune.shapes import ModelShape
+from edgeprune.core.errors import EdgepruneError
+from edgeprune.core.shapes import ModelShape
 
 from .base import ModelWriter
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import gguf
 
-from edgeprune.shapes import ModelShape
+from edgeprune.core.shapes import ModelShape
 
 from .base import INERT, Only
 from .llama import CONFIG_FIELDS as LLAMA_FIELDS

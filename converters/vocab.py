@@ -14,7 +14,7 @@ from pathlib import Path
 
 import gguf
 
-from edgeprune.errors import EdgepruneError
+from edgeprune.core.errors import EdgepruneError
 
 # Keys of a GGUF's tokenizer section that are carried over verbatim from a GGUF input.
 _GGUF_TOKENIZER_PREFIX = "tokenizer."

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import click
 
-from .atomic import install_signal_handlers, write_text_atomic
-from .errors import EdgepruneError
-from .codedigest import version_string
+from edgeprune.core.atomic import install_signal_handlers, write_text_atomic
+from edgeprune.core.errors import EdgepruneError
+from edgeprune.core.codedigest import version_string
 
 _START = time.perf_counter()
 EXIT_BUDGET_MISSED = 1
@@ -56,7 +56,7 @@ def require_build_install(command: str) -> None:
 
 def _profile(name_or_path: str, recovery_minutes: float | None = None):
     """A profile by name or path; `recovery_minutes` (--recovery-minutes) replaces its recovery budget."""
-    from .profiles import load_profile
+    from edgeprune.device.profiles import load_profile
 
     profile = load_profile(name_or_path)
     if recovery_minutes is None:
@@ -131,7 +131,7 @@ def recovery_options(fn):
 
 def _recovery(options, distill_steps: int, prune_steps: int | None, recovery_text: Path | None):
     """Apply the recovery flags to ExportOptions (and its PruneOptions)."""
-    from .pruning.distill import DistillOptions
+    from edgeprune.build.pruning.distill import DistillOptions
 
     if distill_steps < 0:
         raise EdgepruneError(f"--distill-steps must be 0 (off) or more, got {distill_steps}")
@@ -148,8 +148,8 @@ def _prune_options(quant: str | None, heads, ffn, layers, method, allocation):
     """PruneOptions from the flags, aligned to the quant block; None when no pruning flag was given."""
     if all(v is None for v in (heads, ffn, layers, method, allocation)):
         return None
-    from .planner import k_quant
-    from .pruning import PruneOptions
+    from edgeprune.build.planner import k_quant
+    from edgeprune.build.pruning import PruneOptions
 
     options = PruneOptions(heads=heads or 0.0, ffn=ffn or 0.0, layers=layers or 0,
                            align=256 if quant and k_quant(quant.upper()) else 32)
@@ -231,7 +231,7 @@ def export(model, profile_name, quant, out_dir, calib, no_imatrix, mix, allow_pi
     DIR/report.json, and prints the validation summary. Exits 1 when the model misses a budget of the profile.
     """
     require_build_install("export")
-    from .pipeline import ExportOptions, export_model
+    from edgeprune.build.pipeline import ExportOptions, export_model
 
     if mix and no_imatrix:
         raise EdgepruneError("--mix weighs each tensor's error by the importance matrix: drop --no-imatrix")
@@ -274,7 +274,7 @@ def prune(model, out_dir, quant, calib, allow_pickle, heads, ffn, layers, method
     """Prune MODEL and write the pruned GGUF (llama or deci, picked from the shapes) into DIR. A run that would
     remove nothing is refused."""
     require_build_install("prune")
-    from .pipeline import ExportOptions, export_model
+    from edgeprune.build.pipeline import ExportOptions, export_model
 
     options = _prune_options(quant, heads, ffn, layers, method, allocation)
     if options is None:
@@ -313,11 +313,11 @@ def validate(gguf, reference, profile_name, json_path, updated_profile, remote, 
     against the bundle's profile (or --profile), KL divergence from the reference's stored top-k log-probs, speed
     judged as measured; neither the reference GGUF nor torch is needed. The report goes to --json, else into
     BUNDLE/report.json."""
-    from .atomic import ensure_writable_dir
-    from .bundle import is_bundle
-    from .profiles import check_user_profile_path
-    from .texts import evaluation_text
-    from .validate import check_evaluation_options, format_summary, validate_gguf, write_report
+    from edgeprune.core.atomic import ensure_writable_dir
+    from edgeprune.device.bundle import is_bundle
+    from edgeprune.device.profiles import check_user_profile_path
+    from edgeprune.core.texts import evaluation_text
+    from edgeprune.device.validate import check_evaluation_options, format_summary, validate_gguf, write_report
 
     given = given_flags()
     bundle_reasons = {"reference": "a bundle brings its reference's top-k log-probs",
@@ -373,11 +373,11 @@ def _validate_remote(bundle: Path, remote: str, identity, known_hosts, remote_co
                      eval_chunks: int | None, updated_profile: Path | None) -> None:
     """`validate BUNDLE --remote`: the validation runs on the SSH host; its report and exit status come back. The
     flags the remote validator understands are checked here, before connecting, and forwarded."""
-    from .atomic import ensure_writable_dir
-    from .bundle import chunks_to_score
-    from .profiles import check_user_profile_path
-    from .remote import check_remote_tools, parse_target, validate_remote
-    from .validate import ValidationReport, format_summary
+    from edgeprune.core.atomic import ensure_writable_dir
+    from edgeprune.device.bundle import chunks_to_score
+    from edgeprune.device.profiles import check_user_profile_path
+    from edgeprune.device.remote import check_remote_tools, parse_target, validate_remote
+    from edgeprune.device.validate import ValidationReport, format_summary
 
     target = parse_target(remote)
     profile = _profile(profile_name).path if profile_name else None
@@ -406,7 +406,7 @@ def _write_pages(document: dict, report_path: Path) -> None:
 
     written = [report_path]
     if importlib.util.find_spec("matplotlib") is not None:
-        from .reporting import write_report_pages
+        from edgeprune.device.reporting import write_report_pages
 
         written += write_report_pages(document, report_path.parent, stem=report_path.stem)
     click.echo("wrote " + ", ".join(str(p) for p in written))
@@ -416,10 +416,10 @@ def _validate_bundle(directory: Path, profile_name: str | None, json_path: Path 
                      threads: int | None, host_profile: Path | None, eval_chunks: int | None) -> None:
     """`validate BUNDLE`: the bundle checked against its manifest, then its GGUF run as on the device, on all the
     bundle's chunks or its first `eval_chunks`."""
-    from .bundle import chunks_to_score, open_bundle
-    from .profiles import check_user_profile_path
-    from .texts import Text
-    from .validate import format_summary, validate_gguf, write_report
+    from edgeprune.device.bundle import chunks_to_score, open_bundle
+    from edgeprune.device.profiles import check_user_profile_path
+    from edgeprune.core.texts import Text
+    from edgeprune.device.validate import format_summary, validate_gguf, write_report
 
     if updated_profile is not None:
         check_user_profile_path(updated_profile)
@@ -445,10 +445,10 @@ def _validate_bundle(directory: Path, profile_name: str | None, json_path: Path 
 def _write_back_efficiency(profile, gguf: Path, report, destination: Path) -> None:
     """Write `profile` to `destination` with its efficiencies (per-type tables too) scaled so that its prediction
     equals what was just measured on the device."""
-    from .costmodel import calibrated_device, size_of_gguf
-    from .gguf_check import read_gguf
-    from .profiles import update_efficiency
-    from .shapes import shape_from_gguf
+    from edgeprune.device.costmodel import calibrated_device, size_of_gguf
+    from edgeprune.device.gguf_check import read_gguf
+    from edgeprune.device.profiles import update_efficiency
+    from edgeprune.core.shapes import shape_from_gguf
 
     info = read_gguf(gguf)
     device = calibrated_device(profile.device, size_of_gguf(info), shape_from_gguf(info), report.speed.n_prompt,
@@ -478,12 +478,12 @@ def plan(model, profile_name, quants, as_json, allow_pickle, calib, threads, mix
     require_build_install("plan")
     from converters import ConversionInput
 
-    from .loading import load_model, open_model
-    from .planner import check_search_options, format_plan, make_plan
-    from .quantize import check_quant_type
-    from .shapes import shape_of
-    from .streaming import conversion_input, lazy_shape
-    from .texts import calibration_text
+    from edgeprune.build.loading import load_model, open_model
+    from edgeprune.build.planner import check_search_options, format_plan, make_plan
+    from edgeprune.device.quantize import check_quant_type
+    from edgeprune.core.shapes import shape_of
+    from edgeprune.build.streaming import conversion_input, lazy_shape
+    from edgeprune.core.texts import calibration_text
 
     if search != "measured":
         refuse_unused(given_flags(), "plan --search estimated", {
@@ -502,7 +502,7 @@ def plan(model, profile_name, quants, as_json, allow_pickle, calib, threads, mix
         source, shape = conversion_input(loaded, {}), lazy_shape(loaded)
     result = make_plan(source, shape, profile, quants=quants, mixed=mix, progress=progress)
     if search == "measured":
-        from .search import measured_plan
+        from edgeprune.build.search import measured_plan
 
         tokens = loaded.tokenizer(calibration.content, add_special_tokens=False)["input_ids"]
         result = measured_plan(result, loaded, tokens, calibration, threads=threads or os.cpu_count() or 1,
@@ -517,7 +517,7 @@ def plan(model, profile_name, quants, as_json, allow_pickle, calib, threads, mix
 @click.argument("path", type=click.Path(path_type=Path), default="edgeprune.toml")
 def init(path: Path) -> None:
     """Write a commented example build file (default edgeprune.toml) for `edgeprune build`."""
-    from .build import init_build_file
+    from edgeprune.build.builds import init_build_file
 
     click.echo(f"wrote {init_build_file(path)}: edit the model and targets, then run edgeprune build {path}")
 
@@ -534,7 +534,7 @@ def build(build_file, only, jobs, threads):
     <out>/manifest.json and <out>/index.html. Targets whose inputs did not change are not rebuilt. Exits 1 when a
     target misses a budget, 2 when a target could not be built."""
     require_build_install("build")
-    from .build import load_build_file, run_build
+    from edgeprune.build.builds import load_build_file, run_build
 
     result = run_build(load_build_file(build_file), only=tuple(only), jobs=jobs, threads=threads, progress=progress)
     for outcome in result.targets:
@@ -560,7 +560,7 @@ def build(build_file, only, jobs, threads):
 def report(reports, out_path):
     """Merge validation reports (report.json files, or directories holding one) into one comparison page: one
     file on several devices, or several files on one device."""
-    from .reporting import load_report, merge_reports
+    from edgeprune.device.reporting import load_report, merge_reports
 
     written = merge_reports([load_report(r) for r in reports], out_path, out_path.with_suffix(".md"))
     click.echo("wrote " + ", ".join(str(p) for p in written))
@@ -574,7 +574,7 @@ def profiles() -> None:
 @profiles.command("list")
 def profiles_list() -> None:
     """List the shipped device profiles with their main budgets."""
-    from .profiles import list_profiles
+    from edgeprune.device.profiles import list_profiles
 
     for p in list_profiles():
         b = p.budgets
@@ -591,9 +591,9 @@ def profiles_measure(out_path: Path, model_path: Path | None, threads: int | Non
     """Measure this machine (bandwidth, compute, threads) and fit llama.cpp's efficiency per tensor type on the
     model written at a ladder of quant types, at half FFN width and at half depth (minutes), into a profile."""
     require_build_install("profiles measure")
-    from .fetch import fetch_smollm2
-    from .hostprobe import measure_host_profile
-    from .profiles import profile_to_toml
+    from edgeprune.core.fetch import fetch_smollm2
+    from edgeprune.build.hostprobe import measure_host_profile
+    from edgeprune.device.profiles import profile_to_toml
 
     profile = measure_host_profile(model_path or fetch_smollm2(), threads=threads, progress=progress)
     header = "# This machine, measured by `edgeprune profiles measure`; budgets are placeholders to edit.\n\n"
@@ -608,7 +608,7 @@ def profiles_measure(out_path: Path, model_path: Path | None, threads: int | Non
 @click.argument("name")
 def profiles_show(name: str) -> None:
     """Print a profile (shipped name or TOML path) as TOML."""
-    from .profiles import profile_to_toml
+    from edgeprune.device.profiles import profile_to_toml
 
     click.echo(profile_to_toml(_profile(name)), nl=False)
 

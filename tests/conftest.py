@@ -120,7 +120,7 @@ def tiny_spm_llama(_tiny_spm_llama_once: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    from edgeprune.fetch import fetch_smollm2
+    from edgeprune.core.fetch import fetch_smollm2
 
     return fetch_smollm2()
 
@@ -265,7 +265,7 @@ def assert_clean_failure(result: subprocess.CompletedProcess, out_dir: Path, *ex
 def smollm2_bundle(smollm2_gguf, tmp_path_factory) -> Path:
     """A real export of SmolLM2 (Q8_0, 4 chunks of 256 tokens) for a roomy laptop profile: its validation bundle
     directory. The export's report.json lies in the bundle's parent."""
-    from edgeprune.profiles import load_profile
+    from edgeprune.device.profiles import load_profile
 
     out = tmp_path_factory.mktemp("bundle-export")
     laptop = load_profile("x86-laptop-16gb").path.read_text()

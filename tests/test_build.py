@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from edgeprune.build import EXAMPLE, init_build_file, load_build_file
-from edgeprune.errors import EdgepruneError
-from edgeprune.handoff import chat_family
+from edgeprune.build.builds import EXAMPLE, init_build_file, load_build_file
+from edgeprune.core.errors import EdgepruneError
+from edgeprune.build.handoff import chat_family
 
 from conftest import build_toml, run_cli
 
@@ -156,7 +156,7 @@ def test_a_killed_build_is_repaired(tiny_bpe_llama, tmp_path):
 def test_a_target_with_the_references_tensors_reuses_its_scores(tiny_bpe_llama, tmp_path):
     """An unpruned F16 target is not scored again: the reference's own scores against its top-k file are the
     target's, the same numbers measuring the target gives, on one thread as on the build's."""
-    from edgeprune.validate import Runtime, measure_perplexity
+    from edgeprune.device.validate import Runtime, measure_perplexity
 
     path = _build_file(tmp_path, tiny_bpe_llama, laptop_quant="F16")
     result = run_cli("build", str(path), "--only", "laptop", timeout=900)

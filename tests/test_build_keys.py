@@ -12,7 +12,7 @@ from pathlib import Path
 
 import gguf
 
-from edgeprune.gguf_check import copy_gguf
+from edgeprune.device.gguf_check import copy_gguf
 
 from conftest import CLI_ENV, assert_clean_failure, build_toml, llama_cpp_logits, run_cli
 
@@ -49,7 +49,7 @@ def test_an_edited_quality_table_rebuilds_and_says_why(tiny_bpe_llama, tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "laptop: building (no earlier build here)" in first.stderr
     record = json.loads((tmp_path / "out" / "laptop" / "build.json").read_text())
-    table = copy / "edgeprune" / "quality_table.toml"
+    table = copy / "edgeprune" / "build" / "quality_table.toml"
     assert record["inputs"]["tables"]["quality_table.toml"] == hashlib.sha256(table.read_bytes()).hexdigest()
     gguf_file = tmp_path / "out" / "laptop" / record["entry"]["gguf"]
     built = hashlib.sha256(gguf_file.read_bytes()).hexdigest()
@@ -71,7 +71,7 @@ def test_an_edited_quality_table_rebuilds_and_says_why(tiny_bpe_llama, tmp_path)
     planner.write_text(planner.read_text() + "\n# edited\n")
     code = _cli_of(copy, "build", str(path))
     assert code.returncode == 0 and "1 built" in code.stdout, code.stderr[-3000:]
-    assert "laptop: rebuilding: edgeprune/planner.py changed" in code.stderr
+    assert "laptop: rebuilding: edgeprune/build/planner.py changed" in code.stderr
 
 
 def _copy_gguf(source: Path, destination: Path, **changes) -> Path:
@@ -81,9 +81,9 @@ def _copy_gguf(source: Path, destination: Path, **changes) -> Path:
 
 def test_a_changed_rope_freq_base_alone_misses_the_score_cache(tiny_bpe_llama, tmp_path):
     from converters import ConversionInput, write_gguf
-    from edgeprune.gguf_check import read_gguf
-    from edgeprune.loading import load_model
-    from edgeprune.validate import DivergenceResult, PerplexityResult, Runtime, ScoreCache
+    from edgeprune.device.gguf_check import read_gguf
+    from edgeprune.build.loading import load_model
+    from edgeprune.device.validate import DivergenceResult, PerplexityResult, Runtime, ScoreCache
 
     loaded = load_model(tiny_bpe_llama)
     original = write_gguf(ConversionInput(loaded.model, loaded.vocab, "tiny", 256), tmp_path / "a.gguf")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import CLI_ENV, assert_clean_failure
 
-from edgeprune.bundle import MANIFEST, MODEL, REFERENCE, open_bundle, sha256_of
+from edgeprune.device.bundle import MANIFEST, MODEL, REFERENCE, open_bundle, sha256_of
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCK_TORCH = '''import sys
@@ -50,7 +50,7 @@ def _validate_bundle(bundle: Path, report: Path, env: dict, python: str = sys.ex
 def _loose_profile(bundle: Path, path: Path) -> Path:
     """The bundle's profile (same runtime, so the same chunks score the same) with speed budgets any machine meets:
     the device's verdict then has one right answer, PASS (exit 0)."""
-    from edgeprune.profiles import load_profile, profile_to_toml
+    from edgeprune.device.profiles import load_profile, profile_to_toml
 
     profile = load_profile(bundle / "profile.toml")
     budgets = dataclasses.replace(profile.budgets, min_decode_tps=0.01, max_ttft_s=3600.0)

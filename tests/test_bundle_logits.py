@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeprune.bundle_logits import (
+from edgeprune.device.bundle_logits import (
     TopK,
     chunk_targets,
     concatenate,
@@ -22,8 +22,8 @@ from edgeprune.bundle_logits import (
     reference_from_logits,
     save,
 )
-from edgeprune.errors import EdgepruneError
-from edgeprune.validate import divergence_rows, summarize_divergence
+from edgeprune.core.errors import EdgepruneError
+from edgeprune.device.validate import divergence_rows, summarize_divergence
 
 VOCAB, N = 500, 96
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
@@ -203,7 +203,7 @@ for blocked in ("torch", "transformers"):
         pass
     else:
         raise SystemExit(f"the blocker let {blocked} through")
-from edgeprune import bundle_logits
+from edgeprune.device import bundle_logits
 chunks = bundle_logits.evaluation_chunks(list(range(64)), 16, None, bos=1)
 logits = np.random.default_rng(0).standard_normal((len(bundle_logits.chunk_targets(chunks)), 80))
 topk = bundle_logits.reference_from_logits(logits, bundle_logits.chunk_targets(chunks), k=4)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from edgeprune.calibration import collect_calibration
-from edgeprune.errors import EdgepruneError
+from edgeprune.build.calibration import collect_calibration
+from edgeprune.core.errors import EdgepruneError
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ from pathlib import Path
 import gguf
 import pytest
 
-from edgeprune.codedigest import version_string
-from edgeprune.profiles import load_profile, profile_to_toml
+from edgeprune.core.codedigest import version_string
+from edgeprune.device.profiles import load_profile, profile_to_toml
 
 from conftest import CLI_ENV, run_cli, run_export
 from test_build import _build_file, _ggufs
@@ -74,7 +74,7 @@ def pickled(tiny, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def eval_file(tmp_path_factory) -> Path:
-    from edgeprune.texts import default_evaluation_text
+    from edgeprune.core.texts import default_evaluation_text
 
     path = tmp_path_factory.mktemp("texts") / "eval.txt"
     path.write_text(default_evaluation_text().content[:40_000])
@@ -83,7 +83,7 @@ def eval_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def calib_file(tmp_path_factory) -> Path:
-    from edgeprune.texts import default_calibration_text
+    from edgeprune.core.texts import default_calibration_text
 
     path = tmp_path_factory.mktemp("texts") / "calib.txt"
     path.write_text(default_calibration_text().content[:60_000])
@@ -174,9 +174,9 @@ def test_plan_mix_ranks_mixed_candidates(tiny):
 def tight(tiny, tmp_path_factory) -> Path:
     """The laptop with a file budget under the model's Q4_0 size: only pruning meets it."""
     from converters import ConversionInput
-    from edgeprune.costmodel import estimate_size
-    from edgeprune.loading import load_model
-    from edgeprune.shapes import shape_of
+    from edgeprune.device.costmodel import estimate_size
+    from edgeprune.build.loading import load_model
+    from edgeprune.core.shapes import shape_of
 
     loaded = load_model(tiny)
     q4 = estimate_size(ConversionInput(loaded.model, loaded.vocab, "tiny", 256), shape_of(loaded.model),
@@ -282,8 +282,8 @@ def test_validate_reference_and_eval_score_as_the_export_did(plain, eval_file, t
 
 
 def test_validate_bundle_with_another_profile_and_update_profile(plain, tmp_path):
-    from edgeprune.costmodel import predict_gguf
-    from edgeprune.gguf_check import read_gguf
+    from edgeprune.device.costmodel import predict_gguf
+    from edgeprune.device.gguf_check import read_gguf
 
     bundle = tmp_path / "bundle"
     shutil.copytree(plain[0] / "bundle", bundle)

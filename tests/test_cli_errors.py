@@ -81,7 +81,7 @@ def test_unknown_profile(tiny_bpe_llama, tmp_path):
 
 
 def test_profile_with_missing_field(tiny_bpe_llama, tmp_path):
-    from edgeprune.profiles import load_profile
+    from edgeprune.device.profiles import load_profile
 
     text = load_profile(PROFILE_OK).path.read_text()
     broken = tmp_path / "broken.toml"
@@ -171,7 +171,7 @@ def test_update_profile_preconditions_are_checked_before_measuring(smollm2_gguf,
 
 
 def test_update_profile_never_writes_a_shipped_profile(smollm2_gguf, tmp_path):
-    from edgeprune.profiles import load_profile
+    from edgeprune.device.profiles import load_profile
 
     shipped = load_profile("x86-laptop-16gb").path
     before = shipped.read_bytes()
@@ -184,7 +184,7 @@ def test_update_profile_never_writes_a_shipped_profile(smollm2_gguf, tmp_path):
 def test_internal_error_is_one_line_exit_3_and_a_log(tmp_path):
     """A bug of ours (here: a function that divides by zero) is not "bad input": exit 3, and the traceback is in
     the log file the line names."""
-    code = ("import edgeprune.profiles as p, edgeprune.cli as c; p.list_profiles = lambda: 1 / 0; "
+    code = ("import edgeprune.device.profiles as p, edgeprune.cli as c; p.list_profiles = lambda: 1 / 0; "
             "import sys; sys.argv = ['edgeprune', 'profiles', 'list']; c.main()")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=CLI_ENV)
     assert r.returncode == 3, r.stderr

@@ -15,8 +15,8 @@ from conftest import assert_clean_failure, build_bpe_tokenizer, build_tiny_llama
 
 from converters import WRITERS, write_gguf
 from converters.base import ConversionInput
-from edgeprune.families import config_defaults, family_for_model_type
-from edgeprune.loading import load_model, open_model
+from edgeprune.core.families import config_defaults, family_for_model_type
+from edgeprune.build.loading import load_model, open_model
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def test_sentencepiece_space_settings_split_text_as_transformers(settings, tiny_
 
 def test_writer_checks_a_config_built_in_memory(checkpoints, tmp_path):
     """A model whose config was never a config.json (built or edited in Python) is checked when it is written."""
-    from edgeprune.errors import EdgepruneError
+    from edgeprune.core.errors import EdgepruneError
 
     loaded = load_model(checkpoints["llama"])
     loaded.model.config.hidden_act = "gelu"

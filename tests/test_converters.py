@@ -8,9 +8,9 @@ import torch
 from conftest import agreement, build_bpe_tokenizer, build_tiny_llama, llama_cpp_logits, torch_logits
 
 from converters import ConversionInput, gguf_tensor_name, write_gguf
-from edgeprune.errors import EdgepruneError
-from edgeprune.loading import load_model
-from edgeprune.shapes import shape_of
+from edgeprune.core.errors import EdgepruneError
+from edgeprune.build.loading import load_model
+from edgeprune.core.shapes import shape_of
 
 TEXT = "Pack my box with five dozen liquor jugs. The quick brown fox 12345 café\n\tdef main(): return 42"
 

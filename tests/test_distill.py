@@ -16,10 +16,10 @@ import pytest
 import torch
 from conftest import CLI_ENV, run_cli
 
-from edgeprune.loading import load_model
-from edgeprune.pruning import PruneOptions, prune_model
-from edgeprune.pruning.distill import DistillOptions, TeacherCache, distill, topk_kl, windows
-from edgeprune.texts import default_calibration_text
+from edgeprune.build.loading import load_model
+from edgeprune.build.pruning import PruneOptions, prune_model
+from edgeprune.build.pruning.distill import DistillOptions, TeacherCache, distill, topk_kl, windows
+from edgeprune.core.texts import default_calibration_text
 
 
 @pytest.fixture
@@ -46,7 +46,7 @@ def test_topk_kl_is_the_kl_divergence_when_k_covers_the_vocabulary():
 
 def _student_and_teacher(model_path, recovery_file, options, directory):
     """A tiny Llama pruned to half its MLP channels, and its teacher's cached outputs on the recovery file."""
-    from edgeprune.texts import read_text_file
+    from edgeprune.core.texts import read_text_file
 
     loaded = load_model(model_path)
     teacher = loaded.model
@@ -135,9 +135,9 @@ def test_the_planner_chooses_recovery_when_the_profile_gives_it_time(tiny_bpe_ll
     import json
 
     from converters import ConversionInput
-    from edgeprune.costmodel import estimate_size
-    from edgeprune.profiles import load_profile, profile_to_toml
-    from edgeprune.shapes import shape_of
+    from edgeprune.device.costmodel import estimate_size
+    from edgeprune.device.profiles import load_profile, profile_to_toml
+    from edgeprune.core.shapes import shape_of
 
     loaded = load_model(tiny_bpe_llama)
     q4 = estimate_size(ConversionInput(loaded.model, loaded.vocab, "tiny", 256), shape_of(loaded.model),
@@ -166,10 +166,10 @@ def test_a_build_distils_every_recovered_target_from_one_teacher_pass(tiny_bpe_l
     import dataclasses
 
     from converters import ConversionInput
-    from edgeprune.build import load_build_file, run_build
-    from edgeprune.costmodel import estimate_size
-    from edgeprune.profiles import load_profile, profile_to_toml
-    from edgeprune.shapes import shape_of
+    from edgeprune.build.builds import load_build_file, run_build
+    from edgeprune.device.costmodel import estimate_size
+    from edgeprune.device.profiles import load_profile, profile_to_toml
+    from edgeprune.core.shapes import shape_of
 
     loaded = load_model(tiny_bpe_llama)
     q4 = estimate_size(ConversionInput(loaded.model, loaded.vocab, "tiny", 256), shape_of(loaded.model),
@@ -190,8 +190,8 @@ def test_a_build_distils_every_recovered_target_from_one_teacher_pass(tiny_bpe_l
     assert teacher_lines and all(line.startswith("[a 1/2]") for line in teacher_lines)
     assert any(line.startswith("[b 2/2] distillation: held-out KL") for line in said)
 
-    from edgeprune.pruning.distill import TeacherCache, windows
-    from edgeprune.texts import read_text_file
+    from edgeprune.build.pruning.distill import TeacherCache, windows
+    from edgeprune.core.texts import read_text_file
 
     options = DistillOptions()
     train, held = windows([read_text_file(recovery_file, "recovery")], loaded.tokenizer, options,

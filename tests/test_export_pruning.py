@@ -18,8 +18,8 @@ import pytest
 import torch
 from conftest import build_bpe_tokenizer, llama_cpp_logits, run_cli, run_export
 
-from edgeprune.profiles import load_profile, profile_to_toml
-from edgeprune.texts import default_evaluation_text
+from edgeprune.device.profiles import load_profile, profile_to_toml
+from edgeprune.core.texts import default_evaluation_text
 
 MIB = 1 << 20
 EVAL = ("--eval-ctx", "128", "--eval-chunks", "2", "--threads", "1")
@@ -212,9 +212,9 @@ def planned_export(wide, eval_text, tmp_path_factory):
     """`export` for a board with a file budget 3% under the model's Q4_0 size and a fast predicted speed: the
     planner must prune, and every speed budget is out of this machine's reach but within the board's."""
     from converters import ConversionInput
-    from edgeprune.costmodel import estimate_size
-    from edgeprune.loading import load_model
-    from edgeprune.shapes import shape_of
+    from edgeprune.device.costmodel import estimate_size
+    from edgeprune.build.loading import load_model
+    from edgeprune.core.shapes import shape_of
 
     loaded = load_model(wide)
     source = ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length)
@@ -295,9 +295,9 @@ def test_built_file_size_and_memory_match_the_prediction_that_chose_it(planned_e
 def test_memory_is_predicted_from_above_at_a_long_context_too(planned_export):
     """The same file at 4096 tokens of context: without flash attention llama.cpp's compute buffer grows with the
     context (measured: 32.4 MiB up to 2048 tokens, 40.8 MiB at 4096), and so does the prediction, from above."""
-    from edgeprune.costmodel import predict_gguf
-    from edgeprune.gguf_check import read_gguf
-    from edgeprune.validate import measure_speed
+    from edgeprune.device.costmodel import predict_gguf
+    from edgeprune.device.gguf_check import read_gguf
+    from edgeprune.device.validate import measure_speed
 
     _, out, report, profile_path = planned_export
     gguf_path = out / f"wide-{report['export']['quant']}.gguf"

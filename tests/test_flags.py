@@ -16,10 +16,10 @@ import pytest
 from conftest import assert_clean_failure, run_cli
 from test_remote import sshd  # noqa: F401 - the real sshd fixture, for the --remote tests
 
-from edgeprune import fetch
-from edgeprune.codedigest import version_string
-from edgeprune.errors import EdgepruneError
-from edgeprune.remote import RemoteTarget, version_mismatch
+from edgeprune.core import fetch
+from edgeprune.core.codedigest import version_string
+from edgeprune.core.errors import EdgepruneError
+from edgeprune.device.remote import RemoteTarget, version_mismatch
 
 BUNDLE_CHUNKS, BUNDLE_CTX = 6, 64
 UNREACHABLE = "root@127.0.0.1:9"  # refusals must come before any connection is tried
@@ -168,7 +168,7 @@ def _remote_cli(sshd, bundle: Path, command: str, remote_dir: Path, *extra: str)
 def test_remote_forwards_profile_chunks_and_update_profile(sshd, tiny_bundle, tmp_path):  # noqa: F811
     """--profile (copied beside the bundle), --eval-chunks and --update-profile reach the remote validator and take
     effect there; the remote's other version is said in one warning line."""
-    from edgeprune.profiles import load_profile, profile_to_toml
+    from edgeprune.device.profiles import load_profile, profile_to_toml
 
     laptop = load_profile("x86-laptop-16gb")
     given = tmp_path / "my-laptop.toml"

@@ -7,14 +7,14 @@ import dataclasses
 import numpy as np
 import pytest
 
-from edgeprune.costmodel import (SizeEstimate, TensorCost, calibrated_device, decode_seconds_per_token, layer_count,
+from edgeprune.device.costmodel import (SizeEstimate, TensorCost, calibrated_device, decode_seconds_per_token, layer_count,
                                  prefill_seconds_per_token)
-from edgeprune import hostprobe
-from edgeprune.hostprobe import (TYPE_FAMILIES, _fit_type_efficiency, _nonnegative_least_squares, fit_host_profile,
+from edgeprune.build import hostprobe
+from edgeprune.build.hostprobe import (TYPE_FAMILIES, _fit_type_efficiency, _nonnegative_least_squares, fit_host_profile,
                                   measure_host_profile, measured_runs)
-from edgeprune.profiles import DeviceSpec, load_profile, profile_to_toml
-from edgeprune.shapes import LayerShape, ModelShape
-from edgeprune.validate import N_PROMPT
+from edgeprune.device.profiles import DeviceSpec, load_profile, profile_to_toml
+from edgeprune.core.shapes import LayerShape, ModelShape
+from edgeprune.device.validate import N_PROMPT
 
 SHAPE = ModelShape(vocab_size=1000, hidden_size=64, head_dim=16, layers=(LayerShape(4, 2, 128),) * 2,
                    tied_embeddings=True)

@@ -13,9 +13,9 @@ import pytest
 from conftest import agreement, build_spm_tokenizer, build_tiny_llama, llama_cpp_logits, torch_logits
 
 from converters import ConversionInput, write_gguf
-from edgeprune.bench.llamacpp import compare_ggufs, llama_cpp_convert, vocab_test_files
-from edgeprune.errors import EdgepruneError
-from edgeprune.loading import load_model
+from edgeprune.build.bench.llamacpp import compare_ggufs, llama_cpp_convert, vocab_test_files
+from edgeprune.core.errors import EdgepruneError
+from edgeprune.build.loading import load_model
 
 TEXT = ("The quick brown fox jumps over the lazy dog, 12345 times in 2026. Grüße aus Köln! "
         "def main():\n    return [x ** 2 for x in range(10)]\n") * 6
@@ -186,11 +186,11 @@ def test_biased_model_is_pruned_with_its_biases(spm_tokenizer, tmp_path, family,
     import numpy as np
     import torch
 
-    from edgeprune import streaming
-    from edgeprune.gguf_check import read_gguf
-    from edgeprune.loading import open_model
-    from edgeprune.pruning import PruneOptions, prune_model
-    from edgeprune.shapes import shape_of
+    from edgeprune.build import streaming
+    from edgeprune.device.gguf_check import read_gguf
+    from edgeprune.build.loading import open_model
+    from edgeprune.build.pruning import PruneOptions, prune_model
+    from edgeprune.core.shapes import shape_of
 
     d = tmp_path / "biased"
     shutil.copytree(spm_tokenizer, d)
@@ -220,7 +220,7 @@ def test_tensor_the_converter_does_not_map_is_refused_by_name(spm_tokenizer, tmp
     """A Qwen3-style q_norm in a qwen2 checkpoint: loading it in memory or layer by layer names the tensor."""
     from safetensors.torch import load_file, save_file
 
-    from edgeprune.loading import open_model
+    from edgeprune.build.loading import open_model
 
     d = tmp_path / "extra"
     shutil.copytree(spm_tokenizer, d)
@@ -234,7 +234,7 @@ def test_tensor_the_converter_does_not_map_is_refused_by_name(spm_tokenizer, tmp
 
 
 def test_gguf_of_an_unknown_architecture_is_refused_by_name(spm_tokenizer, tmp_path):
-    from edgeprune.pruning import PruneOptions, prune_model
+    from edgeprune.build.pruning import PruneOptions, prune_model
 
     d = tmp_path / "m"
     shutil.copytree(spm_tokenizer, d)

@@ -13,13 +13,13 @@ import pytest
 from conftest import build_spm_tokenizer, build_tiny_llama, llama_cpp_logits, run_export
 
 from converters import ConversionInput, write_gguf
-from edgeprune.calibration import collect_calibration
-from edgeprune.costmodel import decode_seconds_per_token
-from edgeprune.errors import EdgepruneError
-from edgeprune.loading import load_model
-from edgeprune.mixed import choose_mix, measure_sensitivity, solve
-from edgeprune.profiles import load_profile
-from edgeprune.quantize import quantize_gguf
+from edgeprune.build.calibration import collect_calibration
+from edgeprune.device.costmodel import decode_seconds_per_token
+from edgeprune.core.errors import EdgepruneError
+from edgeprune.build.loading import load_model
+from edgeprune.build.mixed import choose_mix, measure_sensitivity, solve
+from edgeprune.device.profiles import load_profile
+from edgeprune.device.quantize import quantize_gguf
 
 
 @pytest.fixture(scope="module")

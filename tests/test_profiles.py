@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeprune.errors import EdgepruneError
-from edgeprune.profiles import (
+from edgeprune.core.errors import EdgepruneError
+from edgeprune.device.profiles import (
     KNOWN_QUANT_TYPES, Budgets, DeviceSpec, Profile, RuntimeSpec, list_profiles, load_profile, profile_to_toml,
     update_efficiency,
 )

@@ -8,8 +8,8 @@ import torch
 from conftest import agreement, llama_cpp_logits, torch_logits
 
 from converters import ConversionInput, write_gguf
-from edgeprune.loading import load_model
-from edgeprune.pruning import NoAttention, PruneOptions, prune_model
+from edgeprune.build.loading import load_model
+from edgeprune.build.pruning import NoAttention, PruneOptions, prune_model
 
 TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. 12345 café"
 

@@ -11,12 +11,12 @@ import torch
 from conftest import agreement, torch_logits
 from transformers import LlamaForCausalLM
 
-from edgeprune.errors import EdgepruneError
-from edgeprune.pruning import CRITERIA, NoAttention, PruneOptions, perplexity, prune_model
-from edgeprune.pruning.evaluate import chunk_tokens
-from edgeprune.pruning.recovery import bias_compensation, ridge_refit
-from edgeprune.pruning.surgery import head_index
-from edgeprune.shapes import shape_of
+from edgeprune.core.errors import EdgepruneError
+from edgeprune.build.pruning import CRITERIA, NoAttention, PruneOptions, perplexity, prune_model
+from edgeprune.build.pruning.evaluate import chunk_tokens
+from edgeprune.build.pruning.recovery import bias_compensation, ridge_refit
+from edgeprune.build.pruning.surgery import head_index
+from edgeprune.core.shapes import shape_of
 
 TINY = dict(align=16, calib_sequences=8, calib_seq_len=64)  # tiny model: hidden 64, 4 heads / 2 KV, n_ff 96
 
@@ -237,7 +237,7 @@ def smollm2(smollm2_gguf):
 
 
 def test_smollm2_default_beats_magnitude_at_20_percent(smollm2):
-    from edgeprune.texts import default_calibration_text, default_evaluation_text
+    from edgeprune.core.texts import default_calibration_text, default_evaluation_text
 
     load, tokenizer = smollm2
     calib = tokenizer(default_calibration_text().content)["input_ids"]

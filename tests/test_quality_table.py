@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 from test_planner import budgeted, tiny  # noqa: F401 - tiny is a fixture
 
-from edgeprune.costmodel import estimate_size
-from edgeprune.planner import (
+from edgeprune.device.costmodel import estimate_size
+from edgeprune.build.planner import (
     BASES, LEGEND, SUGGESTED_QUANTS, Candidate, estimated_loss, format_plan, load_quality_table, make_plan,
 )
-from edgeprune.profiles import list_profiles
-from edgeprune.shapes import LayerShape, ModelShape, shape_of
+from edgeprune.device.profiles import list_profiles
+from edgeprune.core.shapes import LayerShape, ModelShape, shape_of
 
 MIB = 1 << 20
 # SmolLM2-135M, the model the table was measured on (FACTS): 30 layers of 9 heads of 64 over 3 KV heads, FFN 1536.
@@ -31,7 +31,7 @@ def test_table_has_what_the_planner_reads_and_says_how_it_was_measured(table):
         assert curve[0] == [0.0, 0.0] and all(len(p) == 2 for p in curve)
         assert [p[0] for p in curve] == sorted({p[0] for p in curve})  # strictly increasing shares
     assert table["pruning"]["heads_factor"] > 1 and table["pruning"]["per_layer_removed"] > 0
-    assert table["measured"]["command"] == "python -m edgeprune.bench quality" and table["measured"]["date"]
+    assert table["measured"]["command"] == "python -m edgeprune.build.bench quality" and table["measured"]["date"]
 
 
 def test_every_quant_a_profile_or_the_planner_can_choose_is_measured(table):
@@ -77,7 +77,7 @@ def test_recovered_rows_are_measured_points_below_the_retraining_free_curve(tabl
         pytest.approx(table["quant"]["Q8_0"] + loss), "measured")
     cost = table["recovery"]["cost"]
     assert cost["steps"] > 0 and cost["seconds_per_step"] > 0 and cost["decoder_params"] == SMOLLM2.decoder_params()
-    assert table["recovery"]["measured"]["command"] == "python -m edgeprune.bench recovery"
+    assert table["recovery"]["measured"]["command"] == "python -m edgeprune.build.bench recovery"
 
 
 # A tiny shape: 2 layers, hidden 64, 4 heads of 16 over 2 KV heads, FFN 128. 32 FFN channels are 1/6 of the

@@ -8,11 +8,11 @@ import pytest
 from conftest import agreement, llama_cpp_logits
 
 from converters import ConversionInput, gguf_tensor_name, write_gguf
-from edgeprune.calibration import collect_calibration
-from edgeprune.errors import EdgepruneError
-from edgeprune.loading import load_model
-from edgeprune.quantize import check_quant_type, quantize_gguf
-from edgeprune.texts import default_calibration_text
+from edgeprune.build.calibration import collect_calibration
+from edgeprune.core.errors import EdgepruneError
+from edgeprune.build.loading import load_model
+from edgeprune.device.quantize import check_quant_type, quantize_gguf
+from edgeprune.core.texts import default_calibration_text
 
 TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. " * 8
 

@@ -27,8 +27,8 @@ from conftest import CLI_ENV as ENV
 from conftest import assert_clean_failure, build_bpe_tokenizer, build_tiny_llama, run_cli
 from conftest import run_export as export
 
-from edgeprune.errors import EdgepruneError
-from edgeprune.gguf_check import read_gguf
+from edgeprune.core.errors import EdgepruneError
+from edgeprune.device.gguf_check import read_gguf
 
 PROFILE = "x86-laptop-16gb"
 
@@ -85,7 +85,7 @@ def rewrite_gguf(src: Path, dst: Path, arch: str | None = None, rename: dict[str
 
 def profile_text(**replace: str) -> str:
     """The shipped x86 laptop profile with some `key = value` lines replaced."""
-    from edgeprune.profiles import load_profile
+    from edgeprune.device.profiles import load_profile
 
     lines = load_profile(PROFILE).path.read_text().splitlines()
     for key, value in replace.items():
@@ -109,7 +109,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_gguf(tiny_dir, tmp_path_factory) -> Path:
     from converters import ConversionInput, write_gguf
-    from edgeprune.loading import load_model
+    from edgeprune.build.loading import load_model
 
     loaded = load_model(tiny_dir)
     source = ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length)
@@ -200,7 +200,7 @@ def test_unknown_architecture_gguf(tiny_gguf, tmp_path):
     ("context_length", '"8k"', "whole number"),
 ])
 def test_bad_profile_values(tmp_path, key, value, expected):
-    from edgeprune.profiles import load_profile
+    from edgeprune.device.profiles import load_profile
 
     path = tmp_path / "bad.toml"
     path.write_text(profile_text(**{key: value}))
@@ -248,7 +248,7 @@ def test_too_little_disk_is_refused_before_work(tiny_dir, small_tmpfs):
 def test_disk_full_during_write(tiny_dir, small_tmpfs):
     """The converter meets ENOSPC part-way through the tensors: a clear error and no partial file."""
     from converters import ConversionInput, write_gguf
-    from edgeprune.loading import load_model
+    from edgeprune.build.loading import load_model
 
     loaded = load_model(tiny_dir)
     message = assert_edgeprune_error(write_gguf, ConversionInput(loaded.model, loaded.vocab, "tiny", 256),
@@ -268,12 +268,12 @@ def test_file_size_limit_during_write(tiny_dir, tmp_path):
 
 def test_short_write_names_its_cause(tmp_path):
     """numpy reports a short write without errno; atomic_output must still name the cause."""
-    from edgeprune.atomic import atomic_output
+    from edgeprune.core.atomic import atomic_output
 
     code = textwrap.dedent("""
         import resource, sys, numpy as np
-        from edgeprune.atomic import atomic_output
-        from edgeprune.errors import EdgepruneError
+        from edgeprune.core.atomic import atomic_output
+        from edgeprune.core.errors import EdgepruneError
         resource.setrlimit(resource.RLIMIT_FSIZE, (10000, 10000))
         try:
             with atomic_output(sys.argv[1]) as tmp:
@@ -344,7 +344,7 @@ def test_signal_swallowed_by_a_native_callback_still_stops_the_commit(tmp_path):
     is during quantization; the recorded signal must still stop atomic_output from renaming."""
     code = textwrap.dedent("""
         import ctypes, os, signal, sys
-        from edgeprune.atomic import atomic_output, install_signal_handlers
+        from edgeprune.core.atomic import atomic_output, install_signal_handlers
         install_signal_handlers()
         compare_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
         def compare(a, b):
@@ -409,7 +409,7 @@ def test_remote_code_is_never_run(tiny_dir, tiny_gguf, tmp_path):
     """auto_map points transformers at Python files next to the model; they must never be imported."""
     from transformers import LlamaForCausalLM
 
-    from edgeprune.loading import load_model
+    from edgeprune.build.loading import load_model
 
     model = copy_model(tiny_dir, tmp_path / "custom")
     marker = tmp_path / "remote-code-ran"
@@ -465,8 +465,8 @@ def test_enormous_header_claims_fail_fast_without_allocating(tmp_path, claim):
     code = textwrap.dedent("""
         import sys, time
         start = time.perf_counter()
-        from edgeprune.gguf_check import read_gguf
-        from edgeprune.errors import EdgepruneError
+        from edgeprune.device.gguf_check import read_gguf
+        from edgeprune.core.errors import EdgepruneError
         try:
             read_gguf(sys.argv[1])
             print("accepted")
@@ -551,7 +551,7 @@ def run_in_llama_cpp(paths: list[Path]) -> tuple[dict[str, str], list[str]]:
 def test_fuzzed_gguf_never_crashes(tiny_gguf, tmp_path):
     """300 damaged copies of a small GGUF: read_gguf either accepts or raises EdgepruneError, nothing else,
     and every file it accepts loads in llama.cpp (or is refused there) without crashing the process."""
-    from edgeprune.loading import load_model
+    from edgeprune.build.loading import load_model
 
     start = time.perf_counter()
     base = tiny_gguf.read_bytes()
@@ -608,10 +608,10 @@ def test_duplicate_token_is_refused_before_llama_cpp_aborts(tiny_gguf, tmp_path)
 
 def test_conversion_and_quantization_are_deterministic(tiny_dir, tmp_path):
     from converters import ConversionInput, write_gguf
-    from edgeprune.calibration import collect_calibration
-    from edgeprune.loading import load_model
-    from edgeprune.quantize import quantize_gguf
-    from edgeprune.texts import default_calibration_text
+    from edgeprune.build.calibration import collect_calibration
+    from edgeprune.build.loading import load_model
+    from edgeprune.device.quantize import quantize_gguf
+    from edgeprune.core.texts import default_calibration_text
 
     paths = []
     for i in range(2):  # two independent loads and conversions

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeprune.errors import EdgepruneError
-from edgeprune.remote import RemoteTarget, bundle_id, check_remote_tools, parse_target, validate_remote
+from edgeprune.core.errors import EdgepruneError
+from edgeprune.device.remote import RemoteTarget, bundle_id, check_remote_tools, parse_target, validate_remote
 
 SSHD = Path("/usr/sbin/sshd")
 EDGEPRUNE = Path(sys.executable).parent / "edgeprune"  # the venv's own, so the test does not depend on PATH

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeprune.errors import EdgepruneError
-from edgeprune.reporting import FAIL_COLOR, PASS_COLOR, load_report, merge_reports, write_report_pages
-from edgeprune.shapes import LayerShape
-from edgeprune.validate import (MIB, BudgetCheck, DivergenceResult, MemoryResult, PerplexityResult, Predicted,
+from edgeprune.core.errors import EdgepruneError
+from edgeprune.device.reporting import FAIL_COLOR, PASS_COLOR, load_report, merge_reports, write_report_pages
+from edgeprune.core.shapes import LayerShape
+from edgeprune.device.validate import (MIB, BudgetCheck, DivergenceResult, MemoryResult, PerplexityResult, Predicted,
                                 SpeedResult, ValidationReport)
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -170,7 +170,7 @@ def test_load_report_accepts_directories_and_bare_validations_and_names_bad_file
 
 
 def test_importing_the_module_does_not_import_matplotlib():
-    code = "import sys, edgeprune.reporting; print('matplotlib' in sys.modules)"
+    code = "import sys, edgeprune.device.reporting; print('matplotlib' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
 
 
@@ -226,7 +226,7 @@ def test_a_real_exports_page_shows_its_own_report_json(tiny_bpe_llama, tmp_path)
     the same tables. The tests above render documents made here; this one renders what an export really writes."""
     from conftest import run_export
 
-    from edgeprune.profiles import load_profile, profile_to_toml
+    from edgeprune.device.profiles import load_profile, profile_to_toml
 
     laptop = load_profile("x86-laptop-16gb")
     profile = tmp_path / "laptop-512.toml"

@@ -13,8 +13,8 @@ import pytest
 from conftest import agreement, llama_cpp_logits, torch_logits
 
 from converters import ConversionInput, write_gguf
-from edgeprune.loading import load_model, save_hf_directory
-from edgeprune.texts import default_evaluation_text
+from edgeprune.build.loading import load_model, save_hf_directory
+from edgeprune.core.texts import default_evaluation_text
 
 HARD = "Hello  world\r\n\tcafé naïve 東京 🦙 x=12345 + 3.14\n\n   spaces   <|im_start|>user\nhi<|im_end|>\r\n"
 
@@ -109,10 +109,10 @@ def test_aligned_pruning_has_no_ffn_down_fallback_and_size_is_predicted(smollm2,
     rows that cannot align fall back, and the cost model's size already counts them."""
     import copy
 
-    from edgeprune.costmodel import estimate_size
-    from edgeprune.pruning import PruneOptions, prune_model
-    from edgeprune.quantize import quantize_gguf
-    from edgeprune.texts import default_calibration_text
+    from edgeprune.device.costmodel import estimate_size
+    from edgeprune.build.pruning import PruneOptions, prune_model
+    from edgeprune.device.quantize import quantize_gguf
+    from edgeprune.core.texts import default_calibration_text
 
     loaded, _ = smollm2
     model = copy.deepcopy(loaded.model)

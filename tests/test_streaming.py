@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from converters import ConversionInput, write_gguf
-from edgeprune import resources, streaming
-from edgeprune.calibration import collect_calibration
-from edgeprune.errors import EdgepruneError
-from edgeprune.loading import load_model, open_model
-from edgeprune.pipeline import ExportOptions, export_model
-from edgeprune.pruning import PruneOptions, prune_model
-from edgeprune.weights import SafetensorsWeights
+from edgeprune.build import resources, streaming
+from edgeprune.build.calibration import collect_calibration
+from edgeprune.core.errors import EdgepruneError
+from edgeprune.build.loading import load_model, open_model
+from edgeprune.build.pipeline import ExportOptions, export_model
+from edgeprune.build.pruning import PruneOptions, prune_model
+from edgeprune.build.weights import SafetensorsWeights
 
 from conftest import run_cli
 
@@ -194,7 +194,7 @@ def test_smollm2_streamed_prune_is_the_in_memory_prune(smollm2_gguf, tmp_path):
 def test_writer_refuses_tensors_that_disagree_with_its_header(tiny_bpe_llama, tmp_path):
     """The header is written before the data: a stream that does not match it fails by name, leaving no file."""
     from converters import writer_class
-    from edgeprune.shapes import shape_of
+    from edgeprune.core.shapes import shape_of
 
     loaded = load_model(tiny_bpe_llama)
     source = ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length)

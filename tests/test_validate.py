@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from conftest import llama_cpp_logits, run_cli
 
-from edgeprune.costmodel import kv_cache_bytes, predict_gguf, prefill_seconds_per_token, size_of_gguf
-from edgeprune.errors import EdgepruneError
-from edgeprune.gguf_check import read_gguf
-from edgeprune.profiles import load_profile, profile_to_toml
-from edgeprune.shapes import shape_from_gguf
-from edgeprune.texts import Text
-from edgeprune.validate import (
+from edgeprune.device.costmodel import kv_cache_bytes, predict_gguf, prefill_seconds_per_token, size_of_gguf
+from edgeprune.core.errors import EdgepruneError
+from edgeprune.device.gguf_check import read_gguf
+from edgeprune.device.profiles import load_profile, profile_to_toml
+from edgeprune.core.shapes import shape_from_gguf
+from edgeprune.core.texts import Text
+from edgeprune.device.validate import (
     AMX_FIX,
     MIB,
     REPETITIONS,
@@ -79,7 +79,7 @@ def recomputed(smollm2_gguf, requantized):
     API: the file's NLL, KL(reference || file), whether both pick the same top token, and Δp of the next token."""
     from llama_cpp import Llama
 
-    from edgeprune.texts import default_evaluation_text
+    from edgeprune.core.texts import default_evaluation_text
 
     llm = Llama(str(smollm2_gguf), n_ctx=CONTEXT, vocab_only=True, verbose=False)
     tokens = llm.tokenize(default_evaluation_text().content.encode(), add_bos=True)

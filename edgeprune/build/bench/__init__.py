@@ -1,0 +1,34 @@
+"""Benchmark suites that measure edgeprune against transformers and llama.cpp on the real SmolLM2-135M.
+
+Suites are looked up by name and imported only when run, so a quick suite never pays for a slow one's
+imports. A suite is a module with `run(progress) -> SuiteResult` (see `tables`); adding one is one line here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+from edgeprune.build.bench.tables import SuiteResult
+
+SUITES: dict[str, str] = {
+    "conversion": "edgeprune.build.bench.conversion",
+    "quantization": "edgeprune.build.bench.quantization",
+    "prediction": "edgeprune.build.bench.prediction",
+    "budgets": "edgeprune.build.bench.budgets",
+    "quality": "edgeprune.build.bench.quality",
+    "memory": "edgeprune.build.bench.memory",
+    "topk": "edgeprune.build.bench.topk",
+    "scale": "edgeprune.build.bench.scale",
+    "build": "edgeprune.build.bench.builds",
+    "mixed": "edgeprune.build.bench.mixed",
+    "recovery": "edgeprune.build.bench.recovery",
+}
+
+
+def suite_runner(name: str) -> Callable[[Callable[[str], None]], SuiteResult]:
+    """The `run` function of the suite called `name`."""
+    return importlib.import_module(SUITES[name]).run
+
+
+__all__ = ["SUITES", "SuiteResult", "suite_runner"]

@@ -1,0 +1,302 @@
+"""The layer-streamed pipeline: models of 1B–8B through a machine that cannot hold them in float32.
+
+Weights are read one decoder layer at a time (`edgeprune.build.weights`), converted to float32 only while that layer
+is worked on, and written to the GGUF before the next one is read. Calibration runs layer-major: the hidden
+states of the calibration sequences between two layers are all that is kept (in files when they are large).
+
+Pruning takes two passes. The first scores every layer (and, for --layers, measures block influence first);
+the plan then fixes every layer's width, so the GGUF header can be written; the second cuts and recovers each
+layer, collects the pruned model's importance matrix, and writes its tensors. The numbers are those of the
+in-memory path (the same functions run on the same chunks), so both paths write identical GGUFs.
+
+Streamable: criteria edgeprune/flap, wanda-sp, magnitude and random; allocations uniform and adaptive;
+recoveries reconstruct, bias and none; whole-layer removal. Not streamable: the taylor criterion (it needs
+gradients through the whole model at once), several iterative steps, and head_mode "auto" (it compares two
+whole-model trial prunings), which streams as "per-group"; the in-memory path (--streaming off) has them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from converters import ConversionInput, writer_class
+
+from edgeprune.build.calibration import (
+    CalibrationStats, LayerContext, _Accumulator, calibration_batches, chunk_sizes, collect_calibration, embed_chunks,
+    observe_layer, observe_output,
+)
+from edgeprune.core.errors import EdgepruneError
+from edgeprune.core.families import family_of
+from edgeprune.build.loading import LazyModel
+from edgeprune.core.shapes import LayerShape, ModelShape
+from edgeprune.build.weights import EMBEDDING
+
+Progress = Callable[[str], None]
+SPILL_BYTES = 1 << 30  # a stream of hidden states larger than this goes to files next to the output
+BATCH = 8  # calibration sequences per forward chunk, as in the in-memory path
+
+
+def compute_device(requested: str | None = None) -> torch.device:
+    """A CUDA GPU when torch sees one (or when asked), else the CPU; results agree to float tolerance."""
+    if requested:
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise EdgepruneError(f"--device {requested}: torch sees no CUDA GPU here; use --device cpu")
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class LazyLayers:
+    """The layer-by-layer view of a LazyModel: each call to `layer` reads and builds one decoder layer."""
+
+    def __init__(self, lazy: LazyModel, device: torch.device, keep: list[int] | None = None):
+        self.lazy, self.config, self.device = lazy, lazy.config, device
+        self.family = family_of(lazy.config)
+        self.keep = list(range(lazy.config.num_hidden_layers)) if keep is None else list(keep)
+        self.n_layers = len(self.keep)
+        self.rotary_emb = self.family.transformers_class("RotaryEmbedding")(config=lazy.config).to(device)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embedding lookup from the memory-mapped matrix: only the rows used are converted."""
+        unique, inverse = np.unique(ids.cpu().numpy(), return_inverse=True)
+        rows = self.lazy.weights.rows(EMBEDDING, unique)
+        return rows[torch.as_tensor(inverse.reshape(ids.shape))].to(self.device)
+
+    def layer(self, index: int) -> torch.nn.Module:
+        prefix = f"model.layers.{self.keep[index]}."
+        with torch.device("meta"):
+            layer = self.family.transformers_class("DecoderLayer")(self.config, layer_idx=index)
+        state = {name: self.lazy.weights.load(prefix + name).to(self.device) for name in layer.state_dict()}
+        layer.load_state_dict(state, assign=True)
+        return layer.eval()
+
+    def norm(self) -> torch.nn.Module:
+        norm = self.family.transformers_class("RMSNorm")(self.config.hidden_size, eps=self.config.rms_norm_eps)
+        norm.weight.data = self.lazy.weights.load("model.norm.weight").to(self.device)
+        return norm.to(self.device)
+
+
+def lazy_shape(lazy: LazyModel) -> ModelShape:
+    """The unpruned model's shape from its config and tensor shapes, without reading any weights."""
+    c, w = lazy.config, lazy.weights
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    names = w.names()
+
+    def layer(i: int) -> LayerShape:
+        prefix = f"model.layers.{i}."
+        biased = {module: f"{prefix}{module}.bias" in names for module in ("self_attn.q_proj", "self_attn.o_proj",
+                                                                            "mlp.gate_proj", "mlp.down_proj")}
+        return LayerShape(w.shape(f"{prefix}self_attn.q_proj.weight")[0] // head_dim,
+                          w.shape(f"{prefix}self_attn.k_proj.weight")[0] // head_dim,
+                          w.shape(f"{prefix}mlp.gate_proj.weight")[0], biased["self_attn.o_proj"],
+                          biased["mlp.down_proj"], biased["self_attn.q_proj"], biased["mlp.gate_proj"])
+
+    layers = tuple(layer(i) for i in range(c.num_hidden_layers))
+    vocab, hidden = w.shape(EMBEDDING)
+    return ModelShape(vocab, hidden, head_dim, layers, bool(c.tie_word_embeddings))
+
+
+def conversion_input(lazy: LazyModel, metadata: dict[str, str]) -> ConversionInput:
+    return ConversionInput(None, lazy.vocab, lazy.name, lazy.context_length, metadata, config=lazy.config)
+
+
+@dataclass
+class StreamedBuild:
+    """What a streamed pass wrote: the GGUF, the pruning summary (None without pruning), and the pruned
+    model's calibration statistics for the importance matrix (None when not asked for)."""
+
+    gguf: Path
+    shape: ModelShape
+    pruning: dict | None = None
+    stats: CalibrationStats | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def check_streamable(options) -> None:
+    """Refuse, before any work, the pruning options that need the whole model at once."""
+    if options.criterion == "taylor":
+        raise EdgepruneError("--method taylor needs gradients through the whole model, which the layer-streamed "
+                             "path never holds: choose another method, or --streaming off if the model fits in RAM")
+    if options.steps != 1:
+        raise EdgepruneError(f"{options.steps} pruning steps re-score the whole model between steps, which the "
+                             "layer-streamed path does not do: use one step, or --streaming off")
+
+
+def stream_write(lazy: LazyModel, path: Path, metadata: dict[str, str], *, token_ids: list[int] | None = None,
+                 options=None, imatrix: tuple[int, int, str] | None = None, device: torch.device | None = None,
+                 progress: Progress | None = None) -> StreamedBuild:
+    """Write `lazy` as an F16 GGUF layer by layer, pruned by `options` (a PruneOptions) when given, calibrated
+    on `token_ids`. `imatrix` = (n_sequences, seq_len, text_name) asks for the written model's statistics (the
+    importance matrix), collected from each layer as it is written."""
+    say = progress or (lambda _msg: None)
+    device = device or compute_device()
+    seconds: dict[str, float] = {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    spill = Path(tempfile.mkdtemp(prefix=".edgeprune-hidden-", dir=path.parent))
+    try:
+        source = LazyLayers(lazy, device)
+        plans, pruning, stats = None, None, None
+        if options is not None:
+            start = time.perf_counter()
+            source, plans, pruning, stats = _score_and_plan(lazy, source, token_ids, options, device, spill, say)
+            seconds["score"] = round(time.perf_counter() - start, 2)
+        shape = _written_shape(lazy_shape(lazy), source.keep, plans, options) if options else lazy_shape(lazy)
+        writer = writer_class(lazy.config, shape)(conversion_input(lazy, metadata), shape)
+        acc = None
+        if imatrix is not None:
+            n_seq, seq_len, text_name = imatrix
+            batches = calibration_batches(token_ids, n_seq, seq_len, lazy.config.bos_token_id)
+            acc = _Accumulator(CalibrationStats(text_name=text_name, n_tokens=batches.numel()), source.n_layers)
+        start = time.perf_counter()
+        cut = _Cut(plans, options, stats, token_ids) if plans is not None else None  # None: layers only
+        tensors = _written_tensors(writer, source, cut, acc and batches, acc, device, spill, say)
+        writer.write(path, "F16", say, tensors)
+        seconds["prune_and_write" if options is not None else "write"] = round(time.perf_counter() - start, 2)
+        if pruning is not None:
+            before = lazy_shape(lazy).decoder_params()
+            pruning = {"architecture": writer.arch_name, "removed_params": before - shape.decoder_params(),
+                       "decoder_params_before": before, "layers": [asdict(layer) for layer in shape.layers],
+                       "details": pruning}
+            pruning["details"]["widths"] = [(s.n_head, s.n_head_kv, s.n_ff) for s in shape.layers]
+        written_stats = acc.stats if acc is not None else None
+        if written_stats is not None:
+            written_stats.layer_cosines = acc.cos_sum / np.maximum(acc.cos_count, 1)
+        return StreamedBuild(path, shape, pruning, written_stats, seconds)
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
+
+
+def _spill_dir(spill: Path, n_seq: int, seq_len: int, hidden: int) -> Path | None:
+    return spill if n_seq * seq_len * hidden * 4 > SPILL_BYTES else None
+
+
+@dataclass
+class _Cut:
+    """Pass two's instructions: the plan per kept layer, and what recovery needs."""
+
+    plans: list
+    options: object  # PruneOptions
+    stats: CalibrationStats | None  # the unpruned model's, for bias compensation
+    token_ids: list[int]
+
+
+def _score_and_plan(lazy: LazyModel, source: LazyLayers, ids: list[int], options, device, spill: Path,
+                    say: Progress):
+    """Pass one: layer removal by block influence, then every kept layer's scores, then the plan."""
+    from edgeprune.build.pruning.criteria import NEEDS_STATISTICS, score_layer
+    from edgeprune.build.pruning.prune import _plan, prune_targets
+
+    base = lazy_shape(lazy)
+    options.validate(base.n_layers)
+    check_streamable(options)
+    spill_dir = _spill_dir(spill, options.calib_sequences, options.calib_seq_len, base.hidden_size)
+    details: dict = {"method": options.method, "criterion": options.criterion, "allocation": options.allocation,
+                     "recovery": options.recovery, "streamed": True,
+                     "steps": [{}] if options.heads or options.ffn else []}
+    if options.layers:
+        influence = collect_calibration(source, ids, n_seq=options.calib_sequences, seq_len=options.calib_seq_len,
+                                        include_lm_head=False, progress=say, spill_dir=spill_dir).block_influence()
+        influence[0] = np.inf
+        drop = sorted(int(i) for i in np.argsort(influence, kind="stable")[: options.layers])
+        details["dropped_layers"] = drop
+        source = LazyLayers(lazy, device, [i for i in range(base.n_layers) if i not in drop])
+    kept = ModelShape(base.vocab_size, base.hidden_size, base.head_dim,
+                      tuple(base.layers[i] for i in source.keep), base.tied_embeddings)
+    stats, plans, head_mode = None, None, "per-group" if options.head_mode == "auto" else options.head_mode
+    if options.heads or options.ffn:
+        if options.criterion in NEEDS_STATISTICS or options.recovery == "bias":
+            stats = collect_calibration(source, ids, n_seq=options.calib_sequences, seq_len=options.calib_seq_len,
+                                        include_lm_head=False, progress=say, spill_dir=spill_dir)
+        rng, scores = np.random.default_rng(options.seed), []
+        with torch.no_grad():
+            for i in range(source.n_layers):
+                scores.append(score_layer(i, source.layer(i), options.criterion, stats, base.head_dim, rng))
+                say(f"scoring: layer {i + 1}/{source.n_layers}")
+        head_target, ffn_target = prune_targets(kept, kept, options, 1.0)
+        plans = _plan(kept, scores, options, head_mode, head_target, ffn_target)
+    n_tokens = calibration_batches(ids, options.calib_sequences, options.calib_seq_len, None).numel()
+    details.update(head_mode=head_mode, calibration_tokens=n_tokens)
+    return source, plans, details, stats
+
+
+def _written_shape(base: ModelShape, keep: list[int], plans, options) -> ModelShape:
+    """The shape the header declares: known before any layer is cut, because the plan fixes every width."""
+    layers = tuple(base.layers[i] for i in keep)
+    if plans is not None:
+        bias = options.recovery != "none"  # bias compensation and the refit give o_proj and down_proj a bias
+        layers = tuple(
+            LayerShape(len(p.keep_heads), len(p.keep_kv), len(p.keep_channels),
+                       (bias or old.attn_output_bias) and len(p.keep_heads) > 0, bias or old.ffn_down_bias,
+                       old.attn_qkv_bias and len(p.keep_heads) > 0, old.ffn_gate_up_bias)
+            for p, old in zip(plans, layers)
+        )
+    shape = ModelShape(base.vocab_size, base.hidden_size, base.head_dim, layers, base.tied_embeddings)
+    if shape.decoder_params() == base.decoder_params():
+        raise EdgepruneError(f"the pruning ratios remove nothing from this model (heads {options.heads:g}, ffn "
+                             f"{options.ffn:g}): each layer keeps whole heads and FFN widths on multiples of "
+                             f"{options.align}; give larger ratios")
+    return shape
+
+
+def _written_tensors(writer, source: LazyLayers, cut: _Cut | None, batches, acc, device, spill: Path,
+                     say: Progress) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pass two, as a stream of GGUF tensors: cut and recover each layer, observe it for the importance matrix,
+    and hand its tensors to the writer. A layer is held back until the next one is cut, because losing all
+    its heads moves the next layer's attention bias into this layer's down_proj."""
+    from edgeprune.build.pruning.prune import cut_layer
+    from edgeprune.build.pruning.recovery import reconstruct_layer
+    from edgeprune.build.pruning.surgery import add_output_bias
+
+    config, hidden, head_dim = source.config, writer.shape.hidden_size, writer.shape.head_dim
+    yield from writer.head_tensors(source.lazy.weights.load(EMBEDDING))
+    with torch.no_grad():
+        observe = streams = None
+        if acc is not None:
+            observe_ctx = LayerContext(config, source.rotary_emb, chunk_sizes(len(batches), BATCH), batches.shape[1],
+                                       device, _spill_dir(spill, len(batches), batches.shape[1], hidden))
+            observe = embed_chunks(source, batches, observe_ctx, BATCH)
+        if cut is not None and cut.options.recovery == "reconstruct":
+            prune_batches = calibration_batches(cut.token_ids, cut.options.calib_sequences,
+                                                cut.options.calib_seq_len, config.bos_token_id)
+            ctx = LayerContext(config, source.rotary_emb, chunk_sizes(len(prune_batches), BATCH),
+                               prune_batches.shape[1], device,
+                               _spill_dir(spill, len(prune_batches), prune_batches.shape[1], hidden))
+            streams = embed_chunks(source, prune_batches, ctx, BATCH)
+            streams = (streams, streams)
+        previous = None
+        for i in range(source.n_layers):
+            layer = source.layer(i)
+            moved = None
+            if streams is not None:
+                original, pruned, moved = reconstruct_layer(ctx, layer, cut.plans[i], *streams, head_dim,
+                                                            cut.options.ridge)
+                streams = (original, pruned)
+            elif cut is not None:
+                moved = cut_layer(i, layer, cut.plans[i], cut.stats, cut.options.recovery, head_dim)
+            if moved is not None:
+                previous[1].mlp.down_proj = add_output_bias(previous[1].mlp.down_proj, moved)
+            if previous is not None:
+                observe = yield from _finish_layer(writer, *previous, acc, observe_ctx if acc else None, observe)
+            previous = (i, layer)
+            say(f"{'pruning and writing' if cut is not None else 'writing'}: layer {i + 1}/{source.n_layers}")
+        observe = yield from _finish_layer(writer, *previous, acc, observe_ctx if acc else None, observe)
+        if acc is not None:
+            observe_output(acc, source.norm(), observe)
+    weights = source.lazy.weights
+    yield from writer.tail_tensors(weights.load("model.norm.weight"),
+                                   None if writer.shape.tied_embeddings else weights.load("lm_head.weight"))
+
+
+def _finish_layer(writer, index: int, layer, acc, ctx, observe):
+    """Observe a finished layer on the importance-matrix stream, then yield its tensors to the writer."""
+    if acc is not None:
+        observe = observe_layer(acc, index, layer, ctx, observe)
+    yield from writer.layer_tensors(index, layer)
+    return observe

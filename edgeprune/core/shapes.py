@@ -1,0 +1,110 @@
+"""The per-layer shape of a (possibly pruned) Llama model, read from its weights, never from config.json.
+
+One description shared by the converter (which picks `llama` or `deci` from it), the cost model and the
+planner, so that what is predicted is exactly what is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch only for shape_of: reading a GGUF's shape must work on a device without torch
+    import torch
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    n_head: int  # query heads; 0 means the layer has no attention (deci only)
+    n_head_kv: int
+    n_ff: int
+    attn_output_bias: bool = False  # blk.N.attn_output.bias: bias compensation, or attention_bias
+    ffn_down_bias: bool = False  # blk.N.ffn_down.bias: bias compensation, or mlp_bias
+    attn_qkv_bias: bool = False  # blk.N.attn_{q,k,v}.bias: the checkpoint's attention_bias, cut with its heads
+    ffn_gate_up_bias: bool = False  # blk.N.ffn_{gate,up}.bias: the checkpoint's mlp_bias, cut with its channels
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    vocab_size: int
+    hidden_size: int
+    head_dim: int
+    layers: tuple[LayerShape, ...]
+    tied_embeddings: bool
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def is_uniform(self) -> bool:
+        """True when a `llama` GGUF can hold the model: llama.cpp builds every layer with layer 0's widths."""
+        first = self.layers[0]
+        same = all((l.n_head, l.n_head_kv, l.n_ff) == (first.n_head, first.n_head_kv, first.n_ff) for l in self.layers)
+        return same and first.n_head > 0
+
+    @property
+    def architecture(self) -> str:
+        """A Llama's GGUF architecture (other families may have their own: converters.writer_class)."""
+        return "llama" if self.is_uniform else "deci"
+
+    def decoder_params(self) -> int:
+        """Attention plus MLP weights: the parameters that structured pruning removes."""
+        d, hd = self.hidden_size, self.head_dim
+        return sum(2 * d * hd * (l.n_head + l.n_head_kv) + 3 * d * l.n_ff for l in self.layers)
+
+
+def shape_of(model: torch.nn.Module) -> ModelShape:
+    """Read the shape of a transformers LlamaForCausalLM (pruned or not) from its modules' weights."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    layers = []
+    for block in model.model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        q_proj = getattr(attn, "q_proj", None)
+        o_proj = getattr(attn, "o_proj", None)
+        layers.append(
+            LayerShape(
+                n_head=q_proj.out_features // head_dim if q_proj is not None else 0,
+                n_head_kv=attn.k_proj.out_features // head_dim if q_proj is not None else 0,
+                n_ff=mlp.gate_proj.out_features,
+                attn_output_bias=o_proj is not None and o_proj.bias is not None,
+                ffn_down_bias=mlp.down_proj.bias is not None,
+                attn_qkv_bias=q_proj is not None and q_proj.bias is not None,
+                ffn_gate_up_bias=mlp.gate_proj.bias is not None,
+            )
+        )
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    return ModelShape(
+        vocab_size=embed.shape[0],
+        hidden_size=embed.shape[1],
+        head_dim=head_dim,
+        layers=tuple(layers),
+        tied_embeddings=head.data_ptr() == embed.data_ptr(),
+    )
+
+
+def shape_from_gguf(info) -> ModelShape:
+    """Read the per-layer shape of a `llama` or `deci` GGUF (an edgeprune.device.gguf_check.GGUFInfo)."""
+    n_layer = info.block_count
+    tensors = {t.name: t for t in info.reader.tensors}
+
+    def per_layer(key: str, default=None) -> list[int]:
+        value = info.arch_value(key, default)
+        return [int(v) for v in value] if isinstance(value, list) else [int(value)] * n_layer
+
+    heads = per_layer("attention.head_count")
+    heads_kv = per_layer("attention.head_count_kv", info.arch_value("attention.head_count"))
+    n_ff = per_layer("feed_forward_length")
+    n_embd = int(info.arch_value("embedding_length"))
+    head_dim = int(info.arch_value("attention.key_length", n_embd // max(heads)))
+    layers = tuple(
+        LayerShape(heads[i], heads_kv[i], n_ff[i], f"blk.{i}.attn_output.bias" in tensors,
+                   f"blk.{i}.ffn_down.bias" in tensors, f"blk.{i}.attn_q.bias" in tensors,
+                   f"blk.{i}.ffn_gate.bias" in tensors)
+        for i in range(n_layer)
+    )
+    embd = tensors.get("token_embd.weight")
+    vocab = int(embd.shape[1]) if embd is not None else 0
+    return ModelShape(vocab, n_embd, head_dim, layers, tied_embeddings="output.weight" not in tensors)

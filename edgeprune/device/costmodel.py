@@ -1,0 +1,301 @@
+"""Predict a GGUF's size, memory, decode and prefill speed on a device, before building it.
+
+Pure functions of (model shape, quant type, profile), plus one exact oracle: llama.cpp's own quantizer in
+dry-run mode decides every tensor's type, K-quant fallbacks and the Q4_K_M "more bits" layers included,
+on a skeleton GGUF whose data is a sparse hole. Nothing here re-implements llama.cpp's type rules.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import gguf
+
+from edgeprune.device import llama_log
+from edgeprune.core.atomic import raise_if_interrupted
+from edgeprune.core.errors import EdgepruneError
+from edgeprune.device.profiles import MAX_TYPE_EFFICIENCY
+from edgeprune.device.quantize import QUANT_TYPES, check_quant_type
+from edgeprune.core.shapes import ModelShape
+
+if TYPE_CHECKING:  # the converters need torch; predicting an existing GGUF (validation on a device) does not
+    from converters import ConversionInput
+
+KV_PAD = 256  # llama.cpp allocates KV cells in multiples of 256
+N_UBATCH = 512  # llama.cpp's default micro-batch: the compute buffer is sized for it
+KV_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}
+
+
+@dataclass(frozen=True)
+class TensorCost:
+    name: str
+    row_length: int  # GGUF ne[0], the input width: what block alignment applies to
+    rows: int
+    type_name: str  # the type llama.cpp will really store it in
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class SizeEstimate:
+    quant: str
+    tensors: tuple[TensorCost, ...]
+    metadata_bytes: int  # header, key/values (vocabulary included) and tensor infos, padded
+    architecture: str  # the llama.cpp architecture the GGUF is (to be) written as
+
+    @property
+    def file_bytes(self) -> int:
+        return self.metadata_bytes + sum(gguf.GGUFWriter.ggml_pad(t.nbytes, gguf.GGUF_DEFAULT_ALIGNMENT) for t in self.tensors)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    size: SizeEstimate
+    kv_cache_bytes: int
+    compute_buffer_bytes: int
+    decode_tps: float
+    prefill_tps: float
+    ttft_s: float
+
+    @property
+    def memory_bytes(self) -> int:
+        """What validation measures as total memory: file + KV cache + llama.cpp's compute buffer."""
+        return self.size.file_bytes + self.kv_cache_bytes + self.compute_buffer_bytes
+
+
+def estimate_size(source: ConversionInput, shape: ModelShape, quant: str) -> SizeEstimate:
+    """Exact per-tensor types and bytes of `shape` quantized to `quant`, from llama.cpp's dry run."""
+    from converters import writer_class
+
+    quant = check_quant_type(quant)
+    writer = writer_class(source.config, shape)(source, shape)
+    metadata = _metadata_bytes(writer)
+    types = _dry_run_types(writer, quant)
+    tensors = []
+    for name, dims in writer.tensor_layout():
+        row_length, rows = dims[-1], (dims[0] if len(dims) == 2 else 1)
+        block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[types[name].upper()]]
+        tensors.append(TensorCost(name, row_length, rows, types[name], rows * row_length // block * type_size))
+    return SizeEstimate(quant, tuple(tensors), metadata, writer.arch_name)
+
+
+def _metadata_bytes(writer) -> int:
+    """Bytes before the tensor data: a skeleton's header without the vocabulary (cheap, measured every time) plus
+    what the vocabulary's key/values add (slow to write: measured once per vocabulary content). The header's
+    padding to the 32-byte alignment is counted once, so this may be up to 31 bytes off."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = writer.write_skeleton(Path(tmp) / "skeleton.gguf")
+        data = sum(gguf.GGUFWriter.ggml_pad(_nbytes(dims), gguf.GGUF_DEFAULT_ALIGNMENT) for _, dims in writer.tensor_layout())
+        header = path.stat().st_size - data
+    return header + _vocab_bytes(writer.source.vocab, writer.arch_name) + _IMATRIX_KEYS_BYTES
+
+
+def _vocab_bytes(vocab, arch_name: str) -> int:
+    """The bytes a vocabulary's key/values take in a GGUF, cached under its content (a tuple of its fields: hashing
+    it reuses each string's cached hash, so a SmolLM2-sized vocabulary is looked up in milliseconds)."""
+    key = tuple(_frozen(getattr(vocab, f.name)) for f in dataclasses.fields(vocab))
+    if key not in _VOCAB_BYTES:
+        with tempfile.TemporaryDirectory() as tmp:
+            sizes = []
+            for with_vocab in (False, True):
+                writer = gguf.GGUFWriter(Path(tmp) / f"{with_vocab}.gguf", arch_name)
+                if with_vocab:
+                    vocab.write_to(writer)
+                writer.write_header_to_file()
+                writer.write_kv_data_to_file()
+                writer.close()
+                sizes.append((Path(tmp) / f"{with_vocab}.gguf").stat().st_size)
+        _VOCAB_BYTES[key] = sizes[1] - sizes[0]
+    return _VOCAB_BYTES[key]
+
+
+def _frozen(value):
+    if isinstance(value, dict):
+        return tuple(sorted(value.items()))
+    return tuple(value) if isinstance(value, list) else value
+
+
+_VOCAB_BYTES: dict[tuple, int] = {}
+_IMATRIX_KEYS_BYTES = 256  # quantize.imatrix.* keys added by the quantizer
+
+
+def _nbytes(dims: tuple[int, ...]) -> int:
+    n = 1
+    for d in dims:
+        n *= d
+    return n * (2 if len(dims) == 2 else 4)
+
+
+def _dry_run_types(writer, quant: str) -> dict[str, str]:
+    key = (writer.arch_name, writer.shape, quant, writer.llama3_rope_factors() is not None)
+    if key not in _DRY_RUN_CACHE:
+        _DRY_RUN_CACHE[key] = _run_dry_run(writer, quant)
+    return _DRY_RUN_CACHE[key]
+
+
+_DRY_RUN_CACHE: dict[tuple, dict[str, str]] = {}
+
+
+def _run_dry_run(writer, quant: str) -> dict[str, str]:
+    with tempfile.TemporaryDirectory() as tmp:
+        names = [name for name, _ in writer.tensor_layout()]  # the skeleton's tensors, as it was written
+        return dry_run_types(writer.write_skeleton(Path(tmp) / "skeleton.gguf"), quant, names)
+
+
+def dry_run_types(path: Path, quant: str, names: list[str] | None = None) -> dict[str, str]:
+    """The type llama.cpp's quantizer would give each tensor of the GGUF at `path` for `quant`, without
+    quantizing: its dry run logs them (a dry run writes no file to read them from, and a real quantization
+    of SmolLM2's skeleton takes 2.4 s where the dry run takes 0.013 s). Every tensor of the file, `names` or
+    as gguf-py's reader lists them, must get a type."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = QUANT_TYPES[quant]
+    params.dry_run = True
+    with tempfile.TemporaryDirectory() as tmp, llama_log.captured() as log:
+        status = llama_cpp.llama_model_quantize(str(path).encode(), str(Path(tmp) / "out.gguf").encode(),
+                                               ctypes.byref(params))
+    raise_if_interrupted()
+    if status != 0:
+        detail = llama_log.error_line(log.text()) or "see llama.cpp's log"
+        raise EdgepruneError(f"llama.cpp could not plan a {quant} quantization of this shape: {detail}")
+    names = names if names is not None else [t.name for t in gguf.GGUFReader(path).tensors]
+    return llama_log.tensor_types(log.text(), names, Path(path).name)
+
+
+def kv_cache_bytes(shape: ModelShape, n_ctx: int, kv_type: str = "f16", flash_attention: bool = False) -> int:
+    """llama.cpp's KV cache (llama-kv-cache.cpp): every layer gets K at its own width; without flash attention V
+    is stored transposed and every layer's V, attention-free layers included, is padded to the widest layer."""
+    cells = -(-n_ctx // KV_PAD) * KV_PAD
+    widths = [l.n_head_kv * shape.head_dim for l in shape.layers]
+    v_widths = widths if flash_attention else [max(widths)] * len(widths)
+    return int(cells * (sum(widths) + sum(v_widths)) * KV_TYPE_BYTES[kv_type])
+
+
+def compute_buffer_bytes(shape: ModelShape, n_ctx: int, flash_attention: bool = False) -> int:
+    """llama.cpp's CPU compute buffer for one micro-batch (512 tokens, or the context when shorter): the most f32
+    activations alive at once anywhere in the graph. That is the batch's logits (plus two hidden-size rows) at the
+    output, or a layer's two FFN projections, or, without flash attention, the attention scores (a float per
+    head, token and KV cell) with the f32 mask (a float per token and cell), one f32 copy of K and four
+    hidden-size rows per token. Measured (llama.cpp 0c1e57098): SmolLM2 98.25 MiB at 512–4096 cells either way
+    (this gives 98.25) and 166.38 MiB at 8192 cells without flash attention (170.5); a 4-head, 64-wide model with
+    a 16384-token vocabulary 40.76 MiB at 4096 cells (41.0). It errs high, never low: memory is a budget."""
+    cells = -(-n_ctx // KV_PAD) * KV_PAD
+    ubatch = min(N_UBATCH, n_ctx)
+    n_ff = max(l.n_ff for l in shape.layers)
+    n_head = max(l.n_head for l in shape.layers)
+    kv_width = max(l.n_head_kv for l in shape.layers) * shape.head_dim
+    per_token = max(shape.vocab_size, 2 * n_ff) + 2 * shape.hidden_size
+    attention = 0 if flash_attention else ubatch * (cells * (n_head + 1) + 4 * shape.hidden_size) + cells * kv_width
+    return 4 * max(ubatch * per_token, attention)
+
+
+def read_per_token(size: SizeEstimate) -> list[TensorCost]:
+    """The tensors decode reads whole for every token: all of them, except that an untied embedding is only
+    gathered (one row per token)."""
+    tied = not any(t.name == "output.weight" for t in size.tensors)
+    return [t for t in size.tensors if t.name != "token_embd.weight" or tied]
+
+
+def decode_seconds_per_token(size: SizeEstimate, device) -> float:
+    """Bytes read per token over the bandwidth, each tensor at its type's efficiency (the device's decode
+    efficiency where the profile measured none for that type), plus the device's fixed cost per layer."""
+    return _decode_read_seconds(size, device) + layer_count(size) * (device.decode_layer_overhead_us or 0.0) * 1e-6
+
+
+def _decode_read_seconds(size: SizeEstimate, device) -> float:
+    return sum(tensor_decode_seconds(t, device) for t in read_per_token(size))
+
+
+def tensor_decode_seconds(tensor: TensorCost, device) -> float:
+    """Seconds to read one tensor for a decoded token, at its type's efficiency."""
+    efficiency = (device.decode_type_efficiency or {}).get(tensor.type_name, device.decode_efficiency)
+    return tensor.nbytes / (device.memory_bandwidth_gbs * 1e9 * efficiency)
+
+
+def layer_count(size: SizeEstimate) -> int:
+    """Decoder layers in the file: those with at least one tensor (blk.N.*)."""
+    return len({t.name.split(".")[1] for t in size.tensors if t.name.startswith("blk.")})
+
+
+def prefill_seconds_per_token(size: SizeEstimate, shape: ModelShape, n_prompt: int, device) -> float:
+    """2 FLOPs per weight of every layer matrix and attention over the prompt (n_prompt/2 keys on average), at
+    the compute rate and each type's efficiency; attention runs on the f16 KV cache, so at f16's. The output
+    matrix runs once per prompt, for its last token."""
+    per_type = device.prefill_type_efficiency or {}
+    compute = device.compute_gflops * 1e9
+
+    def seconds(t: TensorCost) -> float:
+        return 2.0 * t.row_length * t.rows / (compute * per_type.get(t.type_name, device.prefill_efficiency))
+
+    head = [t for t in read_per_token(size) if t.name in ("output.weight", "token_embd.weight")]
+    layers = [t for t in size.tensors if t.name.startswith("blk.") and t.rows > 1]
+    attention = sum(4 * l.n_head * shape.head_dim * n_prompt / 2 for l in shape.layers)
+    return (sum(map(seconds, layers)) + sum(map(seconds, head)) / n_prompt
+            + attention / (compute * per_type.get("f16", device.prefill_efficiency)))
+
+
+def calibrated_device(device, size: SizeEstimate, shape: ModelShape, n_prompt: int, decode_tps: float,
+                      prefill_tps: float):
+    """`device` with its efficiencies scaled so that the cost model predicts the measured speeds of this file:
+    every per-type entry by the same factor as the plain efficiency, the fixed per-layer cost left as it is.
+    Scaled values stay within what a profile accepts (plain at most 1, per type at most 4)."""
+    overhead = decode_seconds_per_token(size, device) - _decode_read_seconds(size, device)
+    measured_read = max(1.0 / decode_tps - overhead, 1e-3 / decode_tps)  # positive even if the layer cost exceeds it
+    decode = _decode_read_seconds(size, device) / measured_read
+    prefill = prefill_tps * prefill_seconds_per_token(size, shape, n_prompt, device)
+
+    def scaled(efficiency: float, factor: float, cap: float) -> float:
+        return round(min(cap, efficiency * factor), 4)
+
+    def scaled_table(table: dict[str, float] | None, factor: float) -> dict[str, float] | None:
+        return {name: scaled(value, factor, MAX_TYPE_EFFICIENCY) for name, value in table.items()} if table else table
+
+    return dataclasses.replace(
+        device, decode_efficiency=scaled(device.decode_efficiency, decode, 1.0),
+        prefill_efficiency=scaled(device.prefill_efficiency, prefill, 1.0),
+        decode_type_efficiency=scaled_table(device.decode_type_efficiency, decode),
+        prefill_type_efficiency=scaled_table(device.prefill_type_efficiency, prefill))
+
+
+def size_of_gguf(info) -> SizeEstimate:
+    """The same accounting, read off an existing GGUF (an edgeprune.device.gguf_check.GGUFInfo)."""
+    tensors = tuple(
+        TensorCost(t.name, int(t.shape[0]), int(t.shape[1]) if len(t.shape) > 1 else 1, t.tensor_type.name.lower(),
+                   int(t.n_bytes))
+        for t in info.reader.tensors
+    )
+    first_data = min(t.data_offset for t in info.reader.tensors)
+    ftype = info.value("general.file_type")
+    quant = next((name for name, value in QUANT_TYPES.items() if value == ftype), "unknown")
+    return SizeEstimate(quant, tensors, int(first_data), info.architecture)
+
+
+def predict(source: ConversionInput, shape: ModelShape, quant: str, profile) -> Prediction:
+    """Everything the budgets are judged on, predicted for `profile`'s device and runtime."""
+    return predict_for_size(estimate_size(source, shape, quant), shape, profile)
+
+
+def predict_for_size(size: SizeEstimate, shape: ModelShape, profile) -> Prediction:
+    b, dev, rt = profile.budgets, profile.device, profile.runtime
+    decode = 1.0 / decode_seconds_per_token(size, dev)
+    prefill = 1.0 / prefill_seconds_per_token(size, shape, b.ttft_prompt_tokens, dev)
+    return Prediction(
+        size=size,
+        kv_cache_bytes=kv_cache_bytes(shape, b.context_length, rt.kv_cache_type, rt.flash_attention),
+        compute_buffer_bytes=compute_buffer_bytes(shape, b.context_length, rt.flash_attention),
+        decode_tps=decode,
+        prefill_tps=prefill,
+        ttft_s=b.ttft_prompt_tokens / prefill + 1.0 / decode,
+    )
+
+
+def predict_gguf(info, profile) -> Prediction:
+    """Predict an existing GGUF (an edgeprune.device.gguf_check.GGUFInfo) on `profile`'s device."""
+    from edgeprune.core.shapes import shape_from_gguf
+
+    return predict_for_size(size_of_gguf(info), shape_from_gguf(info), profile)
