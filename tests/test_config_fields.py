@@ -13,9 +13,9 @@ import pytest
 
 from conftest import assert_clean_failure, build_bpe_tokenizer, build_tiny_llama, run_export
 
-from converters import WRITERS, write_gguf
+from converters import WRITERS, config_defaults, write_gguf
 from converters.base import ConversionInput
-from edgeprune.core.families import config_defaults, family_for_model_type
+from edgeprune.core.families import family_for_model_type
 from edgeprune.build.loading import load_model, open_model
 
 

@@ -16,12 +16,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from converters import check_config
+from converters import check_config, config_defaults
 from converters.base import check_rope_scaling, rope_parameters
 from converters.vocab import Vocab, vocab_from_gguf, vocab_from_hf_dir
 
 from edgeprune.core.errors import EdgepruneError
-from edgeprune.core.families import MODEL_TYPES, config_defaults, family_for_gguf, family_for_model_type, family_of
+from edgeprune.core.families import MODEL_TYPES, family_for_gguf, family_for_model_type, family_of
 from edgeprune.device.gguf_check import read_gguf
 from edgeprune.build.weights import GGUFWeights, SafetensorsWeights, read_safetensors_header
 

@@ -9,9 +9,7 @@ llama.cpp stores it (converters.writer_class).
 from __future__ import annotations
 
 import importlib
-import inspect
 from dataclasses import dataclass
-from functools import lru_cache
 
 from edgeprune.core.errors import EdgepruneError
 
@@ -59,15 +57,3 @@ def family_for_gguf(architecture: str, where: str) -> Family:
             return family
     raise EdgepruneError(f"{where} is a {architecture!r} GGUF: edgeprune reads "
                          f"{', '.join(f.gguf_arch for f in FAMILIES)} GGUFs (or a Hugging Face directory)")
-
-
-@lru_cache(maxsize=None)
-def config_defaults(model_type: str) -> dict:
-    """Each field transformers' config class for `model_type` reads, with the value transformers runs when
-    config.json leaves it out (max_position_embeddings: 2048 for Llama, 131072 for Mistral, 32768 for Qwen2)."""
-    from transformers import CONFIG_MAPPING
-
-    config_class = CONFIG_MAPPING[model_type]
-    instance = config_class()
-    return {name: getattr(instance, name, None) for name, p in inspect.signature(config_class.__init__).parameters.items()
-            if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
