@@ -406,7 +406,7 @@ def _write_pages(document: dict, report_path: Path) -> None:
 
     written = [report_path]
     if importlib.util.find_spec("matplotlib") is not None:
-        from edgeprune.device.reporting import write_report_pages
+        from edgeprune.device.reporting.page import write_report_pages
 
         written += write_report_pages(document, report_path.parent, stem=report_path.stem)
     click.echo("wrote " + ", ".join(str(p) for p in written))
@@ -560,7 +560,8 @@ def build(build_file, only, jobs, threads):
 def report(reports, out_path):
     """Merge validation reports (report.json files, or directories holding one) into one comparison page: one
     file on several devices, or several files on one device."""
-    from edgeprune.device.reporting import load_report, merge_reports
+    from edgeprune.device.reporting.compare import merge_reports
+    from edgeprune.device.reporting.document import load_report
 
     written = merge_reports([load_report(r) for r in reports], out_path, out_path.with_suffix(".md"))
     click.echo("wrote " + ", ".join(str(p) for p in written))

@@ -550,7 +550,8 @@ def _write_manifest(out: Path, build: BuildFile, found_versions: dict) -> Path:
 
 def _write_index(out: Path, build: BuildFile) -> Path | None:
     """One page comparing every built target (P4's comparison page)."""
-    from edgeprune.device.reporting import load_report, merge_reports
+    from edgeprune.device.reporting.compare import merge_reports
+    from edgeprune.device.reporting.document import load_report
 
     documents = [load_report(out / t.name) for t in build.targets if (out / t.name / "report.json").is_file()]
     if not documents:
