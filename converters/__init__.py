@@ -13,7 +13,8 @@ from typing import Callable
 from edgeprune.core.families import config_defaults, family_for_model_type, family_of
 from edgeprune.core.shapes import ModelShape, shape_of
 
-from .base import OUTPUT_TYPES, ConversionInput, ModelWriter, check_config_fields, gguf_tensor_name
+from .base import OUTPUT_TYPES, ConversionInput, ModelWriter, gguf_tensor_name
+from .config import check_config_fields
 from .deci import DeciWriter
 from .llama import LlamaWriter
 from .qwen2 import Qwen2Writer
