@@ -256,7 +256,8 @@ def test_a_real_exports_page_shows_its_own_report_json(tiny_bpe_llama, tmp_path)
     the same tables. The tests above render documents made here; this one renders what an export really writes."""
     from conftest import run_export
 
-    from edgeprune.device.profiles import load_profile, profile_to_toml
+    from edgeprune.device.profile_writing import profile_to_toml
+    from edgeprune.device.profiles import load_profile
 
     laptop = load_profile("x86-laptop-16gb")
     profile = tmp_path / "laptop-512.toml"

@@ -271,7 +271,8 @@ def run_build(build: BuildFile, *, only: tuple[str, ...] = (), jobs: int = 1, th
     """Build every target (or `only` those), reusing what an earlier build left that nothing has changed."""
     from edgeprune.core.codedigest import code_digest
     from edgeprune.core.fetch import fetch_smollm2
-    from edgeprune.device.profiles import load_profile, with_overrides
+    from edgeprune.device.profile_writing import with_overrides
+    from edgeprune.device.profiles import load_profile
     from edgeprune.core.texts import calibration_text, evaluation_text, read_text_file, recovery_texts
 
     say = progress or (lambda _msg: None)
