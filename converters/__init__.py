@@ -7,15 +7,14 @@ it), else `deci`.
 
 from __future__ import annotations
 
-import inspect
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
 from edgeprune.core.families import family_for_model_type, family_of
 from edgeprune.core.shapes import ModelShape, shape_of
 
-from .base import OUTPUT_TYPES, ConversionInput, ModelWriter, check_config_fields, gguf_tensor_name
+from .base import OUTPUT_TYPES, ConversionInput, ModelWriter, gguf_tensor_name
+from .config import check_config_fields, config_defaults
 from .deci import DeciWriter
 from .llama import LlamaWriter
 from .qwen2 import Qwen2Writer
@@ -33,18 +32,6 @@ def writer_class(config, shape: ModelShape) -> type[ModelWriter]:
     return next(w for w in WRITERS[family_of(config).module] if w.can_hold(shape))
 
 
-@lru_cache(maxsize=None)
-def config_defaults(model_type: str) -> dict:
-    """Each field transformers' config class for `model_type` reads, with the value transformers runs when
-    config.json leaves it out (max_position_embeddings: 2048 for Llama, 131072 for Mistral, 32768 for Qwen2)."""
-    from transformers import CONFIG_MAPPING  # the build side: transformers is installed
-
-    config_class = CONFIG_MAPPING[model_type]
-    instance = config_class()
-    return {name: getattr(instance, name, None) for name, p in inspect.signature(config_class.__init__).parameters.items()
-            if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-
-
 def check_config(config: dict, where: str) -> None:
     """config.json (or a transformers config's dict) field by field, against its family's table."""
     model_type = config.get("model_type")
@@ -59,6 +46,6 @@ def write_gguf(source: ConversionInput, path: str | Path, out_type: str = "F16",
 
 
 __all__ = [
-    "ConversionInput", "OUTPUT_TYPES", "Vocab", "WRITERS", "check_config", "config_defaults", "gguf_tensor_name", "vocab_from_gguf",
+    "ConversionInput", "OUTPUT_TYPES", "Vocab", "WRITERS", "check_config", "gguf_tensor_name", "vocab_from_gguf",
     "vocab_from_hf_dir", "write_gguf", "writer_class",
 ]

@@ -3,13 +3,13 @@
 Modelled on llama.cpp's `conversion/` package: this base does the work, and each architecture module
 (`llama.py`, `deci.py`, `qwen2.py`) only says how the per-layer shape goes into the metadata, which shapes it
 can hold, and whether q/k rows are permuted for its RoPE. Shapes always come from
-the model's weights (`edgeprune.core.shapes.shape_of`), so pruned models go through unchanged.
+the model's weights (`edgeprune.core.shapes.shape_of`), so pruned models go through unchanged. The RoPE settings
+are read and written by `rope.py`; the config.json field tables are checked by `config.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -22,6 +22,7 @@ from edgeprune.core.atomic import atomic_output, write_error
 from edgeprune.core.errors import EdgepruneError
 from edgeprune.core.shapes import ModelShape, shape_of
 
+from .rope import add_rope_scaling, llama3_rope_factors, rope_parameters
 from .vocab import Vocab
 
 T = gguf.MODEL_TENSOR
@@ -36,14 +37,6 @@ LAYER_TENSORS: dict[str, gguf.MODEL_TENSOR] = {
     "mlp.gate_proj": T.FFN_GATE,
     "mlp.up_proj": T.FFN_UP,
     "mlp.down_proj": T.FFN_DOWN,
-}
-# Rope scalings whose llama.cpp form is known (add_rope_scaling); "default" is none.
-ROPE_SCALING = ("default", "linear", "yarn", "dynamic", "llama3")
-# The settings each scaling cannot go without (transformers reads them with no default; llama.cpp writes them).
-ROPE_SCALING_NEEDS = {
-    "linear": ("factor",),
-    "yarn": ("factor", "original_max_position_embeddings"),
-    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
 }
 OUTPUT_TYPES = {
     "F32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
@@ -301,110 +294,6 @@ class ModelWriter:
                 encoded = np.empty((data.shape[0], *block.shape[1:]), block.dtype)
             encoded[start:start + len(block)] = block
         return encoded, (None if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) else kind)
-
-
-def rope_parameters(config) -> dict:
-    """transformers 5 keeps rope settings in `rope_parameters`; 4.x in rope_theta/rope_scaling."""
-    params = dict(getattr(config, "rope_parameters", None) or {})
-    params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
-    scaling = getattr(config, "rope_scaling", None) or {}
-    params.update({k: v for k, v in scaling.items() if k not in params})
-    if "type" in params and "rope_type" not in params:
-        params["rope_type"] = params["type"]
-    return params
-
-
-def llama3_rope_factors(rope: dict, head_dim: int) -> torch.Tensor | None:
-    """Llama-3.1 style rope scaling is stored as a per-frequency factor tensor (rope_freqs)."""
-    if str(rope.get("rope_type", "")).lower() != "llama3":
-        return None
-    check_rope_scaling(rope, "the model")
-    base = float(rope.get("rope_theta", 10000.0))
-    factor = float(rope["factor"])
-    low, high = float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
-    old_ctx = float(rope["original_max_position_embeddings"])
-    factors = []
-    for i in range(0, head_dim, 2):
-        wavelen = 2 * math.pi * base ** (i / head_dim)
-        if wavelen < old_ctx / high:
-            factors.append(1.0)
-        elif wavelen > old_ctx / low:
-            factors.append(factor)
-        else:
-            smooth = (old_ctx / wavelen - low) / (high - low)
-            factors.append(1.0 / ((1 - smooth) / factor + smooth))
-    return torch.tensor(factors, dtype=torch.float32)
-
-
-def check_rope_scaling(params: dict, where: str) -> None:
-    """Refuse, by name, a rope scaling that llama.cpp's Llama graph cannot reproduce (the GGUF would load and
-    compute other positions), or one without a setting it needs (a `linear` scaling without its factor would
-    be written as no scaling at all; llama3's would take numbers of ours)."""
-    kind = str(params.get("rope_type") or "default").lower()
-    if kind not in ROPE_SCALING:
-        raise EdgepruneError(f"{where} uses rope scaling {kind!r}: edgeprune writes {', '.join(ROPE_SCALING)} "
-                             "(llama.cpp's Llama graph has no other)")
-    for key in ROPE_SCALING_NEEDS.get(kind, ()):
-        if params.get(key) is None:
-            raise EdgepruneError(f"{where} uses {kind} rope scaling without {key}: that scaling needs "
-                                 f"{', '.join(ROPE_SCALING_NEEDS[kind])} in its rope_scaling")
-
-
-def add_rope_scaling(writer: gguf.GGUFWriter, params: dict) -> None:
-    """The rope scaling keys as llama.cpp's converter writes them. `dynamic` NTK writes nothing (llama.cpp does
-    not implement it; it only changes positions past the trained context), `llama3` is the rope_freqs tensor."""
-    check_rope_scaling(params, "the model")
-    kind, factor = str(params.get("rope_type") or "default").lower(), params.get("factor")
-    if kind == "linear":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(factor)
-    elif kind == "yarn":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        writer.add_rope_scaling_factor(factor)
-        writer.add_rope_scaling_orig_ctx_len(params["original_max_position_embeddings"])
-        optional = {"extrapolation_factor": writer.add_rope_scaling_yarn_ext_factor,
-                    "beta_fast": writer.add_rope_scaling_yarn_beta_fast,
-                    "beta_slow": writer.add_rope_scaling_yarn_beta_slow}
-        for key, add in optional.items():
-            if params.get(key) is not None:
-                add(params[key])
-        attention_factor = params.get("attention_factor", params.get("attn_factor"))
-        if attention_factor is not None:
-            writer.add_rope_scaling_yarn_attn_factor(attention_factor)
-
-
-# --- config.json, field by field: each family's table (llama.py, qwen2.py) says what becomes of each field that
-# transformers' config class reads, so that none is read with a default of ours or silently left out.
-MAPPED = "mapped"  # written into the GGUF: a shape key or tensor, the context length, the rope or norm keys, a token id
-INERT = "inert"  # changes nothing transformers computes at inference
-
-
-@dataclass(frozen=True)
-class Only:
-    """A field checked against the values llama.cpp's graph runs (none: refused whatever its value); `each`
-    checks every item of a list."""
-
-    values: tuple = ()
-    why: str = ""
-    each: bool = False
-
-    def allows(self, value) -> bool:
-        return all(item in self.values for item in (value if self.each and isinstance(value, list) else [value]))
-
-
-def check_config_fields(config: dict, fields: dict, known: Iterable[str], where: str) -> None:
-    """Refuse, by name, a config.json field whose value llama.cpp would not run as transformers does, and a field
-    transformers' config class reads (`known`) that the family's table does not classify (a newer transformers)."""
-    known = set(known)
-    for name, value in config.items():
-        handling = fields.get(name)
-        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-        if isinstance(handling, Only) and value is not None and not handling.allows(value):
-            supported = f"supported: {', '.join(map(repr, handling.values))}" if handling.values else "not supported"
-            raise EdgepruneError(f"{where} sets {name} = {shown}: {supported} ({handling.why})")
-        if handling is None and name in known:
-            raise EdgepruneError(f"{where} sets {name} = {shown}, a setting edgeprune cannot say llama.cpp runs as "
-                                 f"transformers does: not supported")
 
 
 def _release_files(writer: gguf.GGUFWriter) -> None:

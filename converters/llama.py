@@ -6,16 +6,17 @@ import gguf
 
 from edgeprune.core.shapes import ModelShape
 
-from .base import INERT, MAPPED, ModelWriter, Only
+from .base import ModelWriter
+from .config import INERT, MAPPED, Only
 
 # Every config.json field LlamaConfig and MistralConfig read (model_type llama, mistral), and what the GGUF does
-# with it (converters.base.check_config_fields; tests/test_config_fields.py checks that the table covers them).
+# with it (converters.config.check_config_fields; tests/test_config_fields.py checks that the table covers them).
 CONFIG_FIELDS = {
     # the shapes: read from the weights (edgeprune.core.shapes) and written as the architecture's keys and tensors
     **dict.fromkeys(("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "head_dim", "attention_bias", "mlp_bias", "tie_word_embeddings"), MAPPED),
     # context_length (absent: transformers' default for the class), the norm epsilon, rope base and scaling
-    # (converters.base.check_rope_scaling refuses what llama.cpp cannot run)
+    # (converters.rope.check_rope_scaling refuses what llama.cpp cannot run)
     **dict.fromkeys(("max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters"),
                     MAPPED),
     # tokenizer.ggml.*_token_id, through gguf-py's SpecialVocab, which reads config.json as llama.cpp's converter does

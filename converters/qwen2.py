@@ -13,7 +13,7 @@ import gguf
 
 from edgeprune.core.shapes import ModelShape
 
-from .base import INERT, Only
+from .config import INERT, Only
 from .llama import CONFIG_FIELDS as LLAMA_FIELDS
 from .llama import LlamaWriter
 

@@ -315,7 +315,7 @@ def validate(gguf, reference, profile_name, json_path, updated_profile, remote, 
     BUNDLE/report.json."""
     from edgeprune.core.atomic import ensure_writable_dir
     from edgeprune.device.bundle import is_bundle
-    from edgeprune.device.profiles import check_user_profile_path
+    from edgeprune.device.profile_writing import check_user_profile_path
     from edgeprune.core.texts import evaluation_text
     from edgeprune.device.validate import check_evaluation_options, format_summary, validate_gguf, write_report
 
@@ -375,7 +375,7 @@ def _validate_remote(bundle: Path, remote: str, identity, known_hosts, remote_co
     flags the remote validator understands are checked here, before connecting, and forwarded."""
     from edgeprune.core.atomic import ensure_writable_dir
     from edgeprune.device.bundle import chunks_to_score
-    from edgeprune.device.profiles import check_user_profile_path
+    from edgeprune.device.profile_writing import check_user_profile_path
     from edgeprune.device.remote import check_remote_tools, parse_target, validate_remote
     from edgeprune.device.validate import ValidationReport, format_summary
 
@@ -406,7 +406,7 @@ def _write_pages(document: dict, report_path: Path) -> None:
 
     written = [report_path]
     if importlib.util.find_spec("matplotlib") is not None:
-        from edgeprune.device.reporting import write_report_pages
+        from edgeprune.device.reporting.page import write_report_pages
 
         written += write_report_pages(document, report_path.parent, stem=report_path.stem)
     click.echo("wrote " + ", ".join(str(p) for p in written))
@@ -417,7 +417,7 @@ def _validate_bundle(directory: Path, profile_name: str | None, json_path: Path 
     """`validate BUNDLE`: the bundle checked against its manifest, then its GGUF run as on the device, on all the
     bundle's chunks or its first `eval_chunks`."""
     from edgeprune.device.bundle import chunks_to_score, open_bundle
-    from edgeprune.device.profiles import check_user_profile_path
+    from edgeprune.device.profile_writing import check_user_profile_path
     from edgeprune.core.texts import Text
     from edgeprune.device.validate import format_summary, validate_gguf, write_report
 
@@ -447,7 +447,7 @@ def _write_back_efficiency(profile, gguf: Path, report, destination: Path) -> No
     equals what was just measured on the device."""
     from edgeprune.device.costmodel import calibrated_device, size_of_gguf
     from edgeprune.device.gguf_check import read_gguf
-    from edgeprune.device.profiles import update_efficiency
+    from edgeprune.device.profile_writing import update_efficiency
     from edgeprune.core.shapes import shape_from_gguf
 
     info = read_gguf(gguf)
@@ -560,7 +560,8 @@ def build(build_file, only, jobs, threads):
 def report(reports, out_path):
     """Merge validation reports (report.json files, or directories holding one) into one comparison page: one
     file on several devices, or several files on one device."""
-    from edgeprune.device.reporting import load_report, merge_reports
+    from edgeprune.device.reporting.compare import merge_reports
+    from edgeprune.device.reporting.document import load_report
 
     written = merge_reports([load_report(r) for r in reports], out_path, out_path.with_suffix(".md"))
     click.echo("wrote " + ", ".join(str(p) for p in written))
@@ -593,7 +594,7 @@ def profiles_measure(out_path: Path, model_path: Path | None, threads: int | Non
     require_build_install("profiles measure")
     from edgeprune.core.fetch import fetch_smollm2
     from edgeprune.build.hostprobe import measure_host_profile
-    from edgeprune.device.profiles import profile_to_toml
+    from edgeprune.device.profile_writing import profile_to_toml
 
     profile = measure_host_profile(model_path or fetch_smollm2(), threads=threads, progress=progress)
     header = "# This machine, measured by `edgeprune profiles measure`; budgets are placeholders to edit.\n\n"
@@ -608,7 +609,7 @@ def profiles_measure(out_path: Path, model_path: Path | None, threads: int | Non
 @click.argument("name")
 def profiles_show(name: str) -> None:
     """Print a profile (shipped name or TOML path) as TOML."""
-    from edgeprune.device.profiles import profile_to_toml
+    from edgeprune.device.profile_writing import profile_to_toml
 
     click.echo(profile_to_toml(_profile(name)), nl=False)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import gguf
 
-from edgeprune.device.gguf_check import copy_gguf
+from edgeprune.device.gguf_copy import copy_gguf
 
 from conftest import CLI_ENV, assert_clean_failure, build_toml, llama_cpp_logits, run_cli
 

@@ -50,7 +50,8 @@ def _validate_bundle(bundle: Path, report: Path, env: dict, python: str = sys.ex
 def _loose_profile(bundle: Path, path: Path) -> Path:
     """The bundle's profile (same runtime, so the same chunks score the same) with speed budgets any machine meets:
     the device's verdict then has one right answer, PASS (exit 0)."""
-    from edgeprune.device.profiles import load_profile, profile_to_toml
+    from edgeprune.device.profile_writing import profile_to_toml
+    from edgeprune.device.profiles import load_profile
 
     profile = load_profile(bundle / "profile.toml")
     budgets = dataclasses.replace(profile.budgets, min_decode_tps=0.01, max_ttft_s=3600.0)

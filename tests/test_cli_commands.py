@@ -18,7 +18,8 @@ import gguf
 import pytest
 
 from edgeprune.core.codedigest import version_string
-from edgeprune.device.profiles import load_profile, profile_to_toml
+from edgeprune.device.profile_writing import profile_to_toml
+from edgeprune.device.profiles import load_profile
 
 from conftest import CLI_ENV, run_cli, run_export
 from test_build import _build_file, _ggufs

@@ -13,7 +13,8 @@ import pytest
 
 from conftest import assert_clean_failure, build_bpe_tokenizer, build_tiny_llama, run_export
 
-from converters import WRITERS, config_defaults, write_gguf
+from converters import WRITERS, write_gguf
+from converters.config import config_defaults
 from converters.base import ConversionInput
 from edgeprune.core.families import family_for_model_type
 from edgeprune.build.loading import load_model, open_model

@@ -18,7 +18,8 @@ import pytest
 import torch
 from conftest import build_bpe_tokenizer, llama_cpp_logits, run_cli, run_export
 
-from edgeprune.device.profiles import load_profile, profile_to_toml
+from edgeprune.device.profile_writing import profile_to_toml
+from edgeprune.device.profiles import load_profile
 from edgeprune.core.texts import default_evaluation_text
 
 MIB = 1 << 20

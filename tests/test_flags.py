@@ -168,7 +168,8 @@ def _remote_cli(sshd, bundle: Path, command: str, remote_dir: Path, *extra: str)
 def test_remote_forwards_profile_chunks_and_update_profile(sshd, tiny_bundle, tmp_path):  # noqa: F811
     """--profile (copied beside the bundle), --eval-chunks and --update-profile reach the remote validator and take
     effect there; the remote's other version is said in one warning line."""
-    from edgeprune.device.profiles import load_profile, profile_to_toml
+    from edgeprune.device.profile_writing import profile_to_toml
+    from edgeprune.device.profiles import load_profile
 
     laptop = load_profile("x86-laptop-16gb")
     given = tmp_path / "my-laptop.toml"

@@ -12,7 +12,8 @@ from edgeprune.device.costmodel import (SizeEstimate, TensorCost, calibrated_dev
 from edgeprune.build import hostprobe
 from edgeprune.build.hostprobe import (TYPE_FAMILIES, _fit_type_efficiency, _nonnegative_least_squares, fit_host_profile,
                                   measure_host_profile, measured_runs)
-from edgeprune.device.profiles import DeviceSpec, load_profile, profile_to_toml
+from edgeprune.device.profile_writing import profile_to_toml
+from edgeprune.device.profiles import DeviceSpec, load_profile
 from edgeprune.core.shapes import LayerShape, ModelShape
 from edgeprune.device.validate import N_PROMPT
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from edgeprune.core.errors import EdgepruneError
+from edgeprune.device.profile_writing import profile_to_toml, update_efficiency
 from edgeprune.device.profiles import (
-    KNOWN_QUANT_TYPES, Budgets, DeviceSpec, Profile, RuntimeSpec, list_profiles, load_profile, profile_to_toml,
-    update_efficiency,
+    KNOWN_QUANT_TYPES, Budgets, DeviceSpec, Profile, RuntimeSpec, list_profiles, load_profile,
 )
 
 SHIPPED = {

@@ -16,7 +16,10 @@ import numpy as np
 import pytest
 
 from edgeprune.core.errors import EdgepruneError
-from edgeprune.device.reporting import FAIL_COLOR, PASS_COLOR, load_report, merge_reports, write_report_pages
+from edgeprune.device.reporting.compare import merge_reports
+from edgeprune.device.reporting.document import load_report
+from edgeprune.device.reporting.page import write_report_pages
+from edgeprune.device.reporting.plots import FAIL_COLOR, PASS_COLOR
 from edgeprune.core.shapes import LayerShape
 from edgeprune.device.validate import (MIB, BudgetCheck, DivergenceResult, MemoryResult, PerplexityResult, Predicted,
                                 SpeedResult, ValidationReport)
@@ -170,8 +173,35 @@ def test_load_report_accepts_directories_and_bare_validations_and_names_bad_file
 
 
 def test_importing_the_module_does_not_import_matplotlib():
-    code = "import sys, edgeprune.device.reporting; print('matplotlib' in sys.modules)"
+    code = ("import sys, edgeprune.device.reporting.page, edgeprune.device.reporting.compare; "
+            "print('matplotlib' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def test_without_matplotlib_the_page_has_its_tables_and_says_plots_need_it(tmp_path, monkeypatch):
+    """A device install has no matplotlib: the pages are written all the same, with every table, no image and a
+    note naming the package to install."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    doc = document(validation(), device=pi("pi5-a"))
+    written = write_report_pages(doc, tmp_path)
+    assert sorted(p.name for p in written) == ["report.html", "report.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html", "report.md"]
+    page, md = (tmp_path / "report.html").read_text(), (tmp_path / "report.md").read_text()
+    rows = table_rows(page)
+    assert ["decode_tps", "≥ 60 tok/s", "41.200 tok/s", "-31.3%", "predicted for Raspberry Pi 5", "FAIL"] in rows
+    assert ["verdict", "FAIL"] in rows and any(r[0] == "decode tok/s" for r in rows)  # the prediction table
+    assert "<img" not in page and "![" not in md
+    for text in (page, md):
+        assert text.count("plots need matplotlib (`pip install matplotlib`)") == 1
+    assert markdown_rows(md) == rows
+
+    runs = [document(validation(), device=pi(f"pi5-{name}")) for name in "ab"]
+    written = merge_reports(runs, tmp_path / "compare.html", tmp_path / "compare.md")
+    assert sorted(p.name for p in written) == ["compare.html", "compare.md"]
+    page = (tmp_path / "compare.html").read_text()
+    assert table_rows(page)[0] == ["", "pi5-a", "pi5-b"] and "<img" not in page
+    assert "plots need matplotlib (`pip install matplotlib`)" in page
 
 
 PROBE = """<script>window.addEventListener("load", () => {
@@ -226,7 +256,8 @@ def test_a_real_exports_page_shows_its_own_report_json(tiny_bpe_llama, tmp_path)
     the same tables. The tests above render documents made here; this one renders what an export really writes."""
     from conftest import run_export
 
-    from edgeprune.device.profiles import load_profile, profile_to_toml
+    from edgeprune.device.profile_writing import profile_to_toml
+    from edgeprune.device.profiles import load_profile
 
     laptop = load_profile("x86-laptop-16gb")
     profile = tmp_path / "laptop-512.toml"

@@ -16,7 +16,8 @@ from conftest import llama_cpp_logits, run_cli
 from edgeprune.device.costmodel import kv_cache_bytes, predict_gguf, prefill_seconds_per_token, size_of_gguf
 from edgeprune.core.errors import EdgepruneError
 from edgeprune.device.gguf_check import read_gguf
-from edgeprune.device.profiles import load_profile, profile_to_toml
+from edgeprune.device.profile_writing import profile_to_toml
+from edgeprune.device.profiles import load_profile
 from edgeprune.core.shapes import shape_from_gguf
 from edgeprune.core.texts import Text
 from edgeprune.device.validate import (

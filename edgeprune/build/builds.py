@@ -271,7 +271,8 @@ def run_build(build: BuildFile, *, only: tuple[str, ...] = (), jobs: int = 1, th
     """Build every target (or `only` those), reusing what an earlier build left that nothing has changed."""
     from edgeprune.core.codedigest import code_digest
     from edgeprune.core.fetch import fetch_smollm2
-    from edgeprune.device.profiles import load_profile, with_overrides
+    from edgeprune.device.profile_writing import with_overrides
+    from edgeprune.device.profiles import load_profile
     from edgeprune.core.texts import calibration_text, evaluation_text, read_text_file, recovery_texts
 
     say = progress or (lambda _msg: None)
@@ -550,7 +551,8 @@ def _write_manifest(out: Path, build: BuildFile, found_versions: dict) -> Path:
 
 def _write_index(out: Path, build: BuildFile) -> Path | None:
     """One page comparing every built target (P4's comparison page)."""
-    from edgeprune.device.reporting import load_report, merge_reports
+    from edgeprune.device.reporting.compare import merge_reports
+    from edgeprune.device.reporting.document import load_report
 
     documents = [load_report(out / t.name) for t in build.targets if (out / t.name / "report.json").is_file()]
     if not documents:

@@ -16,8 +16,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from converters import check_config, config_defaults
-from converters.base import check_rope_scaling, rope_parameters
+from converters import check_config
+from converters.config import config_defaults
+from converters.rope import check_rope_scaling, rope_parameters
 from converters.vocab import Vocab, vocab_from_gguf, vocab_from_hf_dir
 
 from edgeprune.core.errors import EdgepruneError
@@ -286,7 +287,7 @@ def _llama3_rope(path: Path, info, rope: dict, config) -> dict:
     """Llama-3 rope scaling, recovered from the rope_freqs factors llama.cpp stores. The factors fix only the
     two wavelength thresholds, so the context length is taken as Llama-3.1's 8192 and the frequency factors
     solved from it; the recovered settings must give back the stored factors, or the GGUF is refused."""
-    from converters.base import llama3_rope_factors
+    from converters.rope import llama3_rope_factors
 
     tensor = next(t for t in info.reader.tensors if t.name == "rope_freqs.weight")
     stored = np.asarray(tensor.data, dtype=np.float64).reshape(-1)

@@ -24,7 +24,7 @@ from edgeprune.device.costmodel import (
     SizeEstimate, TensorCost, decode_seconds_per_token, dry_run_types, read_per_token, tensor_decode_seconds,
 )
 from edgeprune.core.errors import EdgepruneError
-from edgeprune.device.gguf_check import copy_gguf
+from edgeprune.device.gguf_copy import copy_gguf
 from edgeprune.build.planner import MIB, SPEED_MARGIN
 from edgeprune.device.quantize import quantize_gguf
 

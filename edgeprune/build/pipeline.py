@@ -27,7 +27,7 @@ from edgeprune.build.loading import layer_count, load_model, open_model
 from edgeprune.build.mixed import choose_mix
 from edgeprune.build.planner import Plan, check_search_options, make_plan
 from edgeprune.device.profiles import Profile
-from edgeprune.device.reporting import write_report_pages
+from edgeprune.device.reporting.page import write_report_pages
 from edgeprune.build.resources import Resources, plan_resources
 from edgeprune.device.quantize import QUANT_TYPES, QuantizeResult, check_quant_type, quantize_gguf
 from edgeprune.core.shapes import shape_of

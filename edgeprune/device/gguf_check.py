@@ -5,9 +5,9 @@ GGUF files are untrusted: a truncated download or a flipped byte can crash llama
 counts in the header, so a header claiming 2^60 entries makes it loop and allocate for minutes. So the
 file is checked in three steps, each turning every problem into one EdgepruneError line:
 
-1. `_scan_layout` walks the header with struct, bounding every count and length by the bytes left in
-   the file before anything is allocated, and applies the rules of llama.cpp's gguf.cpp (and a few
-   stricter ones: positive dims, tensors laid out back to back in order, aligned, inside the file).
+1. `scan_layout` (edgeprune.device.gguf_layout) walks the header with struct, bounding every count and length
+   by the bytes left in the file before anything is allocated, and applies the rules of llama.cpp's gguf.cpp
+   (and a few stricter ones: positive dims, tensors laid out back to back in order, aligned, inside the file).
 2. gguf-py's GGUFReader parses it (now bounded), for the callers that use its fields and tensors.
 3. The metadata is cross-checked against the tensors and the tokenizer against itself, so what passes
    here loads in llama.cpp or fails there with an error, not an abort.
@@ -16,9 +16,6 @@ file is checked in three steps, each turning every problem into one EdgepruneErr
 from __future__ import annotations
 
 import hashlib
-import math
-import mmap
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,19 +23,9 @@ import gguf
 import numpy as np
 
 from edgeprune.core.errors import EdgepruneError
+from edgeprune.device.gguf_layout import CorruptLayout, scan_layout
 
-GGUF_VERSIONS = (2, 3)  # what both gguf-py's reader and llama.cpp's gguf.cpp accept
-MAX_DIMS = 4  # GGML_MAX_DIMS
-MAX_TENSOR_NAME = 63  # GGML_MAX_NAME is 64 including the terminating NUL
-# gguf-py builds one Python object per array element; a real tokenizer has well under 1M entries, so a
-# bigger array is a corrupt count, and refusing it keeps memory bounded.
-MAX_ARRAY_ELEMENTS = 1 << 22
-MAX_KEY_LENGTH = 1 << 16
 _V = gguf.GGUFValueType
-_SCALAR_SIZES = {
-    _V.UINT8: 1, _V.INT8: 1, _V.BOOL: 1, _V.UINT16: 2, _V.INT16: 2, _V.UINT32: 4, _V.INT32: 4,
-    _V.FLOAT32: 4, _V.UINT64: 8, _V.INT64: 8, _V.FLOAT64: 8,
-}
 _INTEGER_TYPES = {_V.UINT8, _V.INT8, _V.UINT16, _V.INT16, _V.UINT32, _V.INT32, _V.UINT64, _V.INT64}
 # Shape keys the pipeline reads with int(); each must be a whole number (or, per layer, an array of them).
 _ARCH_INT_KEYS = {
@@ -92,34 +79,9 @@ def logits_digest(info: GGUFInfo) -> str:
 _LINE_BREAKS = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})
 
 
-def copy_gguf(reader: gguf.GGUFReader, path: Path, *, drop_prefixes: tuple[str, ...] = (),
-              changes: dict | None = None) -> Path:
-    """A copy of a GGUF written by gguf-py, its tensors as they are, without the metadata keys starting with
-    `drop_prefixes` and with the values in `changes` (key: value) replaced."""
-    changes = changes or {}
-    writer = gguf.GGUFWriter(path, reader.fields["general.architecture"].contents())
-    for field in reader.fields.values():
-        if field.name.startswith(("GGUF.", *drop_prefixes)) or field.name == "general.architecture":
-            continue
-        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, changes.get(field.name, field.contents()), field.types[0],
-                             sub_type=sub_type)
-    for tensor in reader.tensors:
-        writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 def _one_line(text: str) -> str:
     """Escape the line breaks a corrupt file can put into names, so an error stays one line."""
     return text.translate(_LINE_BREAKS)
-
-
-class _Corrupt(Exception):
-    """A structural fault found while scanning; read_gguf turns it into one EdgepruneError line."""
 
 
 def read_gguf(path: str | Path) -> GGUFInfo:
@@ -133,8 +95,8 @@ def read_gguf(path: str | Path) -> GGUFInfo:
     if magic != b"GGUF":
         raise EdgepruneError(f"{path} is not a GGUF file (no GGUF magic): give a .gguf written by llama.cpp or edgeprune")
     try:
-        _scan_layout(path, size)
-    except _Corrupt as exc:
+        scan_layout(path, size)
+    except CorruptLayout as exc:
         raise EdgepruneError(_one_line(f"{path} is truncated or corrupt: {exc}: download or export it again")) from None
     try:
         reader = _Reader(path)
@@ -163,138 +125,7 @@ class _Reader(gguf.GGUFReader):
         return super()._get(offset, dtype, count, override_order)
 
 
-# --- step 1: the layout, bounded by the file size, before any allocation
-
-class _Cursor:
-    """Reads little-endian values from a mapped file, refusing any read that would pass the end."""
-
-    def __init__(self, buf, size: int):
-        self.buf, self.size, self.pos = buf, size, 0
-
-    def left(self) -> int:
-        return self.size - self.pos
-
-    def take(self, n: int, what: str) -> int:
-        if n > self.left():
-            raise _Corrupt(f"{what} needs {n} bytes at offset {self.pos} but only {self.left()} remain")
-        start = self.pos
-        self.pos += n
-        return start
-
-    def unpack(self, fmt: str, what: str):
-        start = self.take(struct.calcsize(fmt), what)
-        return struct.unpack_from(fmt, self.buf, start)[0]
-
-    def string(self, what: str, limit: int | None = None) -> bytes:
-        n = self.unpack("<Q", f"length of {what}")
-        if limit is not None and n > limit:
-            raise _Corrupt(f"{what} claims {n} bytes (at most {limit} allowed)")
-        start = self.take(n, what)
-        return bytes(self.buf[start:start + n])
-
-
-def _scan_layout(path: Path, size: int) -> None:
-    if size < 24:
-        raise _Corrupt(f"the file has {size} bytes, fewer than a GGUF header")
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        cur = _Cursor(buf, size)
-        cur.take(4, "magic")
-        version = cur.unpack("<I", "version")
-        if version not in GGUF_VERSIONS:
-            hint = " (a big-endian file?)" if version & 0xFFFF == 0 else ""
-            raise _Corrupt(f"GGUF version {version}{hint} is not one of {GGUF_VERSIONS}")
-        n_tensors = cur.unpack("<Q", "tensor count")
-        n_kv = cur.unpack("<Q", "metadata count")
-        # Smallest possible entries: a KV is key length + 1-byte key + type + 1-byte value; a tensor info
-        # is name length + 1-byte name + n_dims + one dim + type + offset.
-        if n_kv * 14 > cur.left():
-            raise _Corrupt(f"the header claims {n_kv} metadata entries, more than {cur.left()} bytes can hold")
-        if n_tensors * 25 > cur.left():
-            raise _Corrupt(f"the header claims {n_tensors} tensors, more than {cur.left()} bytes can hold")
-        alignment = gguf.GGUF_DEFAULT_ALIGNMENT
-        keys: set[str] = set()
-        for i in range(n_kv):
-            key = _utf8(cur.string(f"key {i}", MAX_KEY_LENGTH), f"key {i}")
-            if not key:
-                raise _Corrupt(f"metadata key {i} is empty")
-            if key in keys:
-                raise _Corrupt(f"metadata key {key!r} appears twice")
-            keys.add(key)
-            value_type = _value_type(cur.unpack("<I", f"type of {key}"), key)
-            if value_type == _V.ARRAY:
-                item_type = _value_type(cur.unpack("<I", f"item type of {key}"), key)
-                if item_type == _V.ARRAY:
-                    raise _Corrupt(f"{key} is an array of arrays, which GGUF readers do not support")
-                count = cur.unpack("<Q", f"length of {key}")
-                if count > MAX_ARRAY_ELEMENTS:
-                    raise _Corrupt(f"{key} claims {count} items (at most {MAX_ARRAY_ELEMENTS} allowed)")
-                if item_type == _V.STRING:
-                    if count * 8 > cur.left():
-                        raise _Corrupt(f"{key} claims {count} strings, more than {cur.left()} bytes can hold")
-                    for j in range(count):
-                        _utf8(cur.string(f"{key}[{j}]"), f"{key}[{j}]")
-                else:
-                    cur.take(count * _SCALAR_SIZES[item_type], f"{count} items of {key}")
-            elif value_type == _V.STRING:
-                _utf8(cur.string(key), key)
-            else:
-                start = cur.take(_SCALAR_SIZES[value_type], key)
-                if key == gguf.Keys.General.ALIGNMENT:
-                    if value_type != _V.UINT32:
-                        raise _Corrupt(f"{key} must be a uint32")
-                    alignment = struct.unpack_from("<I", buf, start)[0]
-                    if alignment == 0 or alignment & (alignment - 1):
-                        raise _Corrupt(f"{key} = {alignment} is not a power of two")
-        names: set[str] = set()
-        expected_offset = 0
-        layout: list[tuple[str, int, int]] = []
-        for i in range(n_tensors):
-            name = _utf8(cur.string(f"name of tensor {i}", MAX_TENSOR_NAME), f"name of tensor {i}")
-            if not name or name in names:
-                raise _Corrupt(f"tensor {i} has an empty or repeated name {name!r}")
-            names.add(name)
-            n_dims = cur.unpack("<I", f"dimension count of {name}")
-            if not 1 <= n_dims <= MAX_DIMS:
-                raise _Corrupt(f"tensor {name} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
-            dims = [cur.unpack("<Q", f"dimensions of {name}") for _ in range(n_dims)]
-            if any(d < 1 or d >= 1 << 62 for d in dims):
-                raise _Corrupt(f"tensor {name} has an impossible shape {dims}")
-            raw_type = cur.unpack("<I", f"type of {name}")
-            try:
-                tensor_type = gguf.GGMLQuantizationType(raw_type)
-                block, type_size = gguf.GGML_QUANT_SIZES[tensor_type]
-            except (ValueError, KeyError):
-                raise _Corrupt(f"tensor {name} has unknown type {raw_type}") from None
-            if dims[0] % block:
-                raise _Corrupt(f"tensor {name} rows of {dims[0]} are not a multiple of its {tensor_type.name} block of {block}")
-            n_bytes = math.prod(dims) // block * type_size
-            offset = cur.unpack("<Q", f"offset of {name}")
-            if offset != expected_offset:
-                raise _Corrupt(f"tensor {name} starts at data offset {offset}, expected {expected_offset}")
-            layout.append((name, offset, n_bytes))
-            expected_offset = offset + -(-n_bytes // alignment) * alignment
-        data_start = -(-cur.pos // alignment) * alignment
-        for name, offset, n_bytes in layout[-1:]:  # back to back, so the last tensor ends the data
-            if data_start + offset + n_bytes > size:
-                raise _Corrupt(f"tensor {name} ends at byte {data_start + offset + n_bytes}, past the end of the "
-                               f"{size}-byte file")
-
-
-def _value_type(raw: int, key: str) -> gguf.GGUFValueType:
-    try:
-        return _V(raw)
-    except ValueError:
-        raise _Corrupt(f"{key} has unknown value type {raw}") from None
-
-
-def _utf8(raw: bytes, what: str) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise _Corrupt(f"{what} is not valid UTF-8") from None
-
-
-# --- step 3: meaning, once the structure is known to be sound
+# --- step 2 is gguf-py's reader (above); step 3: meaning, once the structure is known to be sound
 
 def _describe(reader: gguf.GGUFReader, path: Path) -> GGUFInfo:
     field = reader.fields.get(gguf.Keys.General.ARCHITECTURE)

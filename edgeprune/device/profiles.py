@@ -2,12 +2,12 @@
 
 A profile is written by hand, so every mistake in one must come back as a single line naming the file,
 the field and the fix, before any hour-long pruning run starts on a wrong budget. One schema drives both
-validation and `profile_to_toml`, so the two cannot drift apart.
+validation and writing (edgeprune.device.profile_writing: `profile_to_toml`, `update_efficiency`), so the two
+cannot drift apart.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import json
 import math
@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from edgeprune.core.atomic import write_text_atomic
 from edgeprune.core.errors import EdgepruneError
 
 KNOWN_QUANT_TYPES = (
@@ -90,7 +89,7 @@ class _Field:
     optional: bool = False
 
 
-_SCHEMA: dict[str, tuple[type, dict[str, _Field]]] = {
+SCHEMA: dict[str, tuple[type, dict[str, _Field]]] = {
     "device": (DeviceSpec, {
         "name": _Field("text", '"Raspberry Pi 5 (8 GB)"'),
         "memory_bandwidth_gbs": _Field("number", "17.0", "GB/s"),
@@ -120,14 +119,11 @@ _SCHEMA: dict[str, tuple[type, dict[str, _Field]]] = {
     }),
 }
 
-_EFFICIENCY_FIELDS = ("decode_efficiency", "prefill_efficiency", "decode_type_efficiency", "prefill_type_efficiency")
-_HEADER = re.compile(r"\s*\[\s*([A-Za-z0-9_-]+)\s*\]")
-_ASSIGNMENT = re.compile(r"(?P<lead>\s*(?P<key>[A-Za-z0-9_-]+)\s*=\s*)(?P<value>\{[^}]*\}|[^\s#]+)(?P<rest>.*)", re.DOTALL)
 
 
 def load_profile(name_or_path: str | Path) -> Profile:
     """A shipped profile by name ("raspberry-pi-5-8gb"), or any profile file by path."""
-    return _parse(_resolve(name_or_path))
+    return parse_profile(_resolve(name_or_path))
 
 
 def list_profiles() -> list[Profile]:
@@ -135,87 +131,12 @@ def list_profiles() -> list[Profile]:
     return [load_profile(name) for name in _shipped_names()]
 
 
-def profile_to_toml(profile: Profile) -> str:
-    """The profile as TOML that `load_profile` reads back to equal values (source comments are not kept)."""
-    out: list[str] = []
-    for section, (_, schema) in _SCHEMA.items():
-        values = getattr(profile, section)
-        out.append(f"[{section}]")
-        present = {key: getattr(values, key) for key in schema if getattr(values, key) is not None}
-        out.extend(f"{key} = {_toml_value(value)}" for key, value in present.items())
-        out.append("")
-    return "\n".join(out)
-
-
-def with_overrides(profile: Profile, path: Path, *, context_length: int | None = None,
-                   quant_types: tuple[str, ...] | None = None, allow_deci: bool | None = None,
-                   recovery_minutes: float | None = None) -> tuple[Profile, str]:
-    """The profile with a build target's overrides, as it would read from `path`, and its TOML text: checked by
-    the same rules as a profile file, so an override cannot make a profile no file could be."""
-    runtime, budgets = profile.runtime, profile.budgets
-    if quant_types:
-        runtime = dataclasses.replace(runtime, quant_types=tuple(quant_types), default_quant=(
-            runtime.default_quant if runtime.default_quant in quant_types else quant_types[0]))
-    if allow_deci is not None:
-        runtime = dataclasses.replace(runtime, allow_deci=allow_deci)
-    if context_length is not None:
-        budgets = dataclasses.replace(budgets, context_length=context_length)
-    if recovery_minutes is not None:
-        budgets = dataclasses.replace(budgets, recovery_minutes=recovery_minutes)
-    text = profile_to_toml(dataclasses.replace(profile, runtime=runtime, budgets=budgets))
-    return _parse(path, text), text
-
-
-def check_user_profile_path(path: str | Path) -> None:
-    """A profile edgeprune writes goes to the user's own file, never over a shipped profile."""
-    path = Path(path)
-    if path.suffix != PROFILE_SUFFIX:
-        raise EdgepruneError(f"{path}: a profile file must end in {PROFILE_SUFFIX}")
-    if path.resolve().parent == _shipped_dir().resolve():
-        raise EdgepruneError(f"{path} is in edgeprune's shipped profiles: write the updated profile to a file of your "
-                             "own, e.g. --update-profile my-device.toml")
-
-
-def update_efficiency(path: str | Path, *, out: str | Path | None = None,
-                      **efficiencies: float | dict[str, float] | None) -> Profile:
-    """Write calibrated efficiencies (any of decode_efficiency, prefill_efficiency and the two per-type tables)
-    into the profile at `path`, or into a copy of it at `out`, leaving its comments and other lines alone."""
-    path = Path(path)
-    destination = Path(out) if out is not None else path
-    check_user_profile_path(destination)
-    unknown = set(efficiencies) - set(_EFFICIENCY_FIELDS)
-    if unknown:
-        raise TypeError(f"not an efficiency field: {', '.join(sorted(unknown))}")
-    text = _read(path)
-    _parse(path, text)
-    checked = {key: _check(path, "device", key, value, _SCHEMA["device"][1][key])
-               for key, value in efficiencies.items() if value is not None}
-    lines = text.splitlines(keepends=True)
-    section = None
-    for i, line in enumerate(lines):
-        header = _HEADER.match(line)
-        if header:
-            section = header.group(1)
-            continue
-        assignment = _ASSIGNMENT.match(line)
-        if section == "device" and assignment and assignment["key"] in checked:
-            lines[i] = f"{assignment['lead']}{_toml_value(checked.pop(assignment['key']))}{assignment['rest']}"
-    if checked:
-        key = next(iter(checked))
-        raise EdgepruneError(f"{path}: cannot update [device] {key}: write it as `{key} = "
-                             f"{_SCHEMA['device'][1][key].example}` on one line under a [device] header")
-    text = "".join(lines)
-    profile = _parse(destination, text)
-    write_text_atomic(destination, text)
-    return profile
-
-
-def _shipped_dir() -> Path:
+def shipped_dir() -> Path:
     return Path(str(resources.files("profiles")))
 
 
 def _shipped_names() -> list[str]:
-    return sorted(p.stem for p in _shipped_dir().glob(f"*{PROFILE_SUFFIX}"))
+    return sorted(p.stem for p in shipped_dir().glob(f"*{PROFILE_SUFFIX}"))
 
 
 def _resolve(name_or_path: str | Path) -> Path:
@@ -228,14 +149,14 @@ def _resolve(name_or_path: str | Path) -> Path:
             raise EdgepruneError(f"profile file {path} not found: give the path of an existing .toml file "
                                  f"or a shipped profile name ({available})")
         return path
-    path = _shipped_dir() / f"{text}{PROFILE_SUFFIX}"
+    path = shipped_dir() / f"{text}{PROFILE_SUFFIX}"
     if not path.is_file():
         raise EdgepruneError(f"unknown profile {text!r}: shipped profiles are {available}; "
                              f"or give the path of a .toml file")
     return path
 
 
-def _read(path: Path) -> str:
+def read_profile_text(path: Path) -> str:
     """The file's text with its line endings as they are, so that `update_efficiency` keeps them."""
     try:
         return path.read_bytes().decode("utf-8")
@@ -245,30 +166,30 @@ def _read(path: Path) -> str:
         raise EdgepruneError(f"cannot read profile {path}: {exc.strerror or exc}") from exc
 
 
-def _parse(path: Path, text: str | None = None) -> Profile:
+def parse_profile(path: Path, text: str | None = None) -> Profile:
     """Parse and validate one profile: the file's contents, or `text` as if it were in that file."""
     if text is None:
-        text = _read(path)
+        text = read_profile_text(path)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise EdgepruneError(f"{path}: not valid TOML: {_syntax_detail(exc, text)}; text needs quotes, "
                              f"numbers need none and carry no units") from exc
     for section, value in data.items():
-        owner = next((name for name, (_, schema) in _SCHEMA.items() if section in schema), None)
+        owner = next((name for name, (_, schema) in SCHEMA.items() if section in schema), None)
         if owner and not isinstance(value, dict):
             raise EdgepruneError(f"{path}: field {section} sits above the section headers; move it under [{owner}]")
-        if section not in _SCHEMA:
-            raise EdgepruneError(f"{path}: unknown section [{section}]{_did_you_mean(section, _SCHEMA)}; "
+        if section not in SCHEMA:
+            raise EdgepruneError(f"{path}: unknown section [{section}]{_did_you_mean(section, SCHEMA)}; "
                                  f"a profile has only [device], [runtime] and [budgets]")
-    parts = {section: _parse_section(path, data, section) for section in _SCHEMA}
+    parts = {section: _parse_section(path, data, section) for section in SCHEMA}
     profile = Profile(name=path.stem, path=path, **parts)
     _check_consistency(profile)
     return profile
 
 
 def _parse_section(path: Path, data: dict, section: str):
-    cls, schema = _SCHEMA[section]
+    cls, schema = SCHEMA[section]
     table = data.get(section)
     if table is None:
         raise EdgepruneError(f"{path}: missing section [{section}]; add it with the fields {', '.join(schema)}")
@@ -282,7 +203,7 @@ def _parse_section(path: Path, data: dict, section: str):
     values = {}
     for key, spec in schema.items():
         if key in table:
-            values[key] = _check(path, section, key, table[key], spec)
+            values[key] = check_value(path, section, key, table[key], spec)
         elif spec.optional:
             values[key] = None
         else:
@@ -290,9 +211,9 @@ def _parse_section(path: Path, data: dict, section: str):
     return cls(**values)
 
 
-def _check(path: Path, section: str, key: str, value, spec: _Field):
+def check_value(path: Path, section: str, key: str, value, spec: _Field):
     """The value converted to its Python type, or an EdgepruneError saying what to write instead."""
-    where = f"{path}: [{section}] {key} = {_toml_value(value)}"
+    where = f"{path}: [{section}] {key} = {toml_value(value)}"
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if spec.kind == "number":
         if not is_number:
@@ -359,7 +280,7 @@ def _check_quant(where: str, key: str, name) -> str:
     if isinstance(name, str) and name in KNOWN_QUANT_TYPES:
         return name
     hint = _did_you_mean(name.upper(), KNOWN_QUANT_TYPES) if isinstance(name, str) else ""
-    raise EdgepruneError(f"{where}: {_toml_value(name)} is not a llama.cpp quant type{hint}; "
+    raise EdgepruneError(f"{where}: {toml_value(name)} is not a llama.cpp quant type{hint}; "
                          f"{key} takes names like Q4_K_M, Q8_0, F16 in quotes")
 
 
@@ -367,7 +288,7 @@ def _check_consistency(profile: Profile) -> None:
     """Rules that tie fields together, each a load failure in llama.cpp or a budget nobody can measure."""
     path, runtime, budgets = profile.path, profile.runtime, profile.budgets
     if runtime.default_quant not in runtime.quant_types:
-        raise EdgepruneError(f"{path}: [runtime] default_quant = {_toml_value(runtime.default_quant)} is not in "
+        raise EdgepruneError(f"{path}: [runtime] default_quant = {toml_value(runtime.default_quant)} is not in "
                              f"quant_types; add it there or pick one of {', '.join(runtime.quant_types)}")
     if runtime.kv_cache_type == "q8_0" and not runtime.flash_attention:
         raise EdgepruneError(f"{path}: [runtime] kv_cache_type = \"q8_0\" needs flash_attention = true "
@@ -391,7 +312,7 @@ def _did_you_mean(word: str, choices) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
-def _toml_value(value) -> str:
+def toml_value(value) -> str:
     """A value as one line of TOML: for writing profiles, and for quoting the user's value back in an error."""
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -400,7 +321,7 @@ def _toml_value(value) -> str:
     if isinstance(value, str):
         return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")  # TOML forbids a raw DEL
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{_toml_value(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{toml_value(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
     return str(value)  # TOML dates and times

@@ -1,0 +1,28 @@
+"""A copy of a GGUF with some metadata left out or changed, its tensors as they are (gguf-py's writer)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+
+
+def copy_gguf(reader: gguf.GGUFReader, path: Path, *, drop_prefixes: tuple[str, ...] = (),
+              changes: dict | None = None) -> Path:
+    """A copy of a GGUF written by gguf-py, its tensors as they are, without the metadata keys starting with
+    `drop_prefixes` and with the values in `changes` (key: value) replaced."""
+    changes = changes or {}
+    writer = gguf.GGUFWriter(path, reader.fields["general.architecture"].contents())
+    for field in reader.fields.values():
+        if field.name.startswith(("GGUF.", *drop_prefixes)) or field.name == "general.architecture":
+            continue
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, changes.get(field.name, field.contents()), field.types[0],
+                             sub_type=sub_type)
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

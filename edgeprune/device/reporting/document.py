@@ -1,0 +1,109 @@
+"""report.json read into the shape every page works from, the blocks a page is made of, and the wording the
+single-run page and the comparison page share (verdicts, margins, memory bases)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgeprune.core.errors import EdgepruneError
+from edgeprune.device.validate import AT_LEAST, MIB, ValidationReport
+
+REPORT_JSON = "report.json"
+
+
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list[str]]
+
+
+@dataclass
+class Figure:
+    name: str  # file name part: <stem>-<name>.png
+    caption: str
+    png: bytes
+
+
+@dataclass
+class Section:
+    title: str
+    blocks: list[Table | Figure | None] = field(default_factory=list)  # None: a plot not drawn (no matplotlib)
+
+
+@dataclass
+class Run:
+    """One report.json, read: the validation typed, the optional parts (export, device) as they were written."""
+
+    validation: ValidationReport | None
+    export: dict
+    device: dict
+
+    @classmethod
+    def of(cls, document: dict) -> Run:
+        data = document.get("validation")
+        validation = ValidationReport.from_dict(data) if data else None
+        machine = validation.machine if validation is not None else None
+        return cls(validation, document.get("export") or {}, document.get("device") or machine or {})
+
+    @property
+    def file(self) -> str:
+        return Path(self.validation.gguf).name if self.validation else self.export.get("gguf", "?")
+
+    @property
+    def machine(self) -> str:
+        """Where the numbers were measured, as the on-device run recorded it."""
+        return str(self.device.get("hostname") or self.device.get("cpu") or "")
+
+
+def load_report(path: str | Path) -> dict:
+    """The document in `path` (report.json, or a directory holding one). A bare validation report
+    (`edgeprune validate --json`) is wrapped as {"validation": ...} so every page reads one shape."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / REPORT_JSON
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EdgepruneError(f"no report at {path}: give a report.json or the --out directory of an export") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EdgepruneError(f"cannot read report {path}: {exc}") from None
+    if isinstance(document, dict) and "perplexity" in document:
+        document = {"validation": document}
+    if not isinstance(document, dict) or not ({"validation", "export"} & document.keys()):
+        raise EdgepruneError(f"{path} is not an edgeprune report: it has neither 'validation' nor 'export'")
+    try:
+        Run.of(document)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise EdgepruneError(f"{path} is not an edgeprune report: its validation lacks or mistypes {exc}") from None
+    return document
+
+
+# --- the wording both pages use ----------------------------------------------------------------------------
+
+
+def basis(v: ValidationReport, part: str) -> str:
+    """'measured', 'computed' or 'unknown: ...': the memory report's basis for `part`, without its explanation."""
+    return v.memory.basis.get(part, "basis not recorded").split(" (")[0]
+
+
+def memory_short(v: ValidationReport) -> str:
+    return (f"{v.memory.total_bytes / MIB:.1f} MiB (KV cache {basis(v, 'kv_cache')}, "
+            f"compute {basis(v, 'compute_buffer')})")
+
+
+def verdict(v: ValidationReport | None) -> str:
+    if v is None or v.passed is None:
+        return "no budgets"
+    return "PASS" if v.passed else "FAIL"
+
+
+def margin(check) -> float:
+    """Headroom as a fraction of the limit: positive when the budget is met, whichever way the budget points."""
+    ahead = check.measured - check.limit if check.name in AT_LEAST else check.limit - check.measured
+    return ahead / check.limit
+
+
+def limit_text(check) -> str:
+    return f"{'≥' if check.name in AT_LEAST else '≤'} {check.limit:g} {check.unit}"
