@@ -18,8 +18,8 @@ import pytest
 from edgeprune.core.errors import EdgepruneError
 from edgeprune.device.reporting import FAIL_COLOR, PASS_COLOR, load_report, merge_reports, write_report_pages
 from edgeprune.core.shapes import LayerShape
-from edgeprune.device.validate import (MIB, BudgetCheck, DivergenceResult, MemoryResult, PerplexityResult, Predicted,
-                                SpeedResult, ValidationReport)
+from edgeprune.device.validation.results import (MIB, BudgetCheck, DivergenceResult, MemoryResult, PerplexityResult,
+                                                 Predicted, SpeedResult, ValidationReport)
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 WINDOW = (1280, 2500)  # tall enough for the whole single-run page: the kept screenshot shows every plot

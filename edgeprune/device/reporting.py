@@ -20,7 +20,8 @@ from pathlib import Path
 
 from edgeprune.core.atomic import atomic_output, write_text_atomic
 from edgeprune.core.errors import EdgepruneError
-from edgeprune.device.validate import AT_LEAST, MIB, ValidationReport
+from edgeprune.device.validation.budgets import AT_LEAST
+from edgeprune.device.validation.results import MIB, ValidationReport
 
 REPORT_JSON = "report.json"
 PASS_COLOR = "#2ca02c"  # margin bars; the page's PASS/FAIL cells use other shades, so a screenshot tells them apart
