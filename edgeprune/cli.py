@@ -317,7 +317,9 @@ def validate(gguf, reference, profile_name, json_path, updated_profile, remote, 
     from edgeprune.device.bundle import is_bundle
     from edgeprune.device.profile_writing import check_user_profile_path
     from edgeprune.core.texts import evaluation_text
-    from edgeprune.device.validate import check_evaluation_options, format_summary, validate_gguf, write_report
+    from edgeprune.device.validation.entry import validate_gguf
+    from edgeprune.device.validation.quality import check_evaluation_options
+    from edgeprune.device.validation.report import format_summary, write_report
 
     given = given_flags()
     bundle_reasons = {"reference": "a bundle brings its reference's top-k log-probs",
@@ -377,7 +379,8 @@ def _validate_remote(bundle: Path, remote: str, identity, known_hosts, remote_co
     from edgeprune.device.bundle import chunks_to_score
     from edgeprune.device.profile_writing import check_user_profile_path
     from edgeprune.device.remote import check_remote_tools, parse_target, validate_remote
-    from edgeprune.device.validate import ValidationReport, format_summary
+    from edgeprune.device.validation.report import format_summary
+    from edgeprune.device.validation.results import ValidationReport
 
     target = parse_target(remote)
     profile = _profile(profile_name).path if profile_name else None
@@ -419,7 +422,8 @@ def _validate_bundle(directory: Path, profile_name: str | None, json_path: Path 
     from edgeprune.device.bundle import chunks_to_score, open_bundle
     from edgeprune.device.profile_writing import check_user_profile_path
     from edgeprune.core.texts import Text
-    from edgeprune.device.validate import format_summary, validate_gguf, write_report
+    from edgeprune.device.validation.entry import validate_gguf
+    from edgeprune.device.validation.report import format_summary, write_report
 
     if updated_profile is not None:
         check_user_profile_path(updated_profile)
@@ -480,7 +484,7 @@ def plan(model, profile_name, quants, as_json, allow_pickle, calib, threads, mix
 
     from edgeprune.build.loading import load_model, open_model
     from edgeprune.build.planner import check_search_options, format_plan, make_plan
-    from edgeprune.device.quantize import check_quant_type
+    from edgeprune.device.llamacpp.quantizer import check_quant_type
     from edgeprune.core.shapes import shape_of
     from edgeprune.build.streaming import conversion_input, lazy_shape
     from edgeprune.core.texts import calibration_text

@@ -156,7 +156,8 @@ def test_a_killed_build_is_repaired(tiny_bpe_llama, tmp_path):
 def test_a_target_with_the_references_tensors_reuses_its_scores(tiny_bpe_llama, tmp_path):
     """An unpruned F16 target is not scored again: the reference's own scores against its top-k file are the
     target's, the same numbers measuring the target gives, on one thread as on the build's."""
-    from edgeprune.device.validate import Runtime, measure_perplexity
+    from edgeprune.device.llamacpp.runtime import Runtime
+    from edgeprune.device.validation.quality import measure_perplexity
 
     path = _build_file(tmp_path, tiny_bpe_llama, laptop_quant="F16")
     result = run_cli("build", str(path), "--only", "laptop", timeout=900)

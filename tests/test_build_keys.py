@@ -83,7 +83,9 @@ def test_a_changed_rope_freq_base_alone_misses_the_score_cache(tiny_bpe_llama, t
     from converters import ConversionInput, write_gguf
     from edgeprune.device.gguf_check import read_gguf
     from edgeprune.build.loading import load_model
-    from edgeprune.device.validate import DivergenceResult, PerplexityResult, Runtime, ScoreCache
+    from edgeprune.build.scorecache import ScoreCache
+    from edgeprune.device.llamacpp.runtime import Runtime
+    from edgeprune.device.validation.results import DivergenceResult, PerplexityResult
 
     loaded = load_model(tiny_bpe_llama)
     original = write_gguf(ConversionInput(loaded.model, loaded.vocab, "tiny", 256), tmp_path / "a.gguf")

@@ -23,7 +23,7 @@ from edgeprune.device.bundle_logits import (
     save,
 )
 from edgeprune.core.errors import EdgepruneError
-from edgeprune.device.validate import divergence_rows, summarize_divergence
+from edgeprune.device.validation.quality import divergence_rows, summarize_divergence
 
 VOCAB, N = 500, 96
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]

@@ -175,7 +175,7 @@ def test_plan_mix_ranks_mixed_candidates(tiny):
 def tight(tiny, tmp_path_factory) -> Path:
     """The laptop with a file budget under the model's Q4_0 size: only pruning meets it."""
     from converters import ConversionInput
-    from edgeprune.device.costmodel import estimate_size
+    from edgeprune.build.sizing import estimate_size
     from edgeprune.build.loading import load_model
     from edgeprune.core.shapes import shape_of
 

@@ -135,7 +135,7 @@ def test_the_planner_chooses_recovery_when_the_profile_gives_it_time(tiny_bpe_ll
     import json
 
     from converters import ConversionInput
-    from edgeprune.device.costmodel import estimate_size
+    from edgeprune.build.sizing import estimate_size
     from edgeprune.device.profile_writing import profile_to_toml
     from edgeprune.device.profiles import load_profile
     from edgeprune.core.shapes import shape_of
@@ -168,7 +168,7 @@ def test_a_build_distils_every_recovered_target_from_one_teacher_pass(tiny_bpe_l
 
     from converters import ConversionInput
     from edgeprune.build.builds import load_build_file, run_build
-    from edgeprune.device.costmodel import estimate_size
+    from edgeprune.build.sizing import estimate_size
     from edgeprune.device.profile_writing import profile_to_toml
     from edgeprune.device.profiles import load_profile
     from edgeprune.core.shapes import shape_of

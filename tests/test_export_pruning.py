@@ -213,7 +213,7 @@ def planned_export(wide, eval_text, tmp_path_factory):
     """`export` for a board with a file budget 3% under the model's Q4_0 size and a fast predicted speed: the
     planner must prune, and every speed budget is out of this machine's reach but within the board's."""
     from converters import ConversionInput
-    from edgeprune.device.costmodel import estimate_size
+    from edgeprune.build.sizing import estimate_size
     from edgeprune.build.loading import load_model
     from edgeprune.core.shapes import shape_of
 
@@ -298,7 +298,7 @@ def test_memory_is_predicted_from_above_at_a_long_context_too(planned_export):
     context (measured: 32.4 MiB up to 2048 tokens, 40.8 MiB at 4096), and so does the prediction, from above."""
     from edgeprune.device.costmodel import predict_gguf
     from edgeprune.device.gguf_check import read_gguf
-    from edgeprune.device.validate import measure_speed
+    from edgeprune.device.validation.speed import measure_speed
 
     _, out, report, profile_path = planned_export
     gguf_path = out / f"wide-{report['export']['quant']}.gguf"

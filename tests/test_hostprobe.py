@@ -15,7 +15,7 @@ from edgeprune.build.hostprobe import (TYPE_FAMILIES, _fit_type_efficiency, _non
 from edgeprune.device.profile_writing import profile_to_toml
 from edgeprune.device.profiles import DeviceSpec, load_profile
 from edgeprune.core.shapes import LayerShape, ModelShape
-from edgeprune.device.validate import N_PROMPT
+from edgeprune.device.validation.speed import N_PROMPT
 
 SHAPE = ModelShape(vocab_size=1000, hidden_size=64, head_dim=16, layers=(LayerShape(4, 2, 128),) * 2,
                    tied_embeddings=True)

@@ -1,4 +1,4 @@
-"""llama.cpp's log is read in one place (edgeprune.device.llama_log) and each read is checked: a log that lacks a tensor's
+"""llama.cpp's log is read in one place (edgeprune.device.llamacpp.log) and each read is checked: a log that lacks a tensor's
 type, a fallback or a buffer is refused in one line naming the llama-cpp-python version, never guessed around."""
 
 from __future__ import annotations
@@ -11,11 +11,14 @@ import llama_cpp
 import pytest
 
 from converters import ConversionInput, write_gguf
-from edgeprune.device import llama_log
-from edgeprune.device.costmodel import _IMATRIX_KEYS_BYTES, dry_run_types, estimate_size, kv_cache_bytes
+from edgeprune.device.llamacpp import log as llama_log
+from edgeprune.build.sizing import _IMATRIX_KEYS_BYTES, estimate_size
+from edgeprune.device.costmodel import kv_cache_bytes
+from edgeprune.device.llamacpp.quantizer import dry_run_types
 from edgeprune.core.errors import EdgepruneError
 from edgeprune.build.loading import load_model
-from edgeprune.device.quantize import QUANT_TYPES, checked_fallbacks, quantize_gguf
+from edgeprune.build.quantize import checked_fallbacks, quantize_gguf
+from edgeprune.device.llamacpp.quantizer import QUANT_TYPES
 from edgeprune.core.shapes import shape_of
 
 

@@ -19,7 +19,7 @@ from edgeprune.core.errors import EdgepruneError
 from edgeprune.build.loading import load_model
 from edgeprune.build.mixed import choose_mix, measure_sensitivity, solve
 from edgeprune.device.profiles import load_profile
-from edgeprune.device.quantize import quantize_gguf
+from edgeprune.build.quantize import quantize_gguf
 
 
 @pytest.fixture(scope="module")

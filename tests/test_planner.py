@@ -12,17 +12,18 @@ import pytest
 from test_converters import shrink_layer
 
 from converters import ConversionInput, write_gguf
-from edgeprune.device.costmodel import estimate_size, kv_cache_bytes, size_of_gguf
+from edgeprune.build.sizing import estimate_size
+from edgeprune.device.costmodel import kv_cache_bytes, size_of_gguf
 from edgeprune.core.errors import EdgepruneError
 from edgeprune.device.gguf_check import read_gguf
 from edgeprune.build.loading import load_model
 from edgeprune.build.planner import SPEED_MARGIN, check_search_options, format_plan, make_plan
 from edgeprune.device.profiles import load_profile
-from edgeprune.device.quantize import quantize_gguf
+from edgeprune.build.quantize import quantize_gguf
 from edgeprune.build.search import SEARCH_CHUNKS, held_out_text, measured_plan
 from edgeprune.core.shapes import shape_from_gguf, shape_of
 from edgeprune.core.texts import default_calibration_text
-from edgeprune.device.validate import measure_perplexity
+from edgeprune.device.validation.quality import measure_perplexity
 
 MIB = 1 << 20
 

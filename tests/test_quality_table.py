@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from test_planner import budgeted, tiny  # noqa: F401 - tiny is a fixture
 
-from edgeprune.device.costmodel import estimate_size
+from edgeprune.build.sizing import estimate_size
 from edgeprune.build.planner import (
     BASES, LEGEND, SUGGESTED_QUANTS, Candidate, estimated_loss, format_plan, load_quality_table, make_plan,
 )

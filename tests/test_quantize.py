@@ -11,7 +11,8 @@ from converters import ConversionInput, gguf_tensor_name, write_gguf
 from edgeprune.build.calibration import collect_calibration
 from edgeprune.core.errors import EdgepruneError
 from edgeprune.build.loading import load_model
-from edgeprune.device.quantize import check_quant_type, quantize_gguf
+from edgeprune.build.quantize import quantize_gguf
+from edgeprune.device.llamacpp.quantizer import check_quant_type
 from edgeprune.core.texts import default_calibration_text
 
 TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. " * 8

@@ -610,7 +610,7 @@ def test_conversion_and_quantization_are_deterministic(tiny_dir, tmp_path):
     from converters import ConversionInput, write_gguf
     from edgeprune.build.calibration import collect_calibration
     from edgeprune.build.loading import load_model
-    from edgeprune.device.quantize import quantize_gguf
+    from edgeprune.build.quantize import quantize_gguf
     from edgeprune.core.texts import default_calibration_text
 
     paths = []

@@ -21,8 +21,8 @@ from edgeprune.device.reporting.document import load_report
 from edgeprune.device.reporting.page import write_report_pages
 from edgeprune.device.reporting.plots import FAIL_COLOR, PASS_COLOR
 from edgeprune.core.shapes import LayerShape
-from edgeprune.device.validate import (MIB, BudgetCheck, DivergenceResult, MemoryResult, PerplexityResult, Predicted,
-                                SpeedResult, ValidationReport)
+from edgeprune.device.validation.results import (MIB, BudgetCheck, DivergenceResult, MemoryResult, PerplexityResult,
+                                                 Predicted, SpeedResult, ValidationReport)
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 WINDOW = (1280, 2500)  # tall enough for the whole single-run page: the kept screenshot shows every plot

@@ -109,9 +109,9 @@ def test_aligned_pruning_has_no_ffn_down_fallback_and_size_is_predicted(smollm2,
     rows that cannot align fall back, and the cost model's size already counts them."""
     import copy
 
-    from edgeprune.device.costmodel import estimate_size
+    from edgeprune.build.sizing import estimate_size
     from edgeprune.build.pruning import PruneOptions, prune_model
-    from edgeprune.device.quantize import quantize_gguf
+    from edgeprune.build.quantize import quantize_gguf
     from edgeprune.core.texts import default_calibration_text
 
     loaded, _ = smollm2

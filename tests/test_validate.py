@@ -20,21 +20,14 @@ from edgeprune.device.profile_writing import profile_to_toml
 from edgeprune.device.profiles import load_profile
 from edgeprune.core.shapes import shape_from_gguf
 from edgeprune.core.texts import Text
-from edgeprune.device.validate import (
-    AMX_FIX,
-    MIB,
-    REPETITIONS,
-    Runtime,
-    ValidationReport,
-    _death_error,
-    check_budgets,
-    divergence_rows,
-    format_summary,
-    log_softmax,
-    token_logprobs,
-    validate_gguf,
-    write_report,
-)
+from edgeprune.device.llamacpp.child import _death_error
+from edgeprune.device.llamacpp.runtime import AMX_FIX, Runtime
+from edgeprune.device.validation.budgets import check_budgets
+from edgeprune.device.validation.entry import validate_gguf
+from edgeprune.device.validation.quality import divergence_rows, log_softmax, token_logprobs
+from edgeprune.device.validation.report import format_summary, write_report
+from edgeprune.device.validation.results import MIB, ValidationReport
+from edgeprune.device.validation.speed import REPETITIONS
 
 CONTEXT = 256
 LOOSE = SimpleNamespace(memory_mib=4096, context_length=CONTEXT, min_decode_tps=0.1, max_ttft_s=600.0,

@@ -465,7 +465,9 @@ def _shared_topk(reference: Path, evaluation, build: BuildFile, shared_dir: Path
     the build's `ScoreCache` against them, which starts with the reference's own scores (an unpruned F16 target's)."""
     from edgeprune.device.bundle_logits import DEFAULT_TOP_K
     from edgeprune.device.gguf_check import read_gguf
-    from edgeprune.device.validate import Runtime, ScoreCache, measure_perplexity
+    from edgeprune.build.scorecache import ScoreCache
+    from edgeprune.device.llamacpp.runtime import Runtime
+    from edgeprune.device.validation.quality import measure_perplexity
 
     path, stamp, scores_dir = shared_dir / "reference-topk.npz", shared_dir / "reference-topk.key", shared_dir / "scores"
     key = _digest({"reference": (shared_dir / "reference.key").read_text(), "ctx": build.eval_ctx,

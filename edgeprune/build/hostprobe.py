@@ -31,9 +31,9 @@ from edgeprune.device.gguf_check import read_gguf
 from edgeprune.build.loading import load_model
 from edgeprune.device.profiles import MAX_TYPE_EFFICIENCY, Budgets, DeviceSpec, Profile, load_profile
 from edgeprune.build.pruning.surgery import remove_layers, shrink_mlp, sync_config
-from edgeprune.device.quantize import quantize_gguf
+from edgeprune.build.quantize import quantize_gguf
 from edgeprune.core.shapes import ModelShape, shape_from_gguf
-from edgeprune.device.validate import N_PROMPT, measure_speed
+from edgeprune.device.validation.speed import N_PROMPT, measure_speed
 
 TEMPLATE_PROFILE = "x86-laptop-16gb"  # runtime settings for a host: llama-cpp-python's defaults, every quant type
 # Quant types whose files, together, give every common tensor type a large share in at least one of them.
@@ -136,7 +136,7 @@ def _narrow_ffn(model) -> int | None:
 
 def measure_interleaved(files: list[tuple[str, Path]], *, threads: int, n_ctx: int = HOST_CONTEXT,
                         passes: int = CALIBRATION_PASSES, progress) -> list[list[dict]]:
-    """llama.cpp's measurements (validate.measure_speed) of every (label, path), `passes` times each, in
+    """llama.cpp's measurements (validation.speed.measure_speed) of every (label, path), `passes` times each, in
     interleaved passes: a slow spell of a shared machine then hits one pass of every file, not all of one file's."""
     measured: list[list[dict]] = [[] for _ in files]
     for number in range(passes):

@@ -21,12 +21,13 @@ import gguf
 import numpy as np
 
 from edgeprune.device.costmodel import (
-    SizeEstimate, TensorCost, decode_seconds_per_token, dry_run_types, read_per_token, tensor_decode_seconds,
+    SizeEstimate, TensorCost, decode_seconds_per_token, read_per_token, tensor_decode_seconds,
 )
+from edgeprune.device.llamacpp.quantizer import dry_run_types
 from edgeprune.core.errors import EdgepruneError
 from edgeprune.device.gguf_copy import copy_gguf
 from edgeprune.build.planner import MIB, SPEED_MARGIN
-from edgeprune.device.quantize import quantize_gguf
+from edgeprune.build.quantize import quantize_gguf
 
 # The types a tensor may take, each one quantizer pass in the sensitivity measurement: the K-quants for
 # 256-aligned rows, the 32-block types for the rest (SmolLM2's 576-wide rows take no K-quant), q8_0 on top.

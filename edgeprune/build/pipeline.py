@@ -29,12 +29,16 @@ from edgeprune.build.planner import Plan, check_search_options, make_plan
 from edgeprune.device.profiles import Profile
 from edgeprune.device.reporting.page import write_report_pages
 from edgeprune.build.resources import Resources, plan_resources
-from edgeprune.device.quantize import QUANT_TYPES, QuantizeResult, check_quant_type, quantize_gguf
+from edgeprune.build.quantize import QuantizeResult, quantize_gguf
+from edgeprune.device.llamacpp.quantizer import QUANT_TYPES, check_quant_type
 from edgeprune.core.shapes import shape_of
 from edgeprune.build.streaming import LazyLayers, check_streamable, compute_device, conversion_input, lazy_shape, stream_write
 from edgeprune.core.texts import Text, calibration_text, check_evaluation_length, check_recovery_length, evaluation_text, \
     read_text_file
-from edgeprune.device.validate import ValidationReport, check_evaluation_options, format_summary, validate_gguf, write_report
+from edgeprune.device.validation.entry import validate_gguf
+from edgeprune.device.validation.quality import check_evaluation_options
+from edgeprune.device.validation.report import format_summary, write_report
+from edgeprune.device.validation.results import ValidationReport
 
 Progress = Callable[[str], None]
 REFERENCE_NAME = "reference-F16.gguf"

@@ -19,7 +19,8 @@ from typing import Callable
 
 from converters import ConversionInput
 
-from edgeprune.device.costmodel import Prediction, estimate_size, predict_for_size
+from edgeprune.build.sizing import estimate_size
+from edgeprune.device.costmodel import Prediction, predict_for_size
 from edgeprune.core.errors import EdgepruneError
 from edgeprune.core.shapes import ModelShape
 

@@ -23,9 +23,9 @@ from edgeprune.build.calibration import collect_calibration
 from edgeprune.core.errors import EdgepruneError
 from edgeprune.build.loading import LoadedModel
 from edgeprune.build.planner import Evaluated, Plan
-from edgeprune.device.quantize import quantize_gguf
+from edgeprune.build.quantize import quantize_gguf
 from edgeprune.core.texts import Text
-from edgeprune.device.validate import measure_perplexity
+from edgeprune.device.validation.quality import measure_perplexity
 
 HELD_OUT_FRACTION = 0.2  # the tail of the calibration text scored here; calibration reads far less than 80%
 SEARCH_CHUNKS = 4  # 512-token chunks scored per candidate: enough to order candidates, cheap to repeat

@@ -138,8 +138,8 @@ def reference_from_logits(logits_rows: np.ndarray, targets: np.ndarray, k: int =
 
 
 def divergence_from_topk(topk: TopK, cand_logits_rows: np.ndarray) -> dict[str, np.ndarray]:
-    """Per position, like edgeprune.device.validate.divergence_rows: the estimated KLD, whether the candidate's top token
-    is the reference's, and both target log-probs (feed it to summarize_divergence)."""
+    """Per position, like edgeprune.device.validation.quality.divergence_rows: the estimated KLD, whether the
+    candidate's top token is the reference's, and both target log-probs (feed it to summarize_divergence)."""
     n = len(topk.targets)
     if cand_logits_rows.shape[0] != n:
         raise EdgepruneError(f"the candidate gave {cand_logits_rows.shape[0]} logit rows for {n} reference positions")

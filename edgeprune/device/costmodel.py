@@ -1,30 +1,20 @@
-"""Predict a GGUF's size, memory, decode and prefill speed on a device, before building it.
+"""Predict a GGUF's size, memory, decode and prefill speed on a device, from its shape and per-tensor sizes.
 
-Pure functions of (model shape, quant type, profile), plus one exact oracle: llama.cpp's own quantizer in
-dry-run mode decides every tensor's type, K-quant fallbacks and the Q4_K_M "more bits" layers included,
-on a skeleton GGUF whose data is a sparse hole. Nothing here re-implements llama.cpp's type rules.
+Pure functions of (model shape, tensor sizes, profile). The sizes of a model not yet written come from
+edgeprune.build.sizing (llama.cpp's quantizer in dry-run mode, on a skeleton GGUF written by the converters);
+those of an existing GGUF are read off the file, so a device predicts without the converters or torch.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import gguf
 
-from edgeprune.device import llama_log
-from edgeprune.core.atomic import raise_if_interrupted
-from edgeprune.core.errors import EdgepruneError
-from edgeprune.device.profiles import MAX_TYPE_EFFICIENCY
-from edgeprune.device.quantize import QUANT_TYPES, check_quant_type
 from edgeprune.core.shapes import ModelShape
-
-if TYPE_CHECKING:  # the converters need torch; predicting an existing GGUF (validation on a device) does not
-    from converters import ConversionInput
+from edgeprune.device.llamacpp.quantizer import QUANT_TYPES
+from edgeprune.device.profiles import MAX_TYPE_EFFICIENCY
 
 KV_PAD = 256  # llama.cpp allocates KV cells in multiples of 256
 N_UBATCH = 512  # llama.cpp's default micro-batch: the compute buffer is sized for it
@@ -65,106 +55,6 @@ class Prediction:
     def memory_bytes(self) -> int:
         """What validation measures as total memory: file + KV cache + llama.cpp's compute buffer."""
         return self.size.file_bytes + self.kv_cache_bytes + self.compute_buffer_bytes
-
-
-def estimate_size(source: ConversionInput, shape: ModelShape, quant: str) -> SizeEstimate:
-    """Exact per-tensor types and bytes of `shape` quantized to `quant`, from llama.cpp's dry run."""
-    from converters import writer_class
-
-    quant = check_quant_type(quant)
-    writer = writer_class(source.config, shape)(source, shape)
-    metadata = _metadata_bytes(writer)
-    types = _dry_run_types(writer, quant)
-    tensors = []
-    for name, dims in writer.tensor_layout():
-        row_length, rows = dims[-1], (dims[0] if len(dims) == 2 else 1)
-        block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[types[name].upper()]]
-        tensors.append(TensorCost(name, row_length, rows, types[name], rows * row_length // block * type_size))
-    return SizeEstimate(quant, tuple(tensors), metadata, writer.arch_name)
-
-
-def _metadata_bytes(writer) -> int:
-    """Bytes before the tensor data: a skeleton's header without the vocabulary (cheap, measured every time) plus
-    what the vocabulary's key/values add (slow to write: measured once per vocabulary content). The header's
-    padding to the 32-byte alignment is counted once, so this may be up to 31 bytes off."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = writer.write_skeleton(Path(tmp) / "skeleton.gguf")
-        data = sum(gguf.GGUFWriter.ggml_pad(_nbytes(dims), gguf.GGUF_DEFAULT_ALIGNMENT) for _, dims in writer.tensor_layout())
-        header = path.stat().st_size - data
-    return header + _vocab_bytes(writer.source.vocab, writer.arch_name) + _IMATRIX_KEYS_BYTES
-
-
-def _vocab_bytes(vocab, arch_name: str) -> int:
-    """The bytes a vocabulary's key/values take in a GGUF, cached under its content (a tuple of its fields: hashing
-    it reuses each string's cached hash, so a SmolLM2-sized vocabulary is looked up in milliseconds)."""
-    key = tuple(_frozen(getattr(vocab, f.name)) for f in dataclasses.fields(vocab))
-    if key not in _VOCAB_BYTES:
-        with tempfile.TemporaryDirectory() as tmp:
-            sizes = []
-            for with_vocab in (False, True):
-                writer = gguf.GGUFWriter(Path(tmp) / f"{with_vocab}.gguf", arch_name)
-                if with_vocab:
-                    vocab.write_to(writer)
-                writer.write_header_to_file()
-                writer.write_kv_data_to_file()
-                writer.close()
-                sizes.append((Path(tmp) / f"{with_vocab}.gguf").stat().st_size)
-        _VOCAB_BYTES[key] = sizes[1] - sizes[0]
-    return _VOCAB_BYTES[key]
-
-
-def _frozen(value):
-    if isinstance(value, dict):
-        return tuple(sorted(value.items()))
-    return tuple(value) if isinstance(value, list) else value
-
-
-_VOCAB_BYTES: dict[tuple, int] = {}
-_IMATRIX_KEYS_BYTES = 256  # quantize.imatrix.* keys added by the quantizer
-
-
-def _nbytes(dims: tuple[int, ...]) -> int:
-    n = 1
-    for d in dims:
-        n *= d
-    return n * (2 if len(dims) == 2 else 4)
-
-
-def _dry_run_types(writer, quant: str) -> dict[str, str]:
-    key = (writer.arch_name, writer.shape, quant, writer.llama3_rope_factors() is not None)
-    if key not in _DRY_RUN_CACHE:
-        _DRY_RUN_CACHE[key] = _run_dry_run(writer, quant)
-    return _DRY_RUN_CACHE[key]
-
-
-_DRY_RUN_CACHE: dict[tuple, dict[str, str]] = {}
-
-
-def _run_dry_run(writer, quant: str) -> dict[str, str]:
-    with tempfile.TemporaryDirectory() as tmp:
-        names = [name for name, _ in writer.tensor_layout()]  # the skeleton's tensors, as it was written
-        return dry_run_types(writer.write_skeleton(Path(tmp) / "skeleton.gguf"), quant, names)
-
-
-def dry_run_types(path: Path, quant: str, names: list[str] | None = None) -> dict[str, str]:
-    """The type llama.cpp's quantizer would give each tensor of the GGUF at `path` for `quant`, without
-    quantizing: its dry run logs them (a dry run writes no file to read them from, and a real quantization
-    of SmolLM2's skeleton takes 2.4 s where the dry run takes 0.013 s). Every tensor of the file, `names` or
-    as gguf-py's reader lists them, must get a type."""
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = QUANT_TYPES[quant]
-    params.dry_run = True
-    with tempfile.TemporaryDirectory() as tmp, llama_log.captured() as log:
-        status = llama_cpp.llama_model_quantize(str(path).encode(), str(Path(tmp) / "out.gguf").encode(),
-                                               ctypes.byref(params))
-    raise_if_interrupted()
-    if status != 0:
-        detail = llama_log.error_line(log.text()) or "see llama.cpp's log"
-        raise EdgepruneError(f"llama.cpp could not plan a {quant} quantization of this shape: {detail}")
-    names = names if names is not None else [t.name for t in gguf.GGUFReader(path).tensors]
-    return llama_log.tensor_types(log.text(), names, Path(path).name)
 
 
 def kv_cache_bytes(shape: ModelShape, n_ctx: int, kv_type: str = "f16", flash_attention: bool = False) -> int:
@@ -273,11 +163,6 @@ def size_of_gguf(info) -> SizeEstimate:
     ftype = info.value("general.file_type")
     quant = next((name for name, value in QUANT_TYPES.items() if value == ftype), "unknown")
     return SizeEstimate(quant, tensors, int(first_data), info.architecture)
-
-
-def predict(source: ConversionInput, shape: ModelShape, quant: str, profile) -> Prediction:
-    """Everything the budgets are judged on, predicted for `profile`'s device and runtime."""
-    return predict_for_size(estimate_size(source, shape, quant), shape, profile)
 
 
 def predict_for_size(size: SizeEstimate, shape: ModelShape, profile) -> Prediction:

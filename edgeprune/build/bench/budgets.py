@@ -17,7 +17,7 @@ from pathlib import Path
 
 from converters import ConversionInput
 
-from edgeprune.device.costmodel import predict
+from edgeprune.build.sizing import predict
 from edgeprune.core.errors import EdgepruneError
 from edgeprune.core.fetch import fetch_smollm2
 from edgeprune.build.hostprobe import measure_host_profile
@@ -25,7 +25,7 @@ from edgeprune.build.loading import load_model
 from edgeprune.build.pipeline import ExportOptions, export_model
 from edgeprune.device.profiles import Profile, list_profiles
 from edgeprune.core.shapes import shape_of
-from edgeprune.device.validate import MIB
+from edgeprune.device.validation.results import MIB
 from edgeprune.build.bench.tables import SuiteResult, table
 
 EVAL_CHUNKS = 4  # perplexity is not what this suite judges; a few chunks keep each export short

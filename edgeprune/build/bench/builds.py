@@ -22,7 +22,7 @@ from edgeprune.core.fetch import DEFAULT_CACHE, fetch_smollm2
 from edgeprune.build.loading import load_model, save_hf_directory
 from edgeprune.device.profiles import load_profile
 from edgeprune.core.texts import calibration_text, default_evaluation_text
-from edgeprune.device.validate import Runtime
+from edgeprune.device.llamacpp.runtime import Runtime
 from edgeprune.build.bench.llamacpp import converter_script
 from edgeprune.build.bench.tables import SuiteResult, table
 

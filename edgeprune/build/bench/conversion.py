@@ -25,7 +25,8 @@ from edgeprune.core.errors import EdgepruneError
 from edgeprune.core.fetch import fetch_smollm2
 from edgeprune.build.loading import LoadedModel, load_model, save_hf_directory
 from edgeprune.core.texts import default_evaluation_text
-from edgeprune.device.validate import MIB, divergence_rows
+from edgeprune.device.validation.quality import divergence_rows
+from edgeprune.device.validation.results import MIB
 from edgeprune.build.bench.llamacpp import compare_ggufs, llama_cpp_convert, llama_cpp_version
 from edgeprune.build.bench.tables import SuiteResult, table
 
@@ -129,7 +130,7 @@ def _llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
 
 
 def _parity(reference: np.ndarray, candidate: np.ndarray) -> dict:
-    """Top-1 agreement and KL(reference || candidate) per position, with validate's float64 arithmetic."""
+    """Top-1 agreement and KL(reference || candidate) per position, with validation's float64 arithmetic."""
     rows = divergence_rows(reference, candidate, np.zeros(len(reference), dtype=int))
     return {"positions": len(reference), "top1_agreement": float(rows["same_top"].mean()),
             "kld_mean": float(rows["kld"].mean()), "kld_max": float(rows["kld"].max())}

@@ -13,7 +13,9 @@ from edgeprune.device.costmodel import predict_gguf
 from edgeprune.core.fetch import fetch_smollm2
 from edgeprune.device.gguf_check import read_gguf
 from edgeprune.device.profiles import list_profiles
-from edgeprune.device.validate import MIB, Runtime, measure_speed
+from edgeprune.device.llamacpp.runtime import Runtime
+from edgeprune.device.validation.results import MIB
+from edgeprune.device.validation.speed import measure_speed
 from edgeprune.build.bench.tables import SuiteResult, relative, table
 
 

@@ -22,14 +22,16 @@ from converters import ConversionInput, write_gguf
 
 from edgeprune.build.calibration import collect_calibration
 from edgeprune.core.atomic import write_text_atomic
-from edgeprune.device.costmodel import dry_run_types
+from edgeprune.device.llamacpp.quantizer import dry_run_types
 from edgeprune.core.fetch import fetch_smollm2
 from edgeprune.build.hostprobe import measure_host_profile
 from edgeprune.build.loading import load_model
 from edgeprune.build.mixed import Sensitivity, measure_sensitivity, solve
-from edgeprune.device.quantize import quantize_gguf
+from edgeprune.build.quantize import quantize_gguf
 from edgeprune.core.texts import default_calibration_text, default_evaluation_text
-from edgeprune.device.validate import MIB, measure_perplexity, measure_speed
+from edgeprune.device.validation.quality import measure_perplexity
+from edgeprune.device.validation.results import MIB
+from edgeprune.device.validation.speed import measure_speed
 from edgeprune.build.bench.quantization import CALIB_SEQ_LEN, CALIB_SEQUENCES, EVAL_CHUNKS, EVAL_CTX
 from edgeprune.build.bench.tables import SuiteResult, table
 

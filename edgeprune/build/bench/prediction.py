@@ -25,10 +25,11 @@ from edgeprune.device.gguf_check import read_gguf
 from edgeprune.build.hostprobe import fit_host_profile, measure_hardware, measure_interleaved, measured_runs, pooled_speed, write_ladder
 from edgeprune.build.loading import load_model
 from edgeprune.build.pruning import PruneOptions, prune_model
-from edgeprune.device.quantize import quantize_gguf
+from edgeprune.build.quantize import quantize_gguf
 from edgeprune.core.shapes import shape_of
 from edgeprune.core.texts import default_calibration_text
-from edgeprune.device.validate import MIB, N_GEN, N_PROMPT, REPETITIONS
+from edgeprune.device.validation.results import MIB
+from edgeprune.device.validation.speed import N_GEN, N_PROMPT, REPETITIONS
 from edgeprune.build.bench.tables import SuiteResult, table
 
 def _pruned(**options) -> PruneOptions:

@@ -39,7 +39,10 @@ from edgeprune.build.pruning import PruneOptions, prune_model
 from edgeprune.build.pruning.prune import RIDGE
 from edgeprune.core.shapes import shape_of
 from edgeprune.core.texts import Text, default_calibration_text, default_evaluation_text, tempest_text
-from edgeprune.device.validate import MIB, measure_perplexity, measure_speed, peak_rss_bytes
+from edgeprune.device.validation.machine import peak_rss_bytes
+from edgeprune.device.validation.quality import measure_perplexity
+from edgeprune.device.validation.results import MIB
+from edgeprune.device.validation.speed import measure_speed
 from edgeprune.build.bench.tables import SuiteResult, machine, table, write_suite
 
 # Each method as its authors run it: the criterion with its own recovery; `edgeprune` is PruneOptions' default.

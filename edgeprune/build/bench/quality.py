@@ -29,9 +29,10 @@ from edgeprune.build.loading import load_model
 from edgeprune.build.planner import SUGGESTED_QUANTS
 from edgeprune.device.profiles import list_profiles
 from edgeprune.build.pruning import PruneOptions, prune_model
-from edgeprune.device.quantize import quantize_gguf
+from edgeprune.build.quantize import quantize_gguf
 from edgeprune.core.texts import default_calibration_text, default_evaluation_text
-from edgeprune.device.validate import MIB, measure_perplexity
+from edgeprune.device.validation.quality import measure_perplexity
+from edgeprune.device.validation.results import MIB
 from edgeprune.build.bench.pruning import split_budget
 from edgeprune.build.bench.quantization import CALIB_SEQ_LEN, CALIB_SEQUENCES, EVAL_CHUNKS, EVAL_CTX
 from edgeprune.build.bench.tables import SuiteResult, table

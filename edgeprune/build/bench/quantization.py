@@ -15,9 +15,11 @@ from converters import ConversionInput, write_gguf
 from edgeprune.build.calibration import collect_calibration
 from edgeprune.core.fetch import fetch_smollm2
 from edgeprune.build.loading import load_model
-from edgeprune.device.quantize import quantize_gguf
+from edgeprune.build.quantize import quantize_gguf
 from edgeprune.core.texts import default_calibration_text, default_evaluation_text
-from edgeprune.device.validate import MIB, N_GEN, N_PROMPT, REPETITIONS, validate_gguf
+from edgeprune.device.validation.entry import validate_gguf
+from edgeprune.device.validation.results import MIB
+from edgeprune.device.validation.speed import N_GEN, N_PROMPT, REPETITIONS
 from edgeprune.build.bench.tables import SuiteResult, relative, table
 
 # (llama.cpp type, with importance matrix); F16 is the reference itself, not quantized.
@@ -61,7 +63,7 @@ def run(progress) -> SuiteResult:
             f"One F16 GGUF written by edgeprune from SmolLM2-135M-Instruct (the Q4_1 GGUF from PyPI, dequantized) is "
             f"the reference; each row is quantized from it by llama.cpp's quantizer (llama_model_quantize). The "
             f"importance matrix is edgeprune's calibration pass over {CALIB_SEQUENCES}×{CALIB_SEQ_LEN} tokens of "
-            f"'{calibration.name}'. Every file is measured by edgeprune.device.validate through llama.cpp: perplexity the "
+            f"'{calibration.name}'. Every file is measured by edgeprune.device.validation through llama.cpp: perplexity the "
             f"llama-perplexity way on '{evaluation.name}' ({EVAL_CHUNKS} chunks of {EVAL_CTX} tokens, second half "
             f"scored), KL divergence and top-1 agreement against the F16 reference on the same tokens, and "
             f"llama-bench-style pp{N_PROMPT} / tg{N_GEN} speed (median of {REPETITIONS}, all cores). Fallbacks are tensors llama.cpp stored "

@@ -27,7 +27,8 @@ from edgeprune.build.pruning import PruneOptions, prune_model
 from edgeprune.build.pruning.distill import DistillOptions, TeacherCache, distill, windows
 from edgeprune.core.shapes import shape_of
 from edgeprune.core.texts import default_calibration_text, default_evaluation_text, recovery_texts, tempest_text
-from edgeprune.device.validate import MIB, measure_perplexity
+from edgeprune.device.validation.quality import measure_perplexity
+from edgeprune.device.validation.results import MIB
 from edgeprune.build.bench.pruning import split_budget
 from edgeprune.build.bench.tables import SuiteResult, table
 

@@ -2,8 +2,8 @@
 
 A bundle (edgeprune.device.bundle_logits) keeps the reference's k most likely tokens per scored position, the mass outside
 them, and m tokens drawn from that rest. This suite scores SmolLM2's F16 reference and three quantized candidates
-on the same llama-perplexity chunks through llama.cpp, computes the full KLD (edgeprune.device.validate.divergence_rows)
-and the bundle's estimate for every (k, m) from the same logits, and writes each bundle to weigh it. It is what
+on the same llama-perplexity chunks through llama.cpp, computes the full KLD
+(edgeprune.device.validation.quality.divergence_rows) and the bundle's estimate for every (k, m) from the same logits, and writes each bundle to weigh it. It is what
 chose bundle_logits.DEFAULT_TOP_K, DEFAULT_TAIL_SAMPLES and LOGP_DTYPE.
 """
 
@@ -31,9 +31,10 @@ from edgeprune.device.bundle_logits import (
 )
 from edgeprune.core.fetch import fetch_smollm2
 from edgeprune.build.loading import load_model
-from edgeprune.device.quantize import quantize_gguf
+from edgeprune.build.quantize import quantize_gguf
 from edgeprune.core.texts import default_evaluation_text
-from edgeprune.device.validate import _Model, divergence_rows, summarize_divergence
+from edgeprune.device.llamacpp.runtime import Model
+from edgeprune.device.validation.quality import divergence_rows, summarize_divergence
 from edgeprune.build.bench.tables import SuiteResult, table
 
 KS = (1, 4, 8, 16, 32, 64, 128)
@@ -54,8 +55,8 @@ def run(progress) -> SuiteResult:
                                Path(tmp) / "F16.gguf", "F16", progress)
         del loaded  # give the torch model's memory to llama.cpp
         paths = {q: quantize_gguf(reference, Path(tmp) / f"{q}.gguf", q, progress=progress).path for q in CANDIDATES}
-        ref = _Model(str(reference), n_ctx=EVAL_CTX, n_batch=EVAL_CTX, threads=threads)
-        models = {q: _Model(str(path), n_ctx=EVAL_CTX, n_batch=EVAL_CTX, threads=threads) for q, path in paths.items()}
+        ref = Model(str(reference), n_ctx=EVAL_CTX, n_batch=EVAL_CTX, threads=threads)
+        models = {q: Model(str(path), n_ctx=EVAL_CTX, n_batch=EVAL_CTX, threads=threads) for q, path in paths.items()}
         n_vocab = ref.n_vocab
         chunks = evaluation_chunks(ref.tokenize(evaluation.content), EVAL_CTX, EVAL_CHUNKS,
                                    ref.bos if ref.add_bos else None)
@@ -91,7 +92,7 @@ def run(progress) -> SuiteResult:
             f"An F16 GGUF written by edgeprune from SmolLM2-135M-Instruct is the reference; {', '.join(CANDIDATES)} "
             f"are quantized from it by llama.cpp. All four are scored by llama.cpp on the same llama-perplexity "
             f"chunks of '{evaluation.name}' ({len(chunks)} chunks of {EVAL_CTX} tokens, positions {EVAL_CTX // 2} … "
-            f"{EVAL_CTX - 2} scored: {n_scored} positions). The full KLD is edgeprune.device.validate's (float64 softmax over "
+            f"{EVAL_CTX - 2} scored: {n_scored} positions). The full KLD is edgeprune.device.validation's (float64 softmax over "
             f"all {n_vocab} tokens). The bundle's KLD is edgeprune.device.bundle_logits' estimate from the reference's k most "
             f"likely tokens, the rest mass and m tokens drawn from the rest (m = 0: the k + 1-bin lower bound alone), "
             f"computed from the same logits. Errors are bundle minus full, relative to full; ± is one standard error "

@@ -9,7 +9,7 @@ from edgeprune.core.errors import EdgepruneError
 from edgeprune.device.reporting.document import Run, Section, Table, margin, memory_short, verdict
 from edgeprune.device.reporting.plots import margin_plot, quality_plot
 from edgeprune.device.reporting.render import write_pages
-from edgeprune.device.validate import MIB, ValidationReport
+from edgeprune.device.validation.results import MIB, ValidationReport
 
 
 def merge_reports(documents: list[dict], out_html: Path, out_md: Path | None = None) -> list[Path]:

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeprune.core.errors import EdgepruneError
-from edgeprune.device.validate import AT_LEAST, MIB, ValidationReport
+from edgeprune.device.validation.budgets import AT_LEAST
+from edgeprune.device.validation.results import MIB, ValidationReport
 
 REPORT_JSON = "report.json"
 

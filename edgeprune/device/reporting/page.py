@@ -9,7 +9,7 @@ from pathlib import Path
 from edgeprune.device.reporting.document import Run, Section, Table, basis, limit_text, margin, verdict
 from edgeprune.device.reporting.plots import layers_plot, margin_plot, prediction_plot
 from edgeprune.device.reporting.render import write_pages
-from edgeprune.device.validate import MIB, ValidationReport
+from edgeprune.device.validation.results import MIB, ValidationReport
 
 
 def write_report_pages(document: dict, out_dir: Path, stem: str = "report") -> list[Path]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 
 from edgeprune.device.reporting.document import Figure, limit_text, margin
-from edgeprune.device.validate import MIB, ValidationReport
+from edgeprune.device.validation.results import MIB, ValidationReport
 
 PASS_COLOR = "#2ca02c"  # margin bars; the page's PASS/FAIL cells use other shades, so a screenshot tells them apart
 FAIL_COLOR = "#d62728"
