@@ -40,5 +40,6 @@ def write_bundle_report(result: BundleValidation, report_path: Path) -> dict:
     """The report of a bundle's validation as JSON at `report_path`, with what the bundle holds and the host's
     own validation beside it; returns the document."""
     expected = result.bundle.expected
-    return write_report(report_path, result.report, bundle={key: expected[key] for key in ("model", "quant", "profile")},
+    return write_report(report_path, result.report,
+                        bundle={key: expected[key] for key in ("model", "quant", "profile")},
                         host_validation=expected["host_validation"])
