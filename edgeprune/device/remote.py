@@ -360,3 +360,24 @@ def validate_remote(bundle_dir: Path, target: RemoteTarget, *, identity: Path | 
                                  f"({_last_line(profile_text.stderr)})")
         write_text_atomic(Path(update_profile), profile_text.stdout)
     return document, code
+
+
+def validate_bundle_remote(bundle_dir: Path, remote: str, *, profile: str | None = None,
+                           eval_chunks: int | None = None, update_profile: Path | None = None,
+                           **options) -> tuple[RemoteTarget, dict, int]:
+    """`validate BUNDLE --remote USER@HOST[:PORT]`: what validate_remote takes (`options`), checked here before
+    connecting: the target, the profile (a name or path here), the chunks the bundle holds and the updated
+    profile's destination. Returns the target, the remote's report and its exit code."""
+    from edgeprune.device.bundle import chunks_to_score
+    from edgeprune.device.profile_update import check_update_destination
+    from edgeprune.device.profiles import load_profile
+
+    target = parse_target(remote)
+    profile_path = load_profile(profile).path if profile else None
+    chunks_to_score(bundle_dir, eval_chunks)
+    if update_profile is not None:
+        check_update_destination(update_profile)
+    check_remote_tools()
+    document, code = validate_remote(bundle_dir, target, profile=profile_path, eval_chunks=eval_chunks,
+                                     update_profile=update_profile, **options)
+    return target, document, code

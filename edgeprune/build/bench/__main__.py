@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from edgeprune.core.atomic import install_signal_handlers
-from edgeprune.cli import EXIT_INTERRUPTED, EXIT_USER_ERROR, progress
+from edgeprune.core.console import EXIT_INTERRUPTED, EXIT_USER_ERROR, progress
 from edgeprune.core.errors import EdgepruneError
 from edgeprune.build.bench import SUITES, suite_runner
 from edgeprune.build.bench.tables import machine, write_suite

@@ -32,7 +32,7 @@ import torch
 from converters import ConversionInput, write_gguf
 
 from edgeprune.core.atomic import install_signal_handlers
-from edgeprune.cli import progress
+from edgeprune.core.console import progress
 from edgeprune.core.fetch import fetch_smollm2
 from edgeprune.build.loading import load_model
 from edgeprune.build.pruning import PruneOptions, prune_model
