@@ -19,7 +19,8 @@ from edgeprune.core.errors import EdgepruneError
 from edgeprune.device.reporting.compare import merge_reports
 from edgeprune.device.reporting.document import load_report
 from edgeprune.device.reporting.page import write_report_pages
-from edgeprune.device.reporting.plots import FAIL_COLOR, PASS_COLOR
+from edgeprune.build import plots
+from edgeprune.build.plots import FAIL_COLOR, PASS_COLOR
 from edgeprune.core.shapes import LayerShape
 from edgeprune.device.validation.results import (MIB, BudgetCheck, DivergenceResult, MemoryResult, PerplexityResult,
                                                  Predicted, SpeedResult, ValidationReport)
@@ -93,7 +94,7 @@ def markdown_rows(md: str) -> list[list[str]]:
 
 def test_single_run_page_is_self_contained_and_shows_the_numbers(tmp_path):
     doc = document(validation(), device=pi("pi5-a"))
-    written = write_report_pages(doc, tmp_path)
+    written = write_report_pages(doc, tmp_path, plots=plots)
     page = (tmp_path / "report.html").read_text()
     md = (tmp_path / "report.md").read_text()
     assert set(written) == {tmp_path / "report.html", tmp_path / "report.md", tmp_path / "report-margins.png",
@@ -120,7 +121,7 @@ def test_missing_sections_are_left_out(tmp_path):
     bare = dataclasses.replace(validation(kld=None), predicted_device=None, predicted_host=None, checks=[],
                                passed=None)
     doc = {"export": None, "validation": bare.to_dict()}  # a bundle validator's document, old shape
-    write_report_pages(doc, tmp_path, stem="bare")
+    write_report_pages(doc, tmp_path, stem="bare", plots=plots)
     page = (tmp_path / "bare.html").read_text()
     assert "<img" not in page and "KLD" not in page and "Budgets" not in page and "Device" not in page
     assert ["verdict", "no budgets"] in table_rows(page)
@@ -128,14 +129,14 @@ def test_missing_sections_are_left_out(tmp_path):
 
     no_validation = document(validation(), pruned=False)
     no_validation["validation"] = None  # an export without a profile
-    write_report_pages(no_validation, tmp_path / "export")
+    write_report_pages(no_validation, tmp_path / "export", plots=plots)
     assert ["validation", "none (exported without a profile)"] in table_rows((tmp_path / "export/report.html").read_text())
 
 
 def test_merge_of_three_runs_is_one_page_with_a_column_each(tmp_path):
     runs = [document(validation("a/SmolLM2-135M-Q4_K_M.gguf"), device=pi(f"pi5-{name}")) for name in "abc"]
     runs[2] = document(validation("c/SmolLM2-135M-Q4_K_M.gguf", decode=70.0), device=pi("pi5-c"))
-    written = merge_reports(runs, tmp_path / "compare.html", tmp_path / "compare.md")
+    written = merge_reports(runs, tmp_path / "compare.html", tmp_path / "compare.md", plots=plots)
     page = (tmp_path / "compare.html").read_text()
     rows = table_rows(page)
     assert rows[0] == ["", "pi5-a", "pi5-b", "pi5-c"]  # one file on three devices: the devices name the columns
@@ -149,7 +150,7 @@ def test_merge_of_three_runs_is_one_page_with_a_column_each(tmp_path):
 
     files = [document(validation(f"out/SmolLM2-{q}.gguf", file_mib=size, ppl=ppl))
              for q, size, ppl in (("Q8_0", 138.0, 20.3), ("Q4_K_M", 100.5, 21.7), ("Q3_K_M", 83.2, 24.9))]
-    merge_reports(files, tmp_path / "files.html")
+    merge_reports(files, tmp_path / "files.html", plots=plots)
     assert table_rows((tmp_path / "files.html").read_text())[0] == ["", "SmolLM2-Q8_0.gguf", "SmolLM2-Q4_K_M.gguf",
                                                                    "SmolLM2-Q3_K_M.gguf"]
     assert not (tmp_path / "files.md").exists()
@@ -169,11 +170,11 @@ def test_load_report_accepts_directories_and_bare_validations_and_names_bad_file
             load_report(tmp_path / name)
         assert name in str(error.value) and "\n" not in str(error.value)
     with pytest.raises(EdgepruneError, match="no reports"):
-        merge_reports([], tmp_path / "empty.html")
+        merge_reports([], tmp_path / "empty.html", plots=plots)
 
 
 def test_importing_the_module_does_not_import_matplotlib():
-    code = ("import sys, edgeprune.device.reporting.page, edgeprune.device.reporting.compare; "
+    code = ("import sys, edgeprune.device.reporting.page, edgeprune.device.reporting.compare, edgeprune.build.plots; "
             "print('matplotlib' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
 
@@ -184,7 +185,7 @@ def test_without_matplotlib_the_page_has_its_tables_and_says_plots_need_it(tmp_p
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     doc = document(validation(), device=pi("pi5-a"))
-    written = write_report_pages(doc, tmp_path)
+    written = write_report_pages(doc, tmp_path, plots=plots)
     assert sorted(p.name for p in written) == ["report.html", "report.md"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html", "report.md"]
     page, md = (tmp_path / "report.html").read_text(), (tmp_path / "report.md").read_text()
@@ -197,7 +198,7 @@ def test_without_matplotlib_the_page_has_its_tables_and_says_plots_need_it(tmp_p
     assert markdown_rows(md) == rows
 
     runs = [document(validation(), device=pi(f"pi5-{name}")) for name in "ab"]
-    written = merge_reports(runs, tmp_path / "compare.html", tmp_path / "compare.md")
+    written = merge_reports(runs, tmp_path / "compare.html", tmp_path / "compare.md", plots=plots)
     assert sorted(p.name for p in written) == ["compare.html", "compare.md"]
     page = (tmp_path / "compare.html").read_text()
     assert table_rows(page)[0] == ["", "pi5-a", "pi5-b"] and "<img" not in page
@@ -228,7 +229,7 @@ def test_page_renders_its_images_in_a_real_browser(tmp_path):
     screenshot must show the plots' green and red margin bars, which no other part of the page paints."""
     import matplotlib.image
 
-    write_report_pages(document(validation(), device=pi("pi5-a")), tmp_path)
+    write_report_pages(document(validation(), device=pi("pi5-a")), tmp_path, plots=plots)
     page = tmp_path / "report.html"
     probe = tmp_path / "probe.html"
     probe.write_text(page.read_text().replace("</body>", PROBE, 1))

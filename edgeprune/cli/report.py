@@ -14,8 +14,9 @@ import click
 def report(reports, out_path):
     """Merge validation reports (report.json files, or directories holding one) into one comparison page: one
     file on several devices, or several files on one device."""
-    from edgeprune.device.reporting.document import load_report
+    from edgeprune.build import plots  # matplotlib where installed; it imports no torch, so a device install runs it
     from edgeprune.device.reporting.compare import merge_reports
+    from edgeprune.device.reporting.document import load_report
 
-    written = merge_reports([load_report(r) for r in reports], out_path, out_path.with_suffix(".md"))
+    written = merge_reports([load_report(r) for r in reports], out_path, out_path.with_suffix(".md"), plots=plots)
     click.echo("wrote " + ", ".join(str(p) for p in written))

@@ -140,9 +140,10 @@ def _validate_bundle(directory: Path, profile_name: str | None, json_path: Path 
 
 def _echo_written(document: dict, report_path: Path) -> None:
     """The report's pages beside its JSON, and one line naming every file of it."""
+    from edgeprune.build import plots  # matplotlib where installed; it imports no torch, so a device install runs it
     from edgeprune.device.report_pages import write_pages
 
-    click.echo("wrote " + ", ".join(str(p) for p in write_pages(document, report_path)))
+    click.echo("wrote " + ", ".join(str(p) for p in write_pages(document, report_path, plots)))
 
 
 def _write_back(profile, gguf: Path, report, destination: Path) -> None:

@@ -8,7 +8,8 @@ mailed or archived as one file and opens offline. The Markdown links the same PN
 - `document`: report.json read (`load_report`, `Run`), the page's building blocks and the wording both pages share;
 - `page`: one run's page (`write_report_pages`);
 - `compare`: several runs side by side (`merge_reports`);
-- `plots`: the figures, drawn with matplotlib where it is installed (a device install may lack it: the page
-  then has the tables and says that plots need matplotlib);
+- the figures are drawn by whatever the caller passes as `plots=` (edgeprune.build.plots, with matplotlib where
+  it is installed; the device side never imports matplotlib): without them the page has its tables and says
+  that plots need matplotlib;
 - `render`: the sections as HTML and Markdown, written to disk.
 """

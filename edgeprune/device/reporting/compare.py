@@ -6,15 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgeprune.core.errors import EdgepruneError
-from edgeprune.device.reporting.document import Run, Section, Table, margin, memory_short, verdict
-from edgeprune.device.reporting.plots import margin_plot, quality_plot
+from edgeprune.device.reporting.document import Plots, Run, Section, Table, margin, memory_short, verdict
 from edgeprune.device.reporting.render import write_pages
 from edgeprune.device.validation.results import MIB, ValidationReport
 
 
-def merge_reports(documents: list[dict], out_html: Path, out_md: Path | None = None) -> list[Path]:
+def merge_reports(documents: list[dict], out_html: Path, out_md: Path | None = None, *,
+                  plots: Plots | None) -> list[Path]:
     """One comparison page of several runs (one file on several devices, several files on one device): a column
-    per run, quality against file size, and each run's budget margins. Returns the paths written."""
+    per run, quality against file size, and each run's budget margins. Returns the paths written. `plots` draws
+    the figures (edgeprune.build.plots); None leaves them out, and the page says so."""
     if not documents:
         raise EdgepruneError("no reports to merge: give one or more report.json files or export directories")
     runs = [Run.of(d) for d in documents]
@@ -22,11 +23,11 @@ def merge_reports(documents: list[dict], out_html: Path, out_md: Path | None = N
     sections = [Section("Runs", [_comparison_table(runs, labels)])]
     measured = [(label, run.validation) for label, run in zip(labels, runs) if run.validation]
     if measured:
-        sections.append(Section("Quality against file size", [quality_plot(measured)]))
+        sections.append(Section("Quality against file size", [plots and plots.quality_plot(measured)]))
     budgets = [(label, v) for label, v in measured if v.checks]
     if budgets:
         sections.append(Section("Budgets", [_merged_checks_table(budgets)] + [
-            margin_plot(v.checks, f"margins-{i + 1}", f"Budget margins: {label}") for i, (label, v) in
+            plots and plots.margin_plot(v.checks, f"margins-{i + 1}", f"Budget margins: {label}") for i, (label, v) in
             enumerate(budgets)]))
     return write_pages(f"edgeprune comparison of {len(runs)} runs", sections, Path(out_html),
                        Path(out_md) if out_md else None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from edgeprune.core.errors import EdgepruneError
 from edgeprune.device.validation.budgets import AT_LEAST
@@ -25,6 +26,19 @@ class Figure:
     name: str  # file name part: <stem>-<name>.png
     caption: str
     png: bytes
+
+
+class Plots(Protocol):
+    """What draws a page's figures: edgeprune.build.plots (matplotlib, which the device side never imports).
+    Each returns None where it cannot draw."""
+
+    def margin_plot(self, checks, name: str, title: str) -> Figure | None: ...
+
+    def prediction_plot(self, pairs: list, predictions: list[str]) -> Figure | None: ...
+
+    def layers_plot(self, layers: list[dict]) -> Figure | None: ...
+
+    def quality_plot(self, measured: list) -> Figure | None: ...
 
 
 @dataclass

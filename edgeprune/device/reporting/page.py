@@ -6,21 +6,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edgeprune.device.reporting.document import Run, Section, Table, basis, limit_text, margin, verdict
-from edgeprune.device.reporting.plots import layers_plot, margin_plot, prediction_plot
+from edgeprune.device.reporting.document import Plots, Run, Section, Table, basis, limit_text, margin, verdict
 from edgeprune.device.reporting.render import write_pages
 from edgeprune.device.validation.results import MIB, ValidationReport
 
 
-def write_report_pages(document: dict, out_dir: Path, stem: str = "report") -> list[Path]:
-    """`<stem>.html`, `<stem>.md` and the Markdown's PNGs in `out_dir`, for one run. Returns the paths written."""
+def write_report_pages(document: dict, out_dir: Path, stem: str = "report", *, plots: Plots | None) -> list[Path]:
+    """`<stem>.html`, `<stem>.md` and the Markdown's PNGs in `out_dir`, for one run. Returns the paths written.
+    `plots` draws the figures (edgeprune.build.plots); None leaves them out, and the page says so."""
     run = Run.of(document)
     name = run.export.get("model") or run.file
-    return write_pages(f"edgeprune report: {Path(str(name)).name}", _run_sections(run),
+    return write_pages(f"edgeprune report: {Path(str(name)).name}", _run_sections(run, plots),
                        Path(out_dir) / f"{stem}.html", Path(out_dir) / f"{stem}.md")
 
 
-def _run_sections(run: Run) -> list[Section]:
+def _run_sections(run: Run, plots: Plots | None) -> list[Section]:
     """Summary, device, budgets, predictions and pruning; a part the document lacks is left out."""
     sections = [Section("Summary", [Table(["", "value"], _summary_rows(run))])]
     if run.device:
@@ -28,14 +28,14 @@ def _run_sections(run: Run) -> list[Section]:
                                                                    for k, v in run.device.items()])]))
     v = run.validation
     if v is not None and v.checks:
-        sections.append(Section("Budgets", [_checks_table(v.checks), margin_plot(v.checks, "margins",
-                                                                                 "Budget margins")]))
+        sections.append(Section("Budgets", [_checks_table(v.checks), plots and plots.margin_plot(
+            v.checks, "margins", "Budget margins")]))
     if v is not None and (v.predicted_device or v.predicted_host):
-        sections.append(Section("Predicted and measured", [_prediction_table(v), prediction_plot(
+        sections.append(Section("Predicted and measured", [_prediction_table(v), plots and plots.prediction_plot(
             _prediction_pairs(v), _prediction_names(v))]))
     layers = (run.export.get("pruning") or {}).get("layers")
     if layers:
-        sections.append(Section("Pruning", [layers_plot(layers)]))
+        sections.append(Section("Pruning", [plots and plots.layers_plot(layers)]))
     mixed = run.export.get("mixed")
     if mixed:
         sections.append(Section("Tensor types (mixed precision)", [

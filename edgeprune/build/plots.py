@@ -1,8 +1,10 @@
-"""The pages' figures, as PNG bytes.
+"""The report pages' figures, as PNG bytes: what the device side's pages are given to draw with (`plots=`).
 
-matplotlib is imported inside `_pyplot` only, and only if it is installed: the CLI and the pipeline import the
-report modules on every run, most runs never draw, and a device install has no matplotlib at all. Without it
-every plot function returns None, and the page is written with its tables and a note (render.PLOTS_NEED_MATPLOTLIB).
+They live on the build side because the device side never imports matplotlib (pyproject.toml's contracts).
+matplotlib is imported inside `_pyplot` only, and only if it is installed: the CLI and the pipeline import this
+module on every run, most runs never draw, and a device install usually has no matplotlib. Without it every
+plot function returns None, and the page is written with its tables and a note (render.PLOTS_NEED_MATPLOTLIB).
+It imports neither torch nor transformers, so the CLI of a device install may use it.
 """
 
 from __future__ import annotations
