@@ -231,7 +231,8 @@ def export(model, profile_name, quant, out_dir, calib, no_imatrix, mix, allow_pi
     DIR/report.json, and prints the validation summary. Exits 1 when the model misses a budget of the profile.
     """
     require_build_install("export")
-    from edgeprune.build.pipeline import ExportOptions, export_model
+    from edgeprune.build.pipeline.export import export_model
+    from edgeprune.build.pipeline.options import ExportOptions
 
     if mix and no_imatrix:
         raise EdgepruneError("--mix weighs each tensor's error by the importance matrix: drop --no-imatrix")
@@ -274,7 +275,8 @@ def prune(model, out_dir, quant, calib, allow_pickle, heads, ffn, layers, method
     """Prune MODEL and write the pruned GGUF (llama or deci, picked from the shapes) into DIR. A run that would
     remove nothing is refused."""
     require_build_install("prune")
-    from edgeprune.build.pipeline import ExportOptions, export_model
+    from edgeprune.build.pipeline.export import export_model
+    from edgeprune.build.pipeline.options import ExportOptions
 
     options = _prune_options(quant, heads, ffn, layers, method, allocation)
     if options is None:

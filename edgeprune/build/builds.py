@@ -341,7 +341,9 @@ def run_build(build: BuildFile, *, only: tuple[str, ...] = (), jobs: int = 1, th
             outcomes[target.name] = outcome
             say(f"{target.name}: up to date ({outcome.entry['gguf']})")
     if todo:
-        from edgeprune.build.pipeline import ExportOptions, check_export_inputs, prepare, provenance
+        from edgeprune.build.pipeline.checks import check_export_inputs
+        from edgeprune.build.pipeline.options import ExportOptions, provenance
+        from edgeprune.build.pipeline.prepared import prepare
 
         options = ExportOptions(calib=build.calibration, eval=build.evaluation, eval_ctx=build.eval_ctx,
                                 eval_chunks=build.eval_chunks, threads=threads, recovery_text=build.recovery)
@@ -492,7 +494,7 @@ def _build_target(prepared, target: Target, profile_and_text, out: Path, key: st
     `made_of` (the key's inputs and the code files' hashes) goes into build.json, for the next build to say what
     changed."""
     from edgeprune.build.handoff import write_handoff
-    from edgeprune.build.pipeline import build_output
+    from edgeprune.build.pipeline.output import build_output
 
     profile, profile_text = profile_and_text
     directory = out / target.name
