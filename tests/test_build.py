@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeprune.build.builds import EXAMPLE, init_build_file, load_build_file
+from edgeprune.build.builds.buildfile import EXAMPLE, init_build_file, load_build_file
 from edgeprune.core.errors import EdgepruneError
 from edgeprune.build.handoff import chat_family
 

@@ -167,7 +167,8 @@ def test_a_build_distils_every_recovered_target_from_one_teacher_pass(tiny_bpe_l
     import dataclasses
 
     from converters import ConversionInput
-    from edgeprune.build.builds import load_build_file, run_build
+    from edgeprune.build.builds.buildfile import load_build_file
+    from edgeprune.build.builds.runner import run_build
     from edgeprune.build.sizing import estimate_size
     from edgeprune.device.profile_writing import profile_to_toml
     from edgeprune.device.profiles import load_profile

@@ -17,7 +17,8 @@ from edgeprune.build import resources, streaming
 from edgeprune.build.calibration import collect_calibration
 from edgeprune.core.errors import EdgepruneError
 from edgeprune.build.loading import load_model, open_model
-from edgeprune.build.pipeline import ExportOptions, export_model
+from edgeprune.build.pipeline.export import export_model
+from edgeprune.build.pipeline.options import ExportOptions
 from edgeprune.build.pruning import PruneOptions, prune_model
 from edgeprune.build.weights import SafetensorsWeights
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgeprune.build.pipeline import ExportOptions
+from edgeprune.build.pipeline.options import ExportOptions
 from edgeprune.core.errors import EdgepruneError
 
 

@@ -16,7 +16,7 @@ from edgeprune.core.console import EXIT_BUDGET_MISSED, EXIT_USER_ERROR, progress
 @click.argument("path", type=click.Path(path_type=Path), default="edgeprune.toml")
 def init(path: Path) -> None:
     """Write a commented example build file (default edgeprune.toml) for `edgeprune build`."""
-    from edgeprune.build.builds import init_build_file
+    from edgeprune.build.builds.buildfile import init_build_file
 
     click.echo(f"wrote {init_build_file(path)}: edit the model and targets, then run edgeprune build {path}")
 
@@ -33,7 +33,8 @@ def build(build_file, only, jobs, threads):
     <out>/manifest.json and <out>/index.html. Targets whose inputs did not change are not rebuilt. Exits 1 when a
     target misses a budget, 2 when a target could not be built."""
     require_build_install("build")
-    from edgeprune.build.builds import load_build_file, run_build
+    from edgeprune.build.builds.buildfile import load_build_file
+    from edgeprune.build.builds.runner import run_build
 
     result = run_build(load_build_file(build_file), only=tuple(only), jobs=jobs, threads=threads, progress=progress)
     for outcome in result.targets:

@@ -44,7 +44,8 @@ def export(model, profile_name, quant, out_dir, calib, no_imatrix, mix, allow_pi
     """
     require_build_install("export")
     from edgeprune.build.export_options import check_recovery_text, prune_options, with_recovery, with_scale
-    from edgeprune.build.pipeline import ExportOptions, export_model
+    from edgeprune.build.pipeline.options import ExportOptions
+    from edgeprune.build.pipeline.export import export_model
 
     if mix and no_imatrix:
         raise EdgepruneError("--mix weighs each tensor's error by the importance matrix: drop --no-imatrix")
@@ -85,7 +86,8 @@ def prune(model, out_dir, quant, calib, allow_pickle, heads, ffn, layers, method
     remove nothing is refused."""
     require_build_install("prune")
     from edgeprune.build.export_options import prune_options, with_scale
-    from edgeprune.build.pipeline import ExportOptions, export_model
+    from edgeprune.build.pipeline.options import ExportOptions
+    from edgeprune.build.pipeline.export import export_model
 
     options = prune_options(quant, heads, ffn, layers, method, allocation)
     if options is None:

@@ -22,7 +22,8 @@ from edgeprune.core.errors import EdgepruneError
 from edgeprune.core.fetch import fetch_smollm2
 from edgeprune.build.hostprobe import measure_host_profile
 from edgeprune.build.loading import load_model
-from edgeprune.build.pipeline import ExportOptions, export_model
+from edgeprune.build.pipeline.export import export_model
+from edgeprune.build.pipeline.options import ExportOptions
 from edgeprune.device.profiles import Profile, list_profiles
 from edgeprune.core.shapes import shape_of
 from edgeprune.device.validation.results import MIB
