@@ -67,7 +67,7 @@ def test_an_edited_quality_table_rebuilds_and_says_why(tiny_bpe_llama, tmp_path)
     # the key is not in the file: the same plan writes the same bytes
     assert hashlib.sha256(gguf_file.read_bytes()).hexdigest() == built
 
-    planner = copy / "edgeprune" / "planner.py"
+    planner = copy / "edgeprune" / "build" / "planner.py"
     planner.write_text(planner.read_text() + "\n# edited\n")
     code = _cli_of(copy, "build", str(path))
     assert code.returncode == 0 and "1 built" in code.stdout, code.stderr[-3000:]
