@@ -86,7 +86,7 @@ def open_model(path: str | Path, progress: Progress | None = None) -> LazyModel:
         config = family_for_model_type(raw["model_type"], str(path)).transformers_class("Config").from_pretrained(path)
         weights = SafetensorsWeights(safetensors)
         name, context, tokenizer = raw.get("_name_or_path") or path.name, _context_length(raw), \
-            _load_tokenizer(path, {})
+            load_tokenizer(path, {})
         vocab = vocab_from_hf_dir(path, config.vocab_size)
     elif path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
         info = read_gguf(path)
@@ -94,7 +94,7 @@ def open_model(path: str | Path, progress: Progress | None = None) -> LazyModel:
         weights = GGUFWeights(path, config.num_attention_heads, config.num_key_value_heads, info.reader,
                               family_of(config).rope_permuted_in_gguf)
         config.tie_word_embeddings = "lm_head.weight" not in weights.names()
-        name, context, tokenizer = info.name or path.stem, info.context_length, _load_tokenizer(path.parent, {"gguf_file": path.name})
+        name, context, tokenizer = info.name or path.stem, info.context_length, load_tokenizer(path.parent, {"gguf_file": path.name})
         vocab = vocab_from_gguf(info.reader)
     else:
         raise EdgepruneError(f"{path} is neither a directory nor a GGUF file: give {SUPPORTED}")
@@ -184,7 +184,7 @@ def _load_hf_directory(directory: Path, allow_pickle: bool) -> LoadedModel:
             f"{directory}/config.json does not match the weights ({', '.join(disagreeing[:3])}"
             f"{', …' if len(disagreeing) > 3 else ''}): the checkpoint is incomplete or its config was edited"
         )
-    tokenizer = _load_tokenizer(directory, {})
+    tokenizer = load_tokenizer(directory, {})
     vocab = vocab_from_hf_dir(directory, model.config.vocab_size)
     return LoadedModel(model, tokenizer, vocab, config.get("_name_or_path") or directory.name, directory,
                        _context_length(config))
@@ -309,7 +309,7 @@ def _llama3_rope(path: Path, info, rope: dict, config) -> dict:
     return recovered
 
 
-def _load_tokenizer(directory: Path, kwargs: dict):
+def load_tokenizer(directory: Path, kwargs: dict):
     """transformers' tokenizer; tokenizers raises a bare Exception on a damaged tokenizer.json, so catch all."""
     from transformers import AutoTokenizer
 

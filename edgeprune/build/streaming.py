@@ -191,7 +191,7 @@ def _score_and_plan(lazy: LazyModel, source: LazyLayers, ids: list[int], options
                     say: Progress):
     """Pass one: layer removal by block influence, then every kept layer's scores, then the plan."""
     from edgeprune.build.pruning.criteria import NEEDS_STATISTICS, score_layer
-    from edgeprune.build.pruning.prune import _plan, prune_targets
+    from edgeprune.build.pruning.prune import plan_removals, prune_targets
 
     base = lazy_shape(lazy)
     options.validate(base.n_layers)
@@ -220,7 +220,7 @@ def _score_and_plan(lazy: LazyModel, source: LazyLayers, ids: list[int], options
                 scores.append(score_layer(i, source.layer(i), options.criterion, stats, base.head_dim, rng))
                 say(f"scoring: layer {i + 1}/{source.n_layers}")
         head_target, ffn_target = prune_targets(kept, kept, options, 1.0)
-        plans = _plan(kept, scores, options, head_mode, head_target, ffn_target)
+        plans = plan_removals(kept, scores, options, head_mode, head_target, ffn_target)
     n_tokens = calibration_batches(ids, options.calib_sequences, options.calib_seq_len, None).numel()
     details.update(head_mode=head_mode, calibration_tokens=n_tokens)
     return source, plans, details, stats

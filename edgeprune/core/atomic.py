@@ -115,14 +115,15 @@ class Terminated(KeyboardInterrupt):
     """Raised on SIGTERM so that it unwinds exactly like Ctrl-C, through every cleanup."""
 
 
-def _interruption(signum: int) -> KeyboardInterrupt:
+def interruption(signum: int) -> KeyboardInterrupt:
+    """The exception a received signal becomes (the writers here and distillation's checkpoints raise it)."""
     return KeyboardInterrupt() if signum == signal.SIGINT else Terminated(f"terminated by signal {signum}")
 
 
 def raise_if_interrupted() -> None:
     """Re-raise a signal whose exception a native callback swallowed; call it after long native calls."""
     if _received is not None:
-        raise _interruption(_received)
+        raise interruption(_received)
 
 
 def install_signal_handlers() -> None:
@@ -133,7 +134,7 @@ def install_signal_handlers() -> None:
     def on_signal(signum, frame):  # noqa: ARG001 - signal handler signature
         global _received
         _received = signum
-        raise _interruption(signum)
+        raise interruption(signum)
 
     for signum in _HANDLED:
         signal.signal(signum, on_signal)

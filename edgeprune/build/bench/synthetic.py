@@ -85,9 +85,9 @@ def write_synthetic(name: str, directory: Path, seed: int = 0) -> Path:
 
 
 def load_model_tokenizer(gguf: Path):
-    from edgeprune.build.loading import _load_tokenizer
+    from edgeprune.build.loading import load_tokenizer
 
-    return _load_tokenizer(gguf.parent, {"gguf_file": gguf.name})
+    return load_tokenizer(gguf.parent, {"gguf_file": gguf.name})
 
 
 if __name__ == "__main__":

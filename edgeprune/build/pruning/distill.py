@@ -207,9 +207,9 @@ class _DeferredInterrupt:
         return False
 
     def raise_now(self):
-        from edgeprune.core.atomic import _interruption
+        from edgeprune.core.atomic import interruption
 
-        raise _interruption(self.received)
+        raise interruption(self.received)
 
 
 def distill(student: torch.nn.Module, cache: TeacherCache, options: DistillOptions, checkpoint: Path,

@@ -133,8 +133,9 @@ def _drop_layers(model, ids, options: PruneOptions, progress: Progress | None) -
     return drop
 
 
-def _plan(shape: ModelShape, scores, options: PruneOptions, head_mode: str, head_target: float,
-          ffn_target: float) -> list[LayerPlan]:
+def plan_removals(shape: ModelShape, scores, options: PruneOptions, head_mode: str, head_target: float,
+                  ffn_target: float) -> list[LayerPlan]:
+    """Which heads and channels each layer loses for the targets (the in-memory and streamed paths share it)."""
     d, hd = shape.hidden_size, shape.head_dim
     heads = [head_units(i, s, sc.heads, head_mode, d, hd) for i, (s, sc) in enumerate(zip(shape.layers, scores))]
     chans = [channel_units(i, s.n_ff, sc.channels, options.align, d) for i, (s, sc) in enumerate(zip(shape.layers, scores))]
@@ -184,7 +185,7 @@ def _choose_head_mode(model, shape, scores, options, head_target, stats, batches
     recovery = "none" if options.recovery == "none" else "bias"
     for mode in ("per-group", "kv-groups"):
         trial = copy.deepcopy(model)
-        _apply_direct(trial, _plan(shape, scores, options, mode, head_target, 0), stats, recovery, shape.head_dim)
+        _apply_direct(trial, plan_removals(shape, scores, options, mode, head_target, 0), stats, recovery, shape.head_dim)
         losses[mode] = mean_nll(trial, batches[:AUTO_SEQUENCES], first=0)
         del trial
     return min(losses, key=losses.get), losses
@@ -209,7 +210,7 @@ def _prune_step(model, ids, batches, options: PruneOptions, head_mode: str, head
         if options.heads:
             head_mode, details["head_mode_losses"] = _choose_head_mode(
                 model, shape, scores, options, head_target, stats, batches)
-    plans = _plan(shape, scores, options, head_mode, head_target, ffn_target)
+    plans = plan_removals(shape, scores, options, head_mode, head_target, ffn_target)
     if options.recovery == "reconstruct":
         reconstruct_sequentially(model, plans, batches, shape.head_dim, options.ridge, progress)
     else:
