@@ -339,9 +339,9 @@ def test_remote_report_equals_local(sshd, smollm2_bundle, tmp_path):
     local_json = tmp_path / "local.json"
     local = subprocess.run([str(EDGEPRUNE), "validate", str(smollm2_bundle), "--json", str(local_json),
                             "--threads", "1"], capture_output=True, text=True, timeout=900)
-    local_verdict = json.loads(local_json.read_text())["passed"]
+    local_verdict = json.loads(local_json.read_text())["validation"]["passed"]
     assert local.returncode == (0 if local_verdict else 1), local.stderr
     report, code = sshd.remote(smollm2_bundle, remote_command=str(EDGEPRUNE), remote_dir=str(tmp_path / "remote"),
                                threads=1, timeout_s=900)
-    assert code == local.returncode
+    assert code == (0 if report["validation"]["passed"] else 1)  # each run's exit follows its own (speed) verdict
     assert _comparable(report) == _comparable(json.loads(local_json.read_text()))
