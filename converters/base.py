@@ -26,7 +26,8 @@ from .rope import add_rope_scaling, llama3_rope_factors, rope_parameters
 from .vocab import Vocab
 
 T = gguf.MODEL_TENSOR
-# transformers module path inside a decoder layer -> GGUF tensor kind
+# transformers module path inside a Llama decoder layer -> GGUF tensor kind (a writer may have its own table:
+# Gemma 3 names its norms differently). The linear projections are the same in every family.
 LAYER_TENSORS: dict[str, gguf.MODEL_TENSOR] = {
     "input_layernorm": T.ATTN_NORM,
     "self_attn.q_proj": T.ATTN_Q,
@@ -38,6 +39,11 @@ LAYER_TENSORS: dict[str, gguf.MODEL_TENSOR] = {
     "mlp.up_proj": T.FFN_UP,
     "mlp.down_proj": T.FFN_DOWN,
 }
+# The per-head q/k norms of Qwen3 and Gemma 3 (one head_dim vector each, shared by every head)
+QK_NORM_TENSORS = {"self_attn.q_norm": T.ATTN_Q_NORM, "self_attn.k_norm": T.ATTN_K_NORM}
+# Tensors a layer without attention (deci's n_head == 0) does not have
+ATTENTION_KINDS = {T.ATTN_NORM, T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.ATTN_OUT, T.ATTN_Q_NORM, T.ATTN_K_NORM, T.ATTN_POST_NORM}
+NORM_KINDS = {T.ATTN_NORM, T.FFN_NORM, T.ATTN_Q_NORM, T.ATTN_K_NORM, T.ATTN_POST_NORM, T.FFN_POST_NORM, T.OUTPUT_NORM}
 OUTPUT_TYPES = {
     "F32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
     "F16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
@@ -50,7 +56,8 @@ ENCODE_BLOCK_VALUES = 1 << 24
 
 
 def gguf_tensor_name(hf_module: str) -> str | None:
-    """GGUF name of the weight of a transformers module, e.g. model.layers.3.mlp.down_proj -> blk.3.ffn_down.weight."""
+    """GGUF name of the weight of a transformers linear module (the importance matrix's keys), e.g.
+    model.layers.3.mlp.down_proj -> blk.3.ffn_down.weight."""
     if hf_module == "lm_head":
         return "output.weight"
     parts = hf_module.split(".")
@@ -90,6 +97,8 @@ class ModelWriter:
     arch: gguf.MODEL_ARCH
     config_fields: dict  # the family's config.json fields and their handling (check_config_fields), on its first writer
     rope_permuted = True  # llama's NORM rope rotates interleaved pairs: q/k rows are reordered for it
+    tensor_table: dict[str, gguf.MODEL_TENSOR] = LAYER_TENSORS  # a decoder layer's modules, in the file's order
+    norm_offset = 0.0  # added to every RMSNorm weight: Gemma's norms multiply by 1 + w, llama.cpp's by the stored w
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -195,21 +204,19 @@ class ModelWriter:
         if self.llama3_rope_factors() is not None:
             layout.append((gguf.TENSOR_NAMES[T.ROPE_FREQS] + ".weight", (hd // 2,)))
         for bid, layer in enumerate(s.layers):
-            def add(kind, shape, bias=False):
-                name = gguf.TENSOR_NAMES[kind].format(bid=bid)
+            q, kv, ff = layer.n_head * hd, layer.n_head_kv * hd, layer.n_ff
+            shapes = {T.ATTN_Q: (q, d), T.ATTN_K: (kv, d), T.ATTN_V: (kv, d), T.ATTN_OUT: (d, q), T.FFN_GATE: (ff, d),
+                      T.FFN_UP: (ff, d), T.FFN_DOWN: (d, ff), T.ATTN_Q_NORM: (hd,), T.ATTN_K_NORM: (hd,)}
+            biases = {T.ATTN_Q: layer.attn_qkv_bias, T.ATTN_K: layer.attn_qkv_bias, T.ATTN_V: layer.attn_qkv_bias,
+                      T.ATTN_OUT: layer.attn_output_bias, T.FFN_GATE: layer.ffn_gate_up_bias,
+                      T.FFN_UP: layer.ffn_gate_up_bias, T.FFN_DOWN: layer.ffn_down_bias}
+            for kind in self.tensor_table.values():
+                if kind in ATTENTION_KINDS and not layer.n_head:
+                    continue
+                name, shape = gguf.TENSOR_NAMES[kind].format(bid=bid), shapes.get(kind, (d,))
                 layout.append((name + ".weight", shape))
-                if bias:
+                if biases.get(kind):
                     layout.append((name + ".bias", (shape[0],)))
-            if layer.n_head:
-                add(T.ATTN_NORM, (d,))
-                add(T.ATTN_Q, (layer.n_head * hd, d), layer.attn_qkv_bias)
-                add(T.ATTN_K, (layer.n_head_kv * hd, d), layer.attn_qkv_bias)
-                add(T.ATTN_V, (layer.n_head_kv * hd, d), layer.attn_qkv_bias)
-                add(T.ATTN_OUT, (d, layer.n_head * hd), layer.attn_output_bias)
-            add(T.FFN_NORM, (d,))
-            add(T.FFN_GATE, (layer.n_ff, d), layer.ffn_gate_up_bias)
-            add(T.FFN_UP, (layer.n_ff, d), layer.ffn_gate_up_bias)
-            add(T.FFN_DOWN, (d, layer.n_ff), layer.ffn_down_bias)
         layout.append((gguf.TENSOR_NAMES[T.OUTPUT_NORM] + ".weight", (d,)))
         if not s.tied_embeddings:
             layout.append((gguf.TENSOR_NAMES[T.OUTPUT] + ".weight", (s.vocab_size, d)))
@@ -230,9 +237,13 @@ class ModelWriter:
         add_rope_scaling(writer, rope)
         self.add_shape_parameters(writer)
         if with_vocab:
-            self.source.vocab.write_to(writer)
+            self.vocab().write_to(writer)
         for key, value in sorted(self.source.metadata.items()):
             writer.add_string(key, value)
+
+    def vocab(self) -> Vocab:
+        """The tokenizer section as this architecture stores it."""
+        return self.source.vocab
 
     def rope_parameters(self) -> dict:
         return rope_parameters(self.config)
@@ -252,22 +263,28 @@ class ModelWriter:
     def layer_tensors(self, bid: int, block: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         """One decoder layer's tensors under their GGUF names, q/k rows permuted where llama.cpp's RoPE wants."""
         layer = self.shape.layers[bid]
-        for module_path, kind in LAYER_TENSORS.items():
-            module = block.get_submodule(module_path) if _has_submodule(block, module_path) else None
-            if module is None or (kind == T.ATTN_NORM and not layer.n_head):
+        for module_path, kind in self.tensor_table.items():
+            if kind in ATTENTION_KINDS and not layer.n_head:
                 continue  # a layer without attention (deci n_head == 0) has no attention tensors, norm included
+            module = block.get_submodule(module_path)
             name = gguf.TENSOR_NAMES[kind].format(bid=bid)
             heads = {T.ATTN_Q: layer.n_head, T.ATTN_K: layer.n_head_kv}.get(kind) if self.rope_permuted else None
             for part in ("weight", "bias"):
                 tensor = getattr(module, part, None)
                 if tensor is not None:  # q/k rows, biases included, in llama.cpp's RoPE layout
-                    yield f"{name}.{part}", permute_rows(tensor, heads) if heads else tensor
+                    yield f"{name}.{part}", self.stored_norm(kind, permute_rows(tensor, heads) if heads else tensor)
 
-    @staticmethod
-    def tail_tensors(norm: torch.Tensor, output: torch.Tensor | None) -> Iterator[tuple[str, torch.Tensor]]:
-        yield gguf.TENSOR_NAMES[T.OUTPUT_NORM] + ".weight", norm
+    def tail_tensors(self, norm: torch.Tensor, output: torch.Tensor | None) -> Iterator[tuple[str, torch.Tensor]]:
+        yield gguf.TENSOR_NAMES[T.OUTPUT_NORM] + ".weight", self.stored_norm(T.OUTPUT_NORM, norm)
         if output is not None:
             yield gguf.TENSOR_NAMES[T.OUTPUT] + ".weight", output
+
+    def stored_norm(self, kind: gguf.MODEL_TENSOR, tensor: torch.Tensor) -> torch.Tensor:
+        """A norm weight as llama.cpp multiplies by it (Gemma's 1 + w, in float32 as llama.cpp's converter adds it
+        to a float32 checkpoint); every other tensor as it is."""
+        if kind not in NORM_KINDS or not self.norm_offset:
+            return tensor
+        return tensor.detach().to(torch.float32) + self.norm_offset
 
     def llama3_rope_factors(self) -> torch.Tensor | None:
         return llama3_rope_factors(self.rope_parameters(), self.shape.head_dim)
@@ -301,11 +318,3 @@ def _release_files(writer: gguf.GGUFWriter) -> None:
     for handle in writer.fout or []:
         with contextlib.suppress(OSError):
             handle.close()
-
-
-def _has_submodule(block: torch.nn.Module, path: str) -> bool:
-    try:
-        block.get_submodule(path)
-        return True
-    except AttributeError:
-        return False

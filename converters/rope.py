@@ -21,13 +21,22 @@ ROPE_SCALING_NEEDS = {
 
 
 def rope_parameters(config) -> dict:
-    """transformers 5 keeps rope settings in `rope_parameters`; 4.x in rope_theta/rope_scaling."""
-    params = dict(getattr(config, "rope_parameters", None) or {})
+    """transformers 5 keeps rope settings in `rope_parameters`; 4.x in rope_theta/rope_scaling. A model with
+    settings per layer type (Gemma 3) gives its global layers', which llama.cpp's rope keys describe."""
+    params = layer_type_rope(config, "full_attention")
     params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
     scaling = getattr(config, "rope_scaling", None) or {}
     params.update({k: v for k, v in scaling.items() if k not in params})
     if "type" in params and "rope_type" not in params:
         params["rope_type"] = params["type"]
+    return params
+
+
+def layer_type_rope(config, layer_type: str) -> dict:
+    """The rope settings of one layer type (Gemma 3 keeps one dict per type), or the model's single ones."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    if isinstance(params.get(layer_type), dict):
+        return dict(params[layer_type])
     return params
 
 

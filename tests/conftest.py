@@ -58,19 +58,25 @@ def build_spm_tokenizer(directory: Path) -> None:
 
 def build_tiny_llama(directory: Path, vocab_size: int, *, tied: bool = True, rope_scaling: dict | None = None,
                      seed: int = 0, family: str = "llama", **config_overrides) -> Path:
-    """A random Llama-family checkpoint (`family` "llama", "mistral" or "qwen2"); `config_overrides` such as
-    attention_bias=True or head_dim=32 go into its config."""
+    """A random Llama-family checkpoint (`family` "llama", "mistral", "qwen2", "qwen3" or "gemma3");
+    `config_overrides` such as attention_bias=True or head_dim=32 go into its config. Gemma 3 gets 7 layers
+    (a global one among sliding ones, whose 32-token window a parity text must outrun) and random norms, so
+    that its stored 1 + w is tested."""
     import transformers
 
     torch.manual_seed(seed)
     classes = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
-               "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
+               "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+               "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM")}
     config_class, model_class = (getattr(transformers, name) for name in classes[family])
     settings = dict(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
         tie_word_embeddings=tied, rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
     )
+    if family == "gemma3":
+        del settings["rope_theta"]  # one base per layer type: transformers' defaults (10,000 and 1,000,000)
+        settings.update(num_hidden_layers=7, query_pre_attn_scalar=16, sliding_window=32, pad_token_id=0)
     settings.update(config_overrides)
     if settings["head_dim"] is None:  # as Qwen2.5 ships: config.json names no head_dim
         del settings["head_dim"]
@@ -79,8 +85,14 @@ def build_tiny_llama(directory: Path, vocab_size: int, *, tied: bool = True, rop
         config.rope_scaling = rope_scaling
     model = model_class(config)
     with torch.no_grad():  # random init is tiny; scale up so the logits carry signal
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             p.mul_(3.0)
+            if family == "gemma3" and name.endswith("norm.weight"):
+                p.normal_(0.0, 0.3)  # Gemma's norms start at 0 (a factor of 1 + 0)
+            if family == "gemma3" and "embed_tokens" in name:
+                p.mul_(0.05)  # Gemma scales the embedding by sqrt(hidden): keep the input from drowning the rest
+            if family == "gemma3" and name == "lm_head.weight":
+                p.mul_(5.0)  # after Gemma's many norms the logits are flat otherwise (entropy near log(vocab))
     model.save_pretrained(directory, safe_serialization=True)
     if "head_dim" not in settings:  # transformers writes its derived value: leave it out
         saved = json.loads((directory / "config.json").read_text())

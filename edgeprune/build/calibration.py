@@ -19,6 +19,7 @@ import torch
 from edgeprune.core.errors import EdgepruneError
 
 Progress = Callable[[str], None]
+FULL = "full_attention"  # the layer type of a model without sliding-window layers
 
 
 @dataclass
@@ -152,46 +153,64 @@ class ChunkStore:
                 chunk[0].unlink(missing_ok=True)
 
 
+def has_sandwich_norms(layer) -> bool:
+    """Gemma 3's layers normalise each sub-layer's output too (post_attention_layernorm is that norm there, the
+    FFN's input norm in Llama): the sub-layer adds norm(output) to the residual stream, not the output."""
+    return hasattr(layer, "pre_feedforward_layernorm")
+
+
 class LayerContext:
     """What every decoder layer needs besides its input, for chunks of equal-length calibration sequences:
-    positions, rotary embeddings and causal masks, built once. Layers run one at a time over all chunks
-    (layer-major), so only the hidden states between two layers are ever held."""
+    positions, rotary embeddings and causal masks, built once per layer type (Gemma 3's sliding-window layers
+    have their own mask and rope base). Layers run one at a time over all chunks (layer-major), so only the
+    hidden states between two layers are ever held. `fn(x, chunk)` in `run` gets each chunk's index."""
 
     def __init__(self, config, rotary_emb: torch.nn.Module, chunk_sizes: list[int], seq_len: int,
                  device: torch.device, spill_dir: Path | None = None):
-        from transformers.masking_utils import create_causal_mask
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         self.device, self.spill_dir = device, spill_dir
         self.pos = torch.arange(seq_len, device=device)[None]
         example = torch.zeros(1, seq_len, config.hidden_size, device=device)
-        self.rope = rotary_emb(example, position_ids=self.pos)
-        self.masks = [create_causal_mask(config=config, inputs_embeds=example.expand(n, -1, -1), attention_mask=None,
-                                         cache=None, position_ids=self.pos) for n in chunk_sizes]
+        per_type = hasattr(rotary_emb, "layer_types")  # Gemma 3's rotary embedding takes the layer type
+        self.rope, self.masks = {}, {}
+        for kind in set(getattr(config, "layer_types", None) or [FULL]):
+            self.rope[kind] = rotary_emb(example, position_ids=self.pos, **({"layer_type": kind} if per_type else {}))
+            make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+            self.masks[kind] = [make(config=config, inputs_embeds=example.expand(n, -1, -1), attention_mask=None,
+                                     cache=None, position_ids=self.pos) for n in chunk_sizes]
 
     def store(self) -> ChunkStore:
         return ChunkStore(self.device, self.spill_dir)
 
     def run(self, fn, xs) -> ChunkStore:
         out = self.store()
-        for x, mask in zip(xs, self.masks):
-            out.append(fn(x, mask))
+        for chunk, x in enumerate(xs):
+            out.append(fn(x, chunk))
         return out
 
+    def _inputs(self, layer, chunk: int) -> dict:
+        kind = getattr(layer.self_attn, "layer_type", None) or FULL
+        return dict(attention_mask=self.masks[kind][chunk], position_embeddings=self.rope[kind], position_ids=self.pos)
+
     def attention(self, layer):
-        def f(x, mask):
-            out, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), attention_mask=mask,
-                                     position_embeddings=self.rope, position_ids=self.pos)
-            return x + out
+        """The attention sub-layer's residual step (Gemma 3 normalises the attention output before adding it)."""
+        def f(x, chunk):
+            out, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), **self._inputs(layer, chunk))
+            return x + (layer.post_attention_layernorm(out) if has_sandwich_norms(layer) else out)
 
         return f
 
     @staticmethod
     def mlp(layer):
-        return lambda x, mask: x + layer.mlp(layer.post_attention_layernorm(x))
+        """The FFN sub-layer's residual step: Llama's norm then MLP, or Gemma 3's norm, MLP, norm."""
+        if has_sandwich_norms(layer):
+            return lambda x, chunk: x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
+        return lambda x, chunk: x + layer.mlp(layer.post_attention_layernorm(x))
 
     def decoder(self, layer):
-        """The whole decoder layer, as LlamaModel.forward calls it."""
-        return lambda x, mask: layer(x, attention_mask=mask, position_ids=self.pos, position_embeddings=self.rope)
+        """The whole decoder layer, as the family's model forward calls it."""
+        return lambda x, chunk: layer(x, **self._inputs(layer, chunk))
 
 
 class ModelLayers:
@@ -232,8 +251,8 @@ def observe_layer(acc: "_Accumulator", index: int, layer: torch.nn.Module, ctx: 
         if isinstance(module, torch.nn.Linear):
             handles.append(module.register_forward_pre_hook(acc.linear_hook(f"model.layers.{index}.{sub}")))
 
-    def step(x, mask):
-        y = ctx.decoder(layer)(x, mask)
+    def step(x, chunk):
+        y = ctx.decoder(layer)(x, chunk)
         acc._last = None
         return y[0] if isinstance(y, tuple) else y
 

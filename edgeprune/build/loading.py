@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from converters import check_config
+from converters import check_config, family_writer
 from converters.config import config_defaults
 from converters.rope import check_rope_scaling, rope_parameters
 from converters.vocab import Vocab, vocab_from_gguf, vocab_from_hf_dir
@@ -26,8 +26,8 @@ from edgeprune.core.families import MODEL_TYPES, family_for_gguf, family_for_mod
 from edgeprune.device.gguf_check import read_gguf
 from edgeprune.build.weights import GGUFWeights, SafetensorsWeights, read_safetensors_header
 
-SUPPORTED = ("a Hugging Face directory of a Llama-family model (config.json, *.safetensors, tokenizer) or a llama "
-             "or qwen2 .gguf")
+SUPPORTED = ("a Hugging Face directory of a Llama, Mistral, Qwen2/2.5, Qwen3 or Gemma 3 model (config.json, "
+             "*.safetensors, tokenizer) or a llama, qwen2, qwen3 or gemma3 .gguf")
 Progress = Callable[[str], None]
 
 
@@ -91,8 +91,8 @@ def open_model(path: str | Path, progress: Progress | None = None) -> LazyModel:
     elif path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
         info = read_gguf(path)
         config = _gguf_config(path, info)
-        weights = GGUFWeights(path, config.num_attention_heads, config.num_key_value_heads, info.reader,
-                              family_of(config).rope_permuted_in_gguf)
+        weights = GGUFWeights(path, config.num_attention_heads, config.num_key_value_heads,
+                              family_writer(family_of(config)), info.reader)
         config.tie_word_embeddings = "lm_head.weight" not in weights.names()
         name, context, tokenizer = info.name or path.stem, info.context_length, load_tokenizer(path.parent, {"gguf_file": path.name})
         vocab = vocab_from_gguf(info.reader)
@@ -261,7 +261,7 @@ def _gguf_config(path: Path, info):
         bos_token_id=special["bos"], eos_token_id=special["eos"], pad_token_id=special["padding"],
     )
     names = {t.name for t in info.reader.tensors}
-    if family.module == "llama":  # Qwen2's q/k/v biases are fixed by its architecture
+    if family.module == "llama":  # Qwen2's q/k/v biases are fixed by its architecture, Qwen3 and Gemma 3 have none
         config.attention_bias = "blk.0.attn_q.bias" in names
         config.mlp_bias = "blk.0.ffn_gate.bias" in names
     rope = {"rope_type": "default", "rope_theta": float(info.arch_value("rope.freq_base", 10000.0))}
@@ -280,7 +280,31 @@ def _gguf_config(path: Path, info):
     if "rope_freqs.weight" in names:
         rope = _llama3_rope(path, info, rope, config)
     config.rope_parameters = rope
+    if family.module == "gemma3":
+        _gemma3_settings(info, config)
     return config
+
+
+def _gemma3_settings(info, config) -> None:
+    """What a gemma3 GGUF holds beyond Llama's keys, with llama.cpp's defaults where it says nothing
+    (src/models/gemma3.cpp): the window and its per-layer pattern (every sixth layer global), the sliding
+    layers' rope base (10,000), the logit soft-cap; the query scale is 1/sqrt(head_dim)."""
+    from converters.gemma3 import DEFAULT_PATTERN, DEFAULT_SWA_BASE
+
+    window = int(info.arch_value("attention.sliding_window", 0) or 0)
+    pattern = info.arch_value("attention.sliding_window_pattern", DEFAULT_PATTERN)
+    n = config.num_hidden_layers
+    sliding = [bool(v) for v in pattern] if isinstance(pattern, list) else \
+        [int(pattern) == 0 or il % int(pattern) < int(pattern) - 1 for il in range(n)]
+    config.layer_types = ["sliding_attention" if window and swa else "full_attention" for swa in sliding]
+    config.sliding_window = window or None
+    config.query_pre_attn_scalar = config.head_dim
+    config.final_logit_softcapping = info.arch_value("final_logit_softcapping")
+    config.rope_parameters = {
+        "full_attention": config.rope_parameters,
+        "sliding_attention": {"rope_type": "default",
+                              "rope_theta": float(info.arch_value("rope.freq_base_swa", DEFAULT_SWA_BASE))},
+    }
 
 
 def _llama3_rope(path: Path, info, rope: dict, config) -> dict:

@@ -122,30 +122,37 @@ _GGUF_GLOBAL = {"token_embd.weight": EMBEDDING, "output_norm.weight": "model.nor
 
 
 class GGUFWeights:
-    """The tensors of a llama (or qwen2) GGUF, dequantized to float32 one at a time, under transformers' names.
-    `rope_permuted`: q/k rows are stored in llama's interleaved RoPE order and are put back in transformers'."""
+    """The tensors of a GGUF of one of edgeprune's families, dequantized to float32 one at a time, under
+    transformers' names. `writer` is the family's converter (converters.family_writer): its table names the
+    tensors, q/k rows are put back in transformers' order where it permutes them, and its norm offset (Gemma's
+    1 + w) is taken off again."""
 
-    def __init__(self, path: Path, n_head: int, n_head_kv: int, reader=None, rope_permuted: bool = True):
+    def __init__(self, path: Path, n_head: int, n_head_kv: int, writer, reader=None):
         import gguf
 
-        from converters.base import LAYER_TENSORS
+        from converters.base import NORM_KINDS
 
         self.reader = reader or gguf.GGUFReader(path)  # parsing a 49k-token vocabulary takes seconds: share it
-        self.n_head, self.n_head_kv, self.rope_permuted = n_head, n_head_kv, rope_permuted
-        by_kind = {gguf.TENSOR_NAMES[kind]: module for module, kind in LAYER_TENSORS.items()}
-        self.tensors = {}
+        self.n_head, self.n_head_kv, self.rope_permuted = n_head, n_head_kv, writer.rope_permuted
+        by_kind = {gguf.TENSOR_NAMES[kind]: module for module, kind in writer.tensor_table.items()}
+        norms = {gguf.TENSOR_NAMES[kind] for kind in NORM_KINDS}
+        self.tensors, self.offsets = {}, {}
         for tensor in self.reader.tensors:
             if tensor.name == "rope_freqs.weight":
                 continue  # recomputed from the rope settings, as transformers does
             name = _GGUF_GLOBAL.get(tensor.name)
+            kind = tensor.name.rsplit(".", 1)[0]
             if name is None:
                 parts = tensor.name.split(".")
-                module = by_kind.get(".".join(["blk", "{bid}", *parts[2:-1]])) if parts[0] == "blk" else None
+                kind = ".".join(["blk", "{bid}", *parts[2:-1]])
+                module = by_kind.get(kind) if parts[0] == "blk" else None
                 if module is None or parts[-1] not in ("weight", "bias"):
-                    raise EdgepruneError(f"{path} has tensor {tensor.name}, which edgeprune does not map: "
-                                         "it reads plain llama and qwen2 GGUFs")
+                    raise EdgepruneError(f"{path} has tensor {tensor.name}, which edgeprune does not map: it reads "
+                                         f"{writer.arch_name} GGUFs with the tensors llama.cpp's converter writes")
                 name = f"model.layers.{parts[1]}.{module}.{parts[-1]}"
             self.tensors[name] = tensor
+            if kind in norms and writer.norm_offset:
+                self.offsets[name] = writer.norm_offset
 
     def names(self) -> set[str]:
         return set(self.tensors)
@@ -164,7 +171,7 @@ class GGUFWeights:
         heads = {"q_proj": self.n_head, "k_proj": self.n_head_kv}.get(name.split(".")[-2])
         if heads and self.rope_permuted:
             weights = _unpermute(weights, heads)
-        return torch.from_numpy(np.copy(weights)).to(torch.float32)
+        return torch.from_numpy(np.copy(weights)).to(torch.float32) - self.offsets.get(name, 0.0)
 
     def rows(self, name: str, index: np.ndarray) -> torch.Tensor:
         import gguf

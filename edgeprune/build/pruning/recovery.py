@@ -90,7 +90,7 @@ class _Capture:
         """`stream` plus `module` (the refitted projection) applied to the captured inputs, chunk by chunk: what the
         shrunk sub-layer adds to the residual stream."""
         parts = iter(self.parts)
-        return ctx.run(lambda x, mask: x + module(next(parts)).view_as(x), stream)
+        return ctx.run(lambda x, _chunk: x + module(next(parts)).view_as(x), stream)
 
 
 def reconstruct_layer(ctx: LayerContext, layer: torch.nn.Module, plan: LayerPlan, original: ChunkStore,
@@ -112,7 +112,7 @@ def reconstruct_layer(ctx: LayerContext, layer: torch.nn.Module, plan: LayerPlan
         del targets
         if len(plan.keep_heads) == 0:
             moved = o_bias
-            pruned = ctx.run(lambda p, mask: p + o_bias, pruned)
+            pruned = ctx.run(lambda p, _chunk: p + o_bias, pruned)
         shrink_attention(layer, plan.keep_heads, plan.keep_kv, head_dim, o_weight, o_bias)
         mid_p = capture.add_output(ctx, layer.self_attn.o_proj, pruned) if len(plan.keep_heads) else pruned
         del capture
