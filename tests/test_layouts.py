@@ -248,5 +248,5 @@ def test_gguf_of_an_unknown_architecture_is_refused_by_name(spm_tokenizer, tmp_p
     model = prune_model(loaded.model, ids, PruneOptions(heads=0.5, ffn=0.4, allocation="adaptive", calib_sequences=4,
                                                          calib_seq_len=64)).model
     deci = write_gguf(ConversionInput(model, loaded.vocab, loaded.name, loaded.context_length), tmp_path / "d.gguf")
-    with pytest.raises(EdgepruneError, match=r"is a 'deci' GGUF: edgeprune reads llama, qwen2 GGUFs"):
+    with pytest.raises(EdgepruneError, match=r"is a 'deci' GGUF: edgeprune reads llama, qwen2, qwen3, gemma3 GGUFs"):
         load_model(deci)

@@ -28,9 +28,7 @@ class Family:
     def transformers_class(self, kind: str):
         """kind: Config, ForCausalLM, DecoderLayer, RotaryEmbedding or RMSNorm."""
         if kind == "Config" and self.config_class:
-            import transformers
-
-            return getattr(transformers, self.config_class)
+            return getattr(importlib.import_module("transformers"), self.config_class)
         modeling = importlib.import_module(f"transformers.models.{self.module}.modeling_{self.module}")
         return getattr(modeling, self.class_prefix + kind)
 
