@@ -44,6 +44,12 @@ def writer_class(config, shape: ModelShape) -> type[ModelWriter]:
     return writer
 
 
+def per_layer_widths(config) -> bool:
+    """Whether a pruned model of this family may have per-layer widths (a `deci` GGUF). Qwen3's and Gemma 3's
+    norms exist only in their own architectures, whose loaders create every layer at layer 0's widths."""
+    return DeciWriter in WRITERS[family_of(config).module]
+
+
 def family_writer(family) -> type[ModelWriter]:
     """The writer of a family's own llama.cpp architecture: how its GGUFs store the tensors."""
     return WRITERS[family.module][0]
@@ -64,6 +70,6 @@ def write_gguf(source: ConversionInput, path: str | Path, out_type: str = "F16",
 
 
 __all__ = [
-    "ConversionInput", "OUTPUT_TYPES", "Vocab", "WRITERS", "check_config", "family_writer", "gguf_tensor_name", "vocab_from_gguf",
+    "ConversionInput", "OUTPUT_TYPES", "Vocab", "WRITERS", "check_config", "family_writer", "gguf_tensor_name", "per_layer_widths", "vocab_from_gguf",
     "vocab_from_hf_dir", "write_gguf", "writer_class",
 ]

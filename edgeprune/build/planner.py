@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Callable
 
-from converters import ConversionInput
+from converters import ConversionInput, per_layer_widths
+from edgeprune.core.families import family_of
 
 from edgeprune.build.sizing import estimate_size
 from edgeprune.device.costmodel import Prediction, predict_for_size
@@ -72,8 +73,9 @@ class Candidate:
     def shape(self, base: ModelShape) -> ModelShape:
         """The uniform shape with the same widths: what sizes and speeds are priced on."""
         kv = base.layers[0].n_head_kv
-        layer = dataclasses.replace(base.layers[0], n_head=self.heads_per_group * kv, n_ff=self.n_ff)
-        return dataclasses.replace(base, layers=(layer,) * (base.n_layers - self.layers_removed))
+        return dataclasses.replace(base, layers=tuple(  # the first layers' sliding pattern (which go is decided later)
+            dataclasses.replace(layer, n_head=self.heads_per_group * kv, n_ff=self.n_ff)
+            for layer in base.layers[:base.n_layers - self.layers_removed]))
 
     def prune_options(self, base: ModelShape):
         """The edgeprune.build.pruning options that build this candidate, or None when nothing is pruned."""
@@ -150,6 +152,7 @@ class Plan:
     n_feasible: int
     runners_up: list[Evaluated] = field(default_factory=list)  # the next feasible ones, least lossy first
     measured: list = field(default_factory=list)  # edgeprune.build.search.MeasuredLoss, after `--search measured`
+    limits: str = ""  # what the family's llama.cpp architecture rules out, said with the plan
 
     def to_dict(self) -> dict:
         return {
@@ -284,6 +287,11 @@ def enumerate_candidates(base: ModelShape, quants: tuple[str, ...], allow_deci: 
     return out
 
 
+def allow_deci(source: ConversionInput, profile) -> bool:
+    """Per-layer widths where the profile's runtime loads `deci` and the family has it (not Qwen3, Gemma 3)."""
+    return profile.runtime.allow_deci and per_layer_widths(source.config)
+
+
 def violations(prediction: Prediction, profile) -> list[Violation]:
     b = profile.budgets
     found = []
@@ -330,7 +338,7 @@ def make_plan(source: ConversionInput, base: ModelShape, profile, *, quants: tup
     table = load_quality_table()
     quants = quants or profile.runtime.quant_types
     recovered = tuple(table["recovery"]["recovered"]) if can_recover and profile.budgets.recovery_minutes else ()
-    candidates = enumerate_candidates(base, quants, profile.runtime.allow_deci, mixed, recovered)
+    candidates = enumerate_candidates(base, quants, allow_deci(source, profile), mixed, recovered)
     evaluated = evaluate(source, base, candidates, profile, table, progress)
     feasible = sorted((e for e in evaluated if e.feasible), key=lambda e: (e.quality_loss, not e.candidate.mixed))
     if not feasible:
@@ -340,8 +348,11 @@ def make_plan(source: ConversionInput, base: ModelShape, profile, *, quants: tup
     better = sorted((e for e in infeasible if e.quality_loss < chosen.quality_loss), key=lambda e: -e.quality_loss)
     nearest = sorted((e for e in infeasible if e not in better), key=lambda e: sum(v.excess for v in e.violations))
     rejected = (better + nearest)[:SHOWN_REJECTED]
+    limits = "" if allow_deci(source, profile) or not profile.runtime.allow_deci else (
+        f"uniform widths only: llama.cpp's {family_of(source.config).gguf_arch} loader creates every layer at "
+        "layer 0's widths, and no other architecture holds this family's norms")
     return Plan(profile.name, profile.device.name, base, chosen, rejected, len(evaluated), len(feasible),
-                runners_up=feasible[1:1 + RUNNERS_UP])
+                runners_up=feasible[1:1 + RUNNERS_UP], limits=limits)
 
 
 def _impossible(source, base, evaluated: list[Evaluated], profile, table) -> str:
@@ -350,7 +361,7 @@ def _impossible(source, base, evaluated: list[Evaluated], profile, table) -> str
     hints = []
     others = tuple(q for q in SUGGESTED_QUANTS if q not in profile.runtime.quant_types)
     if others:
-        extra = [e for e in evaluate(source, base, enumerate_candidates(base, others, profile.runtime.allow_deci),
+        extra = [e for e in evaluate(source, base, enumerate_candidates(base, others, allow_deci(source, profile)),
                                      profile, table) if e.feasible]
         if extra:
             best = min(extra, key=lambda e: e.quality_loss)
@@ -381,7 +392,7 @@ def format_plan(plan: Plan, model_name: str, profile) -> str:
         f"predicted  file {c['file_mib']:.1f} MiB, memory {c['memory_mib']:.1f} MiB, decode {c['decode_tps']:.1f} tok/s, "
         f"TTFT {c['ttft_s']:.2f} s, est. PPL {plan.chosen.estimate}",
         f"why        {plan.why()}",
-    ]
+    ] + ([f"limits     {plan.limits}"] if plan.limits else [])
     if plan.measured:
         lines.append("measured   " + "; ".join(f"{m.label}: PPL +{100 * (math.exp(m.measured_loss) - 1):.1f}% "
                                               f"(est. +{100 * (math.exp(m.estimated_loss) - 1):.1f}%)"

@@ -17,6 +17,8 @@ whole-model trial prunings), which streams as "per-group"; the in-memory path (-
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import shutil
 import tempfile
 import time
@@ -36,7 +38,7 @@ from edgeprune.build.calibration import (
 from edgeprune.core.errors import EdgepruneError
 from edgeprune.core.families import family_of
 from edgeprune.build.loading import LazyModel
-from edgeprune.core.shapes import LayerShape, ModelShape
+from edgeprune.core.shapes import LayerShape, ModelShape, sliding_layers
 from edgeprune.build.weights import EMBEDDING
 
 Progress = Callable[[str], None]
@@ -61,6 +63,11 @@ class LazyLayers:
         self.family = family_of(lazy.config)
         self.keep = list(range(lazy.config.num_hidden_layers)) if keep is None else list(keep)
         self.n_layers = len(self.keep)
+        if self.n_layers != lazy.config.num_hidden_layers:  # the kept layers' config: their types, renumbered
+            self.config = copy.deepcopy(lazy.config)
+            self.config.num_hidden_layers = self.n_layers
+            if getattr(self.config, "layer_types", None) is not None:
+                self.config.layer_types = [lazy.config.layer_types[i] for i in self.keep]
         self.rotary_emb = self.family.transformers_class("RotaryEmbedding")(config=lazy.config).to(device)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -98,13 +105,15 @@ def lazy_shape(lazy: LazyModel) -> ModelShape:
                           w.shape(f"{prefix}mlp.gate_proj.weight")[0], biased["self_attn.o_proj"],
                           biased["mlp.down_proj"], biased["self_attn.q_proj"], biased["mlp.gate_proj"])
 
-    layers = tuple(layer(i) for i in range(c.num_hidden_layers))
+    window, sliding = sliding_layers(c)
+    layers = tuple(dataclasses.replace(layer(i), sliding=sliding[i]) for i in range(c.num_hidden_layers))
     vocab, hidden = w.shape(EMBEDDING)
-    return ModelShape(vocab, hidden, head_dim, layers, bool(c.tie_word_embeddings))
+    return ModelShape(vocab, hidden, head_dim, layers, bool(c.tie_word_embeddings), sliding_window=window)
 
 
-def conversion_input(lazy: LazyModel, metadata: dict[str, str]) -> ConversionInput:
-    return ConversionInput(None, lazy.vocab, lazy.name, lazy.context_length, metadata, config=lazy.config)
+def conversion_input(lazy: LazyModel, metadata: dict[str, str], config=None) -> ConversionInput:
+    """What the writer needs of a lazy model; `config` is the kept layers' when layers were removed."""
+    return ConversionInput(None, lazy.vocab, lazy.name, lazy.context_length, metadata, config=config or lazy.config)
 
 
 @dataclass
@@ -147,8 +156,9 @@ def stream_write(lazy: LazyModel, path: Path, metadata: dict[str, str], *, token
             start = time.perf_counter()
             source, plans, pruning, stats = _score_and_plan(lazy, source, token_ids, options, device, spill, say)
             seconds["score"] = round(time.perf_counter() - start, 2)
-        shape = _written_shape(lazy_shape(lazy), source.keep, plans, options) if options else lazy_shape(lazy)
-        writer = writer_class(lazy.config, shape)(conversion_input(lazy, metadata), shape)
+        shape = _written_shape(lazy_shape(lazy), source.keep, plans, options, source.family.output_biases) \
+            if options else lazy_shape(lazy)
+        writer = writer_class(source.config, shape)(conversion_input(lazy, metadata, source.config), shape)
         acc = None
         if imatrix is not None:
             n_seq, seq_len, text_name = imatrix
@@ -191,10 +201,11 @@ def _score_and_plan(lazy: LazyModel, source: LazyLayers, ids: list[int], options
                     say: Progress):
     """Pass one: layer removal by block influence, then every kept layer's scores, then the plan."""
     from edgeprune.build.pruning.criteria import NEEDS_STATISTICS, score_layer
-    from edgeprune.build.pruning.prune import plan_removals, prune_targets
+    from edgeprune.build.pruning.prune import check_family, plan_removals, prune_targets
 
     base = lazy_shape(lazy)
     options.validate(base.n_layers)
+    check_family(options, lazy.config)
     check_streamable(options)
     spill_dir = _spill_dir(spill, options.calib_sequences, options.calib_seq_len, base.hidden_size)
     details: dict = {"method": options.method, "criterion": options.criterion, "allocation": options.allocation,
@@ -207,8 +218,7 @@ def _score_and_plan(lazy: LazyModel, source: LazyLayers, ids: list[int], options
         drop = sorted(int(i) for i in np.argsort(influence, kind="stable")[: options.layers])
         details["dropped_layers"] = drop
         source = LazyLayers(lazy, device, [i for i in range(base.n_layers) if i not in drop])
-    kept = ModelShape(base.vocab_size, base.hidden_size, base.head_dim,
-                      tuple(base.layers[i] for i in source.keep), base.tied_embeddings)
+    kept = dataclasses.replace(base, layers=tuple(base.layers[i] for i in source.keep))
     stats, plans, head_mode = None, None, "per-group" if options.head_mode == "auto" else options.head_mode
     if options.heads or options.ffn:
         if options.criterion in NEEDS_STATISTICS or options.recovery == "bias":
@@ -226,18 +236,20 @@ def _score_and_plan(lazy: LazyModel, source: LazyLayers, ids: list[int], options
     return source, plans, details, stats
 
 
-def _written_shape(base: ModelShape, keep: list[int], plans, options) -> ModelShape:
+def _written_shape(base: ModelShape, keep: list[int], plans, options, output_biases: bool) -> ModelShape:
     """The shape the header declares: known before any layer is cut, because the plan fixes every width."""
     layers = tuple(base.layers[i] for i in keep)
     if plans is not None:
-        bias = options.recovery != "none"  # bias compensation and the refit give o_proj and down_proj a bias
+        # bias compensation and the refit give o_proj and down_proj a bias, where the family's graph has one
+        bias = options.recovery != "none" and output_biases
         layers = tuple(
-            LayerShape(len(p.keep_heads), len(p.keep_kv), len(p.keep_channels),
-                       (bias or old.attn_output_bias) and len(p.keep_heads) > 0, bias or old.ffn_down_bias,
-                       old.attn_qkv_bias and len(p.keep_heads) > 0, old.ffn_gate_up_bias)
+            dataclasses.replace(old, n_head=len(p.keep_heads), n_head_kv=len(p.keep_kv), n_ff=len(p.keep_channels),
+                                attn_output_bias=(bias or old.attn_output_bias) and len(p.keep_heads) > 0,
+                                ffn_down_bias=bias or old.ffn_down_bias,
+                                attn_qkv_bias=old.attn_qkv_bias and len(p.keep_heads) > 0)
             for p, old in zip(plans, layers)
         )
-    shape = ModelShape(base.vocab_size, base.hidden_size, base.head_dim, layers, base.tied_embeddings)
+    shape = dataclasses.replace(base, layers=layers)
     if shape.decoder_params() == base.decoder_params():
         raise EdgepruneError(f"the pruning ratios remove nothing from this model (heads {options.heads:g}, ffn "
                              f"{options.ffn:g}): each layer keeps whole heads and FFN widths on multiples of "
@@ -276,7 +288,7 @@ def _written_tensors(writer, source: LazyLayers, cut: _Cut | None, batches, acc,
             moved = None
             if streams is not None:
                 original, pruned, moved = reconstruct_layer(ctx, layer, cut.plans[i], *streams, head_dim,
-                                                            cut.options.ridge)
+                                                            cut.options.ridge, source.family.output_biases)
                 streams = (original, pruned)
             elif cut is not None:
                 moved = cut_layer(i, layer, cut.plans[i], cut.stats, cut.options.recovery, head_dim)

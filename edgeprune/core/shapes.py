@@ -22,6 +22,7 @@ class LayerShape:
     ffn_down_bias: bool = False  # blk.N.ffn_down.bias: bias compensation, or mlp_bias
     attn_qkv_bias: bool = False  # blk.N.attn_{q,k,v}.bias: the checkpoint's attention_bias, cut with its heads
     ffn_gate_up_bias: bool = False  # blk.N.ffn_{gate,up}.bias: the checkpoint's mlp_bias, cut with its channels
+    sliding: bool = False  # attends within ModelShape.sliding_window only (Gemma 3's local layers)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class ModelShape:
     head_dim: int
     layers: tuple[LayerShape, ...]
     tied_embeddings: bool
+    sliding_window: int = 0  # the window of the sliding layers, in a GGUF that applies one (gemma3); 0: none
 
     @property
     def n_layers(self) -> int:
@@ -58,8 +60,9 @@ def shape_of(model: torch.nn.Module) -> ModelShape:
     """Read the shape of a transformers LlamaForCausalLM (pruned or not) from its modules' weights."""
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    window, sliding = sliding_layers(config)
     layers = []
-    for block in model.model.layers:
+    for index, block in enumerate(model.model.layers):
         attn, mlp = block.self_attn, block.mlp
         q_proj = getattr(attn, "q_proj", None)
         o_proj = getattr(attn, "o_proj", None)
@@ -72,6 +75,7 @@ def shape_of(model: torch.nn.Module) -> ModelShape:
                 ffn_down_bias=mlp.down_proj.bias is not None,
                 attn_qkv_bias=q_proj is not None and q_proj.bias is not None,
                 ffn_gate_up_bias=mlp.gate_proj.bias is not None,
+                sliding=sliding[index],
             )
         )
     embed = model.get_input_embeddings().weight
@@ -82,11 +86,23 @@ def shape_of(model: torch.nn.Module) -> ModelShape:
         head_dim=head_dim,
         layers=tuple(layers),
         tied_embeddings=head.data_ptr() == embed.data_ptr(),
+        sliding_window=window,
     )
 
 
+def sliding_layers(config) -> tuple[int, list[bool]]:
+    """The window and which layers use it, where llama.cpp applies a window: Gemma 3's (llama.cpp's llama and
+    qwen2 graphs attend to the whole context whatever Mistral's or Qwen2's config says)."""
+    n = config.num_hidden_layers
+    types = getattr(config, "layer_types", None) or []
+    if getattr(config, "model_type", None) != "gemma3_text" or not getattr(config, "sliding_window", None):
+        return 0, [False] * n
+    return int(config.sliding_window), [t == "sliding_attention" for t in types[:n]]
+
+
 def shape_from_gguf(info) -> ModelShape:
-    """Read the per-layer shape of a `llama` or `deci` GGUF (an edgeprune.device.gguf_check.GGUFInfo)."""
+    """Read the per-layer shape of a GGUF (an edgeprune.device.gguf_check.GGUFInfo): llama, deci, qwen2, qwen3 or
+    gemma3 (with its sliding-window pattern)."""
     n_layer = info.block_count
     tensors = {t.name: t for t in info.reader.tensors}
 
@@ -99,12 +115,17 @@ def shape_from_gguf(info) -> ModelShape:
     n_ff = per_layer("feed_forward_length")
     n_embd = int(info.arch_value("embedding_length"))
     head_dim = int(info.arch_value("attention.key_length", n_embd // max(heads)))
+    window = int(info.arch_value("attention.sliding_window", 0) or 0) if info.architecture == "gemma3" else 0
+    pattern = info.arch_value("attention.sliding_window_pattern", 6)  # llama.cpp's gemma3 default: 5 local, 1 global
+    sliding = [bool(v) for v in pattern] if isinstance(pattern, list) else \
+        [int(pattern) == 0 or i % int(pattern) < int(pattern) - 1 for i in range(n_layer)]
     layers = tuple(
         LayerShape(heads[i], heads_kv[i], n_ff[i], f"blk.{i}.attn_output.bias" in tensors,
                    f"blk.{i}.ffn_down.bias" in tensors, f"blk.{i}.attn_q.bias" in tensors,
-                   f"blk.{i}.ffn_gate.bias" in tensors)
+                   f"blk.{i}.ffn_gate.bias" in tensors, sliding=bool(window) and sliding[i])
         for i in range(n_layer)
     )
     embd = tensors.get("token_embd.weight")
     vocab = int(embd.shape[1]) if embd is not None else 0
-    return ModelShape(vocab, n_embd, head_dim, layers, tied_embeddings="output.weight" not in tensors)
+    return ModelShape(vocab, n_embd, head_dim, layers, tied_embeddings="output.weight" not in tensors,
+                      sliding_window=window)

@@ -25,6 +25,8 @@ KNOWN_QUANT_TYPES = (
     "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S", "TQ1_0", "TQ2_0",
 )  # llama.cpp ftype names, as llama-quantize spells them
 KV_CACHE_TYPES = ("f16", "q8_0", "f32")
+SWA_CACHES = ("full", "window")  # llama_context_params.swa_full true / false
+DEFAULT_BATCH = 512  # llama.cpp's default n_ubatch
 TENSOR_TYPES = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "q4_1", "q4_0", "q3_k", "q2_k",
                 "iq4_xs", "iq4_nl", "iq3_s", "iq3_xxs", "iq2_xs", "iq2_xxs", "iq1_s", "tq1_0", "tq2_0")
 PROFILE_SUFFIX = ".toml"
@@ -55,6 +57,20 @@ class RuntimeSpec:
     default_quant: str
     kv_cache_type: str
     flash_attention: bool
+    # llama.cpp's micro-batch (n_ubatch): the compute buffer holds a batch's logits, 512 MiB for Gemma 3's
+    # 262,144-token vocabulary at llama.cpp's 512; absent: 512.
+    batch_size: int | None = None
+    # Sliding-window layers' KV cache (Gemma 3): "full" (llama.cpp's C default, which llama-cpp-python keeps)
+    # or "window" (llama-server's default: the window plus a batch); absent: "full".
+    swa_cache: str | None = None
+
+    @property
+    def micro_batch(self) -> int:
+        return self.batch_size or DEFAULT_BATCH
+
+    @property
+    def swa_full(self) -> bool:
+        return (self.swa_cache or "full") == "full"
 
 
 @dataclass(frozen=True)
@@ -107,6 +123,8 @@ SCHEMA: dict[str, tuple[type, dict[str, _Field]]] = {
         "default_quant": _Field("quant", '"Q4_K_M"'),
         "kv_cache_type": _Field("kv", '"f16"'),
         "flash_attention": _Field("bool", "false"),
+        "batch_size": _Field("count", "512", "tokens", optional=True),
+        "swa_cache": _Field("swa", '"window"', optional=True),
     }),
     "budgets": (Budgets, {
         "memory_mib": _Field("number", "2048", "MiB"),
@@ -250,6 +268,11 @@ def check_value(path: Path, section: str, key: str, value, spec: _Field):
         return names
     if spec.kind == "quant":
         return _check_quant(where, key, value)
+    if spec.kind == "swa":
+        if value not in SWA_CACHES:
+            raise EdgepruneError(f"{where} is not a sliding-window cache llama.cpp offers; use \"full\" (a cache "
+                                 f"of the whole context) or \"window\" (the window plus a batch)")
+        return value
     if spec.kind == "kv":
         if value not in KV_CACHE_TYPES:
             raise EdgepruneError(f"{where} is not a KV cache type llama.cpp offers here; use one of "

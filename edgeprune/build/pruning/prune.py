@@ -11,7 +11,9 @@ import numpy as np
 import torch
 
 from edgeprune.build.calibration import calibration_batches, collect_calibration
+from converters import per_layer_widths
 from edgeprune.core.errors import EdgepruneError
+from edgeprune.core.families import family_of
 from edgeprune.core.shapes import LayerShape, ModelShape, shape_of
 from edgeprune.build.pruning.allocation import (
     LayerPlan, build_plans, channel_units, head_units, select_adaptive, select_uniform,
@@ -110,6 +112,18 @@ def _mlp_params(s: LayerShape, d: int) -> int:
     return 3 * d * s.n_ff
 
 
+def check_family(options: PruneOptions, config) -> None:
+    """Refuse what the family's llama.cpp graph cannot hold: per-layer widths where its loader reads one width
+    for every layer, output biases (FLAP's compensation) where it has none (Qwen3, Gemma 3)."""
+    family = family_of(config)
+    if options.allocation == "adaptive" and not per_layer_widths(config):
+        raise EdgepruneError(f"--allocation adaptive gives layers their own widths, but llama.cpp's {family.gguf_arch} "
+                             f"loader creates every layer at layer 0's: use --allocation uniform")
+    if options.recovery == "bias" and not family.output_biases:
+        raise EdgepruneError(f"recovery 'bias' adds o_proj/down_proj biases, which llama.cpp's {family.gguf_arch} "
+                             "graph does not have: use recovery 'reconstruct' (refits the weights only) or 'none'")
+
+
 def prune_targets(base: ModelShape, current: ModelShape, options: PruneOptions, fraction: float) -> tuple[float, float]:
     """Attention and MLP parameters still to remove so that `fraction` of the ratios' totals (of `base`, after
     layer removal) is gone from `current`: cumulative targets, so each iterative step re-scores what is left."""
@@ -182,7 +196,7 @@ def cut_layer(index: int, layer, plan: LayerPlan, stats, recovery: str, head_dim
 def _choose_head_mode(model, shape, scores, options, head_target, stats, batches) -> tuple[str, dict]:
     """head_mode="auto": cut the heads both ways on copies (bias recovery, cheap) and keep the lower loss."""
     losses = {}
-    recovery = "none" if options.recovery == "none" else "bias"
+    recovery = "bias" if options.recovery != "none" and family_of(model.config).output_biases else "none"
     for mode in ("per-group", "kv-groups"):
         trial = copy.deepcopy(model)
         _apply_direct(trial, plan_removals(shape, scores, options, mode, head_target, 0), stats, recovery, shape.head_dim)
@@ -228,6 +242,7 @@ def prune_model(
     start = time.perf_counter()
     before = shape_of(model)
     options.validate(before.n_layers)
+    check_family(options, model.config)
     batches = calibration_batches(calib_token_ids, options.calib_sequences, options.calib_seq_len,
                                   model.config.bos_token_id)
     details: dict = {"method": options.method, "criterion": options.criterion, "allocation": options.allocation,

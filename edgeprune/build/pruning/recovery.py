@@ -13,7 +13,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from edgeprune.build.calibration import ChunkStore, LayerContext, ModelLayers, chunk_sizes, embed_chunks
+from edgeprune.build.calibration import (
+    ChunkStore, LayerContext, ModelLayers, chunk_sizes, embed_chunks, has_sandwich_norms,
+)
+from edgeprune.core.families import family_of
 from edgeprune.build.pruning.allocation import LayerPlan
 from edgeprune.build.pruning.surgery import add_output_bias, head_index, shrink_attention, shrink_mlp
 
@@ -38,30 +41,39 @@ def plain_removal(linear: torch.nn.Linear, keep: torch.Tensor) -> tuple[torch.Te
 
 
 def ridge_refit(
-    linear: torch.nn.Linear, keep: torch.Tensor, kept_inputs: torch.Tensor, targets: torch.Tensor, ridge: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+    linear: torch.nn.Linear, keep: torch.Tensor, kept_inputs: torch.Tensor, targets: torch.Tensor, ridge: float,
+    fit_bias: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Weight and bias over the kept columns that best map `kept_inputs` (tokens × kept columns) to `targets`
-    (tokens × out).
+    (tokens × out). Without `fit_bias` (llama.cpp's qwen3 and gemma3 graphs have no o_proj/down_proj bias) only
+    the weight is refitted and the layer keeps the bias it had, none.
 
     The ridge pulls towards the original kept columns and bias (not towards zero), scaled by the mean input
     energy, so few calibration tokens cannot wreck a wide layer.
     """
     w = linear.weight.detach()
-    z = torch.cat([kept_inputs.double(), torch.ones(len(kept_inputs), 1, dtype=torch.float64, device=kept_inputs.device)],
-                  1)
+    z = kept_inputs.double()
+    if fit_bias:
+        z = torch.cat([z, torch.ones(len(z), 1, dtype=torch.float64, device=z.device)], 1)
     # In place where it can be: the Gram matrix of an 8B model's down_proj is over 1 GB in float64, and
     # `gzz + torch.diag(reg)` would hold three of them at once.
     gzz = (z.T @ z).div_(len(z))
     rhs = (targets.double().T @ z).div_(len(z))
     del z
-    energy = float(gzz.diagonal()[:-1].mean()) if gzz.shape[1] > 1 else 0.0
+    columns = gzz.shape[1] - int(fit_bias)
+    energy = float(gzz.diagonal()[:columns].mean()) if columns else 0.0
     reg = torch.full((gzz.shape[1],), ridge * energy, dtype=torch.float64, device=gzz.device)
-    reg[-1] = 0.0  # the bias is free: a constant shift costs nothing to fit
+    prior = w[:, keep].double()
+    if fit_bias:
+        reg[-1] = 0.0  # the bias is free: a constant shift costs nothing to fit
+        prior = torch.cat([prior, _bias_or_zero(linear)[:, None]], 1)
     gzz.diagonal().add_(reg)
-    rhs += torch.cat([w[:, keep].double(), _bias_or_zero(linear)[:, None]], 1) * reg  # the pull to the prior
+    rhs += prior * reg  # the pull to the prior
     # (a product then a sum, not addcmul_: its fused multiply-add rounds differently, and the refit must give the
     # bytes it gave before)
     solved = torch.linalg.solve(gzz, rhs.T).T
+    if not fit_bias:
+        return solved.to(w.dtype), (linear.bias.detach() if linear.bias is not None else None)
     return solved[:, :-1].to(w.dtype), solved[:, -1].to(w.dtype)
 
 
@@ -75,57 +87,75 @@ class _Capture:
     """Forward pre-hook that keeps the kept columns of the inputs a module sees, per chunk, flattened to
     tokens × kept columns: the refit's inputs, and, through the refitted module, the pruned layer's output
     without running its other projections again: one attention and one MLP pass fewer per layer (SmolLM2,
-    20% of the FFN, 30 layers: 480 → 360 of each, reconstruction 45.6 → 43.2 s under cProfile)."""
+    20% of the FFN, 30 layers: 480 → 360 of each, reconstruction 45.6 → 43.2 s under cProfile).
+    With `outputs`, a forward hook that keeps what the module returns instead (the refit's targets where a
+    norm follows the projection)."""
 
-    def __init__(self, module: torch.nn.Module, keep: torch.Tensor):
+    def __init__(self, module: torch.nn.Module, keep: torch.Tensor | None = None, outputs: bool = False):
         self.parts: list[torch.Tensor] = []
-        self.handle = module.register_forward_pre_hook(
-            lambda m, args: self.parts.append(args[0].detach().flatten(0, -2)[:, keep]))
+        if outputs:
+            self.handle = module.register_forward_hook(
+                lambda m, args, out: self.parts.append(out.detach().flatten(0, -2)))
+        else:
+            self.handle = module.register_forward_pre_hook(
+                lambda m, args: self.parts.append(args[0].detach().flatten(0, -2)[:, keep]))
 
     def take(self) -> torch.Tensor:
         self.handle.remove()
         return torch.cat(self.parts)
 
-    def add_output(self, ctx: LayerContext, module: torch.nn.Module, stream: ChunkStore) -> ChunkStore:
-        """`stream` plus `module` (the refitted projection) applied to the captured inputs, chunk by chunk: what the
-        shrunk sub-layer adds to the residual stream."""
+    def add_output(self, ctx: LayerContext, module: torch.nn.Module, stream: ChunkStore,
+                   norm: torch.nn.Module | None) -> ChunkStore:
+        """`stream` plus `module` (the refitted projection) applied to the captured inputs, chunk by chunk, through
+        the sub-layer's output norm where it has one: what the shrunk sub-layer adds to the residual stream."""
         parts = iter(self.parts)
-        return ctx.run(lambda x, _chunk: x + module(next(parts)).view_as(x), stream)
+        post = norm or (lambda y: y)
+        return ctx.run(lambda x, _chunk: x + post(module(next(parts)).view_as(x)), stream)
 
 
 def reconstruct_layer(ctx: LayerContext, layer: torch.nn.Module, plan: LayerPlan, original: ChunkStore,
-                      pruned: ChunkStore, head_dim: int, ridge: float) -> tuple[ChunkStore, ChunkStore, torch.Tensor | None]:
+                      pruned: ChunkStore, head_dim: int, ridge: float,
+                      fit_bias: bool = True) -> tuple[ChunkStore, ChunkStore, torch.Tensor | None]:
     """Prune one layer, refitting o_proj and down_proj so that the pruned stream after each sub-layer matches the
     original model's. Returns both streams after the layer, and the constant the caller must add to the previous
-    layer's down_proj when all heads went (deci has no attention tensors to hold it)."""
+    layer's down_proj when all heads went (deci has no attention tensors to hold it).
+
+    Where a norm follows each projection (Gemma 3), a shift of the residual stream is not a linear function of
+    the projection's output: there the refit targets the original projection's outputs on the original stream."""
     has_attention = getattr(layer.self_attn, "q_proj", None) is not None
+    sandwich = has_sandwich_norms(layer)
     moved = None
     # the original sub-layers on the original stream give the targets
+    o_outputs = _Capture(layer.self_attn.o_proj, outputs=True) if has_attention and sandwich else None
     mid_o = ctx.run(ctx.attention(layer), original) if has_attention else original
+    down_outputs = _Capture(layer.mlp.down_proj, outputs=True) if sandwich else None
     out_o = ctx.run(ctx.mlp(layer), mid_o)
     if has_attention:
         keep = head_index(plan.keep_heads, head_dim)
         capture = _Capture(layer.self_attn.o_proj, keep)
         ctx.run(ctx.attention(layer), pruned)  # kept heads' outputs are the same before and after shrinking
-        targets = torch.cat([(m - p).flatten(0, -2) for m, p in zip(mid_o, pruned)])
-        o_weight, o_bias = ridge_refit(layer.self_attn.o_proj, keep, capture.take(), targets, ridge)
+        targets = o_outputs.take() if sandwich else torch.cat([(m - p).flatten(0, -2) for m, p in zip(mid_o, pruned)])
+        o_weight, o_bias = ridge_refit(layer.self_attn.o_proj, keep, capture.take(), targets, ridge, fit_bias)
         del targets
         if len(plan.keep_heads) == 0:
             moved = o_bias
             pruned = ctx.run(lambda p, _chunk: p + o_bias, pruned)
         shrink_attention(layer, plan.keep_heads, plan.keep_kv, head_dim, o_weight, o_bias)
-        mid_p = capture.add_output(ctx, layer.self_attn.o_proj, pruned) if len(plan.keep_heads) else pruned
+        post = layer.post_attention_layernorm if sandwich else None
+        mid_p = capture.add_output(ctx, layer.self_attn.o_proj, pruned, post) if len(plan.keep_heads) else pruned
         del capture
     else:
         mid_p = pruned
     keep = torch.as_tensor(plan.keep_channels, dtype=torch.long)
     capture = _Capture(layer.mlp.down_proj, keep)
     ctx.run(ctx.mlp(layer), mid_p)
-    targets = torch.cat([(o - m).flatten(0, -2) for o, m in zip(out_o, mid_p)])
-    d_weight, d_bias = ridge_refit(layer.mlp.down_proj, keep, capture.take(), targets, ridge)
+    targets = down_outputs.take() if sandwich else torch.cat([(o - m).flatten(0, -2) for o, m in zip(out_o, mid_p)])
+    d_weight, d_bias = ridge_refit(layer.mlp.down_proj, keep, capture.take(), targets, ridge, fit_bias)
     del targets
     shrink_mlp(layer, plan.keep_channels, d_weight, d_bias)
-    return out_o, capture.add_output(ctx, layer.mlp.down_proj, mid_p), moved
+    post = layer.post_feedforward_layernorm if sandwich else None
+    return out_o, capture.add_output(ctx, layer.mlp.down_proj, mid_p, post), moved
+
 
 def reconstruct_sequentially(
     model: torch.nn.Module,
@@ -144,7 +174,8 @@ def reconstruct_sequentially(
         original = embed_chunks(source, batches, ctx, batch_size)
         pruned = original
         for i, plan in enumerate(plans):
-            original, pruned, moved = reconstruct_layer(ctx, source.layer(i), plan, original, pruned, head_dim, ridge)
+            original, pruned, moved = reconstruct_layer(ctx, source.layer(i), plan, original, pruned, head_dim, ridge,
+                                                        family_of(model.config).output_biases)
             if moved is not None:  # move the constant upstream
                 previous = model.model.layers[i - 1].mlp
                 previous.down_proj = add_output_bias(previous.down_proj, moved)
