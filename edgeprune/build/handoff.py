@@ -1,9 +1,9 @@
 """Runtime hand-off for a built GGUF: an Ollama Modelfile, the server command lines the profile implies, and a
 short README that says what was built and how to run it.
 
-The chat template is translated for Ollama only for the families whose template is known (ChatML as SmolLM2
-and Qwen use, Llama-2's [INST], Llama-3's header tokens); any other is left to Ollama, which reads the GGUF's
-own `tokenizer.chat_template`, and the Modelfile says so.
+The chat template is translated for Ollama only for the families whose template is known (ChatML as SmolLM2,
+Qwen2 and Qwen3 use, Llama-2's [INST], Llama-3's header tokens, Gemma's turns); any other is left to Ollama,
+which reads the GGUF's own `tokenizer.chat_template`, and the Modelfile says so.
 """
 
 from __future__ import annotations
@@ -33,6 +33,13 @@ _LLAMA2 = """{{- range $i, $m := .Messages }}{{- if eq $m.Role "user" }}[INST] {
 <</SYS>>
 
 {{ end }}{{ $m.Content }} [/INST]{{- else }} {{ $m.Content }}</s>{{- end }}{{- end }}"""
+# Gemma has no system role: a system prompt opens the first user turn; the assistant's role is "model".
+_GEMMA = """{{- range $i, $m := .Messages }}<start_of_turn>{{ if eq $m.Role "assistant" }}model{{ else }}user{{ end }}
+{{ if and $.System (eq $i 0) }}{{ $.System }}
+
+{{ end }}{{ $m.Content }}<end_of_turn>
+{{ end }}<start_of_turn>model
+"""
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,7 @@ FAMILIES = (  # the marker each family's Jinja template contains, in the order t
     ("<|start_header_id|>", ChatFamily("llama3", _LLAMA3, ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))),
     ("<|im_start|>", ChatFamily("chatml", _CHATML, ("<|im_start|>", "<|im_end|>"))),
     ("[INST]", ChatFamily("llama2", _LLAMA2, ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"))),
+    ("<start_of_turn>", ChatFamily("gemma", _GEMMA, ("<end_of_turn>", "<start_of_turn>"))),
 )
 
 
@@ -66,21 +74,28 @@ class ServeSettings:
     threads: int
     kv_cache_type: str
     flash_attention: bool
+    batch_size: int | None = None  # the profile's micro-batch, where it names one
+    swa_full: bool | None = None  # for a model with sliding-window layers: the cache the profile was validated with
 
     @classmethod
-    def of(cls, gguf: str, profile) -> "ServeSettings":
-        return cls(gguf, profile.budgets.context_length, profile.device.threads, profile.runtime.kv_cache_type,
-                   profile.runtime.flash_attention)
+    def of(cls, gguf: str, profile, sliding: bool = False) -> "ServeSettings":
+        rt = profile.runtime
+        return cls(gguf, profile.budgets.context_length, profile.device.threads, rt.kv_cache_type,
+                   rt.flash_attention, rt.batch_size, rt.swa_full if sliding else None)
 
     def llama_server(self, port: int = 8080) -> list[str]:
-        return ["llama-server", "-m", self.gguf, "-c", str(self.context_length), "-t", str(self.threads),
+        """llama-server gives sliding layers a window-sized cache unless told --swa-full."""
+        batch = ["-ub", str(self.batch_size)] if self.batch_size else []
+        return ["llama-server", "-m", self.gguf, "-c", str(self.context_length), "-t", str(self.threads), *batch,
                 "-ctk", self.kv_cache_type, "-ctv", self.kv_cache_type, "-fa", "on" if self.flash_attention else "off",
-                "--host", "127.0.0.1", "--port", str(port)]
+                *(["--swa-full"] if self.swa_full else []), "--host", "127.0.0.1", "--port", str(port)]
 
     def llama_cpp_python_server(self, port: int = 8000) -> list[str]:
+        """llama-cpp-python's server has no swa_full setting: it keeps llama.cpp's default, the full cache."""
         kv = str(GGML_TYPE_IDS[self.kv_cache_type])
+        batch = ["--n_ubatch", str(self.batch_size)] if self.batch_size else []
         return ["python", "-m", "llama_cpp.server", "--model", self.gguf, "--n_ctx", str(self.context_length),
-                "--n_threads", str(self.threads), "--type_k", kv, "--type_v", kv,
+                "--n_threads", str(self.threads), *batch, "--type_k", kv, "--type_v", kv,
                 "--flash_attn", str(self.flash_attention), "--host", "127.0.0.1", "--port", str(port)]
 
 
@@ -110,15 +125,17 @@ def readme(target: str, entry: dict, settings: ServeSettings) -> str:
         "",
         "```sh",
         shlex.join(settings.llama_server()) + "  # llama.cpp",
-        shlex.join(settings.llama_cpp_python_server()) + "  # llama-cpp-python, OpenAI-compatible",
+        shlex.join(settings.llama_cpp_python_server()) + "  # llama-cpp-python, OpenAI-compatible"
+        + ("; its sliding-window cache is always full size" if settings.swa_full is False else ""),
         "ollama create " + target + " -f Modelfile && ollama run " + target,
         "```",
         "",
     ])
 
 
-def write_handoff(directory: Path, target: str, entry: dict, profile, chat_template: str | None) -> ServeSettings:
-    settings = ServeSettings.of(entry["gguf"], profile)
+def write_handoff(directory: Path, target: str, entry: dict, profile, chat_template: str | None,
+                  sliding: bool = False) -> ServeSettings:
+    settings = ServeSettings.of(entry["gguf"], profile, sliding)
     (directory / "Modelfile").write_text(modelfile(settings, chat_template), encoding="utf-8")
     (directory / "README.md").write_text(readme(target, entry, settings), encoding="utf-8")
     return settings

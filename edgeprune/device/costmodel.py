@@ -57,17 +57,22 @@ class Prediction:
         return self.size.file_bytes + self.kv_cache_bytes + self.compute_buffer_bytes
 
 
-def kv_cache_bytes(shape: ModelShape, n_ctx: int, kv_type: str = "f16", flash_attention: bool = False) -> int:
+def kv_cache_bytes(shape: ModelShape, n_ctx: int, kv_type: str = "f16", flash_attention: bool = False,
+                   swa_full: bool = True, ubatch: int = N_UBATCH) -> int:
     """llama.cpp's KV cache (llama-kv-cache.cpp): every layer gets K at its own width; without flash attention V
-    is stored transposed and every layer's V, attention-free layers included, is padded to the widest layer."""
+    is stored transposed and every layer's V, attention-free layers included, is padded to the widest layer.
+    Sliding-window layers (Gemma 3) get a cache of their own (llama-kv-cache-iswa.cpp): the whole context with
+    `swa_full`, else the window plus a micro-batch, padded to 256 cells and never more than the context."""
     cells = -(-n_ctx // KV_PAD) * KV_PAD
+    window_cells = cells if swa_full else min(cells, -(-(shape.sliding_window + ubatch) // KV_PAD) * KV_PAD)
     widths = [l.n_head_kv * shape.head_dim for l in shape.layers]
     v_widths = widths if flash_attention else [max(widths)] * len(widths)
-    return int(cells * (sum(widths) + sum(v_widths)) * KV_TYPE_BYTES[kv_type])
+    per_layer = [window_cells if l.sliding and shape.sliding_window else cells for l in shape.layers]
+    return int(sum(n * (k + v) for n, k, v in zip(per_layer, widths, v_widths)) * KV_TYPE_BYTES[kv_type])
 
 
-def compute_buffer_bytes(shape: ModelShape, n_ctx: int, flash_attention: bool = False) -> int:
-    """llama.cpp's CPU compute buffer for one micro-batch (512 tokens, or the context when shorter): the most f32
+def compute_buffer_bytes(shape: ModelShape, n_ctx: int, flash_attention: bool = False, ubatch: int = N_UBATCH) -> int:
+    """llama.cpp's CPU compute buffer for one micro-batch (`ubatch` tokens, or the context when shorter): the most f32
     activations alive at once anywhere in the graph. That is the batch's logits (plus two hidden-size rows) at the
     output, or a layer's two FFN projections, or, without flash attention, the attention scores (a float per
     head, token and KV cell) with the f32 mask (a float per token and cell), one f32 copy of K and four
@@ -75,7 +80,7 @@ def compute_buffer_bytes(shape: ModelShape, n_ctx: int, flash_attention: bool = 
     (this gives 98.25) and 166.38 MiB at 8192 cells without flash attention (170.5); a 4-head, 64-wide model with
     a 16384-token vocabulary 40.76 MiB at 4096 cells (41.0). It errs high, never low: memory is a budget."""
     cells = -(-n_ctx // KV_PAD) * KV_PAD
-    ubatch = min(N_UBATCH, n_ctx)
+    ubatch = min(ubatch, n_ctx)
     n_ff = max(l.n_ff for l in shape.layers)
     n_head = max(l.n_head for l in shape.layers)
     kv_width = max(l.n_head_kv for l in shape.layers) * shape.head_dim
@@ -171,8 +176,9 @@ def predict_for_size(size: SizeEstimate, shape: ModelShape, profile) -> Predicti
     prefill = 1.0 / prefill_seconds_per_token(size, shape, b.ttft_prompt_tokens, dev)
     return Prediction(
         size=size,
-        kv_cache_bytes=kv_cache_bytes(shape, b.context_length, rt.kv_cache_type, rt.flash_attention),
-        compute_buffer_bytes=compute_buffer_bytes(shape, b.context_length, rt.flash_attention),
+        kv_cache_bytes=kv_cache_bytes(shape, b.context_length, rt.kv_cache_type, rt.flash_attention, rt.swa_full,
+                                      rt.micro_batch),
+        compute_buffer_bytes=compute_buffer_bytes(shape, b.context_length, rt.flash_attention, rt.micro_batch),
         decode_tps=decode,
         prefill_tps=prefill,
         ttft_s=b.ttft_prompt_tokens / prefill + 1.0 / decode,

@@ -43,7 +43,8 @@ def build_target(prepared, target: Target, profile_and_text, out: Path, key: str
                                    options=dataclasses.replace(prepared.options, mix=target.mix))
         result = build_output(mine, profile, directory, say, [], reference_topk=topk, scores=scores)
         entry = _entry(prepared, target, profile, result, found_versions)
-        settings = write_handoff(directory, target.name, entry, profile, prepared.loaded.vocab.chat_template)
+        settings = write_handoff(directory, target.name, entry, profile, prepared.loaded.vocab.chat_template,
+                                 bool(prepared.base_shape.sliding_window))
         entry["artifacts"] = [{"path": str(f.relative_to(directory)), "bytes": f.stat().st_size,
                                "sha256": sha256_of(f)} for f in sorted(directory.rglob("*")) if f.is_file()]
         serve = settings.llama_cpp_python_server()

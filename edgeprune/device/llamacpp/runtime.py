@@ -30,6 +30,8 @@ class Runtime:
     kv_cache_type: str = "f16"
     flash_attention: bool = False
     threads: int = 1
+    batch_size: int = SPEED_BATCH  # n_ubatch: sizes the compute buffer (a batch's logits)
+    swa_full: bool = True  # sliding-window layers cache the whole context (llama.cpp's default) or the window
 
     @classmethod
     def of(cls, profile: Any, *, threads: int | None = None, default_context: int = 512) -> Runtime:
@@ -40,11 +42,13 @@ class Runtime:
             return cls(default_context, threads=threads or cores)
         rt = profile.runtime
         return cls(profile.budgets.context_length, rt.kv_cache_type, rt.flash_attention,
-                   threads or min(profile.device.threads, cores))
+                   threads or min(profile.device.threads, cores), rt.micro_batch, rt.swa_full)
 
     def describe(self) -> str:
         return (f"ctx {self.context_length}, KV {self.kv_cache_type}, flash attention "
-                f"{'on' if self.flash_attention else 'off'}, {self.threads} thread(s)")
+                f"{'on' if self.flash_attention else 'off'}, {self.threads} thread(s)"
+                + (f", batch {self.batch_size}" if self.batch_size != SPEED_BATCH else "")
+                + ("" if self.swa_full else ", sliding-window cache"))
 
     def for_scoring(self) -> Runtime:
         """The runtime perplexity and KL divergence are scored with: the KV cache type, which costs quality, and
@@ -71,13 +75,13 @@ class Model:
     """A loaded model and one reusable llama_batch: the raw calls llama-perplexity and llama-bench make."""
 
     def __init__(self, path: str, *, n_ctx: int, n_batch: int, threads: int, kv_cache_type: str = "f16",
-                 flash_attention: bool = False):
+                 flash_attention: bool = False, ubatch: int = SPEED_BATCH, swa_full: bool = True):
         self.lib = import_llama_cpp()
         log = llama_log.process_log()
         self.log_start = log.mark()
         try:
             self.llm = self.lib.Llama(
-                model_path=path, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(n_batch, SPEED_BATCH),
+                model_path=path, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=min(n_batch, ubatch), swa_full=swa_full,
                 n_threads=threads, n_threads_batch=threads, verbose=False, flash_attn=flash_attention,
                 type_k=GGML_TYPE_IDS[kv_cache_type], type_v=GGML_TYPE_IDS[kv_cache_type],
             )

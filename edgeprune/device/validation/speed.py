@@ -45,7 +45,8 @@ def speed_task(task: dict) -> dict:
     threads = runtime.threads
     report(f"speed: loading {task['gguf']} ({runtime.describe()})")
     model = Model(task["gguf"], n_ctx=runtime.context_length, n_batch=SPEED_BATCH, threads=threads,
-                  kv_cache_type=runtime.kv_cache_type, flash_attention=runtime.flash_attention)
+                  kv_cache_type=runtime.kv_cache_type, flash_attention=runtime.flash_attention,
+                  ubatch=runtime.batch_size, swa_full=runtime.swa_full)
     bench = _Bench(model)
     bench.process_prompt(bench.random_prompt(N_PROMPT))  # warm-up, as llama-bench does
     bench.generate(1)
