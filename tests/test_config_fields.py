@@ -57,7 +57,7 @@ def llama_cpp_tokens(gguf_path: Path, text: str) -> list[int]:
     return tokens
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"])
 def test_every_field_transformers_reads_is_classified(model_type):
     """A transformers release that reads a new field fails here until the family's table says what it does."""
     table = WRITERS[family_for_model_type(model_type, "test").module][0].config_fields

@@ -74,6 +74,8 @@ class LazyLayers:
         """Embedding lookup from the memory-mapped matrix: only the rows used are converted."""
         unique, inverse = np.unique(ids.cpu().numpy(), return_inverse=True)
         rows = self.lazy.weights.rows(EMBEDDING, unique)
+        if self.family.scaled_embedding:  # as Gemma3TextScaledWordEmbedding computes it, in float32
+            rows = rows * torch.tensor(self.config.hidden_size ** 0.5).to(rows.dtype)
         return rows[torch.as_tensor(inverse.reshape(ids.shape))].to(self.device)
 
     def layer(self, index: int) -> torch.nn.Module:

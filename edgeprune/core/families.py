@@ -24,6 +24,7 @@ class Family:
     rope_permuted_in_gguf: bool  # llama's NORM rope stores q/k rows interleaved; NEOX (qwen2) keeps HF's order
     config_class: str = ""  # when not <prefix>Config: Gemma3Config is the multimodal one, the text model's differs
     output_biases: bool = True  # llama.cpp's graph adds o_proj/down_proj biases (recovery may fit them)
+    scaled_embedding: bool = False  # the embedding's rows are multiplied by sqrt(hidden_size) (Gemma)
 
     def transformers_class(self, kind: str):
         """kind: Config, ForCausalLM, DecoderLayer, RotaryEmbedding or RMSNorm."""
@@ -42,7 +43,7 @@ FAMILIES = (
     Family("qwen2", "Qwen2", ("qwen2",), "qwen2", False),
     Family("qwen3", "Qwen3", ("qwen3",), "qwen3", False, output_biases=False),
     Family("gemma3", "Gemma3", ("gemma3_text",), "gemma3", False, config_class="Gemma3TextConfig",
-           output_biases=False),
+           output_biases=False, scaled_embedding=True),
 )
 MODEL_TYPES = tuple(t for family in FAMILIES for t in family.model_types)
 # Near relatives a user may arrive with, refused by their own name: each differs in what llama.cpp runs.

@@ -57,35 +57,46 @@ class Prediction:
         return self.size.file_bytes + self.kv_cache_bytes + self.compute_buffer_bytes
 
 
+def _cells(n_ctx: int) -> int:
+    return -(-n_ctx // KV_PAD) * KV_PAD
+
+
+def _window_cells(shape: ModelShape, n_ctx: int, swa_full: bool, ubatch: int) -> int:
+    """The cells of the sliding-window layers' cache (llama-kv-cache-iswa.cpp): the whole context with `swa_full`,
+    else the window plus a micro-batch, padded to 256 cells and never more than the context's."""
+    return _cells(n_ctx) if swa_full else min(_cells(n_ctx), _cells(shape.sliding_window + ubatch))
+
+
 def kv_cache_bytes(shape: ModelShape, n_ctx: int, kv_type: str = "f16", flash_attention: bool = False,
                    swa_full: bool = True, ubatch: int = N_UBATCH) -> int:
     """llama.cpp's KV cache (llama-kv-cache.cpp): every layer gets K at its own width; without flash attention V
     is stored transposed and every layer's V, attention-free layers included, is padded to the widest layer.
-    Sliding-window layers (Gemma 3) get a cache of their own (llama-kv-cache-iswa.cpp): the whole context with
-    `swa_full`, else the window plus a micro-batch, padded to 256 cells and never more than the context."""
-    cells = -(-n_ctx // KV_PAD) * KV_PAD
-    window_cells = cells if swa_full else min(cells, -(-(shape.sliding_window + ubatch) // KV_PAD) * KV_PAD)
+    Sliding-window layers (Gemma 3) have a cache of their own (_window_cells)."""
+    cells, window = _cells(n_ctx), _window_cells(shape, n_ctx, swa_full, ubatch)
     widths = [l.n_head_kv * shape.head_dim for l in shape.layers]
     v_widths = widths if flash_attention else [max(widths)] * len(widths)
-    per_layer = [window_cells if l.sliding and shape.sliding_window else cells for l in shape.layers]
+    per_layer = [window if l.sliding and shape.sliding_window else cells for l in shape.layers]
     return int(sum(n * (k + v) for n, k, v in zip(per_layer, widths, v_widths)) * KV_TYPE_BYTES[kv_type])
 
 
-def compute_buffer_bytes(shape: ModelShape, n_ctx: int, flash_attention: bool = False, ubatch: int = N_UBATCH) -> int:
+def compute_buffer_bytes(shape: ModelShape, n_ctx: int, flash_attention: bool = False, ubatch: int = N_UBATCH,
+                         swa_full: bool = True) -> int:
     """llama.cpp's CPU compute buffer for one micro-batch (`ubatch` tokens, or the context when shorter): the most f32
     activations alive at once anywhere in the graph. That is the batch's logits (plus two hidden-size rows) at the
     output, or a layer's two FFN projections, or, without flash attention, the attention scores (a float per
-    head, token and KV cell) with the f32 mask (a float per token and cell), one f32 copy of K and four
-    hidden-size rows per token. Measured (llama.cpp 0c1e57098): SmolLM2 98.25 MiB at 512–4096 cells either way
-    (this gives 98.25) and 166.38 MiB at 8192 cells without flash attention (170.5); a 4-head, 64-wide model with
-    a 16384-token vocabulary 40.76 MiB at 4096 cells (41.0). It errs high, never low: memory is a budget."""
-    cells = -(-n_ctx // KV_PAD) * KV_PAD
+    head, token and KV cell) with the f32 mask (a float per token and cell; a model with sliding-window layers
+    has a second one over their cache), one f32 copy of K and four hidden-size rows per token. Measured
+    (llama.cpp 0c1e57098): SmolLM2 98.25 MiB at 512–4096 cells either way (this gives 98.25) and 166.38 MiB at
+    8192 cells without flash attention (170.5); a 4-head, 64-wide model with a 16384-token vocabulary 40.76 MiB
+    at 4096 cells (41.0); Gemma 3 270M 514.50 MiB at 512 tokens, 32.16 at 32 (the logits: exact)."""
+    cells = _cells(n_ctx)
     ubatch = min(ubatch, n_ctx)
+    masks = cells + (_window_cells(shape, n_ctx, swa_full, ubatch) if shape.sliding_window else 0)
     n_ff = max(l.n_ff for l in shape.layers)
     n_head = max(l.n_head for l in shape.layers)
     kv_width = max(l.n_head_kv for l in shape.layers) * shape.head_dim
     per_token = max(shape.vocab_size, 2 * n_ff) + 2 * shape.hidden_size
-    attention = 0 if flash_attention else ubatch * (cells * (n_head + 1) + 4 * shape.hidden_size) + cells * kv_width
+    attention = 0 if flash_attention else ubatch * (cells * n_head + masks + 4 * shape.hidden_size) + cells * kv_width
     return 4 * max(ubatch * per_token, attention)
 
 
@@ -178,7 +189,8 @@ def predict_for_size(size: SizeEstimate, shape: ModelShape, profile) -> Predicti
         size=size,
         kv_cache_bytes=kv_cache_bytes(shape, b.context_length, rt.kv_cache_type, rt.flash_attention, rt.swa_full,
                                       rt.micro_batch),
-        compute_buffer_bytes=compute_buffer_bytes(shape, b.context_length, rt.flash_attention, rt.micro_batch),
+        compute_buffer_bytes=compute_buffer_bytes(shape, b.context_length, rt.flash_attention, rt.micro_batch,
+                                                  rt.swa_full),
         decode_tps=decode,
         prefill_tps=prefill,
         ttft_s=b.ttft_prompt_tokens / prefill + 1.0 / decode,

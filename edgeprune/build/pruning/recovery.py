@@ -128,13 +128,15 @@ def reconstruct_layer(ctx: LayerContext, layer: torch.nn.Module, plan: LayerPlan
     # the original sub-layers on the original stream give the targets
     o_outputs = _Capture(layer.self_attn.o_proj, outputs=True) if has_attention and sandwich else None
     mid_o = ctx.run(ctx.attention(layer), original) if has_attention else original
+    o_targets = o_outputs.take() if o_outputs else None
     down_outputs = _Capture(layer.mlp.down_proj, outputs=True) if sandwich else None
     out_o = ctx.run(ctx.mlp(layer), mid_o)
+    down_targets = down_outputs.take() if down_outputs else None
     if has_attention:
         keep = head_index(plan.keep_heads, head_dim)
         capture = _Capture(layer.self_attn.o_proj, keep)
         ctx.run(ctx.attention(layer), pruned)  # kept heads' outputs are the same before and after shrinking
-        targets = o_outputs.take() if sandwich else torch.cat([(m - p).flatten(0, -2) for m, p in zip(mid_o, pruned)])
+        targets = o_targets if sandwich else torch.cat([(m - p).flatten(0, -2) for m, p in zip(mid_o, pruned)])
         o_weight, o_bias = ridge_refit(layer.self_attn.o_proj, keep, capture.take(), targets, ridge, fit_bias)
         del targets
         if len(plan.keep_heads) == 0:
@@ -149,7 +151,7 @@ def reconstruct_layer(ctx: LayerContext, layer: torch.nn.Module, plan: LayerPlan
     keep = torch.as_tensor(plan.keep_channels, dtype=torch.long)
     capture = _Capture(layer.mlp.down_proj, keep)
     ctx.run(ctx.mlp(layer), mid_p)
-    targets = down_outputs.take() if sandwich else torch.cat([(o - m).flatten(0, -2) for o, m in zip(out_o, mid_p)])
+    targets = down_targets if sandwich else torch.cat([(o - m).flatten(0, -2) for o, m in zip(out_o, mid_p)])
     d_weight, d_bias = ridge_refit(layer.mlp.down_proj, keep, capture.take(), targets, ridge, fit_bias)
     del targets
     shrink_mlp(layer, plan.keep_channels, d_weight, d_bias)
