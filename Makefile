@@ -7,6 +7,8 @@ LLAMA_CPP_SPEC ?= llama-cpp-python==0.3.36
 # A portable x86 build: the default native build crashes on Intel AMX CPUs with quantized models (llama.cpp #20824).
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 DEMO_PROFILE ?= raspberry-pi-5-8gb
+# MODEL=gemma3 runs the same export on Gemma 3 270M (the second real model, under the Gemma terms)
+MODEL ?= smollm2
 DEMO_OUT ?= out/demo
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.edgeprune-installed
@@ -24,7 +26,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: install
-	$(VENV)/bin/edgeprune export "$$($(PY) -m edgeprune.core.fetch)" --profile $(DEMO_PROFILE) --out $(DEMO_OUT)
+	$(VENV)/bin/edgeprune export "$$($(PY) -m edgeprune.core.fetch $(MODEL))" --profile $(DEMO_PROFILE) --out $(DEMO_OUT)
 
 test: install
 	$(PY) -m pytest -q

@@ -131,6 +131,13 @@ def tiny_spm_llama(_tiny_spm_llama_once: Path, tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    from edgeprune.core.fetch import fetch_gemma3
+
+    return fetch_gemma3()
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     from edgeprune.core.fetch import fetch_smollm2
 
@@ -177,6 +184,7 @@ def agreement(reference, candidate) -> tuple[float, float]:
 # them calls (followed to any depth) holds one of the names or strings.
 SLOW_RESOURCES = {
     "smollm2": {"fixtures": {"smollm2_gguf"}, "names": {"fetch_smollm2"}, "strings": set()},
+    "gemma3": {"fixtures": {"gemma3_gguf"}, "names": {"fetch_gemma3"}, "strings": set()},
     "sshd": {"fixtures": {"sshd"}, "names": {"SSHD"}, "strings": {"/usr/sbin/sshd"}},
     "chromium": {"fixtures": set(), "names": set(), "strings": {"chromium"}},
     "fresh_venv": {"fixtures": set(), "names": {"EnvBuilder"}, "strings": {"venv"}},

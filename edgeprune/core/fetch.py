@@ -135,5 +135,10 @@ def fetch_shakespeare(cache_dir: Path = DEFAULT_CACHE) -> Path:
     return target
 
 
-if __name__ == "__main__":
-    print(fetch_gemma3() if sys.argv[1:] == ["gemma3"] else fetch_smollm2())
+MODELS = {"smollm2": fetch_smollm2, "gemma3": fetch_gemma3}
+
+if __name__ == "__main__":  # the path of a real model, for `make demo MODEL=...`
+    name = sys.argv[1] if len(sys.argv) > 1 else "smollm2"
+    if name not in MODELS:
+        sys.exit(f"edgeprune.core.fetch: unknown model {name!r}: choose {' or '.join(MODELS)}")
+    print(MODELS[name]())

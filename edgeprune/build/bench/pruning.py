@@ -1,4 +1,4 @@
-"""Benchmark structured pruning on SmolLM2-135M: method × allocation × share of decoder parameters removed.
+"""Benchmark structured pruning on SmolLM2-135M (or Gemma 3 270M): method × allocation × share removed.
 
 Every pruned model is calibrated on the default calibration text only, written as an F16 GGUF (`llama` for
 uniform widths, `deci` for adaptive ones) and measured by llama.cpp: llama-perplexity-style PPL (512-token
@@ -10,6 +10,10 @@ an interrupted run keeps what it measured.
     python -m edgeprune.build.bench.pruning            # the full table (about an hour on 2 cores)
     python -m edgeprune.build.bench.pruning --ratios 0.2 --methods edgeprune flap magnitude --allocations adaptive
     python -m edgeprune.build.bench.pruning --ratios 0.2 0.3 --methods edgeprune --ridges 0.05 0.5 5   # the defaults
+    python -m edgeprune.build.bench.pruning --model gemma3 --allocations uniform --methods edgeprune wanda-sp magnitude
+
+Gemma 3 writes pruning-gemma3.{json,md}; its llama.cpp graph holds uniform widths and no output biases, so FLAP
+as published (bias compensation) cannot run on it.
 
 "Δ log PPL, mean" is the mean over both texts of log(PPL / dense PPL): in-domain and unlike-calibration text
 weighed alike, the measure edgeprune's pruning defaults are chosen by.
@@ -33,7 +37,7 @@ from converters import ConversionInput, write_gguf
 
 from edgeprune.core.atomic import install_signal_handlers
 from edgeprune.core.console import progress
-from edgeprune.core.fetch import fetch_smollm2
+from edgeprune.core.fetch import MODELS
 from edgeprune.build.loading import load_model
 from edgeprune.build.pruning import PruneOptions, prune_model
 from edgeprune.build.pruning.prune import RIDGE
@@ -121,13 +125,14 @@ def main() -> None:
                         help="the reconstruction's ridge strengths to try (edgeprune's own recovery only)")
     parser.add_argument("--chunks", type=int, default=10, help="512-token chunks of each evaluation text")
     parser.add_argument("--calib-sequences", type=int, default=32)
+    parser.add_argument("--model", choices=list(MODELS), default="smollm2", help="the real model to prune")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     args = parser.parse_args()
     install_signal_handlers()
     started, host = time.time(), machine()
     threads = os.cpu_count() or 1
 
-    loaded = load_model(fetch_smollm2(), progress=progress)
+    loaded = load_model(MODELS[args.model](), progress=progress)
     base = loaded.model
     calibration = default_calibration_text()
     calib_ids = loaded.tokenizer(calibration.content, add_special_tokens=False)["input_ids"]
@@ -143,9 +148,9 @@ def main() -> None:
         return {"architecture": shape_of(model).architecture, **measure_gguf(path, texts, args.chunks, threads)}
 
     def checkpoint() -> None:
-        result = SuiteResult(title="Structured pruning of SmolLM2-135M: PPL, size and speed of the F16 GGUF in llama.cpp",
+        result = SuiteResult(title=f"Structured pruning of {loaded.name}: PPL, size and speed of the F16 GGUF in llama.cpp",
                              method=method, data={"rows": rows}, sections=markdown_sections(rows, names))
-        write_suite(args.out, "pruning", result, started, host)
+        write_suite(args.out, "pruning" if args.model == "smollm2" else f"pruning-{args.model}", result, started, host)
 
     with tempfile.TemporaryDirectory(prefix="edgeprune-bench-pruning-") as tmp:
         rows.append({"method": "dense", "allocation": None, "ratio": 0.0, "removed_fraction": 0.0, **measured(base, tmp)})
