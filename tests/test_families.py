@@ -173,3 +173,17 @@ def test_the_hand_off_speaks_gemma_and_runs_the_profiles_cache():
     text = modelfile(settings, template)
     assert 'PARAMETER stop "<end_of_turn>"' in text and "<start_of_turn>model" in text
     assert "--swa-full" not in ServeSettings.of("s.gguf", load_profile("raspberry-pi-5-8gb")).llama_server()
+
+
+def test_the_plan_says_what_the_family_rules_out_and_whose_estimates_it_uses(checkpoints):
+    from edgeprune.build.planner import format_plan, make_plan
+    from edgeprune.core.shapes import shape_of
+
+    loaded = load_model(checkpoints["gemma3"])
+    source = ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length)
+    profile = load_profile("x86-laptop-16gb")
+    plan = make_plan(source, shape_of(loaded.model), profile, quants=("Q8_0",))
+    assert {e.candidate.allocation for e in plan.rejected + [plan.chosen]} <= {"none", "uniform"}
+    text = format_plan(plan, loaded.name, profile)
+    assert "uniform widths only: llama.cpp's gemma3 loader creates every layer at layer 0's widths" in text
+    assert "quality estimates from SmolLM2-135M-Instruct's measured rows" in text

@@ -152,14 +152,14 @@ class Plan:
     n_feasible: int
     runners_up: list[Evaluated] = field(default_factory=list)  # the next feasible ones, least lossy first
     measured: list = field(default_factory=list)  # edgeprune.build.search.MeasuredLoss, after `--search measured`
-    limits: str = ""  # what the family's llama.cpp architecture rules out, said with the plan
+    notes: tuple[str, ...] = ()  # what the family's architecture rules out, whose measurements the estimates are
 
     def to_dict(self) -> dict:
         return {
             "profile": self.profile_name, "device": self.device, "candidates": self.n_candidates,
             "feasible": self.n_feasible, "chosen": self.chosen.to_dict(self.base),
             "why": self.why(), "rejected": [e.to_dict(self.base) for e in self.rejected],
-            "measured": [dataclasses.asdict(m) for m in self.measured],
+            "measured": [dataclasses.asdict(m) for m in self.measured], "notes": list(self.notes),
         }
 
     def why(self) -> str:
@@ -348,11 +348,20 @@ def make_plan(source: ConversionInput, base: ModelShape, profile, *, quants: tup
     better = sorted((e for e in infeasible if e.quality_loss < chosen.quality_loss), key=lambda e: -e.quality_loss)
     nearest = sorted((e for e in infeasible if e not in better), key=lambda e: sum(v.excess for v in e.violations))
     rejected = (better + nearest)[:SHOWN_REJECTED]
-    limits = "" if allow_deci(source, profile) or not profile.runtime.allow_deci else (
-        f"uniform widths only: llama.cpp's {family_of(source.config).gguf_arch} loader creates every layer at "
-        "layer 0's widths, and no other architecture holds this family's norms")
     return Plan(profile.name, profile.device.name, base, chosen, rejected, len(evaluated), len(feasible),
-                runners_up=feasible[1:1 + RUNNERS_UP], limits=limits)
+                runners_up=feasible[1:1 + RUNNERS_UP], notes=plan_notes(source, base, profile, table))
+
+
+def plan_notes(source: ConversionInput, base: ModelShape, profile, table: dict) -> tuple[str, ...]:
+    """What the plan could not offer for this family, and the model whose measured rows the estimates are."""
+    notes = []
+    if profile.runtime.allow_deci and not allow_deci(source, profile):
+        notes.append(f"uniform widths only: llama.cpp's {family_of(source.config).gguf_arch} loader creates every "
+                     "layer at layer 0's widths, and no other architecture holds this family's norms")
+    measured = table["measured"]
+    if [base.vocab_size, base.hidden_size, base.n_layers] != measured["shape"]:
+        notes.append(f"quality estimates from {measured['model']}'s measured rows: the table has none for this model")
+    return tuple(notes)
 
 
 def _impossible(source, base, evaluated: list[Evaluated], profile, table) -> str:
@@ -392,7 +401,7 @@ def format_plan(plan: Plan, model_name: str, profile) -> str:
         f"predicted  file {c['file_mib']:.1f} MiB, memory {c['memory_mib']:.1f} MiB, decode {c['decode_tps']:.1f} tok/s, "
         f"TTFT {c['ttft_s']:.2f} s, est. PPL {plan.chosen.estimate}",
         f"why        {plan.why()}",
-    ] + ([f"limits     {plan.limits}"] if plan.limits else [])
+    ] + [f"note       {note}" for note in plan.notes]
     if plan.measured:
         lines.append("measured   " + "; ".join(f"{m.label}: PPL +{100 * (math.exp(m.measured_loss) - 1):.1f}% "
                                               f"(est. +{100 * (math.exp(m.estimated_loss) - 1):.1f}%)"

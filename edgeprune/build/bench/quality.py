@@ -30,6 +30,7 @@ from edgeprune.build.planner import SUGGESTED_QUANTS
 from edgeprune.device.profiles import list_profiles
 from edgeprune.build.pruning import PruneOptions, prune_model
 from edgeprune.build.quantize import quantize_gguf
+from edgeprune.core.shapes import shape_of
 from edgeprune.core.texts import default_calibration_text, default_evaluation_text
 from edgeprune.device.validation.quality import measure_perplexity
 from edgeprune.device.validation.results import MIB
@@ -122,7 +123,9 @@ def run(progress) -> SuiteResult:
     ordered = [{**rows[k], "delta_log_ppl": rows[k]["nll_mean"] - dense} for k in keys]
     quant_rows = [r for r in ordered if "quant" in r]
     prune_rows = [r for r in ordered if "allocation" in r]
-    write_text_atomic(QUALITY_TABLE, quality_table_toml(quant_rows, prune_rows, time.strftime("%Y-%m-%d")))
+    shape = shape_of(loaded.model)
+    write_text_atomic(QUALITY_TABLE, quality_table_toml(quant_rows, prune_rows, time.strftime("%Y-%m-%d"),
+                                                        [shape.vocab_size, shape.hidden_size, shape.n_layers]))
     CHECKPOINT.unlink(missing_ok=True)
     progress(f"quality: wrote {QUALITY_TABLE}")
     return SuiteResult(
@@ -142,7 +145,7 @@ def run(progress) -> SuiteResult:
     )
 
 
-def quality_table_toml(quant_rows: list[dict], prune_rows: list[dict], date: str) -> str:
+def quality_table_toml(quant_rows: list[dict], prune_rows: list[dict], date: str, shape: list[int]) -> str:
     """The table the planner reads, every quant row and pruning point a measurement, with how it was made."""
     curves = {a: [[0.0, 0.0]] + [[round(r["removed_fraction"], 6), round(r["delta_log_ppl"], 5)]
                                  for r in prune_rows if r["allocation"] == a] for a in ALLOCATIONS}
@@ -184,6 +187,9 @@ def quality_table_toml(quant_rows: list[dict], prune_rows: list[dict], date: str
         "# what the command measured; the planner marks every other estimate interpolated or extrapolated",
         f'command = "{COMMAND}"',
         f'date = "{date}"',
+        'model = "SmolLM2-135M-Instruct"',
+        f"shape = {json.dumps(shape)}  # vocabulary, hidden size, layers: a model of another shape is told its "
+        "estimates are these",
         f"quant = {json.dumps([r['quant'] for r in quant_rows])}",
         f"pruning_targets = {json.dumps(list(PRUNING_TARGETS))}",
     ]
