@@ -1,8 +1,8 @@
 """Budgets suite: does the model the planner picks meet every budget when it is built and measured?
 
-SmolLM2-135M is exported (`export_model`, the same pipeline as `edgeprune export MODEL --profile X` with no
-other flag) for every shipped profile, and for three profiles of this machine whose budgets are tightened
-until quantization alone, then pruning, is needed. Shipped devices are judged as validation judges them off
+SmolLM2-135M and Gemma 3 270M are exported (`export_model`, the same pipeline as `edgeprune export MODEL
+--profile X` with no other flag) for every shipped profile, and SmolLM2 also for three profiles of this machine
+whose budgets are tightened until quantization alone, then pruning, is needed. Shipped devices are judged as validation judges them off
 the device: memory and file size measured here, speed from the cost model's device prediction. The host
 profiles are judged on measured speed, since this machine is their device. An impossible budget is recorded
 with the planner's one-line error.
@@ -19,7 +19,7 @@ from converters import ConversionInput
 
 from edgeprune.build.sizing import predict
 from edgeprune.core.errors import EdgepruneError
-from edgeprune.core.fetch import fetch_smollm2
+from edgeprune.core.fetch import MODELS, fetch_smollm2
 from edgeprune.build.hostprobe import measure_host_profile
 from edgeprune.build.loading import load_model
 from edgeprune.build.pipeline.export import export_model
@@ -55,33 +55,34 @@ def tightened_host_profiles(host: Profile, model_path: Path) -> list[Profile]:
     return [dataclasses.replace(host, name=name, budgets=budgets) for name, budgets in tight.items()]
 
 
-def run(progress) -> SuiteResult:
+def run(progress, models: tuple[str, ...] = ("smollm2", "gemma3")) -> SuiteResult:
     threads = os.cpu_count() or 1
-    model_path = fetch_smollm2()
-    host = measure_host_profile(model_path, threads=threads, progress=progress)
-    targets = [(p, False) for p in list_profiles()] + [(p, True) for p in tightened_host_profiles(host, model_path)]
+    host = measure_host_profile(fetch_smollm2(), threads=threads, progress=progress)
+    targets = [(name, MODELS[name](), p, False) for name in models for p in list_profiles()]
+    if "smollm2" in models:
+        targets += [("smollm2", fetch_smollm2(), p, True) for p in tightened_host_profiles(host, fetch_smollm2())]
     rows = []
-    for profile, on_device in targets:
-        progress(f"budgets: exporting for {profile.name}")
+    for model, model_path, profile, on_device in targets:
+        progress(f"budgets: exporting {model} for {profile.name}")
         options = ExportOptions(eval_chunks=EVAL_CHUNKS, calib_sequences=CALIB_SEQUENCES, host_profile=host,
                                 on_device=on_device, threads=threads)
         with tempfile.TemporaryDirectory(prefix="edgeprune-bench-budgets-") as out:
             try:
                 result = export_model(model_path, profile, Path(out), options, progress=progress)
             except EdgepruneError as exc:
-                rows.append({"profile": profile.name, "budgets": dataclasses.asdict(profile.budgets),
+                rows.append({"model": model, "profile": profile.name, "budgets": dataclasses.asdict(profile.budgets),
                              "error": str(exc), "passed": None})
                 continue
         report = result.report
         rows.append({
-            "profile": profile.name, "budgets": dataclasses.asdict(profile.budgets),
+            "model": model, "profile": profile.name, "budgets": dataclasses.asdict(profile.budgets),
             "plan": result.plan.chosen.candidate.label(result.plan.base), "file_mib": report.memory.file_bytes / MIB,
             "ppl": report.perplexity.ppl, "kld": report.divergence.kld_mean if report.divergence else None,
             "checks": [dataclasses.asdict(c) for c in report.checks], "passed": report.passed,
             "seconds": result.seconds,
         })
     return SuiteResult(
-        title="Budgets met: SmolLM2-135M exported for each profile and validated on this machine",
+        title=f"Budgets met: {' and '.join(models)} exported for each profile and validated on this machine",
         method=__doc__.strip().replace("\n", " ") + f" {threads} threads, {EVAL_CHUNKS}×512 evaluation tokens, "
                f"{CALIB_SEQUENCES}×256 calibration tokens.",
         data={"host_profile": dataclasses.asdict(host.device), "rows": rows},
@@ -104,8 +105,9 @@ def _table(rows: list[dict]) -> str:
     body = []
     for r in rows:
         if "error" in r:
-            body.append([r["profile"], "impossible: " + r["error"], *["–"] * (len(names) + 2)])
+            body.append([r["model"], r["profile"], "impossible: " + r["error"], *["–"] * (len(names) + 2)])
             continue
-        body.append([r["profile"], r["plan"], f"{r['ppl']:.2f}", *(_check_cell(r, n) for n in names),
+        body.append([r["model"], r["profile"], r["plan"], f"{r['ppl']:.2f}", *(_check_cell(r, n) for n in names),
                      "PASS" if r["passed"] else "FAIL"])
-    return table(["profile", "plan", "PPL", "memory MiB", "decode tok/s", "TTFT s", "file MiB", "verdict"], body)
+    return table(["model", "profile", "plan", "PPL", "memory MiB", "decode tok/s", "TTFT s", "file MiB", "verdict"],
+                 body)

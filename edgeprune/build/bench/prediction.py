@@ -20,13 +20,12 @@ from pathlib import Path
 from converters import ConversionInput, write_gguf
 
 from edgeprune.device.costmodel import predict_gguf
-from edgeprune.core.fetch import fetch_smollm2
+from edgeprune.core.fetch import fetch_gemma3, fetch_smollm2
 from edgeprune.device.gguf_check import read_gguf
 from edgeprune.build.hostprobe import fit_host_profile, measure_hardware, measure_interleaved, measured_runs, pooled_speed, write_ladder
 from edgeprune.build.loading import load_model
 from edgeprune.build.pruning import PruneOptions, prune_model
 from edgeprune.build.quantize import quantize_gguf
-from edgeprune.core.shapes import shape_of
 from edgeprune.core.texts import default_calibration_text
 from edgeprune.device.validation.results import MIB
 from edgeprune.device.validation.speed import N_GEN, N_PROMPT, REPETITIONS
@@ -49,6 +48,12 @@ VARIANTS = [
     ("Q4_0, -8 layers, FFN -20% adaptive", "Q4_0", _pruned(layers=8, ffn=0.2, allocation="adaptive")),
     ("Q3_K_M, FFN -25% uniform", "Q3_K_M", _pruned(ffn=0.25, align=256)),
 ]
+# The second real model, predicted from the same SmolLM2-fitted host profile: another family (gemma3, with
+# sliding-window layers and a 262,144-token vocabulary whose logits fill the compute buffer).
+GEMMA_VARIANTS = [
+    ("Gemma 3 270M, Q8_0", "Q8_0", None),
+    ("Gemma 3 270M, Q4_K_M, FFN -20% uniform", "Q4_K_M", _pruned(ffn=0.2, align=256)),
+]
 CONTEXT = 2048
 PASSES = 3
 LIMITS = {"decode": 0.10, "prefill": 0.20, "memory": 0.05}
@@ -62,15 +67,19 @@ def run(progress) -> SuiteResult:
     with tempfile.TemporaryDirectory(prefix="edgeprune-bench-pred-") as tmp:
         ladder = write_ladder(fetch_smollm2(), Path(tmp), threads=threads, progress=progress)
         built, architectures = [], []
-        for i, (label, quant, pruning) in enumerate(VARIANTS):
+        gemma = load_model(fetch_gemma3(), progress=progress)
+        gemma_tokens = gemma.tokenizer(default_calibration_text().content, add_special_tokens=False)["input_ids"]
+        variants = [(loaded, tokens, v) for v in VARIANTS] + [(gemma, gemma_tokens, v) for v in GEMMA_VARIANTS]
+        for i, (source_model, ids, (label, quant, pruning)) in enumerate(variants):
             progress(f"prediction: building {label}")
-            model = prune_model(copy.deepcopy(loaded.model), tokens, pruning).model
-            source = ConversionInput(model, loaded.vocab, loaded.name, loaded.context_length)
+            model = prune_model(copy.deepcopy(source_model.model), ids, pruning).model if pruning else source_model.model
+            source = ConversionInput(model, source_model.vocab, source_model.name, source_model.context_length)
             path = write_gguf(source, Path(tmp) / f"variant-{i}-F16.gguf", "F16")
             if quant != "F16":
                 path = quantize_gguf(path, Path(tmp) / f"variant-{i}-{quant}.gguf", quant).path
             built.append((label, path))
-            architectures.append(shape_of(model).architecture)
+            architectures.append(read_gguf(path).architecture)
+        del gemma
         measured = measure_interleaved(ladder + built, threads=threads, n_ctx=CONTEXT, passes=PASSES, progress=progress)
         host = fit_host_profile(measured_runs(ladder, measured[:len(ladder)]), bandwidth, compute, threads)
         rows = [_row(label, architecture, path, probes, host)
@@ -78,7 +87,8 @@ def run(progress) -> SuiteResult:
         fitted = [_row(label, "llama", path, probes, host) for (label, path), probes in zip(ladder, measured)]
     within = {key: all(abs(r[key][0] / r[key][1] - 1) <= limit for r in rows) for key, limit in LIMITS.items()}
     return SuiteResult(
-        title="Cost-model predictions against llama.cpp measurements on this machine (SmolLM2-135M variants)",
+        title="Cost-model predictions against llama.cpp measurements on this machine (SmolLM2-135M and Gemma 3 "
+              "270M variants)",
         method=__doc__.strip().replace("\n", " ") + f" Context {CONTEXT}, {threads} threads, llama-bench-style "
                f"pp{N_PROMPT} / tg{N_GEN}, median of {REPETITIONS}, in {PASSES} interleaved passes. The measurement is "
                "the median of all repetitions of all passes, which one slow pass cannot move far; 'repeat' is how far "
