@@ -182,12 +182,21 @@ class Plan:
         return reason
 
 
-def load_quality_table() -> dict:
-    """quality_table.toml (`python -m edgeprune.build.bench quality`), with the mixed-precision rows of
-    mixed_table.toml (`python -m edgeprune.build.bench mixed`) under "mixed" and the recovered-pruning rows of
-    recovery_table.toml (`python -m edgeprune.build.bench recovery`) under "recovery"."""
+# Each model's measured quality rows, the default (SmolLM2-135M's) first (`python -m edgeprune.build.bench quality`,
+# `... quality-gemma3`)
+QUALITY_TABLES = ("quality_table.toml", "quality_table_gemma3.toml")
+
+
+def load_quality_table(base: ModelShape | None = None) -> dict:
+    """The quality rows measured on `base`'s model where there are some (QUALITY_TABLES, matched by vocabulary,
+    hidden size and layers), else SmolLM2's quality_table.toml (`python -m edgeprune.build.bench quality`), with
+    the mixed-precision rows of mixed_table.toml (`python -m edgeprune.build.bench mixed`) under "mixed" and the
+    recovered-pruning rows of recovery_table.toml (`python -m edgeprune.build.bench recovery`) under "recovery"."""
     package = resources.files("edgeprune.build")
-    table = tomllib.loads(package.joinpath("quality_table.toml").read_text(encoding="utf-8"))
+    tables = [tomllib.loads(package.joinpath(name).read_text(encoding="utf-8")) for name in QUALITY_TABLES
+              if package.joinpath(name).is_file()]
+    shape = [base.vocab_size, base.hidden_size, base.n_layers] if base is not None else None
+    table = next((t for t in tables if t["measured"]["shape"] == shape), tables[0])
     table["mixed"] = tomllib.loads(package.joinpath("mixed_table.toml").read_text(encoding="utf-8"))
     table["recovery"] = tomllib.loads(package.joinpath("recovery_table.toml").read_text(encoding="utf-8"))
     return table
@@ -335,7 +344,7 @@ def make_plan(source: ConversionInput, base: ModelShape, profile, *, quants: tup
     """The best candidate for `profile`, or a one-line error saying what the closest one misses and what would help.
     `mixed` adds mixed-precision candidates (edgeprune.build.mixed), preferred over their named type on equal estimates.
     A profile with a recovery budget adds recovered twins of the pruned ones, where the export `can_recover`."""
-    table = load_quality_table()
+    table = load_quality_table(base)
     quants = quants or profile.runtime.quant_types
     recovered = tuple(table["recovery"]["recovered"]) if can_recover and profile.budgets.recovery_minutes else ()
     candidates = enumerate_candidates(base, quants, allow_deci(source, profile), mixed, recovered)

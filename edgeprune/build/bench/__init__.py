@@ -17,6 +17,7 @@ SUITES: dict[str, str] = {
     "prediction": "edgeprune.build.bench.prediction",
     "budgets": "edgeprune.build.bench.budgets",
     "quality": "edgeprune.build.bench.quality",
+    "quality-gemma3": "edgeprune.build.bench.quality:run_gemma3",
     "memory": "edgeprune.build.bench.memory",
     "topk": "edgeprune.build.bench.topk",
     "scale": "edgeprune.build.bench.scale",
@@ -27,8 +28,9 @@ SUITES: dict[str, str] = {
 
 
 def suite_runner(name: str) -> Callable[[Callable[[str], None]], SuiteResult]:
-    """The `run` function of the suite called `name`."""
-    return importlib.import_module(SUITES[name]).run
+    """The `run` function of the suite called `name` (or the function its entry names after a colon)."""
+    module, _, function = SUITES[name].partition(":")
+    return getattr(importlib.import_module(module), function or "run")
 
 
 __all__ = ["SUITES", "SuiteResult", "suite_runner"]

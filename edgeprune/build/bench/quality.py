@@ -1,4 +1,5 @@
-"""Quality suite: measure every row of edgeprune/build/quality_table.toml on SmolLM2-135M and regenerate the table.
+"""Quality suite: measure every row of edgeprune/build/quality_table.toml on SmolLM2-135M and regenerate the table
+(`quality-gemma3`: the rows the planner can choose for Gemma 3 270M, into quality_table_gemma3.toml).
 
 The planner ranks candidates by the table's Δ log PPL, so a row it can choose must be a measurement, not a
 guess. Each quant type a shipped profile lists or the planner suggests (and every other type the table keeps) is
@@ -24,7 +25,7 @@ from converters import ConversionInput, write_gguf
 
 from edgeprune.core.atomic import write_text_atomic
 from edgeprune.build.calibration import collect_calibration
-from edgeprune.core.fetch import DEFAULT_CACHE, fetch_smollm2
+from edgeprune.core.fetch import DEFAULT_CACHE, MODELS
 from edgeprune.build.loading import load_model
 from edgeprune.build.planner import SUGGESTED_QUANTS
 from edgeprune.device.profiles import list_profiles
@@ -58,20 +59,27 @@ def table_quants() -> tuple[list[str], list[str]]:
     return chosen, [q for q in OTHER_QUANTS if q not in chosen]
 
 
-def run(progress) -> SuiteResult:
+def run_gemma3(progress) -> SuiteResult:
+    """Gemma 3 270M's own rows: the types the planner can choose and uniform pruning (its only allocation)."""
+    return run(progress, "gemma3")
+
+
+def run(progress, model: str = "smollm2") -> SuiteResult:
     calibration, evaluation = default_calibration_text(), default_evaluation_text()
     threads = os.cpu_count() or 1
     chosen, others = table_quants()
+    allocations = ALLOCATIONS if model == "smollm2" else ("uniform",)
+    others = others if model == "smollm2" else []
     # what the planner can choose first, so an interrupted run has measured what matters most
-    keys = ([f"quant {q}" for q in chosen] + [f"prune {a} {t}" for a in ALLOCATIONS for t in PRUNING_TARGETS]
+    keys = ([f"quant {q}" for q in chosen] + [f"prune {a} {t}" for a in allocations for t in PRUNING_TARGETS]
             + [f"quant {q}" for q in others])
-    settings = {"calibration": calibration.name, "evaluation": evaluation.name, "ctx": EVAL_CTX,
+    settings = {"model": model, "calibration": calibration.name, "evaluation": evaluation.name, "ctx": EVAL_CTX,
                 "chunks": EVAL_CHUNKS, "imatrix": [CALIB_SEQUENCES, CALIB_SEQ_LEN], "code": _code_hash()}
     rows = _resume(settings)
     if rows:
         progress(f"quality: resuming, {len(rows)} of {len(keys)} rows measured by an interrupted run")
     with tempfile.TemporaryDirectory(prefix="edgeprune-bench-quality-") as tmp:
-        loaded = load_model(fetch_smollm2(), progress=progress)
+        loaded = load_model(MODELS[model](), progress=progress)
         reference = write_gguf(ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length),
                                Path(tmp) / "F16.gguf", "F16", progress)
         tokens = loaded.tokenizer(calibration.content, add_special_tokens=False)["input_ids"]
@@ -124,20 +132,22 @@ def run(progress) -> SuiteResult:
     quant_rows = [r for r in ordered if "quant" in r]
     prune_rows = [r for r in ordered if "allocation" in r]
     shape = shape_of(loaded.model)
-    write_text_atomic(QUALITY_TABLE, quality_table_toml(quant_rows, prune_rows, time.strftime("%Y-%m-%d"),
-                                                        [shape.vocab_size, shape.hidden_size, shape.n_layers]))
+    path = QUALITY_TABLE if model == "smollm2" else QUALITY_TABLE.with_name(f"quality_table_{model}.toml")
+    write_text_atomic(path, quality_table_toml(quant_rows, prune_rows, time.strftime("%Y-%m-%d"),
+                                               [shape.vocab_size, shape.hidden_size, shape.n_layers], model,
+                                               allocations))
     CHECKPOINT.unlink(missing_ok=True)
-    progress(f"quality: wrote {QUALITY_TABLE}")
+    progress(f"quality: wrote {path}")
     return SuiteResult(
-        title="Quality table of SmolLM2-135M-Instruct: Δ log PPL of every quant type and pruning share the planner ranks",
+        title=f"Quality table of {MODEL_NAMES[model]}: Δ log PPL of every quant type and pruning share the planner ranks",
         method=(
-            f"One F16 GGUF written by edgeprune from SmolLM2-135M-Instruct is the reference. Quant rows: llama.cpp's "
+            f"One F16 GGUF written by edgeprune from {MODEL_NAMES[model]} is the reference. Quant rows: llama.cpp's "
             f"quantizer from that reference with edgeprune's importance matrix ({CALIB_SEQUENCES}×{CALIB_SEQ_LEN} "
             f"tokens of '{calibration.name}'; none for {', '.join(FLOAT_TYPES)}, as export does). Pruning rows: "
             f"edgeprune's default method and recovery, MLP channels only (PruneOptions(ffn, allocation), its default "
             f"calibration on '{calibration.name}'), written as F16 GGUFs. Every file: perplexity the llama-perplexity "
             f"way on '{evaluation.name}' ({EVAL_CHUNKS} chunks of {EVAL_CTX} tokens, second half scored), "
-            f"{threads} threads. Δ log PPL is against the dense F16. The run rewrote edgeprune/build/quality_table.toml."
+            f"{threads} threads. Δ log PPL is against the dense F16. The run rewrote edgeprune/build/{path.name}."
         ),
         data={"calibration_text": calibration.name, "evaluation_text": evaluation.name, "rows": ordered},
         sections=["## Quantization (from F16, with importance matrix)", _quant_table(quant_rows),
@@ -145,24 +155,37 @@ def run(progress) -> SuiteResult:
     )
 
 
-def quality_table_toml(quant_rows: list[dict], prune_rows: list[dict], date: str, shape: list[int]) -> str:
+# What the real models' F16 references are dequantized from (edgeprune.core.fetch): a type on the same grid
+# re-creates the weights, which flatters its row.
+SOURCE_GRIDS = {
+    "smollm2": "SmolLM2 comes as a Q4_1 GGUF dequantized to F16,\n#   so Q4_1 re-creates its weights exactly "
+               "(checked tensor by tensor): that row flatters Q4_1 on other models.",
+    "gemma3": "Gemma 3 270M comes as llama.cpp's Q4_K_M GGUF (640-wide rows\n#   Q5_0, token_embd Q8_0, ffn_down "
+              "Q6_K, attn_output Q4_K) dequantized to F16: rows of those types are flattered.",
+}
+MODEL_NAMES = {"smollm2": "SmolLM2-135M-Instruct", "gemma3": "Gemma 3 270M"}
+
+
+def quality_table_toml(quant_rows: list[dict], prune_rows: list[dict], date: str, shape: list[int], key: str,
+                       allocations: tuple[str, ...]) -> str:
+    model = MODEL_NAMES[key]
     """The table the planner reads, every quant row and pruning point a measurement, with how it was made."""
     curves = {a: [[0.0, 0.0]] + [[round(r["removed_fraction"], 6), round(r["delta_log_ppl"], 5)]
                                  for r in prune_rows if r["allocation"] == a] for a in ALLOCATIONS}
     dense = next(r["ppl"] for r in quant_rows if r["quant"] == "F16")
     ppls = "; ".join(f"{a} " + ", ".join(f"{r['ppl']:.2f}" for r in prune_rows if r["allocation"] == a)
-                     for a in ALLOCATIONS)
+                     for a in allocations)
     lines = [
         "# Estimated quality loss, as Δ log(perplexity) against the unpruned F16 model, used by the planner to rank",
-        f"# candidates that meet every budget. Written by `{COMMAND}` (edgeprune/build/bench/quality.py):",
-        "# rerun it rather than edit. Measured on SmolLM2-135M-Instruct with llama.cpp's method "
+        f"# candidates that meet every budget. Written by `{COMMAND}{'' if key == 'smollm2' else '-' + key}` "
+        "(edgeprune/build/bench/quality.py):",
+        f"# rerun it rather than edit. Measured on {model} with llama.cpp's method "
         f"({EVAL_CHUNKS} chunks of {EVAL_CTX}",
         f"# tokens, second half scored) on the built-in evaluation text; dense F16 PPL {dense:.3f}. "
         "`--search measured`",
         "# replaces the estimate by a measurement for the best few candidates.",
         "# - quant: each type quantized by llama.cpp from the F16 model with edgeprune's importance matrix, as",
-        "#   export does (none for F32 and BF16). SmolLM2 comes as a Q4_1 GGUF (edgeprune.core.fetch) dequantized to F16,",
-        "#   so Q4_1 re-creates its weights exactly (checked tensor by tensor): that row flatters Q4_1 on other models.",
+        "#   export does (none for F32 and BF16). " + SOURCE_GRIDS[key],
         "# - pruning: edgeprune's default method (FLAP fluctuation + ridge reconstruction), MLP channels only, asked",
         f"#   for {', '.join(f'{t:.0%}' for t in PRUNING_TARGETS)} of decoder parameters; each point is [share of "
         "decoder parameters actually",
@@ -179,15 +202,15 @@ def quality_table_toml(quant_rows: list[dict], prune_rows: list[dict], date: str
         "",
         "[pruning]",
         "# share of decoder parameters removed from MLP channels -> Δ log PPL, per allocation",
-        *(f"{a} = {json.dumps(curves[a])}" for a in ALLOCATIONS),
+        *(f"{a} = {json.dumps(curves[a])}" for a in allocations),
         f"heads_factor = {HEADS_FACTOR}",
         f"per_layer_removed = {PER_LAYER_REMOVED}",
         "",
         "[measured]",
         "# what the command measured; the planner marks every other estimate interpolated or extrapolated",
-        f'command = "{COMMAND}"',
+        f'command = "{COMMAND}{"" if key == "smollm2" else "-" + key}"',
         f'date = "{date}"',
-        'model = "SmolLM2-135M-Instruct"',
+        f'model = "{model}"',
         f"shape = {json.dumps(shape)}  # vocabulary, hidden size, layers: a model of another shape is told its "
         "estimates are these",
         f"quant = {json.dumps([r['quant'] for r in quant_rows])}",

@@ -12,7 +12,8 @@ from edgeprune.core.atomic import write_text_atomic
 from edgeprune.device.bundle import sha256_of
 
 BUILD_RECORD = "build.json"  # a target's cache entry: its key, the inputs behind it and what it wrote
-TABLES = ("quality_table.toml", "mixed_table.toml", "recovery_table.toml")  # what planner.load_table reads
+# what planner.load_quality_table reads (a model's own quality table only where one was measured)
+TABLES = ("quality_table.toml", "quality_table_gemma3.toml", "mixed_table.toml", "recovery_table.toml")
 _BUILD_DIR = Path(__file__).resolve().parents[1]  # edgeprune/build, where the tables are
 _ROOT = Path(__file__).resolve().parents[3]  # the repository: code files are named relative to it
 
@@ -68,7 +69,7 @@ def text_digest(*texts) -> str:
 
 def table_hashes() -> dict[str, str]:
     """sha256 of the planner's measured tables, by name."""
-    return {name: sha256_of(_BUILD_DIR / name) for name in TABLES}
+    return {name: sha256_of(_BUILD_DIR / name) for name in TABLES if (_BUILD_DIR / name).is_file()}
 
 
 def code_file_hashes() -> dict[str, str]:
