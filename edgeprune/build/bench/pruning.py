@@ -42,6 +42,7 @@ from edgeprune.build.loading import load_model
 from edgeprune.build.pruning import PruneOptions, prune_model
 from edgeprune.build.pruning.prune import RIDGE
 from edgeprune.core.shapes import shape_of
+from edgeprune.device.gguf_check import read_gguf
 from edgeprune.core.texts import Text, default_calibration_text, default_evaluation_text, tempest_text
 from edgeprune.device.validation.machine import peak_rss_bytes
 from edgeprune.device.validation.quality import measure_perplexity
@@ -145,7 +146,7 @@ def main() -> None:
     def measured(model: torch.nn.Module, tmp: str) -> dict:
         source = ConversionInput(model, loaded.vocab, loaded.name, loaded.context_length)
         path = write_gguf(source, Path(tmp) / "pruned-F16.gguf", "F16")
-        return {"architecture": shape_of(model).architecture, **measure_gguf(path, texts, args.chunks, threads)}
+        return {"architecture": read_gguf(path).architecture, **measure_gguf(path, texts, args.chunks, threads)}
 
     def checkpoint() -> None:
         result = SuiteResult(title=f"Structured pruning of {loaded.name}: PPL, size and speed of the F16 GGUF in llama.cpp",
