@@ -87,3 +87,15 @@ def test_memory_is_priced_as_llama_cpp_allocates_it_for_the_profiles_runtime(gem
     total = gemma3_gguf.stat().st_size + measured["kv_cache_bytes"] + measured["compute_buffer_bytes"]
     assert predicted.memory_bytes == pytest.approx(total, rel=0.01)
     assert predicted.kv_cache_bytes == pytest.approx(measured["kv_cache_bytes"], abs=0.02 * 2**20)
+
+
+def test_the_planner_ranks_gemma_on_its_own_measured_rows(gemma):
+    from edgeprune.build.planner import format_plan, load_quality_table, make_plan
+    from edgeprune.core.shapes import shape_of
+
+    shape = shape_of(gemma.model)
+    assert load_quality_table(shape)["measured"]["model"] == "Gemma 3 270M"
+    source = ConversionInput(gemma.model, gemma.vocab, gemma.name, gemma.context_length)
+    profile = load_profile("raspberry-pi-5-8gb")
+    text = format_plan(make_plan(source, shape, profile, quants=("Q8_0", "Q4_K_M")), gemma.name, profile)
+    assert "quality estimates from" not in text and "uniform widths only" in text
