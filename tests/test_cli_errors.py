@@ -28,7 +28,8 @@ def test_non_llama_config(tiny_bpe_llama, tmp_path):
     config["model_type"], config["architectures"] = "gemma", ["GemmaForCausalLM"]
     (tiny_bpe_llama / "config.json").write_text(json.dumps(config))
     r = export(tiny_bpe_llama, tmp_path / "out")
-    assert_clean_failure(r, tmp_path / "out", "'gemma' model")
+    message = assert_clean_failure(r, tmp_path / "out", "holds a Gemma 1 model ('gemma'), which edgeprune does not support")
+    assert "'qwen3', 'gemma3_text'" in message  # naming what is supported
 
 
 @pytest.mark.parametrize("key", ["attention_bias", "mlp_bias"])

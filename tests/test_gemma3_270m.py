@@ -20,8 +20,8 @@ from edgeprune.build.pruning import PruneOptions, prune_model
 from edgeprune.core.texts import default_calibration_text, default_evaluation_text
 from edgeprune.device.costmodel import predict_gguf
 from edgeprune.device.gguf_check import read_gguf
-from edgeprune.device.llamacpp import log as llama_log
-from edgeprune.device.llamacpp.runtime import Model, Runtime
+from edgeprune.device.llamacpp.runtime import Runtime
+from edgeprune.device.validation.speed import measure_speed
 from edgeprune.device.profiles import load_profile
 
 
@@ -76,14 +76,12 @@ def test_a_20_percent_ffn_prune_runs_as_in_torch_from_either_path(gemma, gemma3_
 
 @pytest.mark.parametrize("profile_name", ["raspberry-pi-5-8gb", "raspberry-pi-4-4gb", "x86-laptop-16gb"])
 def test_memory_is_priced_as_llama_cpp_allocates_it_for_the_profiles_runtime(gemma3_gguf, profile_name):
-    """Full or window-sized sliding caches, and each profile's micro-batch, whose logits dominate."""
+    """Full or window-sized sliding caches, and each profile's micro-batch, whose logits dominate: the validator's
+    own measurement (a child process with the profile's runtime) against the cost model."""
     profile = load_profile(profile_name)
     profile = dataclasses.replace(profile, budgets=dataclasses.replace(profile.budgets, context_length=2048))
     predicted = predict_gguf(read_gguf(gemma3_gguf), profile)
-    rt = Runtime.of(profile)
-    model = Model(str(gemma3_gguf), n_ctx=rt.context_length, n_batch=512, threads=2, ubatch=rt.batch_size,
-                  swa_full=rt.swa_full)
-    measured = llama_log.buffer_bytes(llama_log.process_log().text(model.log_start, model.log_end))
+    measured = measure_speed(gemma3_gguf, runtime=Runtime.of(profile), progress=lambda _msg: None)
     total = gemma3_gguf.stat().st_size + measured["kv_cache_bytes"] + measured["compute_buffer_bytes"]
     assert predicted.memory_bytes == pytest.approx(total, rel=0.01)
     assert predicted.kv_cache_bytes == pytest.approx(measured["kv_cache_bytes"], abs=0.02 * 2**20)

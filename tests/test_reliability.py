@@ -190,7 +190,7 @@ def test_unknown_architecture_gguf(tiny_gguf, tmp_path):
     gemma = rewrite_gguf(tiny_gguf, tmp_path / "gemma.gguf", arch="gemma")
     assert read_gguf(gemma).architecture == "gemma"  # a well-formed file, of a family edgeprune does not read
     r = export(gemma, tmp_path / "out")
-    assert_clean_failure(r, tmp_path / "out", "is a 'gemma' GGUF: edgeprune reads llama, qwen2 GGUFs")
+    assert_clean_failure(r, tmp_path / "out", "is a 'gemma' GGUF: edgeprune reads llama, qwen2, qwen3, gemma3 GGUFs")
 
 
 @pytest.mark.parametrize("key, value, expected", [
