@@ -22,7 +22,7 @@ from dataclasses import replace
 import gguf
 
 from edgeprune.core.errors import EdgepruneError
-from edgeprune.core.shapes import ModelShape
+from edgeprune.core.shapes import DEFAULT_SWA_PATTERN, ModelShape, swa_pattern
 
 from .base import LAYER_TENSORS, T
 from .config import INERT, MAPPED, Only
@@ -31,9 +31,7 @@ from .llama import LlamaWriter
 from .qwen3 import with_qk_norms
 from .rope import layer_type_rope
 
-# llama.cpp's defaults when the GGUF does not say (src/models/gemma3.cpp load_swa_pattern(ml, 6);
-# llama-hparams.h rope_freq_base_train_swa = 10000)
-DEFAULT_PATTERN = 6
+# llama.cpp's sliding layers' rope base when the GGUF does not say (llama-hparams.h rope_freq_base_train_swa)
 DEFAULT_SWA_BASE = 10000.0
 
 # Gemma3TextConfig's fields
@@ -92,8 +90,7 @@ class Gemma3Writer(LlamaWriter):
         if not any(sliding):
             return  # llama.cpp runs every layer globally when the GGUF names no window
         writer.add_sliding_window(int(c.sliding_window))
-        default = [il % DEFAULT_PATTERN < DEFAULT_PATTERN - 1 for il in range(self.shape.n_layers)]
-        if sliding != default:
+        if sliding != swa_pattern(DEFAULT_SWA_PATTERN, self.shape.n_layers):
             writer.add_sliding_window_pattern(sliding)
         swa = layer_type_rope(c, "sliding_attention")
         if str(swa.get("rope_type") or "default") != "default":

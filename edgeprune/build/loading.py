@@ -22,6 +22,7 @@ from converters.rope import check_rope_scaling, rope_parameters
 from converters.vocab import Vocab, vocab_from_gguf, vocab_from_hf_dir
 
 from edgeprune.core.errors import EdgepruneError
+from edgeprune.core.shapes import DEFAULT_SWA_PATTERN, swa_pattern
 from edgeprune.core.families import MODEL_TYPES, family_for_gguf, family_for_model_type, family_of
 from edgeprune.device.gguf_check import read_gguf
 from edgeprune.build.weights import GGUFWeights, SafetensorsWeights, read_safetensors_header
@@ -289,13 +290,11 @@ def _gemma3_settings(info, config) -> None:
     """What a gemma3 GGUF holds beyond Llama's keys, with llama.cpp's defaults where it says nothing
     (src/models/gemma3.cpp): the window and its per-layer pattern (every sixth layer global), the sliding
     layers' rope base (10,000), the logit soft-cap; the query scale is 1/sqrt(head_dim)."""
-    from converters.gemma3 import DEFAULT_PATTERN, DEFAULT_SWA_BASE
+    from converters.gemma3 import DEFAULT_SWA_BASE
 
     window = int(info.arch_value("attention.sliding_window", 0) or 0)
-    pattern = info.arch_value("attention.sliding_window_pattern", DEFAULT_PATTERN)
-    n = config.num_hidden_layers
-    sliding = [bool(v) for v in pattern] if isinstance(pattern, list) else \
-        [int(pattern) == 0 or il % int(pattern) < int(pattern) - 1 for il in range(n)]
+    sliding = swa_pattern(info.arch_value("attention.sliding_window_pattern", DEFAULT_SWA_PATTERN),
+                          config.num_hidden_layers)
     config.layer_types = ["sliding_attention" if window and swa else "full_attention" for swa in sliding]
     config.sliding_window = window or None
     config.query_pre_attn_scalar = config.head_dim

@@ -13,6 +13,9 @@ if TYPE_CHECKING:  # torch only for shape_of: reading a GGUF's shape must work o
     import torch
 
 
+DEFAULT_SWA_PATTERN = 6  # llama.cpp's gemma3 pattern when the GGUF names none (load_swa_pattern(ml, 6))
+
+
 @dataclass(frozen=True)
 class LayerShape:
     n_head: int  # query heads; 0 means the layer has no attention (deci only)
@@ -90,6 +93,15 @@ def shape_of(model: torch.nn.Module) -> ModelShape:
     )
 
 
+def swa_pattern(pattern, n_layers: int) -> list[bool]:
+    """Which layers slide, from a GGUF's attention.sliding_window_pattern: a per-layer array, or a period whose
+    last layer is global (llama_hparams::set_swa_pattern; 0: every layer slides)."""
+    if isinstance(pattern, list):
+        return [bool(v) for v in pattern]
+    period = int(pattern)
+    return [period == 0 or i % period < period - 1 for i in range(n_layers)]
+
+
 def sliding_layers(config) -> tuple[int, list[bool]]:
     """The window and which layers use it, where llama.cpp applies a window: Gemma 3's (llama.cpp's llama and
     qwen2 graphs attend to the whole context whatever Mistral's or Qwen2's config says)."""
@@ -116,9 +128,7 @@ def shape_from_gguf(info) -> ModelShape:
     n_embd = int(info.arch_value("embedding_length"))
     head_dim = int(info.arch_value("attention.key_length", n_embd // max(heads)))
     window = int(info.arch_value("attention.sliding_window", 0) or 0) if info.architecture == "gemma3" else 0
-    pattern = info.arch_value("attention.sliding_window_pattern", 6)  # llama.cpp's gemma3 default: 5 local, 1 global
-    sliding = [bool(v) for v in pattern] if isinstance(pattern, list) else \
-        [int(pattern) == 0 or i % int(pattern) < int(pattern) - 1 for i in range(n_layer)]
+    sliding = swa_pattern(info.arch_value("attention.sliding_window_pattern", DEFAULT_SWA_PATTERN), n_layer)
     layers = tuple(
         LayerShape(heads[i], heads_kv[i], n_ff[i], f"blk.{i}.attn_output.bias" in tensors,
                    f"blk.{i}.ffn_down.bias" in tensors, f"blk.{i}.attn_q.bias" in tensors,
