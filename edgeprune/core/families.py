@@ -21,7 +21,6 @@ class Family:
     class_prefix: str  # e.g. "Qwen2" for Qwen2ForCausalLM, Qwen2DecoderLayer, …
     model_types: tuple[str, ...]  # config.json model_type values run by these classes
     gguf_arch: str  # the llama.cpp architecture whose GGUFs are read back as this family
-    rope_permuted_in_gguf: bool  # llama's NORM rope stores q/k rows interleaved; NEOX (qwen2) keeps HF's order
     config_class: str = ""  # when not <prefix>Config: Gemma3Config is the multimodal one, the text model's differs
     output_biases: bool = True  # llama.cpp's graph adds o_proj/down_proj biases (recovery may fit them)
     scaled_embedding: bool = False  # the embedding's rows are multiplied by sqrt(hidden_size) (Gemma)
@@ -39,11 +38,11 @@ class Family:
 # later ones). Qwen2/Qwen2.5 is Llama with q/k/v biases and NEOX rope. Qwen3 drops the biases and adds q/k
 # norms; llama.cpp's qwen3 and gemma3 graphs take no o_proj/down_proj bias (src/models/qwen3.cpp, gemma3.cpp).
 FAMILIES = (
-    Family("llama", "Llama", ("llama", "mistral"), "llama", True),
-    Family("qwen2", "Qwen2", ("qwen2",), "qwen2", False),
-    Family("qwen3", "Qwen3", ("qwen3",), "qwen3", False, output_biases=False),
-    Family("gemma3", "Gemma3", ("gemma3_text",), "gemma3", False, config_class="Gemma3TextConfig",
-           output_biases=False, scaled_embedding=True),
+    Family("llama", "Llama", ("llama", "mistral"), "llama"),
+    Family("qwen2", "Qwen2", ("qwen2",), "qwen2"),
+    Family("qwen3", "Qwen3", ("qwen3",), "qwen3", output_biases=False),
+    Family("gemma3", "Gemma3", ("gemma3_text",), "gemma3", config_class="Gemma3TextConfig", output_biases=False,
+           scaled_embedding=True),
 )
 MODEL_TYPES = tuple(t for family in FAMILIES for t in family.model_types)
 # Near relatives a user may arrive with, refused by their own name: each differs in what llama.cpp runs.
