@@ -20,6 +20,7 @@ from typing import Callable
 from converters import ConversionInput, per_layer_widths
 from edgeprune.core.families import family_of
 
+from edgeprune.build.frontier import Frontier
 from edgeprune.build.sizing import estimate_size
 from edgeprune.device.costmodel import Prediction, predict_for_size
 from edgeprune.core.errors import EdgepruneError
@@ -150,6 +151,7 @@ class Plan:
     rejected: list[Evaluated]  # the better-ranked or nearest candidates that break a budget
     n_candidates: int
     n_feasible: int
+    frontier: Frontier  # every candidate no other beats on size, quality, speed, memory and TTFT together
     runners_up: list[Evaluated] = field(default_factory=list)  # the next feasible ones, least lossy first
     measured: list = field(default_factory=list)  # edgeprune.build.search.MeasuredLoss, after `--search measured`
     notes: tuple[str, ...] = ()  # what the family's architecture rules out, whose measurements the estimates are
@@ -160,6 +162,7 @@ class Plan:
             "feasible": self.n_feasible, "chosen": self.chosen.to_dict(self.base),
             "why": self.why(), "rejected": [e.to_dict(self.base) for e in self.rejected],
             "measured": [dataclasses.asdict(m) for m in self.measured], "notes": list(self.notes),
+            "frontier": self.frontier.to_dict(self.base, self.chosen),
         }
 
     def why(self) -> str:
@@ -358,7 +361,7 @@ def make_plan(source: ConversionInput, base: ModelShape, profile, *, quants: tup
     nearest = sorted((e for e in infeasible if e not in better), key=lambda e: sum(v.excess for v in e.violations))
     rejected = (better + nearest)[:SHOWN_REJECTED]
     return Plan(profile.name, profile.device.name, base, chosen, rejected, len(evaluated), len(feasible),
-                runners_up=feasible[1:1 + RUNNERS_UP], notes=plan_notes(source, base, profile, table))
+                Frontier.of(evaluated, profile.budgets), runners_up=feasible[1:1 + RUNNERS_UP], notes=plan_notes(source, base, profile, table))
 
 
 def plan_notes(source: ConversionInput, base: ModelShape, profile, table: dict) -> tuple[str, ...]:

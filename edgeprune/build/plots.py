@@ -113,3 +113,59 @@ def quality_plot(measured: list[tuple[str, ValidationReport]]) -> Figure | None:
         ax.set_xlabel("file size (MiB)")
         ax.set_ylabel(metric)
     return Figure("quality", "Quality against file size, one point per run", _png(plt, fig))
+
+
+def frontier_plot(curves: list[tuple[str, dict]]) -> Figure | None:
+    """File size against estimated PPL increase for each plan's frontier (`curves`: a label and a plan's to_dict(),
+    one per target): filled where a member meets the budgets, hollow where it breaks one, a star on the chosen one,
+    a staircase through the members no other beats on these two axes alone, and the size budgets as lines. Targets
+    of one model share many points: each curve's dots are bigger than the next one's, so none hides another."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    from edgeprune.build.frontier import non_dominated
+
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    budgets: dict[tuple[str, float], list[int]] = {}  # one line per budget, whichever targets share it
+    for i, (label, plan) in enumerate(curves):
+        color, members = SERIES[i % len(SERIES)], plan["frontier"]["members"]
+        size = [m["file_mib"] for m in members]
+        loss = [m["estimated_ppl_increase"] for m in members]
+        meets = [m["meets_budgets"] for m in members]
+        ax.scatter(size, loss, s=24 * (len(curves) - i), edgecolors=color, zorder=2 + i,  # a ring round a later one
+                   facecolors=[color if ok else "none" for ok in meets], label=label if len(curves) > 1 else None)
+        stairs = non_dominated(members, lambda m: (m["file_mib"], m["estimated_ppl_increase"]))
+        ax.step([m["file_mib"] for m in stairs], [m["estimated_ppl_increase"] for m in stairs], where="post",
+                color=color, linewidth=1)
+        chosen = plan["chosen"]
+        ax.scatter([chosen["file_mib"]], [chosen["estimated_ppl_increase"]], marker="*", s=220, color=color,
+                   edgecolors="black", zorder=2 + len(curves))
+        ax.annotate(f"chosen: {chosen['label']}", (chosen["file_mib"], chosen["estimated_ppl_increase"]),
+                    textcoords="offset points", xytext=(8, 8), fontsize=8)
+        for kind, limit in plan["frontier"]["budgets"].items():
+            if limit is not None:
+                budgets.setdefault((kind, limit), []).append(i)
+    ax.set_yscale("symlog", linthresh=1)  # linear below +1%, logarithmic above: the big losses stay readable
+    ax.margins(x=0.08, y=0.15)
+    right, off_axis = ax.get_xlim()[1], 0
+    for (kind, limit), users in budgets.items():
+        color = "black" if len(curves) == 1 else SERIES[users[0] % len(SERIES)]
+        text = f"{'memory' if kind == 'memory_mib' else 'file'} ≤ {limit:g} MiB"
+        if limit <= right:
+            ax.axvline(limit, color=color, linestyle="--" if kind == "memory_mib" else ":", linewidth=1)
+            ax.text(limit, 0.98, f" {text}", transform=ax.get_xaxis_transform(), rotation=90, va="top", fontsize=8)
+        else:  # far right of every member: named at the edge rather than squeezing the points
+            ax.text(0.99, 0.98 - 0.06 * off_axis, f"{text} →", transform=ax.transAxes, ha="right", va="top",
+                    fontsize=8, color=color)
+            off_axis += 1
+    ax.set_xlabel("file size (MiB)")
+    ax.set_ylabel("estimated PPL increase (%)")
+    marks = [plt.Line2D([], [], marker="o", linestyle="", color="gray", label="meets the budgets"),
+             plt.Line2D([], [], marker="o", linestyle="", color="gray", markerfacecolor="none", label="breaks one"),
+             plt.Line2D([], [], marker="*", linestyle="", color="gray", markersize=12, label="chosen")]
+    ax.legend(handles=ax.get_legend_handles_labels()[0] + marks, fontsize=8, loc="upper left",
+              bbox_to_anchor=(1.0, 1.0))
+    caption = ("The candidates no other beats on file size, estimated quality, decode speed, memory and TTFT together; "
+               "the line joins those best on size and quality alone. The memory budget holds the file, the KV cache "
+               "and the buffers, so a file left of its line may still break it")
+    return Figure("frontier", caption, _png(plt, fig))

@@ -1,12 +1,12 @@
 """Several runs on one page: one file on several devices, or several files on one device. A column per run,
-quality against file size, and each run's budget margins."""
+quality against file size, the planners' frontiers (a curve per run) and each run's budget margins."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from edgeprune.core.errors import EdgepruneError
-from edgeprune.device.reporting.document import Plots, Run, Section, Table, margin, memory_short, verdict
+from edgeprune.device.reporting.document import FRONTIER, Plots, Run, Section, Table, margin, memory_short, verdict
 from edgeprune.device.reporting.render import write_pages
 from edgeprune.device.validation.results import MIB, ValidationReport
 
@@ -14,8 +14,8 @@ from edgeprune.device.validation.results import MIB, ValidationReport
 def merge_reports(documents: list[dict], out_html: Path, out_md: Path | None = None, *,
                   plots: Plots | None) -> list[Path]:
     """One comparison page of several runs (one file on several devices, several files on one device): a column
-    per run, quality against file size, and each run's budget margins. Returns the paths written. `plots` draws
-    the figures (edgeprune.build.plots); None leaves them out, and the page says so."""
+    per run, quality against file size, the frontiers, and each run's budget margins. Returns the paths written.
+    `plots` draws the figures (edgeprune.build.plots); None leaves them out, and the page says so."""
     if not documents:
         raise EdgepruneError("no reports to merge: give one or more report.json files or export directories")
     runs = [Run.of(d) for d in documents]
@@ -24,6 +24,9 @@ def merge_reports(documents: list[dict], out_html: Path, out_md: Path | None = N
     measured = [(label, run.validation) for label, run in zip(labels, runs) if run.validation]
     if measured:
         sections.append(Section("Quality against file size", [plots and plots.quality_plot(measured)]))
+    planned = [(f"{label} ({run.plan['profile']})", run.plan) for label, run in zip(labels, runs) if run.plan]
+    if planned:
+        sections.append(Section(FRONTIER, [plots and plots.frontier_plot(planned)]))
     budgets = [(label, v) for label, v in measured if v.checks]
     if budgets:
         sections.append(Section("Budgets", [_merged_checks_table(budgets)] + [

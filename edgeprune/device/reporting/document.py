@@ -13,6 +13,7 @@ from edgeprune.device.validation.budgets import AT_LEAST
 from edgeprune.device.validation.results import MIB, ValidationReport
 
 REPORT_JSON = "report.json"
+FRONTIER = "Frontier (estimated by the planner)"  # the section of the planner's frontier, on both pages
 
 
 @dataclass
@@ -40,6 +41,8 @@ class Plots(Protocol):
 
     def quality_plot(self, measured: list) -> Figure | None: ...
 
+    def frontier_plot(self, curves: list) -> Figure | None: ...
+
 
 @dataclass
 class Section:
@@ -65,6 +68,12 @@ class Run:
     @property
     def file(self) -> str:
         return Path(self.validation.gguf).name if self.validation else self.export.get("gguf", "?")
+
+    @property
+    def plan(self) -> dict | None:
+        """The planner's plan, where it chose the output and recorded its frontier (older reports have none)."""
+        plan = self.export.get("plan")
+        return plan if plan and plan.get("frontier") else None
 
     @property
     def machine(self) -> str:
@@ -118,6 +127,17 @@ def margin(check) -> float:
     """Headroom as a fraction of the limit: positive when the budget is met, whichever way the budget points."""
     ahead = check.measured - check.limit if check.name in AT_LEAST else check.limit - check.measured
     return ahead / check.limit
+
+
+def frontier_table(plan: dict) -> Table:
+    """The plan's frontier, a row per member: predictions, estimate, whether it meets the budgets, the chosen one."""
+    def budgets(m: dict) -> str:
+        return "PASS" if m["meets_budgets"] else "FAIL " + "; ".join(m["violations"])
+
+    return Table(["candidate", "file", "memory", "decode", "TTFT", "est. PPL", "budgets", ""], [
+        [m["label"], f"{m['file_mib']:.1f} MiB", f"{m['memory_mib']:.1f} MiB", f"{m['decode_tps']:.1f} tok/s",
+         f"{m['ttft_s']:.2f} s", f"+{m['estimated_ppl_increase']:.1f}% ({m['estimate_basis']})", budgets(m),
+         "chosen" if m["chosen"] else ""] for m in plan["frontier"]["members"]])
 
 
 def limit_text(check) -> str:

@@ -1,12 +1,13 @@
-"""One run's page: summary, device, budgets, predicted against measured, pruning and tensor types; a part the
-report.json lacks is left out."""
+"""One run's page: summary, device, budgets, predicted against measured, pruning, the planner's frontier and
+tensor types; a part the report.json lacks is left out."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from edgeprune.device.reporting.document import Plots, Run, Section, Table, basis, limit_text, margin, verdict
+from edgeprune.device.reporting.document import (FRONTIER, Plots, Run, Section, Table, basis, frontier_table,
+                                                 limit_text, margin, verdict)
 from edgeprune.device.reporting.render import write_pages
 from edgeprune.device.validation.results import MIB, ValidationReport
 
@@ -36,6 +37,9 @@ def _run_sections(run: Run, plots: Plots | None) -> list[Section]:
     layers = (run.export.get("pruning") or {}).get("layers")
     if layers:
         sections.append(Section("Pruning", [plots and plots.layers_plot(layers)]))
+    if run.plan is not None:
+        sections.append(Section(FRONTIER, [frontier_table(run.plan), plots and plots.frontier_plot(
+            [(run.plan["profile"], run.plan)])]))
     mixed = run.export.get("mixed")
     if mixed:
         sections.append(Section("Tensor types (mixed precision)", [
