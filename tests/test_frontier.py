@@ -22,7 +22,7 @@ from converters import ConversionInput
 from edgeprune.build import plots
 from edgeprune.build.builds.buildfile import init_build_file, load_build_file
 from edgeprune.build.builds.manifest import write_index
-from edgeprune.build.frontier import Frontier, non_dominated, objectives
+from edgeprune.build.frontier import Frontier, format_frontier, non_dominated, objectives
 from edgeprune.build.loading import load_model
 from edgeprune.build.planner import Candidate, Evaluated, make_plan
 from edgeprune.cli import cli
@@ -102,6 +102,24 @@ def test_a_real_plan_s_frontier_is_its_candidates_non_dominated_ones_with_the_bu
     assert [m["meets_budgets"] for m in data["members"]] == [not m["violations"] for m in data["members"]]
 
 
+def test_a_chosen_candidate_off_the_frontier_is_named_with_what_beats_it(tiny):
+    """A recovery budget too short for distillation: the chosen pruned candidate's recovered twin has its sizes and
+    speeds and less loss, so it beats the chosen one on all five objectives, yet breaks the recovery budget (which
+    the five do not weigh). The text and the JSON say so, and the chosen one is still the plan's choice."""
+    shape = shape_of(tiny.model)
+    q4 = make_plan(tiny, shape, squeezed("x86-laptop-16gb", max_file_mib=1e6), quants=("Q4_0",))
+    profile = squeezed("x86-laptop-16gb", max_file_mib=0.97 * q4.chosen.prediction.size.file_bytes / MIB,
+                       recovery_minutes=1e-6)
+    plan = make_plan(tiny, shape, profile)
+    twin = plan.frontier.beater(plan.chosen)
+    assert twin is not None and twin.candidate == dataclasses.replace(plan.chosen.candidate, recovered=True)
+    assert [v.budget for v in twin.violations] == ["recovery"] and not plan.to_dict()["frontier"]["chosen_on_frontier"]
+    text = format_frontier(plan)
+    assert (f"the chosen {plan.chosen.candidate.label(shape)} is off the frontier: {twin.candidate.label(shape)} "
+            "beats it but breaks recovery") in text
+    assert not any(line.startswith("* ") for line in text.splitlines())
+
+
 def invoke(*args: str):
     return CliRunner().invoke(cli, ["plan", *args], catch_exceptions=True)
 
@@ -129,7 +147,8 @@ def test_plan_json_carries_the_frontier_and_the_text_marks_the_chosen_one(tiny_b
     text = invoke(str(tiny_bpe_llama), "--profile", "raspberry-pi-5-8gb", "--frontier-plot", str(plot))
     assert text.exit_code == 0, text.output
     lines = text.stdout.splitlines()
-    listed = lines[next(i for i, line in enumerate(lines) if line.startswith("frontier")) + 1:][:len(frontier["members"])]
+    start = next(i for i, line in enumerate(lines) if line.startswith("frontier")) + 1
+    listed = lines[start:start + len(frontier["members"])]
     assert [line[2:].split("  ")[0] for line in listed] == [m["label"] for m in frontier["members"]]
     assert [line for line in listed if line.startswith("* ")] == [listed[frontier["members"].index(chosen[0])]]
     assert all("meets the budgets" in line for line in listed)

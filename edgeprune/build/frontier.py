@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from edgeprune.core.shapes import ModelShape
 
 T = TypeVar("T")
-MIB = 1 << 20
 # The objectives, each as a quantity to minimize (decode speed negated): what `objectives` returns, in this order
 OBJECTIVES = ("file size", "estimated quality loss", "decode speed", "memory", "TTFT")
 
@@ -89,8 +88,4 @@ def format_frontier(plan: Plan) -> str:
             reason = "and ties it on estimated loss, which alone ranks the candidates"
         lines.append(f"  the chosen {plan.chosen.candidate.label(base)} is off the frontier: "
                      f"{beater.candidate.label(base)} beats it {reason}")
-    if any(e.basis != "measured" for e in frontier.members):
-        from edgeprune.build.planner import LEGEND  # the planner imports this module
-
-        lines.append(LEGEND)
     return "\n".join(lines)

@@ -20,7 +20,7 @@ from typing import Callable
 from converters import ConversionInput, per_layer_widths
 from edgeprune.core.families import family_of
 
-from edgeprune.build.frontier import Frontier
+from edgeprune.build.frontier import Frontier, format_frontier
 from edgeprune.build.sizing import estimate_size
 from edgeprune.device.costmodel import Prediction, predict_for_size
 from edgeprune.core.errors import EdgepruneError
@@ -399,8 +399,9 @@ def _impossible(source, base, evaluated: list[Evaluated], profile, table) -> str
             + " or ".join(hints))
 
 
-def format_plan(plan: Plan, model_name: str, profile) -> str:
-    """One screen: budgets, the choice with its predictions and reason, and the nearest rejected candidates."""
+def format_plan(plan: Plan, model_name: str, profile, frontier: bool = False) -> str:
+    """One screen: budgets, the choice with its predictions and reason, and the nearest rejected candidates; with
+    `frontier`, the frontier's members after them (edgeprune.build.frontier)."""
     b, c = profile.budgets, plan.chosen.to_dict(plan.base)
     file_budget = f", file <= {b.max_file_mib:g} MiB" if b.max_file_mib is not None else ""
     file_budget += f", recovery <= {b.recovery_minutes:g} min" if b.recovery_minutes is not None else ""
@@ -424,6 +425,8 @@ def format_plan(plan: Plan, model_name: str, profile) -> str:
     for e in plan.rejected:
         lines.append(f"  {e.candidate.label(plan.base):<44} est. PPL {e.estimate:<7} breaks "
                      f"{'; '.join(map(str, e.violations))}")
-    if any(e.basis != "measured" for e in [plan.chosen, *plan.rejected]):
+    if frontier:
+        lines.append(format_frontier(plan))
+    if any(e.basis != "measured" for e in [plan.chosen, *plan.rejected, *(plan.frontier.members if frontier else ())]):
         lines.append(LEGEND)
     return "\n".join(lines)

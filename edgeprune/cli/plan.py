@@ -36,7 +36,6 @@ def plan(model, profile_name, quants, as_json, allow_pickle, calib, threads, mix
     """Choose quantization and pruning for MODEL on a device, and explain why. Nothing is built unless
     --search measured builds and scores the best few candidates."""
     require_build_install("plan")
-    from edgeprune.build.frontier import format_frontier
     from edgeprune.build.planner import format_plan
     from edgeprune.build.planning import plan_model
 
@@ -59,7 +58,7 @@ def plan(model, profile_name, quants, as_json, allow_pickle, calib, threads, mix
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
-        click.echo(format_plan(result, name, profile) + ("\n" + format_frontier(result) if shown else ""))
+        click.echo(format_plan(result, name, profile, frontier=shown))
 
 
 def write_frontier_plot(plan: dict, path: Path) -> None:
