@@ -17,7 +17,9 @@ from edgeprune.build.calibration import collect_calibration
 from edgeprune.device.costmodel import decode_seconds_per_token
 from edgeprune.core.errors import EdgepruneError
 from edgeprune.build.loading import load_model
-from edgeprune.build.mixed import choose_mix, measure_sensitivity, solve
+from edgeprune.build.mixed import PROBE_CHUNKS, PROBE_CTX, choose_mix, measure_sensitivity, solve
+from edgeprune.core.texts import default_calibration_text
+from edgeprune.device.validation.quality import measure_perplexity
 from edgeprune.device.profiles import load_profile
 from edgeprune.build.quantize import quantize_gguf
 
@@ -45,10 +47,27 @@ def test_sensitivity_measures_every_type_each_row_width_allows(tiny_model):
     _, _, _, sensitivity = tiny_model
     for name, options in sensitivity.options.items():
         types = {o.type_name: o.error for o in options}
-        assert {"q4_0", "q5_0", "q8_0", "q4_k", "q6_k"} <= set(types), name  # 256-wide rows take both families
+        assert {"q4_0", "iq4_nl", "q5_0", "q8_0", "q4_k", "iq4_xs", "q6_k"} <= set(types), name  # both families
         assert all(error > 0 for error in types.values())
         assert types["q8_0"] < types["q5_0"] < types["q4_0"] and types["q6_k"] < types["q4_k"], (name, types)
-    assert sensitivity.options["blk.0.ffn_down.weight"][0].type_name == "q2_k"  # 512-wide: the smallest
+    assert sensitivity.options["blk.0.ffn_down.weight"][0].type_name == "iq2_s"  # 512-wide: the smallest
+
+
+def test_errors_are_priced_in_kld_measured_by_kind(tiny_model, tmp_path):
+    """Each kind alone at its probe type prices its relative error in KLD; the priced estimate of every tensor at
+    q4_0 then predicts the KLD llama.cpp measures for that file, where raw summed errors are no KLD at all."""
+    _, float_gguf, imatrix, _ = tiny_model
+    text = default_calibration_text()
+    sensitivity = measure_sensitivity(float_gguf, imatrix, text=text)
+    kinds = {name.split(".")[-2] if name.startswith("blk.") else name.split(".")[0] for name in sensitivity.options}
+    assert set(sensitivity.kld_per_error) == kinds and all(p > 0 for p in sensitivity.kld_per_error.values())
+    everything = {name: "q4_0" for name in sensitivity.options}
+    path = quantize_gguf(float_gguf, tmp_path / "q4_0.gguf", "Q4_0", imatrix=imatrix, tensor_types=everything).path
+    _, measured = measure_perplexity(path, text, reference_gguf=float_gguf, n_ctx=PROBE_CTX, max_chunks=PROBE_CHUNKS,
+                                     progress=lambda _m: None)
+    estimated = sensitivity.damage(everything)
+    assert 0.5 < estimated / measured.kld_mean < 2, (estimated, measured.kld_mean)
+    assert not 0.1 < sensitivity.damage(everything, "weighted") / measured.kld_mean < 10
 
 
 def test_solver_keeps_the_byte_budget_and_spends_it_where_damage_falls(tiny_model, tmp_path):
@@ -93,7 +112,7 @@ def test_budget_below_the_smallest_types_is_refused(tiny_model):
 def test_choose_mix_matches_the_named_quant_size(tiny_model):
     _, float_gguf, imatrix, _ = tiny_model
     profile = load_profile("x86-laptop-16gb")
-    plan = choose_mix(float_gguf, imatrix, "Q4_K_M", profile)
+    plan = choose_mix(float_gguf, imatrix, "Q4_K_M", profile, text=default_calibration_text())
     named = quantize_gguf(float_gguf, float_gguf.parent / "named.gguf", "Q4_K_M", imatrix=imatrix)
     assert plan.file_bytes <= named.path.stat().st_size + 1024
     assert plan.decode_s_per_token <= 1 / profile.budgets.min_decode_tps

@@ -179,9 +179,9 @@ class Plan:
             reason += (f"; recovered by distillation from the unpruned model, about {self.chosen.recovery_minutes:.0f} "
                        "min here (what recovery_table.toml measured on 2 cores, scaled by decoder parameters)")
         if self.chosen.candidate.mixed:
-            reason += (f"; mixed: each tensor gets the llama.cpp type that removes the most estimated damage per byte "
-                       f"(imatrix-weighted error, measured per tensor and type), in {self.chosen.candidate.quant}'s "
-                       "bytes and the decode budget; export lists the types")
+            reason += (f"; mixed: each tensor gets the llama.cpp type that gives the least estimated KLD in all "
+                       f"(its measured error per tensor and type, priced by kind in measured KLD), in "
+                       f"{self.chosen.candidate.quant}'s bytes and the decode budget; export lists the types")
         return reason
 
 
@@ -193,14 +193,17 @@ QUALITY_TABLES = ("quality_table.toml", "quality_table_gemma3.toml")
 def load_quality_table(base: ModelShape | None = None) -> dict:
     """The quality rows measured on `base`'s model where there are some (QUALITY_TABLES, matched by vocabulary,
     hidden size and layers), else SmolLM2's quality_table.toml (`python -m edgeprune.build.bench quality`), with
-    the mixed-precision rows of mixed_table.toml (`python -m edgeprune.build.bench mixed`) under "mixed" and the
+    the mixed-precision rows of mixed_table.toml (`python -m edgeprune.build.bench mixed`, the same model's where
+    measured) under "mixed" and the
     recovered-pruning rows of recovery_table.toml (`python -m edgeprune.build.bench recovery`) under "recovery"."""
     package = resources.files("edgeprune.build")
     tables = [tomllib.loads(package.joinpath(name).read_text(encoding="utf-8")) for name in QUALITY_TABLES
               if package.joinpath(name).is_file()]
     shape = [base.vocab_size, base.hidden_size, base.n_layers] if base is not None else None
     table = next((t for t in tables if t["measured"]["shape"] == shape), tables[0])
-    table["mixed"] = tomllib.loads(package.joinpath("mixed_table.toml").read_text(encoding="utf-8"))
+    mixed = tomllib.loads(package.joinpath("mixed_table.toml").read_text(encoding="utf-8"))
+    mix = next((m for m in mixed.get("models", {}).values() if m["shape"] == shape), mixed["mix"])
+    table["mixed"] = {**mixed, "mix": mix}
     table["recovery"] = tomllib.loads(package.joinpath("recovery_table.toml").read_text(encoding="utf-8"))
     return table
 

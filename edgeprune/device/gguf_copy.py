@@ -8,9 +8,10 @@ import gguf
 
 
 def copy_gguf(reader: gguf.GGUFReader, path: Path, *, drop_prefixes: tuple[str, ...] = (),
-              changes: dict | None = None) -> Path:
+              changes: dict | None = None, every_nth_row: int = 1) -> Path:
     """A copy of a GGUF written by gguf-py, its tensors as they are, without the metadata keys starting with
-    `drop_prefixes` and with the values in `changes` (key: value) replaced."""
+    `drop_prefixes` and with the values in `changes` (key: value) replaced. With `every_nth_row` > 1 each matrix
+    keeps only every n-th row: a sample that quantizes as the whole would, row for row, in a fraction of the time."""
     changes = changes or {}
     writer = gguf.GGUFWriter(path, reader.fields["general.architecture"].contents())
     for field in reader.fields.values():
@@ -20,7 +21,8 @@ def copy_gguf(reader: gguf.GGUFReader, path: Path, *, drop_prefixes: tuple[str, 
         writer.add_key_value(field.name, changes.get(field.name, field.contents()), field.types[0],
                              sub_type=sub_type)
     for tensor in reader.tensors:
-        writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
+        data = tensor.data[::every_nth_row] if len(tensor.shape) == 2 else tensor.data
+        writer.add_tensor(tensor.name, data, raw_dtype=tensor.tensor_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

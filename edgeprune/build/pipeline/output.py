@@ -111,7 +111,7 @@ def quantize(run: Run, chosen: Chosen, files: Files, floated: FloatModel) -> Qua
     try:
         if chosen.mixing:
             mix = prepared.timed("mix", choose_mix, floated.gguf, floated.imatrix, chosen.quant, run.profile,
-                                 threads=run.threads, progress=say)
+                                 text=prepared.calib, threads=run.threads, progress=say)
             say(f"mixed precision: {mix.describe()}; bits per weight: {', '.join(mix.bits_by_kind)}; "
                 f"{mix.against_named}")
         if chosen.quant != "F16":
