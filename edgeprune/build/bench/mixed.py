@@ -57,7 +57,7 @@ def run(progress) -> SuiteResult:
         with tempfile.TemporaryDirectory(prefix="edgeprune-bench-mixed-") as tmp:
             tmp = Path(tmp)
             loaded = load(progress)
-            shape = shape_of(loaded.model.config)
+            shape = shape_of(loaded.model)
             reference = write_gguf(ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length),
                                    tmp / "F16.gguf", "F16", progress)
             tokens = loaded.tokenizer(calibration.content, add_special_tokens=False)["input_ids"]
