@@ -207,3 +207,86 @@ def test_a_build_distils_every_recovered_target_from_one_teacher_pass(tiny_bpe_l
         loaded.model.model.norm.weight.mul_(1.01)
     TeacherCache.build(loaded.model, train, held, options.top_k, shared)
     assert (shared / "stamp").read_text() != stamp  # other weights: scored again
+
+
+def test_a_recovery_that_cannot_fit_its_budget_is_refused_before_any_training(tiny_bpe_llama, recovery_file, tmp_path):
+    """The planner's recovered cut with far more distillation steps than its recovery budget allows here: refused,
+    timed on this machine, before the teacher's pass or any step (the CLI turns it into one line and exit 1)."""
+    import dataclasses
+
+    from converters import ConversionInput
+    from edgeprune.build.pipeline.export import export_model
+    from edgeprune.build.pipeline.options import ExportOptions
+    from edgeprune.build.sizing import estimate_size
+    from edgeprune.core.errors import EdgepruneError
+    from edgeprune.core.shapes import shape_of
+    from edgeprune.device.profiles import load_profile
+
+    loaded = load_model(tiny_bpe_llama)
+    q4 = estimate_size(ConversionInput(loaded.model, loaded.vocab, "tiny", 256), shape_of(loaded.model),
+                       "Q4_0").file_bytes / (1 << 20)
+    base = load_profile("x86-laptop-16gb")
+    profile = dataclasses.replace(base, budgets=dataclasses.replace(
+        base.budgets, context_length=256, max_file_mib=q4 * 0.97, recovery_minutes=5))
+    said: list[str] = []
+    options = ExportOptions(eval_ctx=128, eval_chunks=1, recovery_text=recovery_file,
+                            distill=DistillOptions(steps=10_000_000))
+    with pytest.raises(EdgepruneError) as refused:
+        export_model(tiny_bpe_llama, profile, tmp_path / "out", options, said.append)
+    message = str(refused.value)
+    assert "\n" not in message and "recovery by distillation would take about" in message, message
+    assert "over its budget of 5 min" in message and "10000000 steps of" in message and "--recovery-minutes" in message
+    assert not any("distillation: teacher top-" in line or "distillation: step" in line for line in said)
+
+
+def test_timing_a_recovery_leaves_the_teacher_as_it_was(tiny_bpe_llama):
+    from edgeprune.build.pruning.distill import estimate
+
+    model = load_model(tiny_bpe_llama).model
+    before = {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
+    timed = estimate(model, DistillOptions(steps=40, batch_size=2, seq_len=32), rounds=3)
+    assert timed.steps == 120 and timed.teacher_seconds > 0 and timed.seconds_per_step > 0
+    assert timed.minutes == pytest.approx((timed.teacher_seconds + 120 * timed.seconds_per_step) / 60)
+    for name, parameter in model.named_parameters():
+        assert torch.equal(parameter, before[name][0]) and parameter.requires_grad == before[name][1]
+        assert parameter.grad is None
+    timed.check(timed.minutes * 1.01)
+    with pytest.raises(Exception, match=r"would take about .* over its budget of 1e-06 min"):
+        timed.check(1e-6)
+
+
+def test_no_recovery_window_shares_a_passage_with_either_held_out_text(smollm2_gguf):
+    """Every training and held-out window of the default recovery, as the tokenizer gives it back, against the odd
+    reference topics and The Tempest: no run of SHARED_RUN (64) characters in common. The even reference topics
+    as they stand would fail (they repeat the odd ones' passages)."""
+    from edgeprune.core.texts import (SHARED_RUN, default_evaluation_text, recovery_texts, tempest_text,
+                                      without_shared_passages)
+
+    tokenizer = load_model(smollm2_gguf).tokenizer
+    held_out = [default_evaluation_text().content, tempest_text().content]
+    runs = {text[i:i + SHARED_RUN] for text in held_out for i in range(len(text) - SHARED_RUN + 1)}
+    options = DistillOptions()
+    train, held = windows(recovery_texts(), tokenizer, options, None)
+    assert len(train) + len(held) == options.steps * options.batch_size + options.held_out
+    for row in torch.cat([train, held]).tolist():
+        text = tokenizer.decode(row)
+        assert len(text) > 2 * SHARED_RUN
+        shared = next((text[i:i + SHARED_RUN] for i in range(len(text) - SHARED_RUN + 1)
+                       if text[i:i + SHARED_RUN] in runs), None)
+        assert shared is None, shared
+    even = default_calibration_text().content
+    assert any(even[i:i + SHARED_RUN] in runs for i in range(len(even) - SHARED_RUN + 1))
+    kept = without_shared_passages(even, held_out[0])
+    assert 0.5 * len(even) < len(kept) < len(even)
+
+
+def test_a_paragraph_sharing_a_long_run_with_held_out_text_is_dropped_even_across_a_seam():
+    from edgeprune.core.texts import SHARED_RUN, without_shared_passages
+
+    secret = "x" * 10 + "".join(chr(97 + i % 26) for i in range(SHARED_RUN)) + "y" * 10
+    held_out = "before " + secret + " after"
+    clean, other = "a clean paragraph " * 5, "another one " * 8
+    assert without_shared_passages(f"{clean}\n\n{secret}\n\n{other}", held_out) == f"{clean}\n\n{other}"
+    # two paragraphs too short for a run alone, one across their seam: the one holding its middle goes
+    seam = f"{clean}\n\n{secret[:40]}\n\n{secret[40:]}\n\n{other}"
+    assert without_shared_passages(seam, secret[:40] + "\n\n" + secret[40:]) == f"{clean}\n\n{secret[40:]}\n\n{other}"

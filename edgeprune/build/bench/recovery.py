@@ -1,8 +1,10 @@
-"""Recovery suite: how much of the loss of a deep cut distillation from the dense model wins back on SmolLM2-135M.
+"""Recovery suite: how much of the loss of a deep cut distillation from the dense model wins back on SmolLM2-135M
+(EDGEPRUNE_RECOVERY_MODEL=gemma3: Gemma 3 270M, reported only; recovery_table.toml is SmolLM2's).
 
 At 30% and 50% of decoder parameters removed (MLP channels, edgeprune's default pruning), three ways: one-shot
 retraining-free (the ridge reconstruction only), one-shot then distillation, and iterative (three pruning steps,
-each re-scored after the distillation of the one before, a third of the distillation steps each). Every model is written as an F16 GGUF and measured by
+each re-scored after the distillation of the one before, a third of the distillation steps each;
+EDGEPRUNE_RECOVERY_ITERATIVE=0 leaves it out). Every model is written as an F16 GGUF and measured by
 llama.cpp on both held-out texts, the odd Python reference topics and The Tempest; its KL divergence against the
 dense F16 model on the first. Distillation trains on texts.recovery_texts, which hold neither.
 """
@@ -21,7 +23,8 @@ from pathlib import Path
 from converters import ConversionInput, write_gguf
 
 from edgeprune.core.atomic import write_text_atomic
-from edgeprune.core.fetch import fetch_smollm2
+from edgeprune.core.errors import EdgepruneError
+from edgeprune.core.fetch import MODELS
 from edgeprune.build.loading import load_model
 from edgeprune.build.pruning import PruneOptions, prune_model
 from edgeprune.build.pruning.distill import DistillOptions, TeacherCache, distill, windows
@@ -36,13 +39,17 @@ from edgeprune.build.bench.tables import SuiteResult, table
 RATIOS = tuple(float(r) for r in os.environ.get("EDGEPRUNE_RECOVERY_RATIOS", "0.3,0.5").split(","))
 CHUNKS = 10  # 512-token chunks of each held-out text, as the pruning suite
 ITERATIVE_STEPS = 3
+ITERATIVE = os.environ.get("EDGEPRUNE_RECOVERY_ITERATIVE", "1") != "0"
+MODEL = os.environ.get("EDGEPRUNE_RECOVERY_MODEL", "smollm2")
 COMMAND = "python -m edgeprune.build.bench recovery"
 RECOVERY_TABLE = Path(__file__).resolve().parents[1] / "recovery_table.toml"
 
 
 def run(progress) -> SuiteResult:
+    if MODEL not in MODELS:
+        raise EdgepruneError(f"EDGEPRUNE_RECOVERY_MODEL={MODEL} is not a bench model: use one of {', '.join(MODELS)}")
     threads = os.cpu_count() or 1
-    loaded = load_model(fetch_smollm2(), progress=progress)
+    loaded = load_model(MODELS[MODEL](), progress=progress)
     dense = loaded.model
     calib_ids = loaded.tokenizer(default_calibration_text().content, add_special_tokens=False)["input_ids"]
     texts = [default_evaluation_text(), tempest_text()]
@@ -77,8 +84,10 @@ def run(progress) -> SuiteResult:
         measure("dense", 0.0, dense, 0.0)
         for ratio in RATIOS:
             _, ffn = split_budget(ratio, 0.0, dense)
-            for label, steps, distilled in (("one-shot", 1, False), ("one-shot + distillation", 1, True),
-                                            (f"iterative ×{ITERATIVE_STEPS} + distillation", ITERATIVE_STEPS, True)):
+            methods = [("one-shot", 1, False), ("one-shot + distillation", 1, True)]
+            if ITERATIVE:
+                methods.append((f"iterative ×{ITERATIVE_STEPS} + distillation", ITERATIVE_STEPS, True))
+            for label, steps, distilled in methods:
                 progress(f"recovery: {ratio:.0%}, {label}")
                 results = []
                 per_step = dataclasses.replace(options, steps=options.steps // steps)  # the same budget in all
@@ -97,11 +106,13 @@ def run(progress) -> SuiteResult:
                         held_out_kld=[r.held_out_kld for r in results])
                 del pruned
     names = [t.name for t in texts]
-    write_text_atomic(RECOVERY_TABLE, recovery_table_toml(rows, names[0], options, teacher_seconds,
-                                                          shape_of(dense).decoder_params(), time.strftime("%Y-%m-%d")))
-    progress(f"recovery: wrote {RECOVERY_TABLE}")
+    if MODEL == "smollm2":
+        write_text_atomic(RECOVERY_TABLE, recovery_table_toml(rows, names[0], options, teacher_seconds,
+                                                              shape_of(dense).decoder_params(), time.strftime("%Y-%m-%d")))
+        progress(f"recovery: wrote {RECOVERY_TABLE}")
     return SuiteResult(
-        title="Recovery by distillation on SmolLM2-135M-Instruct: one-shot, one-shot + distillation, iterative",
+        title=f"Recovery by distillation on {loaded.name}: one-shot, one-shot + distillation"
+              + (", iterative" if ITERATIVE else ""),
         method=(f"{__doc__.split(chr(10) + chr(10))[1].replace(chr(10), ' ')} Distillation: {options}, on "
                 f"{' + '.join(repr(t.name) for t in recovery)} (teacher top-k cached once, {teacher_seconds:.0f} s). "
                 f"{CHUNKS} chunks of 512 tokens per held-out text, {threads} threads. Wall time: pruning and "

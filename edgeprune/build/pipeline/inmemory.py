@@ -55,7 +55,8 @@ def shape(run: Run, chosen: Chosen) -> tuple[object, dict | None]:
         return model, None
     from edgeprune.build.pruning import prune_model
 
-    recovery = Distillation(prepared, chosen.distillation, model, run.out_dir, run.say) \
+    budget = run.profile.budgets.recovery_minutes if run.profile is not None else None
+    recovery = Distillation(prepared, chosen.distillation, model, run.out_dir, run.say, budget, chosen.prune.steps) \
         if chosen.distillation is not None else None
     pruned = prepared.timed("prune", prune_model, copy.deepcopy(model) if prepared.shared else model,
                             prepared.tokens, chosen.prune, progress=run.say, recover=recovery)
@@ -84,10 +85,12 @@ def calibrate(run: Run, chosen: Chosen, model) -> dict:
 class Distillation:
     """Recovery by distillation after each pruning step (edgeprune.build.pruning.distill): the teacher, the unpruned
     model, is run once over the recovery text's windows before pruning, its outputs cached under the output
-    directory with the checkpoints an interrupted run resumes from (a build caches them once for its targets)."""
+    directory with the checkpoints an interrupted run resumes from (a build caches them once for its targets). With a
+    budget (recovery_minutes), a recovery timed on this machine to take longer is refused before it starts."""
 
-    def __init__(self, prepared, options, teacher, out_dir: Path, say: Progress):
-        from edgeprune.build.pruning.distill import TeacherCache, windows
+    def __init__(self, prepared, options, teacher, out_dir: Path, say: Progress, budget_minutes: float | None = None,
+                 rounds: int = 1):
+        from edgeprune.build.pruning.distill import TeacherCache, estimate, windows
         from edgeprune.core.texts import recovery_texts
 
         self.options, self.say, self.results = options, say, []
@@ -95,6 +98,10 @@ class Distillation:
         texts = ([read_text_file(prepared.options.recovery_text, "recovery")] if prepared.options.recovery_text
                  else recovery_texts())
         self.text = " + ".join(t.name for t in texts)
+        if budget_minutes is not None:
+            timed = estimate(teacher, self.options, rounds)
+            timed.check(budget_minutes)
+            say(f"distillation: about {timed.minutes:.1f} min on this machine, within a budget of {budget_minutes:g}")
         say(f"distillation: windows of {self.text}")
         train, held = windows(texts, prepared.loaded.tokenizer, self.options, teacher.config.bos_token_id)
         with prepared.lock:  # a build's targets share one cache: the first builds it, the others reuse it

@@ -40,7 +40,7 @@ class ExportOptions:
     device: str | None = None  # torch device for calibration and recovery; None: a CUDA GPU if present, else CPU
     mix: bool = False  # mixed precision (edgeprune.build.mixed): the planner's mixed candidates, or a mix at --quant's size
     distill: object | None = None  # edgeprune.build.pruning.distill.DistillOptions: recover a pruned model by distillation
-    recovery_text: Path | None = None  # None: texts.recovery_texts (Shakespeare but The Tempest, calibration half)
+    recovery_text: Path | None = None  # None: texts.recovery_texts (Shakespeare but The Tempest, Python docs)
 
 
 @dataclass
