@@ -14,6 +14,7 @@ import math
 import os
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 import gguf
@@ -42,6 +43,7 @@ COMMAND = "python -m edgeprune.build.bench mixed"
 MIXED_TABLE = Path(__file__).resolve().parents[1] / "mixed_table.toml"
 TARGETS = ("Q4_K_M", "Q4_0", "Q3_K_M")
 # the table's key, the model's name and how to load it; the first model's rows are the planner's default ones
+# EDGEPRUNE_MIXED_MODELS=smollm2 runs one; the table keeps the rows of the models not run
 MODELS = (("smollm2", "SmolLM2-135M-Instruct off its Q4_1 grid", lambda progress: offgrid_smollm2(progress)),
           ("gemma3", "Gemma 3 270M", lambda progress: load_model(fetch_gemma3(), progress=progress)))
 SPEEDUP = 1.10  # the speed-budget row asks for this much more decode speed than the unconstrained mix's
@@ -51,9 +53,10 @@ ESTIMATORS = {"kld": "each kind's error priced in KLD (the one edgeprune.build.m
 
 def run(progress) -> SuiteResult:
     calibration, evaluation = default_calibration_text(), default_evaluation_text()
-    threads = os.cpu_count() or 1
+    threads = len(os.sched_getaffinity(0))  # the cores this process may use (taskset): llama.cpp spins on more
+    wanted = os.environ.get("EDGEPRUNE_MIXED_MODELS", ",".join(key for key, _, _ in MODELS)).split(",")
     rows, models, speed_row = [], {}, None
-    for key, name, load in MODELS:
+    for key, name, load in (m for m in MODELS if m[0] in wanted):
         with tempfile.TemporaryDirectory(prefix="edgeprune-bench-mixed-") as tmp:
             tmp = Path(tmp)
             loaded = load(progress)
@@ -104,7 +107,7 @@ def run(progress) -> SuiteResult:
                 named.path.unlink()
             if speed_row is None:
                 speed_row = _speed_budget_row(sensitivity, reference, imatrix, tmp, threads, measure, progress)
-    write_text_atomic(MIXED_TABLE, mixed_table_toml(rows, models, time.strftime("%Y-%m-%d")))
+    write_text_atomic(MIXED_TABLE, mixed_table_toml(rows, models, time.strftime("%Y-%m-%d"), _table_now()))
     progress(f"mixed: wrote {MIXED_TABLE}")
     estimators = {key: _estimator_check([r for r in rows if r["model"] == key]) for key in models}
     return SuiteResult(
@@ -195,28 +198,37 @@ def _speed_text(row: dict) -> str:
             f"KLD {row['kld']:.5f}; bits per weight {', '.join(row['bits_by_kind'][:4])}, ….")
 
 
-def mixed_table_toml(rows: list[dict], models: dict, date: str) -> str:
+def _table_now() -> dict:
+    return tomllib.loads(MIXED_TABLE.read_text(encoding="utf-8")) if MIXED_TABLE.is_file() else {}
+
+
+def mixed_table_toml(rows: list[dict], models: dict, date: str, previous: dict) -> str:
     """The planner's quality rows for mixes (edgeprune.build.planner.load_quality_table): Δ log PPL against the F16
     reference of the mix at each named type's size, the measure of quality_table.toml's, per model (matched by
-    shape); the first model's are [mix], the default for any other."""
+    shape); the first model's are [mix], the default for any other. A model not run keeps its `previous` rows."""
     def section(key: str) -> list[str]:
+        if key not in models:
+            old = previous.get("mix", {}) if key == MODELS[0][0] else previous.get("models", {}).get(key, {})
+            return [f"{k} = {v}" for k, v in old.items()]
         named = {r["target"]: r for r in rows if r["model"] == key and r["kind"] == "named"}
-        return [f"{r['target']} = {math.log(r['ppl'] / r['reference_ppl']):.5f}  # PPL {r['ppl']:.3f}, "
-                f"{r['mib']:.2f} MiB; {r['target']} itself: PPL {named[r['target']]['ppl']:.3f}, "
-                f"{named[r['target']]['mib']:.2f} MiB" for r in rows if r["model"] == key and r["kind"] == "mix"]
+        return ([f"shape = {models[key]['shape']}"] if key != MODELS[0][0] else []) + [
+            f"{r['target']} = {math.log(r['ppl'] / r['reference_ppl']):.5f}  # PPL {r['ppl']:.3f}, {r['mib']:.2f} MiB; "
+            f"{r['target']} itself: PPL {named[r['target']]['ppl']:.3f}, {named[r['target']]['mib']:.2f} MiB"
+            for r in rows if r["model"] == key and r["kind"] == "mix"]
 
-    first, *others = models
+    (first, first_name, _), *others = MODELS
     lines = [
         "# Estimated quality loss of a mixed-precision plan (edgeprune.build.mixed) in each named type's bytes, as",
         "# Δ log(perplexity) against the unpruned F16 model, the measure of quality_table.toml. Written by",
         f"# `{COMMAND}` (edgeprune/build/bench/mixed.py): rerun it rather than edit. The built-in evaluation",
-        f"# text, {EVAL_CHUNKS} chunks of {EVAL_CTX} tokens. [mix]: {models[first]['name']}, whose weights were never",
-        "# quantized as far as a mix can tell; [models.*]: other models, matched by shape (vocabulary, width, layers).",
+        f"# text, {EVAL_CHUNKS} chunks of {EVAL_CTX} tokens. [mix]: {first_name}, whose weights were never quantized",
+        "# as far as a mix can tell; [models.*]: other models, matched by shape (vocabulary, width, layers).",
         "",
         "[mix]",
         *section(first),
     ]
-    for key in others:
-        lines += ["", f"[models.{key}]", f"shape = {models[key]['shape']}", *section(key)]
+    for key, _, _ in others:
+        if key in models or key in previous.get("models", {}):
+            lines += ["", f"[models.{key}]", *section(key)]
     lines += ["", "[measured]", f'command = "{COMMAND}"', f'date = "{date}"']
     return "\n".join(lines) + "\n"
