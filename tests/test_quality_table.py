@@ -123,3 +123,20 @@ def test_plan_marks_estimates_that_are_not_measurements(tiny, table):  # noqa: F
         assert d["estimate_basis"] == e.basis == estimated_loss(e.candidate, shape, table)[1]
         assert e.estimate.endswith("%" + BASES[e.basis]) and f"est. PPL {e.estimate}" in text
     assert any(e.basis != "measured" for e in shown) and text.endswith(LEGEND)
+
+
+def test_mix_rows_are_the_model_s_own_where_measured_else_the_default():
+    """Each model measured by bench mixed ranks its mixes on its own rows, matched by shape; any other shape on
+    [mix]'s (SmolLM2 off its grid)."""
+    import tomllib
+    from importlib import resources
+
+    mixed = tomllib.loads(resources.files("edgeprune.build").joinpath("mixed_table.toml").read_text("utf-8"))
+    assert mixed["measured"]["command"] == "python -m edgeprune.build.bench mixed"
+    assert load_quality_table(SMOLLM2)["mixed"]["mix"] == mixed["mix"]
+    other = ModelShape(1000, 256, 64, (LayerShape(4, 2, 512),) * 2, True)
+    assert load_quality_table(other)["mixed"]["mix"] == mixed["mix"]
+    for model in mixed.get("models", {}).values():
+        vocab, width, layers = model["shape"]
+        shape = ModelShape(vocab, width, 64, (LayerShape(4, 1, 2048),) * layers, True)
+        assert load_quality_table(shape)["mixed"]["mix"] == model
