@@ -219,11 +219,14 @@ def recovery_minutes(base: ModelShape, table: dict) -> float:
 def estimated_loss(candidate: Candidate, base: ModelShape, table: dict) -> tuple[float, str]:
     """Δ log PPL from the quality table (quantization plus pruning, added in log space) and its basis: "measured"
     when every term is a measured row, else "interpolated" or "extrapolated" (see BASES). A mix without a
-    measured row is counted at its named type's loss: the solve could keep the named type's own choice of types."""
+    measured row is counted at its named type's loss: the solve could keep the named type's own choice of types. A
+    measured mix is its named type's loss times the share of it the mix kept where it was measured (mixed_table):
+    a mix's gain carries over between models, its loss does not (SmolLM2's named rows sit on its Q4_1 grid)."""
     quant = table["quant"].get(candidate.quant)
-    mixed = table["mixed"]["mix"].get(candidate.quant) if candidate.mixed else None
-    if mixed is not None:
-        quant, basis = mixed, "measured"
+    share = table["mixed"]["mix"].get(candidate.quant) if candidate.mixed else None
+    if share is not None and quant is not None:
+        quant *= share
+        basis = "measured" if candidate.quant in table["measured"]["quant"] else "interpolated"
     elif quant is None:  # a type nobody measured: ranked below every measured one
         quant, basis = 1.0, "extrapolated"
     elif candidate.mixed:

@@ -198,28 +198,34 @@ def _speed_text(row: dict) -> str:
             f"KLD {row['kld']:.5f}; bits per weight {', '.join(row['bits_by_kind'][:4])}, ….")
 
 
+def _loss(row: dict) -> float:
+    return math.log(row["ppl"] / row["reference_ppl"])
+
+
 def _table_now() -> dict:
     return tomllib.loads(MIXED_TABLE.read_text(encoding="utf-8")) if MIXED_TABLE.is_file() else {}
 
 
 def mixed_table_toml(rows: list[dict], models: dict, date: str, previous: dict) -> str:
-    """The planner's quality rows for mixes (edgeprune.build.planner.load_quality_table): Δ log PPL against the F16
-    reference of the mix at each named type's size, the measure of quality_table.toml's, per model (matched by
-    shape); the first model's are [mix], the default for any other. A model not run keeps its `previous` rows."""
+    """The planner's quality rows for mixes (edgeprune.build.planner.load_quality_table): the share of its named
+    type's Δ log PPL against the F16 reference that the mix at that type's size keeps, per model (matched by shape);
+    the first model's are [mix], the default for any other. A model not run keeps its `previous` rows."""
     def section(key: str) -> list[str]:
         if key not in models:
             old = previous.get("mix", {}) if key == MODELS[0][0] else previous.get("models", {}).get(key, {})
             return [f"{k} = {v}" for k, v in old.items()]
         named = {r["target"]: r for r in rows if r["model"] == key and r["kind"] == "named"}
         return ([f"shape = {models[key]['shape']}"] if key != MODELS[0][0] else []) + [
-            f"{r['target']} = {math.log(r['ppl'] / r['reference_ppl']):.5f}  # PPL {r['ppl']:.3f}, {r['mib']:.2f} MiB; "
-            f"{r['target']} itself: PPL {named[r['target']]['ppl']:.3f}, {named[r['target']]['mib']:.2f} MiB"
+            f"{r['target']} = {_loss(r) / _loss(named[r['target']]):.4f}  # PPL {r['ppl']:.3f}, {r['mib']:.2f} MiB; "
+            f"{r['target']} itself: PPL {named[r['target']]['ppl']:.3f}, {named[r['target']]['mib']:.2f} MiB; "
+            f"F16 {r['reference_ppl']:.3f}"
             for r in rows if r["model"] == key and r["kind"] == "mix"]
 
     (first, first_name, _), *others = MODELS
     lines = [
-        "# Estimated quality loss of a mixed-precision plan (edgeprune.build.mixed) in each named type's bytes, as",
-        "# Δ log(perplexity) against the unpruned F16 model, the measure of quality_table.toml. Written by",
+        "# Quality loss of a mixed-precision plan (edgeprune.build.mixed) in each named type's bytes, as the share of",
+        "# the named type's Δ log(perplexity) against the F16 model that the mix keeps (the planner multiplies the",
+        "# named type's quality_table.toml row by it). Written by",
         f"# `{COMMAND}` (edgeprune/build/bench/mixed.py): rerun it rather than edit. The built-in evaluation",
         f"# text, {EVAL_CHUNKS} chunks of {EVAL_CTX} tokens. [mix]: {first_name}, whose weights were never quantized",
         "# as far as a mix can tell; [models.*]: other models, matched by shape (vocabulary, width, layers).",
