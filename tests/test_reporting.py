@@ -281,4 +281,6 @@ def test_a_real_exports_page_shows_its_own_report_json(tiny_bpe_llama, tmp_path)
         assert [c["name"], f"{c['measured']:.3f} {c['unit']}", c["basis"], "PASS" if c["passed"] else "FAIL"] == \
             [r[i] for r in rows if r[0] == c["name"] and len(r) == 6 for i in (0, 2, 4, 5)], c
     assert markdown_rows((out / "report.md").read_text()) == rows
-    assert not EXTERNAL.search(page) and len(re.findall(r'<img src="data:image/png;base64,', page)) == 2
+    # the validation's two plots and the planner's frontier, all inline
+    assert not EXTERNAL.search(page) and len(re.findall(r'<img src="data:image/png;base64,', page)) == 3
+    assert "Frontier (estimated by the planner)" in page
