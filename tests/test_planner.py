@@ -17,7 +17,7 @@ from edgeprune.device.costmodel import kv_cache_bytes, size_of_gguf
 from edgeprune.core.errors import EdgepruneError
 from edgeprune.device.gguf_check import read_gguf
 from edgeprune.build.loading import load_model
-from edgeprune.build.planner import SPEED_MARGIN, check_search_options, format_plan, make_plan
+from edgeprune.build.planner import SPEED_MARGIN, check_search_options, format_plan, load_quality_table, make_plan
 from edgeprune.device.profiles import load_profile
 from edgeprune.build.quantize import quantize_gguf
 from edgeprune.build.search import SEARCH_CHUNKS, held_out_text, measured_plan
@@ -104,24 +104,27 @@ def test_runtime_without_deci_never_gets_adaptive(tiny):
 
 
 def test_mixed_candidates_are_ranked_by_their_measured_rows_only_when_asked(tiny):
-    """A mix at Q4_K_M's bytes measured less lossy than Q5_K_M (mixed_table.toml): asked for, it wins, priced as
-    Q4_K_M; not asked for, no mix is offered. A type without a measured mix row gets its named type's estimate,
-    marked extrapolated, and the mix is preferred on that tie."""
+    """A mix keeps a measured share of its named type's loss (mixed_table.toml): at Q4_0's bytes it keeps less than
+    a third, less lossy than Q4_K_M itself, so asked for, it wins, priced as Q4_0; not asked for, no mix is offered.
+    A type without a measured mix row gets its named type's estimate, marked extrapolated, and the mix is preferred
+    on that tie."""
     shape = shape_of(tiny.model)
-    quants = ("Q5_K_M", "Q4_K_M")
+    quants = ("Q4_K_M", "Q4_0")
     named = make_plan(tiny, shape, budgeted(), quants=quants)
-    assert named.chosen.candidate.label(shape) == "Q5_K_M"
+    assert named.chosen.candidate.label(shape) == "Q4_K_M"
     assert not any(e.candidate.mixed for e in [named.chosen, *named.rejected, *named.runners_up])
     mixed = make_plan(tiny, shape, budgeted(), quants=quants, mixed=True)
-    assert mixed.chosen.candidate.label(shape) == "Q4_K_M mixed" and mixed.chosen.basis == "measured"
+    assert mixed.chosen.candidate.label(shape) == "Q4_0 mixed" and mixed.chosen.basis == "measured"
     assert mixed.chosen.quality_loss < named.chosen.quality_loss
-    q4 = make_plan(tiny, shape, budgeted(), quants=("Q4_K_M",))
+    q4 = make_plan(tiny, shape, budgeted(), quants=("Q4_0",))
     assert mixed.chosen.prediction.size.file_bytes == q4.chosen.prediction.size.file_bytes
+    assert mixed.chosen.quality_loss == pytest.approx(q4.chosen.quality_loss * load_quality_table()["mixed"]["mix"]["Q4_0"])
     text = format_plan(mixed, "tiny", budgeted())
-    assert "chosen     Q4_K_M mixed" in text and "mixed: each tensor gets" in mixed.why()
+    assert "chosen     Q4_0 mixed" in text and "mixed: each tensor gets" in mixed.why()
     no_row = make_plan(tiny, shape, budgeted(), quants=("Q5_K_M",), mixed=True)
     assert no_row.chosen.candidate.label(shape) == "Q5_K_M mixed" and no_row.chosen.estimate.endswith("!")
-    assert no_row.chosen.quality_loss == named.chosen.quality_loss
+    q5 = make_plan(tiny, shape, budgeted(), quants=("Q5_K_M",))
+    assert no_row.chosen.quality_loss == q5.chosen.quality_loss
 
 
 def test_a_recovery_budget_adds_recovered_candidates_that_must_fit_it(tiny):
