@@ -137,3 +137,22 @@ def test_export_mix_writes_and_reports_the_chosen_types(tiny_model, tmp_path):
     assert "against Q4_K_M: more bits for" in export["mixed"]["against_named"]
     assert export["mixed"]["against_named"] in result.stderr
     assert "Tensor types (mixed precision)" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_off_grid_noise_is_a_tenth_of_each_row_s_deviation_and_repeatable(tiny_model):
+    """bench.offgrid's model: every decoder matrix moved by a tenth of each row's deviation, the same noise on every
+    run (fixed seed), and nothing else touched."""
+    from edgeprune.build.bench.offgrid import move_off_grid
+
+    d = tiny_model[0]
+    original, moved, again = (load_model(d).model for _ in range(3))
+    assert move_off_grid(moved) == 2 * 7 and move_off_grid(again) == 2 * 7
+    before, after, repeat = (dict(m.named_parameters()) for m in (original, moved, again))
+    for name, weight in before.items():
+        if name.endswith("proj.weight"):
+            noise = (after[name] - weight).float()
+            ratio = noise.std(dim=1) / weight.float().std(dim=1)
+            assert abs(float(ratio.mean()) - 0.1) < 0.01, name
+            assert (after[name] == repeat[name]).all(), name
+        else:
+            assert (after[name] == weight).all(), name
