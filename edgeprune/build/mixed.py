@@ -14,9 +14,9 @@ different kinds of tensor (a query's passes through a softmax, a down projection
 the tied embedding's on the logits), so each kind's is priced in KLD: that kind alone is quantized to a probe type
 and the file's KLD against the float model measured by llama.cpp on the calibration text. The estimate of a mix is
 Σ_kind KLD-per-relative-error × Σ relative errors. On SmolLM2 off its grid (bench mixed) it predicted the measured
-KLD of held-out text within 15% at Q4_K_M's, Q4_0's and Q3_K_M's sizes, and its mixes had 29%, 71% and 48% less
-KLD than the named types; raw imatrix-weighted errors summed one to one gave 19% and 22% less at Q4_K_M's and
-Q3_K_M's sizes, and priced by kind without the relative scale, 33% more at Q4_K_M's.
+KLD of held-out text within 8% at Q4_K_M's, Q4_0's and Q3_K_M's sizes, and its mixes had 29%, 63% and 46% less
+KLD than the named types. In runs beside it, raw imatrix-weighted errors summed one to one gave 19% and 22% less at
+Q4_K_M's and Q3_K_M's sizes, and priced by kind without the relative scale, 33% more at Q4_K_M's.
 
 The solver is an exact multiple-choice knapsack over bytes (dynamic programming), with a decode-time budget kept by
 a Lagrange multiplier on each type's predicted decode seconds.
