@@ -180,14 +180,13 @@ def measure_sensitivity(float_gguf: str | Path, imatrix: dict[str, np.ndarray], 
                                     for t, e in errors[name].items()), key=lambda o: o.nbytes)
             if not options[name]:
                 raise EdgepruneError(f"{name} (rows of {row_length}) can take none of {', '.join(types)}")
-        sensitivity = Sensitivity(options, shapes, [], 0, 0.0, energy)
+        fixed = [TensorCost(t.name, int(t.shape[0]), 1, t.tensor_type.name.lower(), int(t.n_bytes))
+                 for t in reference.tensors if len(t.shape) != 2]
+        metadata = int(min(t.data_offset for t in reference.tensors))
+        sensitivity = Sensitivity(options, shapes, fixed, metadata, 0.0, energy)
         if text:
             sensitivity.kld_per_error = _kld_per_error(Path(float_gguf), imatrix, text, sensitivity, Path(tmp),
                                                        threads, say)
-    fixed = [TensorCost(t.name, int(t.shape[0]), 1, t.tensor_type.name.lower(), int(t.n_bytes))
-             for t in reference.tensors if len(t.shape) != 2]
-    sensitivity.fixed = fixed
-    sensitivity.metadata_bytes = int(min(t.data_offset for t in reference.tensors))
     sensitivity.seconds = time.perf_counter() - start
     return sensitivity
 
@@ -267,19 +266,18 @@ def solve(sensitivity: Sensitivity, *, max_file_bytes: int, device=None,
                for n in names}
     prices = {n: np.array([sensitivity.price(n, o) for o in sensitivity.options[n]]) for n in names}
     fixed = sensitivity.metadata_bytes + sum(_padded(t.nbytes) for t in sensitivity.fixed)
-    smallest = {n: min(sensitivity.options[n], key=lambda o: (_padded(o.nbytes), sensitivity.price(n, o)))
-                for n in names}
+    costs = [np.array([_padded(o.nbytes) for o in sensitivity.options[n]]) for n in names]
 
     def choose(multiplier: float) -> dict[str, str]:
         values = [prices[n] + multiplier * seconds[n] for n in names]
-        picks = _knapsack([np.array([_padded(o.nbytes) for o in sensitivity.options[n]]) for n in names], values,
-                          max_file_bytes - fixed)
+        picks = _knapsack(costs, values, max_file_bytes - fixed)
         return {n: sensitivity.options[n][k].type_name for n, k in zip(names, picks)}
 
     def decode_s(types: dict[str, str]) -> float | None:
         return decode_seconds_per_token(sensitivity.size(types), device) if device is not None else None
 
-    least = {n: o.type_name for n, o in smallest.items()}
+    least = {n: min(sensitivity.options[n], key=lambda o: (_padded(o.nbytes), sensitivity.price(n, o))).type_name
+             for n in names}
     floor_bytes, floor_s = sensitivity.size(least).file_bytes, decode_s(least)
     too_slow = max_decode_s_per_token is not None and floor_s > max_decode_s_per_token
     if floor_bytes > max_file_bytes or too_slow:
