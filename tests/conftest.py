@@ -249,9 +249,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 def build_toml(model: Path | str, *targets: dict, context: int = 128, chunks: int = 2) -> str:
-    """A build file for `model` with a short evaluation and the given `[[targets]]` tables."""
+    """A build file for `model` with a short evaluation of exactly `chunks` chunks and the given `[[targets]]`."""
     tables = "".join("[[targets]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in t.items()) for t in targets)
-    return f'[model]\npath = "{model}"\n[evaluation]\ncontext = {context}\nchunks = {chunks}\n' + tables
+    return f'[model]\npath = "{model}"\n[evaluation]\ncontext = {context}\nchunks = {chunks}\nfixed = true\n' + tables
 
 
 # --- the real CLI in a child process, as a user runs it

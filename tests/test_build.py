@@ -26,6 +26,7 @@ path = "{model}"
 [evaluation]
 context = 128
 chunks = 2
+fixed = true
 [output]
 dir = "{out}"
 [[targets]]

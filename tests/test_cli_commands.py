@@ -26,7 +26,7 @@ from test_build import _build_file, _ggufs
 from test_remote import EDGEPRUNE, _keygen, _sleeping_edgeprune, _stop_sleeper, sshd  # noqa: F401 (a fixture)
 from test_reporting import markdown_rows
 
-EVAL = ["--eval-chunks", "2", "--eval-ctx", "64", "--threads", "1"]
+EVAL = ["--eval-chunks", "2", "--eval-fixed", "--eval-ctx", "64", "--threads", "1"]
 LAPTOP = "x86-laptop-16gb"
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 
@@ -201,7 +201,7 @@ def test_search_measured_keeps_the_candidate_llama_cpp_scores_best_in_plan_and_e
     measured = plan["measured"]
     assert len(measured) >= 2 and plan["why"].startswith("lowest PPL measured by llama.cpp")
     assert plan["chosen"]["label"] == min(measured, key=lambda m: m["measured_loss"])["label"]
-    _ok(run_export(tiny, tmp_path / "out", "--search", "measured", "--eval-chunks", "1", "--eval-ctx", "64",
+    _ok(run_export(tiny, tmp_path / "out", "--search", "measured", "--eval-chunks", "1", "--eval-fixed", "--eval-ctx", "64",
                    "--threads", "1", profile=str(tight)), 0, 1)
     exported = _report(tmp_path / "out")["export"]["plan"]
     assert exported["measured"] == measured and exported["chosen"]["label"] == plan["chosen"]["label"]

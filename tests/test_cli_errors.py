@@ -139,7 +139,8 @@ def test_eval_text_too_short_for_the_tokens_is_refused_before_writing(tiny_bpe_l
     text.write_text(TRAINING_TEXT)
     chunks = len(TRAINING_TEXT.encode()) // 128 - 1  # fits the byte count, not the token count
     out = tmp_path / "out"
-    r = export(tiny_bpe_llama, out, "--eval", str(text), "--eval-ctx", "128", "--eval-chunks", str(chunks))
+    r = export(tiny_bpe_llama, out, "--eval", str(text), "--eval-ctx", "128", "--eval-chunks", str(chunks),
+               "--eval-fixed")
     assert_clean_failure(r, out, f"{chunks} chunk(s) of 128 need")
     assert "loading" in r.stderr  # this one needed the tokenizer
 

@@ -98,7 +98,7 @@ def test_an_interrupted_recovery_resumes_to_the_same_gguf(tiny_bpe_llama, recove
     writes the bytes an uninterrupted run writes."""
     args = [str(tiny_bpe_llama), "--profile", "x86-laptop-16gb", "--quant", "Q8_0", "--ffn", "0.5",
             "--prune-steps", "2", "--distill-steps", "300", "--recovery-text", str(recovery_file),
-            "--eval-chunks", "1", "--eval-ctx", "128"]
+            "--eval-chunks", "1", "--eval-fixed", "--eval-ctx", "128"]
     whole = run_cli("export", *args, "--out", str(tmp_path / "whole"), timeout=900)
     verdict = json.loads((tmp_path / "whole" / "report.json").read_text())["validation"]["passed"]
     assert whole.returncode == (0 if verdict else 1), whole.stderr[-3000:]
@@ -149,7 +149,7 @@ def test_the_planner_chooses_recovery_when_the_profile_gives_it_time(tiny_bpe_ll
         base.budgets, context_length=256, max_file_mib=q4 * 0.97))))
     out = tmp_path / "out"
     result = run_cli("export", str(tiny_bpe_llama), "--profile", str(profile), "--out", str(out),
-                     "--recovery-minutes", "5", "--recovery-text", str(recovery_file), "--eval-chunks", "1",
+                     "--recovery-minutes", "5", "--recovery-text", str(recovery_file), "--eval-chunks", "1", "--eval-fixed",
                      "--eval-ctx", "128", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]  # the plan meets the file budget; speed is predicted
     plan_line = next(line for line in result.stderr.splitlines() if "] plan: " in line)
@@ -182,7 +182,7 @@ def test_a_build_distils_every_recovered_target_from_one_teacher_pass(tiny_bpe_l
         base.budgets, context_length=256, max_file_mib=q4 * 0.97))))
     path = tmp_path / "edgeprune.toml"
     path.write_text(f'[model]\npath = "{tiny_bpe_llama}"\n[texts]\nrecovery = "{recovery_file.name}"\n'
-                    '[evaluation]\ncontext = 128\nchunks = 1\n'
+                    '[evaluation]\ncontext = 128\nchunks = 1\nfixed = true\n'
                     '[[targets]]\nname = "a"\nprofile = "tight.toml"\nrecovery_minutes = 5\n'
                     '[[targets]]\nname = "b"\nprofile = "tight.toml"\nrecovery_minutes = 5\ncontext_length = 128\n')
     said: list[str] = []
@@ -229,7 +229,7 @@ def test_a_recovery_that_cannot_fit_its_budget_is_refused_before_any_training(ti
     profile = dataclasses.replace(base, budgets=dataclasses.replace(
         base.budgets, context_length=256, max_file_mib=q4 * 0.97, recovery_minutes=5))
     said: list[str] = []
-    options = ExportOptions(eval_ctx=128, eval_chunks=1, recovery_text=recovery_file,
+    options = ExportOptions(eval_ctx=128, eval_chunks=1, eval_precision=None, recovery_text=recovery_file,
                             distill=DistillOptions(steps=10_000_000))
     with pytest.raises(EdgepruneError) as refused:
         export_model(tiny_bpe_llama, profile, tmp_path / "out", options, said.append)

@@ -23,7 +23,7 @@ from edgeprune.device.profiles import load_profile
 from edgeprune.core.texts import default_evaluation_text
 
 MIB = 1 << 20
-EVAL = ("--eval-ctx", "128", "--eval-chunks", "2", "--threads", "1")
+EVAL = ("--eval-ctx", "128", "--eval-chunks", "2", "--eval-fixed", "--threads", "1")
 SLOW_BOARD = "Slow test board"  # predicted far slower than this machine
 FAST_BOARD = "Imaginary fast board"  # predicted far faster than this machine
 

@@ -47,7 +47,7 @@ def _perplexity(report: Path) -> dict:
 
 def test_bundle_eval_chunks_scores_exactly_that_many(tiny_bundle, tmp_path):
     """`--eval-chunks 3` on a 6-chunk bundle scores its first 3 (it used to score all 6 and exit 0)."""
-    r = run_cli("validate", str(tiny_bundle), "--eval-chunks", "3", "--threads", "1", "--json",
+    r = run_cli("validate", str(tiny_bundle), "--eval-chunks", "3", "--eval-fixed", "--threads", "1", "--json",
                 str(tmp_path / "three.json"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "scoring the first 3 of the bundle's 6 chunks" in r.stderr
@@ -178,14 +178,14 @@ def test_remote_forwards_profile_chunks_and_update_profile(sshd, tiny_bundle, tm
     argv_log, updated, report = tmp_path / "argv.log", tmp_path / "mine" / "updated.toml", tmp_path / "remote.json"
     command = _remote_edgeprune(tmp_path / "ep", argv_log, "0.1.0+code.000000000000")
     r = _remote_cli(sshd, tiny_bundle, command, tmp_path / "remote", "--profile", str(given), "--eval-chunks", "2",
-                    "--update-profile", str(updated), "--json", str(report))
+                    "--eval-fixed", "--update-profile", str(updated), "--json", str(report))
     assert r.returncode == 0, r.stderr[-3000:]
     warnings = [line for line in r.stderr.splitlines() if "warning:" in line]
     assert len(warnings) == 1 and f"runs edgeprune 0.1.0+code.000000000000, this machine {version_string()}" \
         in warnings[0], r.stderr[-3000:]
     validate_argv = argv_log.read_text().splitlines()[-1]
     assert f"--profile {tmp_path / 'remote'}/given-profile/my-laptop.toml" in validate_argv
-    assert "--eval-chunks 2" in validate_argv and "--update-profile" in validate_argv
+    assert "--eval-chunks 2 --eval-fixed" in validate_argv and "--update-profile" in validate_argv
     document = json.loads(report.read_text())
     assert document["validation"]["perplexity"]["n_chunks"] == 2
     assert document["validation"]["predicted_device"]["device"] == "the given laptop"

@@ -127,7 +127,7 @@ def test_unknown_tensor_type_is_refused(tiny_model, tmp_path):
 
 def test_export_mix_writes_and_reports_the_chosen_types(tiny_model, tmp_path):
     d, _, _, _ = tiny_model
-    result = run_export(d, tmp_path / "out", "--quant", "Q4_K_M", "--mix", "--eval-chunks", "2")
+    result = run_export(d, tmp_path / "out", "--quant", "Q4_K_M", "--mix", "--eval-chunks", "2", "--eval-fixed")
     assert result.returncode == 0, result.stderr[-2000:]
     export = json.loads((tmp_path / "out" / "report.json").read_text())["export"]
     assert export["gguf"].endswith("-Q4_K_M-mixed.gguf")

@@ -378,7 +378,7 @@ def test_interrupts_leave_nothing_partial_and_rerun_completes(small_model, tmp_p
     profile = tmp_path / "laptop-512.toml"  # a short context keeps the re-run's validation quick
     profile.write_text(profile_text(context_length="512"))
     out = tmp_path / "out"
-    args = [str(small_model), "--profile", str(profile), "--quant", "Q4_0", "--eval-chunks", "1", "--eval-ctx", "128"]
+    args = [str(small_model), "--profile", str(profile), "--quant", "Q4_0", "--eval-chunks", "1", "--eval-fixed", "--eval-ctx", "128"]
     final = out / "small-Q4_0.gguf"
 
     # SIGINT (Ctrl-C) while the reference GGUF is being converted.

@@ -265,7 +265,7 @@ def test_a_real_exports_page_shows_its_own_report_json(tiny_bpe_llama, tmp_path)
     profile.write_text(profile_to_toml(dataclasses.replace(laptop, budgets=dataclasses.replace(
         laptop.budgets, context_length=512))))
     out = tmp_path / "out"
-    result = run_export(tiny_bpe_llama, out, "--quant", "Q8_0", "--eval-chunks", "1", "--eval-ctx", "128",
+    result = run_export(tiny_bpe_llama, out, "--quant", "Q8_0", "--eval-chunks", "1", "--eval-fixed", "--eval-ctx", "128",
                         "--threads", "1", profile=str(profile))
     assert result.returncode == 0, result.stderr[-3000:]
     v = json.loads((out / "report.json").read_text())["validation"]

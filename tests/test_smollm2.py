@@ -80,7 +80,7 @@ def test_hf_directory_tokenizes_like_llama_cpp_runtime(smollm2, smollm2_gguf, tm
 def test_export_cli_end_to_end(smollm2_gguf, tmp_path):
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "-m", "edgeprune.cli", "export", str(smollm2_gguf), "--profile",
-                        "x86-laptop-16gb", "--quant", "Q8_0", "--out", str(out), "--eval-chunks", "2",
+                        "x86-laptop-16gb", "--quant", "Q8_0", "--out", str(out), "--eval-chunks", "2", "--eval-fixed",
                         "--threads", "1"], capture_output=True, text=True, timeout=1200)
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())

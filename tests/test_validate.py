@@ -301,7 +301,7 @@ def test_update_profile_makes_the_profile_predict_what_was_measured(smollm2_gguf
     written = tmp_path / "measured" / "board-measured.toml"
     before = path.read_text()
     result = run_cli("validate", str(smollm2_gguf), "--profile", str(path), "--on-device", "--update-profile",
-                     str(written), "--threads", "1", "--eval-chunks", "1", "--eval-ctx", "128", "--json", str(report_path))
+                     str(written), "--threads", "1", "--eval-chunks", "1", "--eval-fixed", "--eval-ctx", "128", "--json", str(report_path))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "per-type tables" in result.stdout
     assert path.read_text() == before  # the profile it started from is left alone

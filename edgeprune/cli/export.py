@@ -8,9 +8,9 @@ from pathlib import Path
 
 import click
 
-from edgeprune.cli.options import (given_flags, profile_option, pruning_options, recovery_minutes_option,
-                                   recovery_options, refuse_unused, require_build_install, scale_options,
-                                   search_option, text_options)
+from edgeprune.cli.options import (evaluation_precision, given_flags, profile_option, pruning_options,
+                                   recovery_minutes_option, recovery_options, refuse_unused, require_build_install,
+                                   scale_options, search_option, text_options)
 from edgeprune.core.console import EXIT_BUDGET_MISSED, progress
 from edgeprune.core.errors import EdgepruneError
 
@@ -34,7 +34,8 @@ from edgeprune.core.errors import EdgepruneError
 @scale_options
 def export(model, profile_name, quant, out_dir, calib, no_imatrix, mix, allow_pickle, search, heads, ffn, layers,
            method, allocation, distill_steps, prune_steps, recovery_text, recovery_minutes, eval_path, threads,
-           eval_chunks, eval_ctx, host_profile, on_device, calib_sequences, streaming, device):
+           eval_chunks, eval_precision, eval_fixed, eval_ctx, host_profile, on_device, calib_sequences, streaming,
+           device):
     """Export MODEL (a Hugging Face Llama directory or a llama GGUF) for a device profile.
 
     The profile decides: the planner picks the quant type and the pruning that meet its budgets with the least
@@ -59,7 +60,8 @@ def export(model, profile_name, quant, out_dir, calib, no_imatrix, mix, allow_pi
             **({"search": f"it ranks the planner's candidates, and {planner_off}"} if search == "measured" else {})})
     check_recovery_text(recovery_text, distill_steps, prune, profile)
     options = ExportOptions(quant=quant, calib=calib, eval=eval_path, imatrix=not no_imatrix, eval_ctx=eval_ctx,
-                            eval_chunks=eval_chunks, threads=threads, allow_pickle=allow_pickle,
+                            eval_chunks=eval_chunks, eval_precision=evaluation_precision(eval_precision, eval_fixed),
+                            threads=threads, allow_pickle=allow_pickle,
                             host_profile=profile_option(host_profile) if host_profile else None, on_device=on_device,
                             prune=prune, search=search, mix=mix)
     options = with_recovery(with_scale(options, calib_sequences, streaming, device), distill_steps, prune_steps,

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from edgeprune.core.errors import EdgepruneError
+from edgeprune.device.validation.quality import DEFAULT_PRECISION
 
 
 def require_build_install(command: str) -> None:
@@ -55,6 +56,14 @@ def refuse_unused(given: dict[str, str], mode: str, reasons: dict[str, str]) -> 
         if name in given:
             shown = given[name] if isinstance(values.get(name), bool) else f"{given[name]} {values.get(name)}"
             raise EdgepruneError(f"{shown} does nothing in {mode}: {reason}; drop {given[name]}")
+
+
+def evaluation_precision(precision: float, fixed: bool) -> float | None:
+    """--eval-precision, or None (a fixed count) with --eval-fixed; both given is refused."""
+    if fixed and "eval_precision" in given_flags():
+        raise EdgepruneError("--eval-fixed scores exactly --eval-chunks chunks, whatever their precision: drop "
+                             "--eval-precision or --eval-fixed")
+    return None if fixed else precision
 
 
 def recovery_minutes_option(fn):
@@ -117,6 +126,13 @@ def text_options(fn):
     fn = click.option("--eval", "eval_path", type=click.Path(path_type=Path),
                       help="Evaluation text (UTF-8). Default: built-in Python reference text, odd topics.")(fn)
     fn = click.option("--threads", type=int, default=None, help="Threads for llama.cpp here. Default: all cores.")(fn)
-    fn = click.option("--eval-chunks", type=int, default=20, show_default=True, help="Perplexity chunks to score.")(fn)
+    fn = click.option("--eval-chunks", type=int, default=20, show_default=True,
+                      help="Perplexity chunks to score at most (exactly, with --eval-fixed).")(fn)
+    fn = click.option("--eval-precision", type=float, default=DEFAULT_PRECISION, show_default=True,
+                      help="Stop scoring once the standard errors of mean log-PPL and of mean KLD are within this "
+                           "share of their estimates.")(fn)
+    fn = click.option("--eval-fixed", is_flag=True,
+                      help="Score exactly --eval-chunks chunks, as llama-perplexity does, for numbers comparable "
+                           "with its own.")(fn)
     fn = click.option("--eval-ctx", type=int, default=512, show_default=True, help="Perplexity chunk length.")(fn)
     return fn

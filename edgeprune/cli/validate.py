@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from edgeprune.cli.options import given_flags, profile_option, refuse_unused, text_options
+from edgeprune.cli.options import evaluation_precision, given_flags, profile_option, refuse_unused, text_options
 from edgeprune.core.console import EXIT_BUDGET_MISSED, progress
 from edgeprune.core.errors import EdgepruneError
 
@@ -32,7 +32,8 @@ from edgeprune.core.errors import EdgepruneError
 @click.option("--remote-timeout", type=float, default=7200, show_default=True, help="Seconds the remote run may take.")
 @text_options
 def validate(gguf, reference, profile_name, json_path, updated_profile, remote, identity, known_hosts, remote_command,
-             remote_dir, remote_timeout, eval_path, threads, eval_chunks, eval_ctx, host_profile, on_device):
+             remote_dir, remote_timeout, eval_path, threads, eval_chunks, eval_precision, eval_fixed, eval_ctx,
+             host_profile, on_device):
     """Measure GGUF with llama.cpp, run with the profile's runtime (context length, KV cache type, flash attention,
     threads): perplexity, KL divergence, speed and memory, judged against the profile's budgets. Quality is scored
     with flash attention only where a quantized KV cache needs it: elsewhere it changes speed, not the file's quality.
@@ -49,6 +50,7 @@ def validate(gguf, reference, profile_name, json_path, updated_profile, remote, 
     from edgeprune.device.validation.entry import validate_gguf
 
     given = given_flags()
+    precision = evaluation_precision(eval_precision, eval_fixed)
     bundle_reasons = {"reference": "a bundle brings its reference's top-k log-probs",
                       "eval_path": "a bundle brings its evaluation text, tokenized",
                       "eval_ctx": "a bundle's reference-topk.npz fixes the chunk length (--eval-chunks takes its "
@@ -62,7 +64,8 @@ def validate(gguf, reference, profile_name, json_path, updated_profile, remote, 
             "host_profile": "the remote is the device and its speed is measured there, not predicted for this host",
             "on_device": "the remote is the device: a bundle is always judged as measured there"})
         _validate_remote(gguf, remote, identity, known_hosts, remote_command, remote_dir, remote_timeout, threads,
-                         json_path, profile_name, eval_chunks if "eval_chunks" in given else None, updated_profile)
+                         json_path, profile_name, eval_chunks if "eval_chunks" in given else None, precision,
+                         updated_profile)
         return
     refuse_unused(given, "validate without --remote", {name: "it is for validate BUNDLE --remote user@host" for name in
                                                        ("identity", "known_hosts", "remote_command", "remote_dir",
@@ -70,7 +73,7 @@ def validate(gguf, reference, profile_name, json_path, updated_profile, remote, 
     if is_bundle(gguf):
         refuse_unused(given, "validate BUNDLE", bundle_reasons)
         _validate_bundle(gguf, profile_name, json_path, updated_profile, threads, host_profile,
-                         eval_chunks if "eval_chunks" in given else None)
+                         eval_chunks if "eval_chunks" in given else None, precision)
         return
     profile = profile_option(profile_name) if profile_name else None
     if updated_profile is not None:
@@ -81,11 +84,12 @@ def validate(gguf, reference, profile_name, json_path, updated_profile, remote, 
     if on_device and profile is None:
         raise EdgepruneError("--on-device needs --profile: it judges the profile's speed budgets as measured here, "
                              "and without a profile no budget is judged")
-    check_evaluation_options(eval_ctx, eval_chunks)
+    check_evaluation_options(eval_ctx, eval_chunks, precision)
     evaluation = evaluation_text(eval_path)
     host = profile_option(host_profile) if host_profile else None
     report = validate_gguf(gguf, reference_gguf=reference, eval_text=evaluation, n_ctx=eval_ctx,
-                           max_chunks=eval_chunks, threads=threads, profile=profile, host_profile=host,
+                           max_chunks=eval_chunks, precision=precision, threads=threads, profile=profile,
+                           host_profile=host,
                            on_device=on_device, progress=progress)
     click.echo(format_summary(report))
     if json_path:
@@ -98,7 +102,7 @@ def validate(gguf, reference, profile_name, json_path, updated_profile, remote, 
 
 def _validate_remote(bundle: Path, remote: str, identity, known_hosts, remote_command: str, remote_dir: str | None,
                      timeout_s: float, threads: int | None, json_path: Path | None, profile_name: str | None,
-                     eval_chunks: int | None, updated_profile: Path | None) -> None:
+                     eval_chunks: int | None, precision: float | None, updated_profile: Path | None) -> None:
     """`validate BUNDLE --remote`: the validation runs on the SSH host; its report and exit status come back."""
     from edgeprune.core.atomic import write_text_atomic
     from edgeprune.device.remote import validate_bundle_remote
@@ -106,7 +110,7 @@ def _validate_remote(bundle: Path, remote: str, identity, known_hosts, remote_co
     from edgeprune.device.validation.report import format_summary
 
     target, document, code = validate_bundle_remote(
-        bundle, remote, profile=profile_name, eval_chunks=eval_chunks, update_profile=updated_profile,
+        bundle, remote, profile=profile_name, eval_chunks=eval_chunks, precision=precision, update_profile=updated_profile,
         identity=identity, known_hosts=known_hosts, remote_command=remote_command, remote_dir=remote_dir,
         threads=threads, timeout_s=timeout_s, progress=progress)
     click.echo(format_summary(ValidationReport.from_dict(document["validation"])))
@@ -119,7 +123,8 @@ def _validate_remote(bundle: Path, remote: str, identity, known_hosts, remote_co
 
 
 def _validate_bundle(directory: Path, profile_name: str | None, json_path: Path | None, updated_profile: Path | None,
-                     threads: int | None, host_profile: Path | None, eval_chunks: int | None) -> None:
+                     threads: int | None, host_profile: Path | None, eval_chunks: int | None,
+                     precision: float | None) -> None:
     """`validate BUNDLE`: on this machine as the device."""
     from edgeprune.device.bundle_validation import validate_bundle, write_bundle_report
     from edgeprune.device.profile_writing import check_user_profile_path
@@ -128,7 +133,7 @@ def _validate_bundle(directory: Path, profile_name: str | None, json_path: Path 
     if updated_profile is not None:
         check_user_profile_path(updated_profile)
     report_path = json_path or directory / "report.json"
-    result = validate_bundle(directory, profile_name, eval_chunks=eval_chunks, threads=threads,
+    result = validate_bundle(directory, profile_name, eval_chunks=eval_chunks, precision=precision, threads=threads,
                              host_profile=host_profile, progress=progress)
     click.echo(format_summary(result.report))
     _echo_written(write_bundle_report(result, report_path), report_path)

@@ -23,18 +23,18 @@ class BundleValidation:
 
 
 def validate_bundle(directory: Path, profile: str | Path | None = None, *, eval_chunks: int | None = None,
-                    threads: int | None = None, host_profile: str | Path | None = None,
+                    precision: float | None = None, threads: int | None = None, host_profile: str | Path | None = None,
                     progress: Callable[[str], None] = lambda _line: None) -> BundleValidation:
     """Validate the bundle in `directory` on this machine as the device, against `profile` (a name or path; None:
-    the bundle's own), on all the bundle's chunks or its first `eval_chunks`; `host_profile` (a name or path) puts
-    this machine's predictions beside the measurements."""
+    the bundle's own), on all the bundle's chunks or its first `eval_chunks` (fewer once `precision` is reached);
+    `host_profile` (a name or path) puts this machine's predictions beside the measurements."""
     chunks = chunks_to_score(directory, eval_chunks, progress)
     bundle = open_bundle(directory, progress)
     judged = load_profile(profile or str(bundle.profile))
     host = load_profile(host_profile) if host_profile else None
     report = validate_gguf(bundle.model, reference_topk=bundle.reference,
-                           eval_text=Text(bundle.expected["eval_text"], ""), max_chunks=chunks, threads=threads,
-                           profile=judged, host_profile=host, on_device=True, progress=progress)
+                           eval_text=Text(bundle.expected["eval_text"], ""), max_chunks=chunks, precision=precision,
+                           threads=threads, profile=judged, host_profile=host, on_device=True, progress=progress)
     return BundleValidation(bundle, judged, report)
 
 

@@ -28,6 +28,7 @@ from pathlib import Path, PurePosixPath
 from edgeprune.core.atomic import write_text_atomic
 from edgeprune.core.codedigest import version_string
 from edgeprune.core.errors import EdgepruneError
+from edgeprune.device.validation.quality import DEFAULT_PRECISION, MIN_EVAL_CTX, check_evaluation_options
 
 CONNECT_TIMEOUT_S = 10
 # ssh gives up after ServerAliveInterval × ServerAliveCountMax seconds of silence from the server, so a dropped
@@ -289,7 +290,8 @@ def validate_remote(bundle_dir: Path, target: RemoteTarget, *, identity: Path | 
                     known_hosts: Path | None = None, remote_command: str = "edgeprune",
                     remote_dir: str | None = None, threads: int | None = None,
                     timeout_s: float = DEFAULT_TIMEOUT_S, profile: Path | None = None,
-                    eval_chunks: int | None = None, update_profile: Path | None = None,
+                    eval_chunks: int | None = None, precision: float | None = DEFAULT_PRECISION,
+                    update_profile: Path | None = None,
                     progress: Callable[[str], None] = lambda message: None) -> tuple[dict, int]:
     """Validate bundle_dir on target; returns (the remote's JSON report, its exit code: 0 pass, 1 budget missed).
 
@@ -297,7 +299,7 @@ def validate_remote(bundle_dir: Path, target: RemoteTarget, *, identity: Path | 
     ~/.cache/edgeprune/bundles/<bundle id>, so a second run of the same bundle copies nothing; a path starting
     with ~/ is taken relative to the remote home, where ssh and scp start. What the remote validator understands
     is forwarded: `profile` (a profile file here, copied beside the bundle, replacing the bundle's own),
-    `eval_chunks` (the bundle's first chunks) and `update_profile` (the profile with the efficiencies measured
+    `eval_chunks` (the bundle's first chunks), `precision` (None: --eval-fixed) and `update_profile` (the profile with the efficiencies measured
     there, written to this local path).
     """
     bundle_dir = Path(bundle_dir)
@@ -336,6 +338,7 @@ def validate_remote(bundle_dir: Path, target: RemoteTarget, *, identity: Path | 
         flags += ["--profile", f"{remote_dir}/{GIVEN_PROFILE_DIR}/{profile.name}"]
     if eval_chunks is not None:
         flags += ["--eval-chunks", str(int(eval_chunks))]
+    flags += ["--eval-fixed"] if precision is None else ["--eval-precision", repr(float(precision))]
     updated = None if update_profile is None else f"{remote_dir}/{UPDATED_PROFILE_PREFIX}{Path(update_profile).name}"
     if updated is not None:
         flags += ["--update-profile", updated]
@@ -363,8 +366,8 @@ def validate_remote(bundle_dir: Path, target: RemoteTarget, *, identity: Path | 
 
 
 def validate_bundle_remote(bundle_dir: Path, remote: str, *, profile: str | None = None,
-                           eval_chunks: int | None = None, update_profile: Path | None = None,
-                           **options) -> tuple[RemoteTarget, dict, int]:
+                           eval_chunks: int | None = None, precision: float | None = DEFAULT_PRECISION,
+                           update_profile: Path | None = None, **options) -> tuple[RemoteTarget, dict, int]:
     """`validate BUNDLE --remote USER@HOST[:PORT]`: what validate_remote takes (`options`), checked here before
     connecting: the target, the profile (a name or path here), the chunks the bundle holds and the updated
     profile's destination. Returns the target, the remote's report and its exit code."""
@@ -374,10 +377,11 @@ def validate_bundle_remote(bundle_dir: Path, remote: str, *, profile: str | None
 
     target = parse_target(remote)
     profile_path = load_profile(profile).path if profile else None
+    check_evaluation_options(MIN_EVAL_CTX, eval_chunks, precision)
     chunks_to_score(bundle_dir, eval_chunks)
     if update_profile is not None:
         check_update_destination(update_profile)
     check_remote_tools()
     document, code = validate_remote(bundle_dir, target, profile=profile_path, eval_chunks=eval_chunks,
-                                     update_profile=update_profile, **options)
+                                     precision=precision, update_profile=update_profile, **options)
     return target, document, code

@@ -22,6 +22,7 @@ SUITES: dict[str, str] = {
     "topk": "edgeprune.build.bench.topk",
     "scale": "edgeprune.build.bench.scale",
     "build": "edgeprune.build.bench.builds",
+    "export": "edgeprune.build.bench.builds:run_export",
     "mixed": "edgeprune.build.bench.mixed",
     "recovery": "edgeprune.build.bench.recovery",
 }

@@ -23,6 +23,7 @@ from edgeprune.build.loading import load_model, save_hf_directory
 from edgeprune.device.profiles import load_profile
 from edgeprune.core.texts import calibration_text, default_evaluation_text
 from edgeprune.device.llamacpp.runtime import Runtime
+from edgeprune.device.validation.quality import DEFAULT_PRECISION
 from edgeprune.build.bench.llamacpp import converter_script
 from edgeprune.build.bench.tables import SuiteResult, table
 
@@ -141,37 +142,8 @@ def run(progress) -> SuiteResult:
         rows.append(["build, four profiles, nothing changed", f"{data['unchanged']['seconds']:.1f}",
                      data["unchanged"]["said"]])
 
-        def export(source: Path, name: str) -> tuple[float, dict]:
-            seconds, _ = _timed([*cli, "export", str(source), "--profile", DEMO_PROFILE, "--out", str(tmp / name)])
-            return seconds, json.loads((tmp / name / "report.json").read_text())["export"]
-
-        progress("build: the demo's single export")
-        seconds, stages = export(model, "export")
-        data["export"] = {"seconds": round(seconds, 1), "stages": stages["seconds"], "quant": stages["quant"]}
-        tools = _llama_tools(progress)
-        comparison = [["edgeprune export of the demo's GGUF", f"{seconds:.0f}",
-                       ", ".join(f"{k} {v:.0f}" for k, v in stages["seconds"].items())]]
-        if tools is not None:
-            work = tmp / "llama-cpp"
-            work.mkdir()
-            steps = _llama_cpp_steps(tools, model, stages["quant"], work, progress)
-            data["llama_cpp"] = {"steps": {k: round(v, 1) for k, v in steps.items()},
-                                 "seconds": round(sum(steps.values()), 1)}
-            # like for like: llama.cpp's converter cannot read the demo's GGUF, so it was given an HF directory
-            progress("build: the same export from the HF directory llama.cpp's converter read")
-            hf_seconds, hf_stages = export(work / "hf", "export-hf")
-            data["export_from_hf"] = {"seconds": round(hf_seconds, 1), "stages": hf_stages["seconds"]}
-            comparison += [
-                ["edgeprune export of that HF directory", f"{hf_seconds:.0f}",
-                 ", ".join(f"{k} {v:.0f}" for k, v in hf_stages["seconds"].items())],
-                ["llama.cpp tools on that HF directory (sum of steps)", f"{sum(steps.values()):.0f}",
-                 ", ".join(f"{k} {v:.0f}" for k, v in steps.items())],
-            ]
-        shutil.rmtree(tmp / "llama-cpp", ignore_errors=True)
-    sections = ["## Builds", table(["run", "wall s", "note"], rows)]
-    sections += ["## One export against llama.cpp's own tools", table(["run", "wall s", "stages (s)"], comparison)]
-    if tools is None:
-        sections += ["llama.cpp's tools were not available (../shared/tools/build-llama-tools.sh): no comparison."]
+        tools, comparison = _export_against_llama_cpp(model, cli, tmp, data, progress)
+    sections = ["## Builds", table(["run", "wall s", "note"], rows), *_export_sections(tools, comparison, data)]
     return SuiteResult(
         title="Profile-driven builds: shared work, the cache, and one export against llama.cpp's tools",
         method=(f"SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI). `edgeprune build` of a build file with one target "
@@ -179,11 +151,98 @@ def run(progress) -> SuiteResult:
                 "alternating the two, the faster run of each reported (all runs are listed; the rows under a build are "
                 "its targets' own stages from their build.json, beyond the shared load and reference), then the "
                 "four-target build again with nothing changed. The demo's export (`edgeprune export --profile "
-                f"{DEMO_PROFILE}`) against llama.cpp's tools doing the same steps on the same texts and quant: "
+                f"{DEMO_PROFILE}`) against {EXPORT_METHOD}"),
+        data=data, sections=sections)
+
+
+EXPORT_METHOD = ("llama.cpp's tools doing the same steps on the same texts and quant: "
                 "convert_hf_to_gguf.py (from an HF directory of the same weights, written untimed; edgeprune's "
                 f"export of that directory is timed too, like for like), llama-imatrix {CALIB_SEQUENCES}×"
                 f"{CALIB_SEQ_LEN} tokens, llama-quantize with that imatrix, llama-perplexity {EVAL_CHUNKS}×{EVAL_CTX} "
                 "tokens on the F16 reference (saving its logits) and on the result with KL divergence, both with the "
                 "flash-attention setting the export scores with; llama-bench pp128/tg64 ×5; 2 threads. Wall clock "
-                "of each command."),
-        data=data, sections=sections)
+                "of each command. The export validates until its standard errors are within "
+                f"{DEFAULT_PRECISION:.0%} of its estimates (at most {EVAL_CHUNKS} chunks); `edgeprune validate "
+                "--eval-fixed` then scores its file on all the chunks llama-perplexity scores, and the table says "
+                "whether those numbers fall within two standard errors of the export's.")
+
+
+def run_export(progress) -> SuiteResult:
+    """The export rows alone: `python -m edgeprune.build.bench export`."""
+    model = fetch_smollm2()
+    data: dict = {}
+    with tempfile.TemporaryDirectory(prefix="edgeprune-bench-export-", dir=DEFAULT_CACHE) as tmp:
+        tools, comparison = _export_against_llama_cpp(model, [sys.executable, "-m", "edgeprune.cli"], Path(tmp), data,
+                                                      progress)
+    return SuiteResult(
+        title="One export against llama.cpp's own tools",
+        method=f"SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI). The demo's export (`edgeprune export --profile "
+               f"{DEMO_PROFILE}`) against {EXPORT_METHOD}",
+        data=data, sections=_export_sections(tools, comparison, data))
+
+
+def _export_sections(tools: Path | None, comparison: list[list], data: dict) -> list[str]:
+    sections = ["## One export against llama.cpp's own tools", table(["run", "wall s", "stages (s)"], comparison)]
+    if tools is None:
+        return sections + ["llama.cpp's tools were not available (../shared/tools/build-llama-tools.sh): no comparison."]
+    quality = data["quality"]
+    rows = [[label, f"{q['ppl']:.3f}" + (f" ± {q['ppl_stderr']:.3f}" if q.get("ppl_stderr") else ""),
+             f"{q['kld']:.5f}" + (f" ± {q['kld_stderr']:.5f}" if q.get("kld_stderr") else ""), q["chunks"]]
+            for label, q in quality.items() if label != "within"]
+    return sections + [
+        f"Export of the HF directory: {data['export_ratio']:.2f}× the time of llama.cpp's tools.",
+        "## The export's quality numbers against a fixed count",
+        table(["scored by", "PPL", "mean KLD", "chunks"], rows),
+        f"The fixed count's PPL and KLD within two standard errors of the export's: {quality['within']}."]
+
+
+def _export_against_llama_cpp(model: Path, cli: list[str], tmp: Path, data: dict, progress
+                              ) -> tuple[Path | None, list[list]]:
+    """The demo's export, and, with llama.cpp's tools, the same work by them and by edgeprune from the HF directory
+    they read, then that export's file scored on a fixed count of chunks: `data` gets the numbers."""
+    def export(source: Path, name: str) -> tuple[float, dict]:
+        seconds, _ = _timed([*cli, "export", str(source), "--profile", DEMO_PROFILE, "--out", str(tmp / name)])
+        return seconds, json.loads((tmp / name / "report.json").read_text())
+
+    progress("build: the demo's single export")
+    seconds, report = export(model, "export")
+    stages = report["export"]
+    data["export"] = {"seconds": round(seconds, 1), "stages": stages["seconds"], "quant": stages["quant"]}
+    tools = _llama_tools(progress)
+    comparison = [["edgeprune export of the demo's GGUF", f"{seconds:.0f}",
+                   ", ".join(f"{k} {v:.0f}" for k, v in stages["seconds"].items())]]
+    if tools is None:
+        return None, comparison
+    work = tmp / "llama-cpp"
+    work.mkdir()
+    steps = _llama_cpp_steps(tools, model, stages["quant"], work, progress)
+    data["llama_cpp"] = {"steps": {k: round(v, 1) for k, v in steps.items()}, "seconds": round(sum(steps.values()), 1)}
+    # like for like: llama.cpp's converter cannot read the demo's GGUF, so it was given an HF directory
+    progress("build: the same export from the HF directory llama.cpp's converter read")
+    hf_seconds, hf_report = export(work / "hf", "export-hf")
+    data["export_from_hf"] = {"seconds": round(hf_seconds, 1), "stages": hf_report["export"]["seconds"]}
+    data["export_ratio"] = round(hf_seconds / sum(steps.values()), 3)
+    comparison += [
+        ["edgeprune export of that HF directory", f"{hf_seconds:.0f}",
+         ", ".join(f"{k} {v:.0f}" for k, v in hf_report["export"]["seconds"].items())],
+        ["llama.cpp tools on that HF directory (sum of steps)", f"{sum(steps.values()):.0f}",
+         ", ".join(f"{k} {v:.0f}" for k, v in steps.items())],
+    ]
+    progress("build: the HF export's file scored on a fixed count of chunks")
+    fixed = tmp / "fixed.json"
+    out = tmp / "export-hf"
+    _timed([*cli, "validate", str(out / Path(hf_report["validation"]["gguf"]).name), "--reference",
+            str(out / "reference-F16.gguf"), "--profile", DEMO_PROFILE, "--eval-fixed", "--eval-chunks",
+            str(EVAL_CHUNKS), "--json", str(fixed)])
+    data["quality"] = quality = {"export (precision rule)": _quality(hf_report["validation"]),
+                                 "validate --eval-fixed": _quality(json.loads(fixed.read_text())["validation"])}
+    adaptive, full = quality.values()
+    quality["within"] = all(abs(full[k] - adaptive[k]) <= 2 * adaptive[f"{k}_stderr"] for k in ("ppl", "kld"))
+    return tools, comparison
+
+
+def _quality(validation: dict) -> dict:
+    """A report's PPL and mean KLD with their standard errors, and the chunks scored."""
+    ppl, divergence = validation["perplexity"], validation["divergence"]
+    return {"ppl": ppl["ppl"], "ppl_stderr": ppl["ppl"] * (ppl.get("nll_stderr") or 0.0), "kld": divergence["kld_mean"],
+            "kld_stderr": divergence.get("kld_stderr") or 0.0, "chunks": ppl["n_chunks"]}

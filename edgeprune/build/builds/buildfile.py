@@ -9,6 +9,7 @@ from pathlib import Path
 
 from edgeprune.core.atomic import write_text_atomic
 from edgeprune.core.errors import EdgepruneError
+from edgeprune.device.validation.quality import DEFAULT_PRECISION
 
 BUILD_FILE = "edgeprune.toml"
 DEFAULT_MODEL = "smollm2"  # the built-in default: SmolLM2-135M-Instruct from PyPI (edgeprune.core.fetch)
@@ -16,7 +17,7 @@ DEFAULT_MODEL = "smollm2"  # the built-in default: SmolLM2-135M-Instruct from Py
 _SECTIONS = {
     "model": {"path"},
     "texts": {"calibration", "evaluation", "recovery"},
-    "evaluation": {"context", "chunks"},
+    "evaluation": {"context", "chunks", "precision", "fixed"},
     "output": {"dir"},
     "targets": {"name", "profile", "context_length", "quants", "allocation", "mix", "recovery_minutes"},
 }
@@ -38,7 +39,9 @@ path = "smollm2"
 
 [evaluation]
 context = 512   # perplexity chunk length
-chunks = 20     # chunks scored
+chunks = 20     # chunks scored at most
+precision = 0.05  # stop once the standard errors of mean log-PPL and mean KLD are within this share of them
+# fixed = true  # score exactly `chunks`, as llama-perplexity does
 
 [output]
 dir = "out"     # one directory per target, plus manifest.json and index.html
@@ -85,6 +88,7 @@ class BuildFile:
     eval_chunks: int
     targets: tuple[Target, ...]
     recovery: Path | None = None  # the text distillation trains on; None: texts.recovery_texts
+    eval_precision: float | None = DEFAULT_PRECISION  # None: exactly eval_chunks chunks
 
 
 def init_build_file(path: Path) -> Path:
@@ -121,7 +125,23 @@ def load_build_file(path: Path) -> BuildFile:
                      _local(path, data.get("output", {}).get("dir", "out"), "[output] dir"),
                      _integer(path, evaluation.get("context"), "[evaluation] context", 512, 64),
                      _integer(path, evaluation.get("chunks"), "[evaluation] chunks", 20, 1), tuple(targets),
-                     _local(path, texts.get("recovery"), "[texts] recovery"))
+                     _local(path, texts.get("recovery"), "[texts] recovery"), _precision(path, evaluation))
+
+
+def _precision(path: Path, evaluation: dict) -> float | None:
+    """[evaluation] precision (a share of the estimate, between 0 and 1), or None with fixed = true."""
+    fixed, precision = evaluation.get("fixed", False), evaluation.get("precision")
+    if not isinstance(fixed, bool):
+        raise EdgepruneError(f"{path}: [evaluation] fixed must be true or false, got {fixed!r}")
+    if fixed and precision is not None:
+        raise EdgepruneError(f"{path}: [evaluation] fixed = true scores exactly `chunks` chunks: drop precision")
+    if fixed:
+        return None
+    if precision is None:
+        return DEFAULT_PRECISION
+    if isinstance(precision, bool) or not isinstance(precision, (int, float)) or not 0 < precision < 1:
+        raise EdgepruneError(f"{path}: [evaluation] precision must be a number between 0 and 1, got {precision!r}")
+    return float(precision)
 
 
 def _check_sections(path: Path, data: dict) -> None:

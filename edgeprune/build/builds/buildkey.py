@@ -81,7 +81,8 @@ def code_file_hashes() -> dict[str, str]:
 
 
 _INPUT_NAMES = {"model": "model file {}", "calibration": "calibration text", "evaluation": "evaluation text",
-                "eval_ctx": "[evaluation] context", "eval_chunks": "[evaluation] chunks", "versions": "{} version",
+                "eval_ctx": "[evaluation] context", "eval_chunks": "[evaluation] chunks",
+                "eval_precision": "[evaluation] precision", "versions": "{} version",
                 "code": "edgeprune's code", "tables": "{}", "profile_file": "profile file {}",
                 "profile": "profile with the target's overrides", "mix": "mix", "recovery": "recovery text"}
 

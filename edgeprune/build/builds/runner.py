@@ -109,6 +109,7 @@ def _key_inputs(build: BuildFile, model: Path, calib, evaluation, targets: list[
     say(f"hashing the inputs ({model.name})")
     inputs = {"model": {f.name: hashes.of(f) for f in model_files(model)}, "calibration": text_digest(calib),
               "evaluation": text_digest(evaluation), "eval_ctx": build.eval_ctx, "eval_chunks": build.eval_chunks,
+              "eval_precision": build.eval_precision,
               "versions": found_versions, "code": code_digest()}
     tables = table_hashes()
     recovery = None
@@ -139,7 +140,8 @@ def _build_todo(build: BuildFile, model: Path, calib, evaluation, todo: list[Tar
 
     out = build.out
     options = ExportOptions(calib=build.calibration, eval=build.evaluation, eval_ctx=build.eval_ctx,
-                            eval_chunks=build.eval_chunks, threads=threads, recovery_text=build.recovery)
+                            eval_chunks=build.eval_chunks, eval_precision=build.eval_precision, threads=threads,
+                            recovery_text=build.recovery)
     _, _, resources = check_export_inputs(model, profiles[todo[0].name][0], out, options)
     say(resources.describe())
     prepared = prepare(model, options, calib, evaluation, resources, say)

@@ -41,7 +41,7 @@ def shared_topk(reference: Path, evaluation, build: BuildFile, shared_dir: Path,
 
     path, stamp, scores_dir = shared_dir / "reference-topk.npz", shared_dir / "reference-topk.key", shared_dir / "scores"
     key = digest({"reference": (shared_dir / "reference.key").read_text(), "ctx": build.eval_ctx,
-                  "chunks": build.eval_chunks, "top_k": DEFAULT_TOP_K})
+                  "chunks": build.eval_chunks, "precision": build.eval_precision, "top_k": DEFAULT_TOP_K})
     scores = ScoreCache(scores_dir, key)
     if path.is_file() and stamp.is_file() and stamp.read_text() == key:
         return path, scores

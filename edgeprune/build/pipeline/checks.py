@@ -30,7 +30,7 @@ def check_export_inputs(model_path: str | Path, profile: Profile | None, out_dir
     if options.prune is not None:
         options.prune.validate(layer_count(model_path))
     if profile is not None:
-        check_evaluation_options(options.eval_ctx, options.eval_chunks)
+        check_evaluation_options(options.eval_ctx, options.eval_chunks, options.eval_precision)
     calib = calibration_text(options.calib)
     check_calibration_length(len(calib.content.encode("utf-8")), options.calib_seq_len)
     evaluation = evaluation_text(options.eval) if profile is not None else None

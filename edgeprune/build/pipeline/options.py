@@ -11,6 +11,7 @@ from edgeprune.build.resources import Resources
 from edgeprune.device.profiles import Profile
 from edgeprune.device.llamacpp.quantizer import QUANT_TYPES
 from edgeprune.build.quantize import QuantizeResult
+from edgeprune.device.validation.quality import DEFAULT_PRECISION
 from edgeprune.device.validation.results import ValidationReport
 from edgeprune.device.validation.report import format_summary
 
@@ -29,7 +30,8 @@ class ExportOptions:
     calib_sequences: int = 64
     calib_seq_len: int = 256
     eval_ctx: int = 512
-    eval_chunks: int = 20
+    eval_chunks: int = 20  # the most chunks validation scores (exactly this many when eval_precision is None)
+    eval_precision: float | None = DEFAULT_PRECISION  # validation stops once its standard errors are this precise
     threads: int | None = None
     allow_pickle: bool = False
     host_profile: Profile | None = None  # this machine's measured profile: predictions next to measurements

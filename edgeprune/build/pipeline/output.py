@@ -135,8 +135,8 @@ def validate(run: Run, files: Files, reference_topk: Path | None, scores) -> Val
         "validate", validate_gguf, files.final, reference_gguf=None if reference_topk else prepared.reference,
         reference_topk=reference_topk, save_topk=None if reference_topk else partial / REFERENCE,
         eval_text=prepared.evaluation, n_ctx=options.eval_ctx, max_chunks=options.eval_chunks,
-        threads=options.threads, profile=run.profile, host_profile=options.host_profile, on_device=options.on_device,
-        scores=scores, progress=run.say)
+        precision=options.eval_precision, threads=options.threads, profile=run.profile,
+        host_profile=options.host_profile, on_device=options.on_device, scores=scores, progress=run.say)
     return Validated(report, partial)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from edgeprune.device.reporting.document import (FRONTIER, Plots, Run, Section, Table, basis, frontier_table,
                                                  limit_text, margin, verdict)
 from edgeprune.device.reporting.render import write_pages
-from edgeprune.device.validation.results import MIB, ValidationReport
+from edgeprune.device.validation.results import MIB, ValidationReport, with_stderr
 
 
 def write_report_pages(document: dict, out_dir: Path, stem: str = "report", *, plots: Plots | None) -> list[Path]:
@@ -63,10 +63,10 @@ def _summary_rows(run: Run) -> list[list[str]]:
     rows += [
         ["GGUF", v.gguf],
         ["file size", f"{mem.file_bytes / MIB:.1f} MiB, {mem.n_params / 1e6:.1f} M parameters"],
-        ["PPL", f"{ppl.ppl:.3f} ({v.eval_text}: {ppl.n_chunks} chunks of {ppl.n_ctx} tokens)"],
+        ["PPL", f"{with_stderr(ppl.ppl, ppl.ppl_stderr, 3)} ({v.eval_text}: {ppl.chunks_text()})"],
     ]
     if (d := v.divergence) is not None:
-        rows += [["KLD", f"mean {d.kld_mean:.5f}, p99 {d.kld_p99:.5f} (reference PPL {d.reference_ppl:.3f})"],
+        rows += [["KLD", f"mean {with_stderr(d.kld_mean, d.kld_stderr, 5)}, p99 {d.kld_p99:.5f} (reference PPL {d.reference_ppl:.3f})"],
                  ["top-1", f"{100 * d.top1_agreement:.2f}% same as the reference"]]
     rows += [
         ["prefill", f"{speed.prefill_tps:.1f} tok/s (pp{speed.n_prompt}, {speed.threads} thread(s))"],

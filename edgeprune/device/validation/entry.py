@@ -43,6 +43,7 @@ def validate_gguf(
     eval_text: Text | None = None,
     n_ctx: int = 512,
     max_chunks: int | None = 20,
+    precision: float | None = None,
     threads: int | None = None,
     profile: Any = None,
     host_profile: Any = None,
@@ -56,11 +57,12 @@ def validate_gguf(
     and threads. Memory and file size are judged as measured. Speed is judged as measured only `on_device`;
     elsewhere this machine says nothing about the device's speed, so the cost model's prediction for the device
     is judged. A `host_profile` (from `edgeprune profiles measure`) adds predictions for this machine.
-    Perplexity and divergence are scored with `Runtime.for_scoring`, and taken from `scores` (a build's, against
+    Perplexity and divergence are scored with `Runtime.for_scoring`, on `max_chunks` chunks or, with a
+    `precision`, until their standard errors are within that share of them, and taken from `scores` (a build's, against
     `reference_topk`) when another target's file had the same tensors.
     """
     budgets = profile.budgets if profile is not None else None
-    check_evaluation_options(n_ctx, max_chunks)
+    check_evaluation_options(n_ctx, max_chunks, precision)
     path = Path(gguf_path)
     progress(f"checking {path}")
     info = read_gguf(path)
@@ -73,7 +75,8 @@ def validate_gguf(
 
     def measure() -> Quality:
         return measure_perplexity(path, text, reference_gguf=reference_gguf, reference_topk=reference_topk,
-                                  save_topk=save_topk, n_ctx=n_ctx, max_chunks=max_chunks, runtime=scoring,
+                                  save_topk=save_topk, n_ctx=n_ctx, max_chunks=max_chunks, precision=precision,
+                                  runtime=scoring,
                                   progress=progress)
 
     scoring = runtime.for_scoring()

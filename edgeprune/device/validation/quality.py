@@ -24,22 +24,46 @@ from edgeprune.device.validation.results import DivergenceResult, PerplexityResu
 
 MIN_EVAL_CTX = 64  # a perplexity chunk scores its second half: shorter chunks score tokens with almost no context
 ROW_BLOCK = 32  # logit rows turned into float64 at a time: bounds memory for 128k vocabularies
+# Scoring stops once the standard errors of mean log-PPL and of mean KLD are both within this share of their
+# estimates (or the chunk budget is spent). CHOSEN_BY_MEASUREMENT
+DEFAULT_PRECISION = 0.05
+# The precision rule never stops before this many chunks: a standard error from fewer chunks is itself noise.
+MIN_CHUNKS = 4
 
 
-def check_evaluation_options(n_ctx: int, chunks: int | None) -> None:
-    """The perplexity settings, checked before any model is loaded."""
+def check_evaluation_options(n_ctx: int, chunks: int | None, precision: float | None = None) -> None:
+    """The perplexity settings, checked before any model is loaded. `precision` None scores exactly `chunks`
+    (llama-perplexity's way); otherwise `chunks` is the budget the precision rule may stop short of."""
     if n_ctx < MIN_EVAL_CTX:
         raise EdgepruneError(f"--eval-ctx {n_ctx} is too small for perplexity: use {MIN_EVAL_CTX} or more "
                              "(512 is llama-perplexity's default)")
     if chunks is not None and chunks < 1:
         raise EdgepruneError(f"--eval-chunks {chunks} scores nothing: give 1 or more (20 is the default)")
+    if precision is None:
+        return
+    if not 0 < precision < 1:
+        raise EdgepruneError(f"--eval-precision {precision:g} is not a share of the estimate: give a number between "
+                             f"0 and 1 ({DEFAULT_PRECISION:g} is the default)")
+    if chunks is not None and chunks < MIN_CHUNKS:
+        raise EdgepruneError(f"--eval-chunks {chunks} is below the {MIN_CHUNKS} chunks the precision rule needs to "
+                             f"estimate its own standard error: give {MIN_CHUNKS} or more, or --eval-fixed to score "
+                             f"exactly {chunks}")
+
+
+def relative_stderr(per_chunk: np.ndarray) -> float:
+    """The standard error of the mean of per-chunk values, over that mean. Chunks are the samples: the tokens of one
+    chunk share its text, so a per-token standard error (llama-perplexity's) is too small by their correlation."""
+    mean = float(np.mean(per_chunk))
+    if len(per_chunk) < 2 or mean <= 0:
+        return math.inf
+    return float(np.std(per_chunk, ddof=1)) / math.sqrt(len(per_chunk)) / mean
 
 
 def measure_perplexity(path: Path, text: Text | None, *, reference_gguf: str | Path | None = None,
                        reference_topk: str | Path | None = None, save_topk: str | Path | None = None,
                        against_saved: bool = False, top_k: int | None = None, n_ctx: int = 512,
-                       max_chunks: int | None = 20, threads: int | None = None, runtime: Runtime | None = None,
-                       progress: Callable[[str], None] = print_to_stderr) -> tuple[PerplexityResult, DivergenceResult | None]:
+                       max_chunks: int | None = 20, precision: float | None = None, threads: int | None = None,
+                       runtime: Runtime | None = None, progress: Callable[[str], None] = print_to_stderr) -> tuple[PerplexityResult, DivergenceResult | None]:
     """llama-perplexity's PPL of `path` on `text` and, with a reference, its KL divergence, in a child process.
 
     The reference is a GGUF, whose top-k log-probs are also written to `save_topk` when given (a validation
@@ -48,7 +72,9 @@ def measure_perplexity(path: Path, text: Text | None, *, reference_gguf: str | P
     (`reference_topk`), which brings its own evaluation chunks (`text` and `n_ctx` are then unused; `max_chunks`
     takes its first chunks). The candidate runs with `runtime`'s KV cache type, flash attention and
     threads (a quantized KV cache costs quality too), or llama.cpp's defaults on `threads`; the reference GGUF
-    with llama.cpp's defaults."""
+    with llama.cpp's defaults. With a `precision`, scoring stops before `max_chunks` once the standard errors of
+    mean log-PPL and mean KLD are within that share of their estimates (`MIN_CHUNKS` at least)."""
+    check_evaluation_options(n_ctx, max_chunks, precision)
     runtime = runtime or Runtime(n_ctx, threads=threads or os.cpu_count() or 1)
     if save_topk is not None and reference_topk is not None:
         raise EdgepruneError("internal error: top-k log-probs are saved from a reference GGUF, not from a top-k file")
@@ -58,7 +84,7 @@ def measure_perplexity(path: Path, text: Text | None, *, reference_gguf: str | P
         "save_topk": str(save_topk) if save_topk else None, "against_saved": against_saved,
         "top_k": top_k or bundle_logits.DEFAULT_TOP_K,
         "text": text.content if text else None, "text_name": text.name if text else None, "n_ctx": n_ctx,
-        "max_chunks": max_chunks, "runtime": dataclasses.asdict(runtime),
+        "max_chunks": max_chunks, "precision": precision, "runtime": dataclasses.asdict(runtime),
     }, f"measuring the perplexity of {path}", progress)
     divergence = DivergenceResult(**quality["divergence"]) if quality["divergence"] else None
     return PerplexityResult(**quality["perplexity"]), divergence
@@ -147,20 +173,33 @@ def quality_task(task: dict) -> dict:
     cand = Model(task["gguf"], n_ctx=task["n_ctx"], n_batch=task["n_ctx"], threads=runtime["threads"],
                  kv_cache_type=runtime["kv_cache_type"], flash_attention=runtime["flash_attention"])
     ref, topk, chunks = _reference_and_chunks(task, cand)
-    rows, saved, nll_mean = _score_chunks(task, cand, ref, topk, chunks)
+    rows, saved, chunks = _score_chunks(task, cand, ref, topk, chunks)
     n_chunks, n_ctx = chunks.shape
     if saved:
         bundle_logits.save(task["save_topk"], bundle_logits.concatenate(saved), chunks)
+    merged = {key: np.concatenate(values) for key, values in rows.items()}
+    nll_mean = -float(merged["cand_logp"].mean())
     perplexity = {"ppl": math.exp(nll_mean), "nll_mean": nll_mean, "n_chunks": n_chunks, "n_ctx": n_ctx,
                   "n_tokens_scored": n_chunks * (n_ctx - 1 - n_ctx // 2), "kv_cache_type": runtime["kv_cache_type"],
-                  "flash_attention": runtime["flash_attention"]}
+                  "flash_attention": runtime["flash_attention"],
+                  "nll_stderr": _stderr(-_per_chunk(merged["cand_logp"], n_chunks)),
+                  "precision_target": task.get("precision")}
     divergence = None
-    if "kld" in rows:
+    if "kld" in merged:
         report("divergence: summarizing")
-        merged = {key: np.concatenate(values) for key, values in rows.items()}
         divergence = dataclasses.asdict(summarize_divergence(merged, task["reference"] or task["reference_topk"]
                                                              or task["save_topk"]))
+        divergence["kld_stderr"] = _stderr(_per_chunk(merged["kld"], n_chunks))
     return {"perplexity": perplexity, "divergence": divergence}
+
+
+def _per_chunk(values: np.ndarray, n_chunks: int) -> np.ndarray:
+    return values.reshape(n_chunks, -1).mean(axis=1)
+
+
+def _stderr(per_chunk: np.ndarray) -> float | None:
+    """The standard error of the mean over chunks; None from one chunk."""
+    return float(np.std(per_chunk, ddof=1) / math.sqrt(len(per_chunk))) if len(per_chunk) > 1 else None
 
 
 def _reference_and_chunks(task: dict, cand: Model) -> tuple[Model | None, bundle_logits.TopK | None, np.ndarray]:
@@ -190,14 +229,16 @@ def _reference_and_chunks(task: dict, cand: Model) -> tuple[Model | None, bundle
 
 
 def _score_chunks(task: dict, cand: Model, ref: Model | None, topk: bundle_logits.TopK | None, chunks: np.ndarray
-                  ) -> tuple[dict[str, list[np.ndarray]], list, float]:
+                  ) -> tuple[dict[str, list[np.ndarray]], list, np.ndarray]:
     """Each chunk's per-position rows (`divergence_rows`' keys, or only the candidate's log-probs without a
-    reference), the top-k log-probs saved on the way, and the mean NLL, reported chunk by chunk."""
+    reference) and the top-k log-probs saved on the way, reported chunk by chunk, until the chunks run out or
+    `task["precision"]` (when set) is reached; and the chunks scored."""
     n_chunks, n_ctx = chunks.shape
     first = n_ctx // 2
     per_chunk = n_ctx - 1 - first
     rows: dict[str, list[np.ndarray]] = {}
     saved: list = []
+    nll, kld = [], []  # per chunk
     for i in range(n_chunks):
         chunk, targets = chunks[i].tolist(), chunks[i, first + 1:]
         cand_logits = cand.score(chunk, first)
@@ -215,9 +256,22 @@ def _score_chunks(task: dict, cand: Model, ref: Model | None, topk: bundle_logit
                     else {"cand_logp": token_logprobs(cand_logits, targets)})
         for key, values in part.items():
             rows.setdefault(key, []).append(values)
-        nll_mean = -float(np.concatenate(rows["cand_logp"]).mean())
-        line = f"perplexity chunk {i + 1}/{n_chunks}: PPL {math.exp(nll_mean):.3f}"
-        if "kld" in rows:
-            line += f", mean KLD {float(np.concatenate(rows['kld']).mean()):.5f}"
+        nll.append(-float(part["cand_logp"].mean()))
+        line = f"perplexity chunk {i + 1}/{n_chunks}: PPL {math.exp(np.mean(nll)):.3f}"
+        if "kld" in part:
+            kld.append(float(part["kld"].mean()))
+            line += f", mean KLD {np.mean(kld):.5f}"
         report(line)
-    return rows, saved, nll_mean
+        if _precise_enough(task.get("precision"), nll, kld):
+            report(f"perplexity: standard errors within {task['precision']:.0%} of the estimates after {i + 1} "
+                   f"chunks of {n_chunks}")
+            return rows, saved, chunks[:i + 1]
+    return rows, saved, chunks
+
+
+def _precise_enough(precision: float | None, nll: list[float], kld: list[float]) -> bool:
+    """Whether the precision rule stops here: enough chunks, and mean log-PPL and mean KLD (when measured) both
+    known within `precision` of themselves."""
+    if precision is None or len(nll) < MIN_CHUNKS:
+        return False
+    return all(relative_stderr(np.array(values)) <= precision for values in (nll, kld) if values)

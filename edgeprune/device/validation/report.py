@@ -8,7 +8,7 @@ from typing import Any
 
 from edgeprune.core.atomic import write_text_atomic
 from edgeprune.device.validation.budgets import AT_LEAST
-from edgeprune.device.validation.results import MIB, ValidationReport
+from edgeprune.device.validation.results import MIB, ValidationReport, with_stderr
 
 REPORT_SCHEMA = 1  # report.json's layout: {"schema_version", sections..., "validation": ValidationReport}
 
@@ -19,13 +19,13 @@ def format_summary(report: ValidationReport) -> str:
     lines = [
         f"GGUF        {report.gguf}",
         f"size        {mem.file_bytes / MIB:.1f} MiB, {mem.n_params / 1e6:.1f} M parameters",
-        f"PPL         {ppl.ppl:.3f}  ({report.eval_text}: {ppl.n_chunks} chunks of {ppl.n_ctx} tokens, "
-        f"{ppl.n_tokens_scored} scored; KV {ppl.kv_cache_type}, flash attention {'on' if ppl.flash_attention else 'off'})",
+        f"PPL         {with_stderr(ppl.ppl, ppl.ppl_stderr, 3)}  ({report.eval_text}: {ppl.chunks_text()}, "
+        f"{ppl.n_tokens_scored} tokens scored; KV {ppl.kv_cache_type}, flash attention {'on' if ppl.flash_attention else 'off'})",
     ]
     if (d := report.divergence) is not None:
         lines += [
             f"reference   {d.reference_gguf}  (PPL {d.reference_ppl:.3f})",
-            f"KLD         mean {d.kld_mean:.5f}  median {d.kld_median:.5f}  p90 {d.kld_p90:.5f}  "
+            f"KLD         mean {with_stderr(d.kld_mean, d.kld_stderr, 5)}  median {d.kld_median:.5f}  p90 {d.kld_p90:.5f}  "
             f"p99 {d.kld_p99:.5f}  max {d.kld_max:.5f}",
             f"top-1       {100 * d.top1_agreement:.2f}% same as reference;  Δp mean {100 * d.delta_p_mean:+.3f}%  "
             f"rms {100 * d.delta_p_rms:.3f}%",

@@ -20,6 +20,19 @@ class PerplexityResult:
     n_tokens_scored: int
     kv_cache_type: str = "f16"  # the runtime scored with (Runtime.for_scoring)
     flash_attention: bool = False
+    nll_stderr: float | None = None  # standard error of nll_mean over the chunks (None from one chunk)
+    precision_target: float | None = None  # the relative standard error scoring stopped at; None: a fixed count
+
+    @property
+    def ppl_stderr(self) -> float | None:
+        """The PPL's standard error: exp moves nll's error by the factor PPL."""
+        return None if self.nll_stderr is None else self.ppl * self.nll_stderr
+
+    def chunks_text(self) -> str:
+        """How many chunks were scored and what decided it, for reports."""
+        why = ("a fixed count" if self.precision_target is None
+               else f"until standard errors were within {self.precision_target:.0%}, or the budget")
+        return f"{self.n_chunks} chunks of {self.n_ctx} tokens, {why}"
 
 
 @dataclass
@@ -37,6 +50,12 @@ class DivergenceResult:
     n_tokens: int
     reference_gguf: str
     reference_ppl: float
+    kld_stderr: float | None = None  # standard error of kld_mean over the chunks (None from one chunk)
+
+
+def with_stderr(value: float, stderr: float | None, digits: int) -> str:
+    """`value ± stderr` (the standard error over chunks), or the value alone when there is none."""
+    return f"{value:.{digits}f}" + ("" if stderr is None else f" ± {stderr:.{digits}f}")
 
 
 @dataclass
