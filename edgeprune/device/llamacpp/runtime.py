@@ -124,12 +124,17 @@ class Model:
         self.lib.llama_synchronize(self.ctx)
 
     def logits(self, n_outputs: int) -> np.ndarray:
-        """A float32 copy of the logits asked for in the last decode, in batch order."""
+        """The float32 logits asked for in the last decode, in batch order: a read-only view of llama.cpp's buffer,
+        valid until this model's next decode. Not copied: a 512-token chunk of a 49k vocabulary is 50 MB, and its
+        copy took 62 ms of the 0.8 s of Python work per chunk that scoring SmolLM2 against its reference cost."""
         data = np.ctypeslib.as_array(self.lib.llama_get_logits(self.ctx), shape=(n_outputs * self.n_vocab,))
-        return data.reshape(n_outputs, self.n_vocab).copy()
+        view = data.reshape(n_outputs, self.n_vocab)
+        view.flags.writeable = False
+        return view
 
     def score(self, chunk: list[int], first: int) -> np.ndarray:
-        """Logits of positions first..n-2 of a chunk decoded on a cleared cache: the ones that predict a scored token."""
+        """Logits of positions first..n-2 of a chunk decoded on a cleared cache, the ones that predict a scored token
+        (`logits`: a view, until the next decode)."""
         self.clear()
         self.decode(chunk, 0, range(first, len(chunk) - 1))
         return self.logits(len(chunk) - 1 - first)

@@ -25,7 +25,11 @@ from edgeprune.device.validation.results import DivergenceResult, PerplexityResu
 MIN_EVAL_CTX = 64  # a perplexity chunk scores its second half: shorter chunks score tokens with almost no context
 ROW_BLOCK = 32  # logit rows turned into float64 at a time: bounds memory for 128k vocabularies
 # Scoring stops once the standard errors of mean log-PPL and of mean KLD are both within this share of their
-# estimates (or the chunk budget is spent). CHOSEN_BY_MEASUREMENT
+# estimates (or the chunk budget is spent). Measured on the demo's export (SmolLM2 Q5_K_M against its F16, the odd
+# Python reference topics, 20 chunks of 512; `edgeprune export ... --eval-fixed`): the topics differ so much that
+# log-PPL's standard error over chunks stays above 3% of it even at 20 chunks (3.5% after 4, 3.2% after 20; KLD's
+# 3.0% and 1.7%), so 2% would always spend the budget. At 5% scoring stops after 4 chunks, whose PPL 11.76 and mean
+# KLD 0.00584 lie within two standard errors of the 20 chunks' 11.55 and 0.00605, in a fifth of the time.
 DEFAULT_PRECISION = 0.05
 # The precision rule never stops before this many chunks: a standard error from fewer chunks is itself noise.
 MIN_CHUNKS = 4
