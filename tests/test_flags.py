@@ -36,7 +36,8 @@ def tiny_bundle(tiny_model) -> Path:
     """A real export of the tiny model: a bundle of 6 chunks of 64 tokens."""
     out = tiny_model.parent / "export"
     result = run_cli("export", str(tiny_model), "--profile", "x86-laptop-16gb", "--out", str(out), "--quant", "Q8_0",
-                     "--eval-chunks", str(BUNDLE_CHUNKS), "--eval-ctx", str(BUNDLE_CTX), "--threads", "1")
+                     "--eval-chunks", str(BUNDLE_CHUNKS), "--eval-fixed", "--eval-ctx", str(BUNDLE_CTX), "--threads",
+                     "1")
     assert result.returncode == 0, result.stderr[-3000:]
     return out / "bundle"
 
@@ -54,9 +55,14 @@ def test_bundle_eval_chunks_scores_exactly_that_many(tiny_bundle, tmp_path):
     three = _perplexity(tmp_path / "three.json")
     assert (three["n_chunks"], three["n_ctx"]) == (3, BUNDLE_CTX)
     assert three["n_tokens_scored"] == 3 * (BUNDLE_CTX - 1 - BUNDLE_CTX // 2)
-    r = run_cli("validate", str(tiny_bundle), "--threads", "1", "--json", str(tmp_path / "all.json"))
+    r = run_cli("validate", str(tiny_bundle), "--eval-fixed", "--threads", "1", "--json", str(tmp_path / "all.json"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert _perplexity(tmp_path / "all.json")["n_chunks"] == BUNDLE_CHUNKS
+    r = run_cli("validate", str(tiny_bundle), "--eval-precision", "0.9", "--threads", "1", "--json",
+                str(tmp_path / "precise.json"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    precise = _perplexity(tmp_path / "precise.json")  # so loose a target that the fewest chunks reach it
+    assert (precise["n_chunks"], precise["precision_target"]) == (4, 0.9), precise
 
 
 @pytest.mark.parametrize("extra, expected", [
@@ -197,7 +203,7 @@ def test_remote_forwards_profile_chunks_and_update_profile(sshd, tiny_bundle, tm
 
 def test_remote_in_the_same_version_says_nothing(sshd, tiny_bundle, tmp_path):  # noqa: F811
     command = _remote_edgeprune(tmp_path / "ep", tmp_path / "argv.log", None)
-    r = _remote_cli(sshd, tiny_bundle, command, tmp_path / "remote", "--json", str(tmp_path / "r.json"))
+    r = _remote_cli(sshd, tiny_bundle, command, tmp_path / "remote", "--eval-fixed", "--json", str(tmp_path / "r.json"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"has edgeprune, version {version_string()}" in r.stderr
     assert "warning:" not in r.stderr

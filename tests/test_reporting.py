@@ -265,16 +265,17 @@ def test_a_real_exports_page_shows_its_own_report_json(tiny_bpe_llama, tmp_path)
     profile.write_text(profile_to_toml(dataclasses.replace(laptop, budgets=dataclasses.replace(
         laptop.budgets, context_length=512))))
     out = tmp_path / "out"
-    result = run_export(tiny_bpe_llama, out, "--quant", "Q8_0", "--eval-chunks", "1", "--eval-fixed", "--eval-ctx", "128",
-                        "--threads", "1", profile=str(profile))
+    result = run_export(tiny_bpe_llama, out, "--quant", "Q8_0", "--eval-chunks", "2", "--eval-fixed", "--eval-ctx",
+                        "128", "--threads", "1", profile=str(profile))
     assert result.returncode == 0, result.stderr[-3000:]
     v = json.loads((out / "report.json").read_text())["validation"]
     page = (out / "report.html").read_text()
     rows = table_rows(page)
     assert ["GGUF", v["gguf"]] in rows and ["quant", "Q8_0"] in rows and ["verdict", "PASS"] in rows
     ppl, d, speed = v["perplexity"], v["divergence"], v["speed"]
-    assert ["PPL", f"{ppl['ppl']:.3f} ({v['eval_text']}: 1 chunks of 128 tokens)"] in rows
-    assert ["KLD", f"mean {d['kld_mean']:.5f}, p99 {d['kld_p99']:.5f} (reference PPL {d['reference_ppl']:.3f})"] in rows
+    assert ["PPL", f"{ppl['ppl']:.3f} ± {ppl['ppl'] * ppl['nll_stderr']:.3f} ({v['eval_text']}: 2 chunks of 128 "
+                   "tokens, a fixed count)"] in rows
+    assert ["KLD", f"mean {d['kld_mean']:.5f} ± {d['kld_stderr']:.5f}, p99 {d['kld_p99']:.5f} (reference PPL {d['reference_ppl']:.3f})"] in rows
     assert ["decode", f"{speed['decode_tps']:.1f} tok/s (tg{speed['n_gen']}, 1 thread(s))"] in rows
     assert {c["name"] for c in v["checks"]} == {"memory", "decode_tps", "ttft"}
     for c in v["checks"]:
