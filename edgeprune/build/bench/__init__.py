@@ -26,6 +26,8 @@ SUITES: dict[str, str] = {
     "mixed": "edgeprune.build.bench.mixed",
     "recovery": "edgeprune.build.bench.recovery",
 }
+# Suites that rerun part of another, for when that part alone is wanted: all suites leave them out.
+PART_OF = {"export": "build"}
 
 
 def suite_runner(name: str) -> Callable[[Callable[[str], None]], SuiteResult]:
