@@ -275,7 +275,8 @@ def test_a_real_exports_page_shows_its_own_report_json(tiny_bpe_llama, tmp_path)
     ppl, d, speed = v["perplexity"], v["divergence"], v["speed"]
     assert ["PPL", f"{ppl['ppl']:.3f} ± {ppl['ppl'] * ppl['nll_stderr']:.3f} ({v['eval_text']}: 2 chunks of 128 "
                    "tokens, a fixed count)"] in rows
-    assert ["KLD", f"mean {d['kld_mean']:.5f} ± {d['kld_stderr']:.5f}, p99 {d['kld_p99']:.5f} (reference PPL {d['reference_ppl']:.3f})"] in rows
+    assert ["KLD", f"mean {d['kld_mean']:.5f} ± {d['kld_stderr']:.5f}, p99 {d['kld_p99']:.5f} (reference PPL "
+                   f"{d['reference_ppl']:.3f})"] in rows
     assert ["decode", f"{speed['decode_tps']:.1f} tok/s (tg{speed['n_gen']}, 1 thread(s))"] in rows
     assert {c["name"] for c in v["checks"]} == {"memory", "decode_tps", "ttft"}
     for c in v["checks"]:

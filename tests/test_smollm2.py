@@ -94,7 +94,10 @@ def test_export_cli_end_to_end(smollm2_gguf, tmp_path):
     assert 0.995 <= ppl / divergence["reference_ppl"] < 1.02, (ppl, divergence["reference_ppl"])
     assert divergence["kld_mean"] < 0.008 and divergence["top1_agreement"] > 0.93, divergence
     assert validation["memory"]["file_bytes"] == (out / "SmolLM2-135M-Instruct-Q8_0.gguf").stat().st_size
-    assert f"PPL         {ppl:.3f}  (" in r.stdout and f"mean {divergence['kld_mean']:.5f}" in r.stdout
+    ppl_stderr, kld_stderr = ppl * validation["perplexity"]["nll_stderr"], divergence["kld_stderr"]
+    assert f"PPL         {ppl:.3f} ± {ppl_stderr:.3f}  (" in r.stdout, r.stdout
+    assert "2 chunks of 512 tokens, a fixed count" in r.stdout, r.stdout
+    assert f"mean {divergence['kld_mean']:.5f} ± {kld_stderr:.5f}" in r.stdout, r.stdout
     # off the device the speed budgets are judged on the laptop's prediction (about 200 tok/s), which passes
     assert r.returncode == 0 and validation["passed"] is True, r.stderr[-3000:]
     names = {p.name for p in out.iterdir()}

@@ -216,8 +216,10 @@ def test_summary_and_json_report_round_trip(validated, tmp_path):
     report = validated[0]
     summary = format_summary(report)
     d = report.divergence
-    assert f"PPL         {report.perplexity.ppl:.3f}  (" in summary and f"(PPL {d.reference_ppl:.3f})" in summary
-    assert f"KLD         mean {d.kld_mean:.5f}  median {d.kld_median:.5f}" in summary
+    ppl = report.perplexity
+    assert f"PPL         {ppl.ppl:.3f} ± {ppl.ppl_stderr:.3f}  (" in summary and f"(PPL {d.reference_ppl:.3f})" in summary
+    assert "4 chunks of 256 tokens, a fixed count" in summary  # what decided the count
+    assert f"KLD         mean {d.kld_mean:.5f} ± {d.kld_stderr:.5f}  median {d.kld_median:.5f}" in summary
     assert f"decode {report.speed.decode_tps:.1f} tok/s" in summary and "verdict     PASS" in summary
     assert len(summary.splitlines()) < 25
     out = tmp_path / "report.json"
