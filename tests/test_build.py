@@ -79,6 +79,10 @@ def test_init_writes_an_example_that_loads_and_never_overwrites(tmp_path):
     ("[[targets]]\nname = 'a'\nprofile = 'p'\nrecovery_minutes = -1\n", "recovery_minutes must be a number of minutes"),
     ("[[targets]]\nname = '../a'\nprofile = 'p'\n", "needs a name of letters"),
     ("[evaluation]\nchunks = 0\n[[targets]]\nname = 'a'\nprofile = 'p'\n", "chunks must be a whole number"),
+    ("[evaluation]\nprecision = 1.5\n[[targets]]\nname = 'a'\nprofile = 'p'\n", "precision must be a number between"),
+    ("[evaluation]\nfixed = 'yes'\n[[targets]]\nname = 'a'\nprofile = 'p'\n", "fixed must be true or false"),
+    ("[evaluation]\nfixed = true\nprecision = 0.1\n[[targets]]\nname = 'a'\nprofile = 'p'\n", "drop precision"),
+    ("[evaluation]\nchunks = 2\n[[targets]]\nname = 'a'\nprofile = 'p'\n", "chunks = 2 is below the 4 chunks"),
 ])
 def test_bad_build_files_fail_in_one_line(tmp_path, text, message):
     path = tmp_path / "b.toml"

@@ -89,8 +89,7 @@ def validate(gguf, reference, profile_name, json_path, updated_profile, remote, 
     host = profile_option(host_profile) if host_profile else None
     report = validate_gguf(gguf, reference_gguf=reference, eval_text=evaluation, n_ctx=eval_ctx,
                            max_chunks=eval_chunks, precision=precision, threads=threads, profile=profile,
-                           host_profile=host,
-                           on_device=on_device, progress=progress)
+                           host_profile=host, on_device=on_device, progress=progress)
     click.echo(format_summary(report))
     if json_path:
         _echo_written(write_report(json_path, report), json_path)
@@ -110,9 +109,9 @@ def _validate_remote(bundle: Path, remote: str, identity, known_hosts, remote_co
     from edgeprune.device.validation.report import format_summary
 
     target, document, code = validate_bundle_remote(
-        bundle, remote, profile=profile_name, eval_chunks=eval_chunks, precision=precision, update_profile=updated_profile,
-        identity=identity, known_hosts=known_hosts, remote_command=remote_command, remote_dir=remote_dir,
-        threads=threads, timeout_s=timeout_s, progress=progress)
+        bundle, remote, profile=profile_name, eval_chunks=eval_chunks, precision=precision,
+        update_profile=updated_profile, identity=identity, known_hosts=known_hosts, remote_command=remote_command,
+        remote_dir=remote_dir, threads=threads, timeout_s=timeout_s, progress=progress)
     click.echo(format_summary(ValidationReport.from_dict(document["validation"])))
     report_path = json_path or bundle / f"report-{target.host}.json"
     write_text_atomic(report_path, json.dumps(document, indent=2) + "\n")

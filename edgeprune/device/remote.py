@@ -299,8 +299,8 @@ def validate_remote(bundle_dir: Path, target: RemoteTarget, *, identity: Path | 
     ~/.cache/edgeprune/bundles/<bundle id>, so a second run of the same bundle copies nothing; a path starting
     with ~/ is taken relative to the remote home, where ssh and scp start. What the remote validator understands
     is forwarded: `profile` (a profile file here, copied beside the bundle, replacing the bundle's own),
-    `eval_chunks` (the bundle's first chunks), `precision` (None: --eval-fixed) and `update_profile` (the profile with the efficiencies measured
-    there, written to this local path).
+    `eval_chunks` (the bundle's first chunks), `precision` (None: --eval-fixed) and `update_profile` (the profile
+    with the efficiencies measured there, written to this local path).
     """
     bundle_dir = Path(bundle_dir)
     files = _bundle_files(bundle_dir)  # a bad bundle is bad input: say so before connecting

@@ -24,6 +24,7 @@ from edgeprune.device.profiles import load_profile
 from edgeprune.core.texts import calibration_text, default_evaluation_text
 from edgeprune.device.llamacpp.runtime import Runtime
 from edgeprune.device.validation.quality import DEFAULT_PRECISION
+from edgeprune.device.validation.results import PerplexityResult, with_stderr
 from edgeprune.build.bench.llamacpp import converter_script
 from edgeprune.build.bench.tables import SuiteResult, table
 
@@ -184,10 +185,10 @@ def run_export(progress) -> SuiteResult:
 def _export_sections(tools: Path | None, comparison: list[list], data: dict) -> list[str]:
     sections = ["## One export against llama.cpp's own tools", table(["run", "wall s", "stages (s)"], comparison)]
     if tools is None:
-        return sections + ["llama.cpp's tools were not available (../shared/tools/build-llama-tools.sh): no comparison."]
+        return [*sections,
+                "llama.cpp's tools were not available (../shared/tools/build-llama-tools.sh): no comparison."]
     quality = data["quality"]
-    rows = [[label, f"{q['ppl']:.3f}" + (f" ± {q['ppl_stderr']:.3f}" if q.get("ppl_stderr") else ""),
-             f"{q['kld']:.5f}" + (f" ± {q['kld_stderr']:.5f}" if q.get("kld_stderr") else ""), q["chunks"]]
+    rows = [[label, with_stderr(q["ppl"], q["ppl_stderr"], 3), with_stderr(q["kld"], q["kld_stderr"], 5), q["chunks"]]
             for label, q in quality.items() if label != "within"]
     return sections + [
         f"Export of the HF directory: {data['export_ratio']:.2f}× the time of llama.cpp's tools.",
@@ -243,6 +244,6 @@ def _export_against_llama_cpp(model: Path, cli: list[str], tmp: Path, data: dict
 
 def _quality(validation: dict) -> dict:
     """A report's PPL and mean KLD with their standard errors, and the chunks scored."""
-    ppl, divergence = validation["perplexity"], validation["divergence"]
-    return {"ppl": ppl["ppl"], "ppl_stderr": ppl["ppl"] * (ppl.get("nll_stderr") or 0.0), "kld": divergence["kld_mean"],
-            "kld_stderr": divergence.get("kld_stderr") or 0.0, "chunks": ppl["n_chunks"]}
+    perplexity = PerplexityResult(**validation["perplexity"])
+    return {"ppl": perplexity.ppl, "ppl_stderr": perplexity.ppl_stderr, "kld": validation["divergence"]["kld_mean"],
+            "kld_stderr": validation["divergence"]["kld_stderr"], "chunks": perplexity.n_chunks}

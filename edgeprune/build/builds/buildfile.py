@@ -9,7 +9,7 @@ from pathlib import Path
 
 from edgeprune.core.atomic import write_text_atomic
 from edgeprune.core.errors import EdgepruneError
-from edgeprune.device.validation.quality import DEFAULT_PRECISION
+from edgeprune.device.validation.quality import DEFAULT_PRECISION, MIN_CHUNKS
 
 BUILD_FILE = "edgeprune.toml"
 DEFAULT_MODEL = "smollm2"  # the built-in default: SmolLM2-135M-Instruct from PyPI (edgeprune.core.fetch)
@@ -119,13 +119,17 @@ def load_build_file(path: Path) -> BuildFile:
     names = [t.name for t in targets]
     if len(set(names)) != len(names):
         raise EdgepruneError(f"{path}: target names repeat ({', '.join(sorted({n for n in names if names.count(n) > 1}))})")
-    return BuildFile(path, model if model == DEFAULT_MODEL else str(base / model),
+    build = BuildFile(path, model if model == DEFAULT_MODEL else str(base / model),
                      _local(path, texts.get("calibration"), "[texts] calibration"),
                      _local(path, texts.get("evaluation"), "[texts] evaluation"),
                      _local(path, data.get("output", {}).get("dir", "out"), "[output] dir"),
                      _integer(path, evaluation.get("context"), "[evaluation] context", 512, 64),
                      _integer(path, evaluation.get("chunks"), "[evaluation] chunks", 20, 1), tuple(targets),
                      _local(path, texts.get("recovery"), "[texts] recovery"), _precision(path, evaluation))
+    if build.eval_precision is not None and build.eval_chunks < MIN_CHUNKS:
+        raise EdgepruneError(f"{path}: [evaluation] chunks = {build.eval_chunks} is below the {MIN_CHUNKS} chunks the "
+                             "precision rule needs: give more chunks, or fixed = true to score exactly that many")
+    return build
 
 
 def _precision(path: Path, evaluation: dict) -> float | None:

@@ -66,7 +66,8 @@ def _summary_rows(run: Run) -> list[list[str]]:
         ["PPL", f"{with_stderr(ppl.ppl, ppl.ppl_stderr, 3)} ({v.eval_text}: {ppl.chunks_text()})"],
     ]
     if (d := v.divergence) is not None:
-        rows += [["KLD", f"mean {with_stderr(d.kld_mean, d.kld_stderr, 5)}, p99 {d.kld_p99:.5f} (reference PPL {d.reference_ppl:.3f})"],
+        rows += [["KLD", f"mean {with_stderr(d.kld_mean, d.kld_stderr, 5)}, p99 {d.kld_p99:.5f} "
+                         f"(reference PPL {d.reference_ppl:.3f})"],
                  ["top-1", f"{100 * d.top1_agreement:.2f}% same as the reference"]]
     rows += [
         ["prefill", f"{speed.prefill_tps:.1f} tok/s (pp{speed.n_prompt}, {speed.threads} thread(s))"],

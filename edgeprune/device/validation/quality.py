@@ -54,20 +54,27 @@ def check_evaluation_options(n_ctx: int, chunks: int | None, precision: float | 
                              f"exactly {chunks}")
 
 
-def relative_stderr(per_chunk: np.ndarray) -> float:
-    """The standard error of the mean of per-chunk values, over that mean. Chunks are the samples: the tokens of one
-    chunk share its text, so a per-token standard error (llama-perplexity's) is too small by their correlation."""
-    mean = float(np.mean(per_chunk))
-    if len(per_chunk) < 2 or mean <= 0:
-        return math.inf
-    return float(np.std(per_chunk, ddof=1)) / math.sqrt(len(per_chunk)) / mean
+def chunk_stderr(per_chunk) -> float | None:
+    """The standard error of the mean of per-chunk values; None from one chunk. Chunks are the samples: the tokens
+    of one chunk share its text, so a per-token standard error (llama-perplexity's) is too small by their
+    correlation."""
+    if len(per_chunk) < 2:
+        return None
+    return float(np.std(per_chunk, ddof=1)) / math.sqrt(len(per_chunk))
+
+
+def relative_stderr(per_chunk) -> float:
+    """`chunk_stderr` over the mean; infinite where there is no error or no positive mean to be a share of."""
+    stderr, mean = chunk_stderr(per_chunk), float(np.mean(per_chunk))
+    return math.inf if stderr is None or mean <= 0 else stderr / mean
 
 
 def measure_perplexity(path: Path, text: Text | None, *, reference_gguf: str | Path | None = None,
                        reference_topk: str | Path | None = None, save_topk: str | Path | None = None,
                        against_saved: bool = False, top_k: int | None = None, n_ctx: int = 512,
                        max_chunks: int | None = 20, precision: float | None = None, threads: int | None = None,
-                       runtime: Runtime | None = None, progress: Callable[[str], None] = print_to_stderr) -> tuple[PerplexityResult, DivergenceResult | None]:
+                       runtime: Runtime | None = None, progress: Callable[[str], None] = print_to_stderr
+                       ) -> tuple[PerplexityResult, DivergenceResult | None]:
     """llama-perplexity's PPL of `path` on `text` and, with a reference, its KL divergence, in a child process.
 
     The reference is a GGUF, whose top-k log-probs are also written to `save_topk` when given (a validation
@@ -177,7 +184,7 @@ def quality_task(task: dict) -> dict:
     cand = Model(task["gguf"], n_ctx=task["n_ctx"], n_batch=task["n_ctx"], threads=runtime["threads"],
                  kv_cache_type=runtime["kv_cache_type"], flash_attention=runtime["flash_attention"])
     ref, topk, chunks = _reference_and_chunks(task, cand)
-    rows, saved, chunks = _score_chunks(task, cand, ref, topk, chunks)
+    rows, saved, chunks, per_chunk = _score_chunks(task, cand, ref, topk, chunks)
     n_chunks, n_ctx = chunks.shape
     if saved:
         bundle_logits.save(task["save_topk"], bundle_logits.concatenate(saved), chunks)
@@ -186,24 +193,15 @@ def quality_task(task: dict) -> dict:
     perplexity = {"ppl": math.exp(nll_mean), "nll_mean": nll_mean, "n_chunks": n_chunks, "n_ctx": n_ctx,
                   "n_tokens_scored": n_chunks * (n_ctx - 1 - n_ctx // 2), "kv_cache_type": runtime["kv_cache_type"],
                   "flash_attention": runtime["flash_attention"],
-                  "nll_stderr": _stderr(-_per_chunk(merged["cand_logp"], n_chunks)),
+                  "nll_stderr": chunk_stderr(per_chunk["nll"]),
                   "precision_target": task.get("precision")}
     divergence = None
     if "kld" in merged:
         report("divergence: summarizing")
         divergence = dataclasses.asdict(summarize_divergence(merged, task["reference"] or task["reference_topk"]
                                                              or task["save_topk"]))
-        divergence["kld_stderr"] = _stderr(_per_chunk(merged["kld"], n_chunks))
+        divergence["kld_stderr"] = chunk_stderr(per_chunk["kld"])
     return {"perplexity": perplexity, "divergence": divergence}
-
-
-def _per_chunk(values: np.ndarray, n_chunks: int) -> np.ndarray:
-    return values.reshape(n_chunks, -1).mean(axis=1)
-
-
-def _stderr(per_chunk: np.ndarray) -> float | None:
-    """The standard error of the mean over chunks; None from one chunk."""
-    return float(np.std(per_chunk, ddof=1) / math.sqrt(len(per_chunk))) if len(per_chunk) > 1 else None
 
 
 def _reference_and_chunks(task: dict, cand: Model) -> tuple[Model | None, bundle_logits.TopK | None, np.ndarray]:
@@ -233,10 +231,10 @@ def _reference_and_chunks(task: dict, cand: Model) -> tuple[Model | None, bundle
 
 
 def _score_chunks(task: dict, cand: Model, ref: Model | None, topk: bundle_logits.TopK | None, chunks: np.ndarray
-                  ) -> tuple[dict[str, list[np.ndarray]], list, np.ndarray]:
+                  ) -> tuple[dict[str, list[np.ndarray]], list, np.ndarray, dict[str, list[float]]]:
     """Each chunk's per-position rows (`divergence_rows`' keys, or only the candidate's log-probs without a
     reference) and the top-k log-probs saved on the way, reported chunk by chunk, until the chunks run out or
-    `task["precision"]` (when set) is reached; and the chunks scored."""
+    `task["precision"]` (when set) is reached; the chunks scored, and each one's mean NLL and KLD."""
     n_chunks, n_ctx = chunks.shape
     first = n_ctx // 2
     per_chunk = n_ctx - 1 - first
@@ -269,8 +267,8 @@ def _score_chunks(task: dict, cand: Model, ref: Model | None, topk: bundle_logit
         if _precise_enough(task.get("precision"), nll, kld):
             report(f"perplexity: standard errors within {task['precision']:.0%} of the estimates after {i + 1} "
                    f"chunks of {n_chunks}")
-            return rows, saved, chunks[:i + 1]
-    return rows, saved, chunks
+            return rows, saved, chunks[:i + 1], {"nll": nll, "kld": kld}
+    return rows, saved, chunks, {"nll": nll, "kld": kld}
 
 
 def _precise_enough(precision: float | None, nll: list[float], kld: list[float]) -> bool:
@@ -278,4 +276,4 @@ def _precise_enough(precision: float | None, nll: list[float], kld: list[float])
     known within `precision` of themselves."""
     if precision is None or len(nll) < MIN_CHUNKS:
         return False
-    return all(relative_stderr(np.array(values)) <= precision for values in (nll, kld) if values)
+    return all(relative_stderr(values) <= precision for values in (nll, kld) if values)

@@ -20,13 +20,14 @@ def format_summary(report: ValidationReport) -> str:
         f"GGUF        {report.gguf}",
         f"size        {mem.file_bytes / MIB:.1f} MiB, {mem.n_params / 1e6:.1f} M parameters",
         f"PPL         {with_stderr(ppl.ppl, ppl.ppl_stderr, 3)}  ({report.eval_text}: {ppl.chunks_text()}, "
-        f"{ppl.n_tokens_scored} tokens scored; KV {ppl.kv_cache_type}, flash attention {'on' if ppl.flash_attention else 'off'})",
+        f"{ppl.n_tokens_scored} tokens scored; KV {ppl.kv_cache_type}, "
+        f"flash attention {'on' if ppl.flash_attention else 'off'})",
     ]
     if (d := report.divergence) is not None:
         lines += [
             f"reference   {d.reference_gguf}  (PPL {d.reference_ppl:.3f})",
-            f"KLD         mean {with_stderr(d.kld_mean, d.kld_stderr, 5)}  median {d.kld_median:.5f}  p90 {d.kld_p90:.5f}  "
-            f"p99 {d.kld_p99:.5f}  max {d.kld_max:.5f}",
+            f"KLD         mean {with_stderr(d.kld_mean, d.kld_stderr, 5)}  median {d.kld_median:.5f}  "
+            f"p90 {d.kld_p90:.5f}  p99 {d.kld_p99:.5f}  max {d.kld_max:.5f}",
             f"top-1       {100 * d.top1_agreement:.2f}% same as reference;  Δp mean {100 * d.delta_p_mean:+.3f}%  "
             f"rms {100 * d.delta_p_rms:.3f}%",
         ]
