@@ -23,6 +23,7 @@ import pytest
 
 from edgeprune.core.errors import EdgepruneError
 from edgeprune.device.remote import RemoteTarget, bundle_id, check_remote_tools, parse_target, validate_remote
+from edgeprune.device.validation.quality import DEFAULT_PRECISION
 
 SSHD = Path("/usr/sbin/sshd")
 EDGEPRUNE = Path(sys.executable).parent / "edgeprune"  # the venv's own, so the test does not depend on PATH
@@ -201,7 +202,8 @@ def test_report_and_verdict_come_back(sshd, fake_bundle, tmp_path):
                                    threads=3, progress=lines.append)
         assert code == 1 and report["pass"] is False
         assert report["argv"] == (f"validate .cache/edgeprune/bundles/{bundle_id(fake_bundle)} --json "
-                                  f".cache/edgeprune/bundles/{bundle_id(fake_bundle)}/report.json --threads 3")
+                                  f".cache/edgeprune/bundles/{bundle_id(fake_bundle)}/report.json --threads 3 "
+                                  f"--eval-precision {DEFAULT_PRECISION}")
         assert (remote_dir / "profile/device.toml").read_bytes() == (fake_bundle / "profile/device.toml").read_bytes()
         assert "remote: fake validator ran" in lines and lines[-1] == "fetching the report"
     finally:
