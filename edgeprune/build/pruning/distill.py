@@ -47,7 +47,13 @@ class DistillOptions:
     On the former texts: 5e-5 / 1e-4 / 2e-4 / 3e-4 at 120 steps tied within 0.03 on mean Δ log PPL; 1e-4 wins
     back most of the in-domain gap. 120 steps (`python -m edgeprune.build.bench recovery`, llama.cpp, 10 chunks):
     14.82 / 110.97 to 13.75 / 62.95 (dense 11.74 / 37.41), 35% / 65% of the gap, held-out KL still falling (0.595
-    to 0.380); on the former, leaking texts 13.62 / 60.76 (39% / 68%). Half of the in-domain gap is not reached."""
+    to 0.380); on the former, leaking texts 13.62 / 60.76 (39% / 68%). Half of the in-domain gap is not reached.
+    Two more levers at 40 steps on 2 cores (torch PPL, 6 chunks; one-shot 17.18 / 107.01, dense 13.38 / 37.65),
+    against the same windows with the teacher run alongside (16.01 / 72.38: 31% / 50%): twice the reference's
+    share of windows (Shakespeare 1 : reference 2 : docstrings 1) 16.08 / 73.49 (29% / 48%); the teacher's hidden
+    states after every layer matched as well (the layers' mean squared error over the teacher's mean square, ×10,
+    as large as the KL at the start) 16.00 / 73.10 (31% / 49%). Neither wins, so the text stays an equal share
+    of each and the signal the top-k logits alone, which a cache on disk can hold."""
 
     steps: int = 120
     batch_size: int = 4
