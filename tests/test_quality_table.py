@@ -140,3 +140,23 @@ def test_mix_rows_are_the_model_s_own_where_measured_else_the_default():
         vocab, width, layers = model["shape"]
         shape = ModelShape(vocab, width, 64, (LayerShape(4, 1, 2048),) * layers, True)
         assert load_quality_table(shape)["mixed"]["mix"] == model
+
+
+def test_a_mixed_table_rerun_for_one_model_keeps_the_other_s_rows_as_written():
+    """EDGEPRUNE_MIXED_MODELS=gemma3 rewrites Gemma's rows from its measurements and keeps [mix] line for line,
+    the measurements in its comments included."""
+    import math
+    import tomllib
+
+    from edgeprune.build.bench.mixed import MIXED_TABLE, mixed_table_toml
+
+    previous = MIXED_TABLE.read_text(encoding="utf-8")
+    rows = [{"model": "gemma3", "target": "Q4_0", "kind": kind, "ppl": ppl, "reference_ppl": 10.0, "mib": 200.0}
+            for kind, ppl in (("named", 14.0), ("mix", 12.0))]
+    written = mixed_table_toml(rows, {"gemma3": {"shape": [262144, 640, 18]}}, "2026-12-04", previous)
+    mix = previous.split("[mix]\n")[1].split("\n\n")[0]
+    assert f"[mix]\n{mix}\n\n[models.gemma3]\n" in written
+    table = tomllib.loads(written)
+    assert table["mix"] == tomllib.loads(previous)["mix"]
+    assert table["models"]["gemma3"] == {"shape": [262144, 640, 18],
+                                         "Q4_0": round(math.log(1.2) / math.log(1.4), 4)}

@@ -14,7 +14,6 @@ import math
 import os
 import tempfile
 import time
-import tomllib
 from pathlib import Path
 
 import gguf
@@ -204,18 +203,30 @@ def _loss(row: dict) -> float:
     return math.log(row["ppl"] / row["reference_ppl"])
 
 
-def _table_now() -> dict:
-    return tomllib.loads(MIXED_TABLE.read_text(encoding="utf-8")) if MIXED_TABLE.is_file() else {}
+def _table_now() -> str:
+    return MIXED_TABLE.read_text(encoding="utf-8") if MIXED_TABLE.is_file() else ""
 
 
-def mixed_table_toml(rows: list[dict], models: dict, date: str, previous: dict) -> str:
+def _section_lines(table_text: str, header: str) -> list[str]:
+    """The lines of `header`'s section in a table's text, as written (comments included), up to the next blank."""
+    lines = table_text.splitlines()
+    if header not in lines:
+        return []
+    rest = lines[lines.index(header) + 1:]
+    return rest[:rest.index("")] if "" in rest else rest
+
+
+def mixed_table_toml(rows: list[dict], models: dict, date: str, previous: str) -> str:
     """The planner's quality rows for mixes (edgeprune.build.planner.load_quality_table): the share of its named
     type's Δ log PPL against the F16 reference that the mix at that type's size keeps, per model (matched by shape);
-    the first model's are [mix], the default for any other. A model not run keeps its `previous` rows."""
+    the first model's are [mix], the default for any other. A model not run keeps its rows from the `previous`
+    table's text, with the measurements their comments give."""
+    def header(key: str) -> str:
+        return "[mix]" if key == MODELS[0][0] else f"[models.{key}]"
+
     def section(key: str) -> list[str]:
         if key not in models:
-            old = previous.get("mix", {}) if key == MODELS[0][0] else previous.get("models", {}).get(key, {})
-            return [f"{k} = {v}" for k, v in old.items()]
+            return _section_lines(previous, header(key))
         named = {r["target"]: r for r in rows if r["model"] == key and r["kind"] == "named"}
         return ([f"shape = {models[key]['shape']}"] if key != MODELS[0][0] else []) + [
             f"{r['target']} = {_loss(r) / _loss(named[r['target']]):.4f}  # PPL {r['ppl']:.3f}, {r['mib']:.2f} MiB; "
@@ -232,11 +243,11 @@ def mixed_table_toml(rows: list[dict], models: dict, date: str, previous: dict) 
         f"# text, {EVAL_CHUNKS} chunks of {EVAL_CTX} tokens. [mix]: {first_name}, whose weights were never quantized",
         "# as far as a mix can tell; [models.*]: other models, matched by shape (vocabulary, width, layers).",
         "",
-        "[mix]",
+        header(first),
         *section(first),
     ]
     for key, _, _ in others:
-        if key in models or key in previous.get("models", {}):
-            lines += ["", f"[models.{key}]", *section(key)]
+        if key in models or _section_lines(previous, header(key)):
+            lines += ["", header(key), *section(key)]
     lines += ["", "[measured]", f'command = "{COMMAND}"', f'date = "{date}"']
     return "\n".join(lines) + "\n"
