@@ -20,6 +20,14 @@ from edgeprune.core.families import family_of
 from edgeprune.build.pruning.allocation import LayerPlan
 from edgeprune.build.pruning.surgery import add_output_bias, head_index, shrink_attention, shrink_mlp
 
+# The ridge refit's Gram matrices and solve run in float32: the ridge keeps them well conditioned. Measured on
+# SmolLM2-135M, 20% of MLP channels (/tmp-style script: the same prune with each dtype): the two pruned models'
+# logits differ by a mean KLD below 1e-8 on 4×512 tokens of the odd reference topics, PPL 14.76574 against
+# 14.76575 there and 63.8432 against 63.8430 on The Tempest, and the prune took 148 s instead of 177 s on 2 cores.
+# On an 8B layer the float64 refit is about 113 s of fp64 work (32.6 GFLOPS matmul, 26.4 solve here), float32
+# about half of it (61.7 and 40.7).
+REFIT_DTYPE = torch.float32
+
 
 def bias_compensation(
     linear: torch.nn.Linear, keep: torch.Tensor, input_mean: np.ndarray
@@ -52,18 +60,18 @@ def ridge_refit(
     energy, so few calibration tokens cannot wreck a wide layer.
     """
     w = linear.weight.detach()
-    z = kept_inputs.double()
+    z = kept_inputs.to(REFIT_DTYPE)
     if fit_bias:
-        z = torch.cat([z, torch.ones(len(z), 1, dtype=torch.float64, device=z.device)], 1)
-    # In place where it can be: the Gram matrix of an 8B model's down_proj is over 1 GB in float64, and
+        z = torch.cat([z, torch.ones(len(z), 1, dtype=REFIT_DTYPE, device=z.device)], 1)
+    # In place where it can be: the Gram matrix of an 8B model's down_proj is over half a GB in float32, and
     # `gzz + torch.diag(reg)` would hold three of them at once.
     gzz = (z.T @ z).div_(len(z))
-    rhs = (targets.double().T @ z).div_(len(z))
+    rhs = (targets.to(REFIT_DTYPE).T @ z).div_(len(z))
     del z
     columns = gzz.shape[1] - int(fit_bias)
     energy = float(gzz.diagonal()[:columns].mean()) if columns else 0.0
-    reg = torch.full((gzz.shape[1],), ridge * energy, dtype=torch.float64, device=gzz.device)
-    prior = w[:, keep].double()
+    reg = torch.full((gzz.shape[1],), ridge * energy, dtype=REFIT_DTYPE, device=gzz.device)
+    prior = w[:, keep].to(REFIT_DTYPE)
     if fit_bias:
         reg[-1] = 0.0  # the bias is free: a constant shift costs nothing to fit
         prior = torch.cat([prior, _bias_or_zero(linear)[:, None]], 1)
@@ -79,8 +87,8 @@ def ridge_refit(
 
 def _bias_or_zero(linear: torch.nn.Linear) -> torch.Tensor:
     if linear.bias is None:
-        return torch.zeros(linear.out_features, dtype=torch.float64, device=linear.weight.device)
-    return linear.bias.detach().double()
+        return torch.zeros(linear.out_features, dtype=REFIT_DTYPE, device=linear.weight.device)
+    return linear.bias.detach().to(REFIT_DTYPE)
 
 
 class _Capture:
