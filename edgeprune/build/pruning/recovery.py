@@ -58,39 +58,41 @@ def ridge_refit(
     (tokens × out). Without `fit_bias` (llama.cpp's qwen3 and gemma3 graphs have no o_proj/down_proj bias) only
     the weight is refitted and the layer keeps the bias it had, none.
 
-    The ridge pulls towards the original kept columns and bias (not towards zero), scaled by the mean input
-    energy, so few calibration tokens cannot wreck a wide layer.
+    The ridge pulls towards the original kept columns (not towards zero), scaled by the mean input energy, so few
+    calibration tokens cannot wreck a wide layer; the bias is free, since a constant shift costs nothing to fit.
+    A free bias is the same as fitting centred inputs to centred targets, then setting the bias from the means.
     """
     w = linear.weight.detach()
-    z = kept_inputs.to(REFIT_DTYPE)
+    z, t = kept_inputs.to(REFIT_DTYPE), targets.to(REFIT_DTYPE)
+    n, columns = z.shape
+    energy = float(z.square().sum()) / (n * columns) if columns else 0.0  # the mean input energy, uncentred
     if fit_bias:
-        z = torch.cat([z, torch.ones(len(z), 1, dtype=REFIT_DTYPE, device=z.device)], 1)
-    # In place where it can be: the Gram matrix of an 8B model's down_proj is over half a GB in float32, and
-    # `gzz + torch.diag(reg)` would hold three of them at once.
-    gzz = (z.T @ z).div_(len(z))
-    rhs = (targets.to(REFIT_DTYPE).T @ z).div_(len(z))
-    del z
-    columns = gzz.shape[1] - int(fit_bias)
-    energy = float(gzz.diagonal()[:columns].mean()) if columns else 0.0
-    reg = torch.full((gzz.shape[1],), ridge * energy, dtype=REFIT_DTYPE, device=gzz.device)
-    prior = w[:, keep].to(REFIT_DTYPE)
-    if fit_bias:
-        reg[-1] = 0.0  # the bias is free: a constant shift costs nothing to fit
-        prior = torch.cat([prior, _bias_or_zero(linear)[:, None]], 1)
-    gzz.diagonal().add_(reg)
-    rhs += prior * reg  # the pull to the prior
-    # (a product then a sum, not addcmul_: its fused multiply-add rounds differently, and the refit must give the
-    # bytes it gave before)
-    solved = torch.linalg.solve(gzz, rhs.T).T
+        z_mean, t_mean = z.mean(0), t.mean(0)
+        z, t = z - z_mean, t - t_mean
+    weight = _ridge_fit(z, t, w[:, keep].to(REFIT_DTYPE), n * ridge * energy)
     if not fit_bias:
-        return solved.to(w.dtype), (linear.bias.detach() if linear.bias is not None else None)
-    return solved[:, :-1].to(w.dtype), solved[:, -1].to(w.dtype)
+        return weight.to(w.dtype), (linear.bias.detach() if linear.bias is not None else None)
+    return weight.to(w.dtype), (t_mean - weight @ z_mean).to(w.dtype)
 
 
-def _bias_or_zero(linear: torch.nn.Linear) -> torch.Tensor:
-    if linear.bias is None:
-        return torch.zeros(linear.out_features, dtype=REFIT_DTYPE, device=linear.weight.device)
-    return linear.bias.detach().to(REFIT_DTYPE)
+def _ridge_fit(z: torch.Tensor, t: torch.Tensor, prior: torch.Tensor, penalty: float) -> torch.Tensor:
+    """argmin_W ‖z·Wᵀ − t‖² + p·‖W − prior‖², by Cholesky in the smaller of the two spaces. Over the columns:
+    (zᵀz + pI)·Wᵀ = zᵀt + p·priorᵀ. Over the tokens, the same solution by the push-through identity:
+    Wᵀ = priorᵀ + zᵀ(zzᵀ + pI)⁻¹(t − z·priorᵀ). An 8B down_proj refit on 8×256 tokens keeps about 11,500
+    columns: the token side is 2,048 wide, 0.5 TFLOP where the column side's LU solve took 2.8."""
+    n, columns = z.shape
+    if columns == 0 or penalty == 0.0:  # nothing kept, or inputs that are all zero: the prior stands
+        return prior
+    if n < columns:
+        residual = t - z @ prior.T
+        gram = z @ z.T
+        gram.diagonal().add_(penalty)
+        return prior + (z.T @ torch.cholesky_solve(residual, torch.linalg.cholesky(gram))).T
+    gram = z.T @ z
+    gram.diagonal().add_(penalty)
+    rhs = z.T @ t
+    rhs += penalty * prior.T
+    return torch.cholesky_solve(rhs, torch.linalg.cholesky(gram)).T
 
 
 class _Capture:
