@@ -65,6 +65,12 @@ def test_streamed_gguf_and_imatrix_equal_the_in_memory_ones(tiny_bpe_llama, tmp_
     assert all(np.array_equal(got[k], expected_imatrix[k]) for k in got)
     assert any("layer 3/3" in m for m in messages)  # progress layer by layer
     assert not list(tmp_path.glob(".edgeprune-hidden-*"))
+    if CASES[case]:  # a uniform refit without layer removal is scored layer by layer in the cutting pass
+        options = {"allocation": "uniform", "recovery": "reconstruct", "layers": 0, **CASES[case]}
+        one_pass = options["allocation"] == "uniform" and options["recovery"] == "reconstruct" and not options["layers"]
+        scored = [i for i, m in enumerate(messages) if m.startswith("scoring:")]
+        cut = [i for i, m in enumerate(messages) if m.startswith("pruning and writing:")]
+        assert (max(scored) > min(cut)) is one_pass
 
 
 def test_sharded_checkpoint_and_spilled_hidden_states(tiny_bpe_llama, tmp_path, monkeypatch):

@@ -86,10 +86,14 @@ def _rss_bytes(pid: int) -> int:
 
 def run(progress) -> SuiteResult:
     """EDGEPRUNE_BENCH_REUSE=1 keeps the rows an earlier run measured with the same command (each row's result
-    is saved as it finishes, so a long suite that stops can go on where it stopped); the table marks them."""
+    is saved as it finishes, so a long suite that stops can go on where it stopped); the table marks them.
+    EDGEPRUNE_SCALE_MODELS (smollm2, 1b, 8b, comma-separated) runs only those models' rows."""
     rows = []
     reuse = os.environ.get("EDGEPRUNE_BENCH_REUSE") == "1"
+    models = os.environ.get("EDGEPRUNE_SCALE_MODELS")  # e.g. "8b": only those rows run (the others are left out)
     for index, (label, name, command, args) in enumerate(RUNS):
+        if models and name not in models.split(","):
+            continue
         model = _model(name, progress)
         size = model_size(model)
         out, saved = WORK / "out" / f"run-{index}", WORK / "out" / f"run-{index}.json"

@@ -125,12 +125,15 @@ class _Capture:
         return ctx.run(lambda x, _chunk: x + post(module(next(parts)).view_as(x)), stream)
 
 
-def reconstruct_layer(ctx: LayerContext, layer: torch.nn.Module, plan: LayerPlan, original: ChunkStore,
-                      pruned: ChunkStore, head_dim: int, ridge: float,
+def reconstruct_layer(ctx: LayerContext, layer: torch.nn.Module, plan: LayerPlan | Callable[[], LayerPlan],
+                      original: ChunkStore, pruned: ChunkStore, head_dim: int, ridge: float,
                       fit_bias: bool = True) -> tuple[ChunkStore, ChunkStore, torch.Tensor | None]:
     """Prune one layer, refitting o_proj and down_proj so that the pruned stream after each sub-layer matches the
     original model's. Returns both streams after the layer, and the constant the caller must add to the previous
     layer's down_proj when all heads went (deci has no attention tensors to hold it).
+
+    `plan` may be a function, called once the original sub-layers have run over the original stream: a caller
+    that scores the layer from that run's activations (its hooks) plans it there, without a pass of its own.
 
     Where a norm follows each projection (Gemma 3), a shift of the residual stream is not a linear function of
     the projection's output: there the refit targets the original projection's outputs on the original stream."""
@@ -144,6 +147,8 @@ def reconstruct_layer(ctx: LayerContext, layer: torch.nn.Module, plan: LayerPlan
     down_outputs = _Capture(layer.mlp.down_proj, outputs=True) if sandwich else None
     out_o = ctx.run(ctx.mlp(layer), mid_o)
     down_targets = down_outputs.take() if down_outputs else None
+    if callable(plan):
+        plan = plan()
     if has_attention:
         keep = head_index(plan.keep_heads, head_dim)
         capture = _Capture(layer.self_attn.o_proj, keep)
