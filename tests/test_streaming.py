@@ -18,7 +18,7 @@ from edgeprune.build.calibration import collect_calibration
 from edgeprune.core.errors import EdgepruneError
 from edgeprune.build.loading import load_model, open_model
 from edgeprune.build.pipeline.export import export_model
-from edgeprune.build.pipeline.options import ExportOptions
+from edgeprune.build.pipeline.options import CALIB_SEQUENCES, STREAMED_CALIB_SEQUENCES, ExportOptions
 from edgeprune.build.pruning import PruneOptions, prune_model
 from edgeprune.build.weights import SafetensorsWeights
 
@@ -152,6 +152,21 @@ def test_a_run_the_machine_cannot_hold_is_refused_before_it_starts(tiny_bpe_llam
         export_model(tiny_bpe_llama, None, out, ExportOptions(prune=PruneOptions(ffn=0.3), streaming="on"))
 
 
+def test_the_streamed_path_calibrates_on_its_own_default_count_unless_told(tiny_bpe_llama, tmp_path):
+    """Layer-streamed, one count (STREAMED_CALIB_SEQUENCES) serves the pruning and the importance matrix;
+    --calib-sequences still sets both; in memory the defaults stay 32 and 64."""
+    runs = {"streamed": ("--streaming", "on"), "told": ("--streaming", "on", "--calib-sequences", "3"),
+            "in-memory": ("--streaming", "off")}
+    expected = {"streamed": (STREAMED_CALIB_SEQUENCES,) * 2, "told": (3, 3), "in-memory": (32, CALIB_SEQUENCES)}
+    for name, flags in runs.items():
+        out = tmp_path / name
+        result = run_cli("prune", str(tiny_bpe_llama), "--out", str(out), "--ffn", "0.3", "--quant", "Q8_0", *flags)
+        assert result.returncode == 0, result.stderr[-2000:]
+        export = json.loads((out / "report.json").read_text())["export"]
+        pruned = export["pruning"]["details"]["calibration_tokens"] // 256
+        assert (pruned, export["imatrix"]["sequences"]) == expected[name], name
+
+
 def test_cli_refuses_what_cannot_stream(tiny_bpe_llama, tmp_path):
     result = run_cli("prune", str(tiny_bpe_llama), "--out", str(tmp_path / "out"), "--ffn", "0.3",
                      "--method", "taylor", "--streaming", "on")
@@ -185,12 +200,13 @@ def test_gpu_and_cpu_give_the_same_model_to_float_tolerance(tiny_bpe_llama, tmp_
 
 
 def test_smollm2_streamed_prune_is_the_in_memory_prune(smollm2_gguf, tmp_path):
-    """The real model: the same Q4_K_M file, byte for byte, from either path."""
+    """The real model: the same Q4_K_M file, byte for byte, from either path, given the same calibration count
+    (the paths' defaults differ: 32 and 64 sequences in memory, 8 streamed)."""
     files = {}
     for mode in ("off", "on"):
         out = tmp_path / mode
         result = run_cli("prune", str(smollm2_gguf), "--out", str(out), "--ffn", "0.2", "--quant", "Q4_K_M",
-                         "--streaming", mode, timeout=1500)
+                         "--streaming", mode, "--calib-sequences", "16", timeout=1500)
         assert result.returncode == 0, result.stderr[-2000:]
         export = json.loads((out / "report.json").read_text())["export"]
         assert export["resources"]["streamed"] is (mode == "on")

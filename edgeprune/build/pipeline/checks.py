@@ -6,7 +6,7 @@ from pathlib import Path
 
 from edgeprune.build.calibration import check_calibration_length
 from edgeprune.build.loading import layer_count
-from edgeprune.build.pipeline.options import ExportOptions
+from edgeprune.build.pipeline.options import CALIB_SEQUENCES, STREAMED_CALIB_SEQUENCES, ExportOptions
 from edgeprune.build.planner import check_search_options
 from edgeprune.build.resources import Resources, plan_resources
 from edgeprune.build.streaming import check_streamable, compute_device
@@ -47,7 +47,9 @@ def check_export_inputs(model_path: str | Path, profile: Profile | None, out_dir
     resources = plan_resources(
         model_path, out_dir, options.streaming, pruning=pruning, reference=profile is not None,
         quantized=(options.quant or "F16") != "F16" or profile is not None,
-        calibration_tokens=max(options.calib_sequences, getattr(options.prune, "calib_sequences", 0)) * options.calib_seq_len)
+        calibration_tokens=(options.calib_sequences or STREAMED_CALIB_SEQUENCES) * options.calib_seq_len)
+    if options.calib_sequences is None:
+        options.calib_sequences = STREAMED_CALIB_SEQUENCES if resources.streamed else CALIB_SEQUENCES
     compute_device(options.device)
     if resources.streamed:
         _check_streamed(options)

@@ -17,6 +17,11 @@ from edgeprune.device.validation.report import format_summary
 
 Progress = Callable[[str], None]
 REFERENCE_NAME = "reference-F16.gguf"
+CALIB_SEQUENCES = 64  # the importance matrix's calibration sequences of 256 tokens, in memory
+# On the layer-streamed path (models this machine cannot hold), one count serves the pruning and the importance
+# matrix, and every sequence costs minutes: an 8B-shaped layer takes 66 s at 8 sequences (prune --ffn 0.2), and the
+# forward passes and refit grow with the count (about 4.5 min a layer at 32 pruning and 64 importance sequences).
+STREAMED_CALIB_SEQUENCES = 8
 REPORT_NAME = "report.json"
 RECOVERY_DIR = ".edgeprune-recovery"  # the teacher's cached outputs and distillation checkpoints, kept until done
 
@@ -27,7 +32,7 @@ class ExportOptions:
     calib: Path | None = None  # None: the built-in offline calibration text
     eval: Path | None = None  # None: the built-in offline evaluation text
     imatrix: bool = True
-    calib_sequences: int = 64
+    calib_sequences: int | None = None  # None: CALIB_SEQUENCES in memory, STREAMED_CALIB_SEQUENCES layer-streamed
     calib_seq_len: int = 256
     eval_ctx: int = 512
     eval_chunks: int = 20  # the most chunks validation scores (exactly this many when eval_precision is None)

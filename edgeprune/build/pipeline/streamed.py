@@ -3,6 +3,7 @@ pruned, calibrated and written in one pass, so that a model larger than this mac
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from converters import ConversionInput
@@ -15,7 +16,8 @@ from edgeprune.build.streaming import LazyLayers, conversion_input, lazy_shape, 
 
 class Streamed:
     """The model read layer by layer: shape, write float and calibrate are one pass; no recovery (distillation
-    trains the whole model in memory)."""
+    trains the whole model in memory). The pruning calibrates on as many sequences as the importance matrix
+    (ExportOptions.calib_sequences)."""
 
     can_recover = False
 
@@ -35,7 +37,8 @@ class Streamed:
 
     def float_model(self, run: Run, chosen: Chosen, float_gguf: Path) -> FloatModel:
         prepared, options = run.prepared, run.prepared.options
-        build = stream_write(prepared.loaded, float_gguf, run.metadata, token_ids=prepared.tokens, options=chosen.prune,
+        prune = chosen.prune and dataclasses.replace(chosen.prune, calib_sequences=options.calib_sequences)
+        build = stream_write(prepared.loaded, float_gguf, run.metadata, token_ids=prepared.tokens, options=prune,
                              device=prepared.device(), progress=run.say,
                              imatrix=(options.calib_sequences, options.calib_seq_len, prepared.calib.name)
                              if chosen.use_imatrix else None)
