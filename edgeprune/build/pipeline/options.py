@@ -23,8 +23,9 @@ CALIB_SEQUENCES = 64  # the importance matrix's calibration sequences of 256 tok
 # layer at 8 sequences (47.6 min in all on 2 cores), and the forward passes and refit grow with the count (about
 # 4.5 min a layer at 32 pruning and 64 importance sequences, over 2 hours). What fewer sequences cost, measured on
 # SmolLM2-135M (prune_model, ffn 0.2, PPL odd reference topics / The Tempest, dense 13.38 / 37.65): 32 sequences
-# 14.77 / 63.84 in 152 s, 16 15.00 / 64.76 in 74 s, 8 15.74 / 65.52 in 40 s; Gemma 3 270M in the stop 35 note.
-# 8 keeps an 8B run under an hour here at +7% / +3% PPL against 32; --calib-sequences 32 buys that back.
+# 14.77 / 63.84 in 152 s, 16 15.00 / 64.76 in 74 s, 8 15.74 / 65.52 in 40 s; Gemma 3 270M (dense 13.00 / 42.55):
+# 14.61 / 75.55 in 146 s, 14.75 / 74.97 in 76 s, 15.39 / 76.56 in 37 s. 8 keeps an 8B run under an hour here at
+# +7% / +3% (SmolLM2) and +5% / +1% (Gemma) PPL against 32; --calib-sequences 32 buys that back.
 STREAMED_CALIB_SEQUENCES = 8
 REPORT_NAME = "report.json"
 RECOVERY_DIR = ".edgeprune-recovery"  # the teacher's cached outputs and distillation checkpoints, kept until done
