@@ -200,7 +200,7 @@ class _Cut:
     options: object  # PruneOptions
     stats: CalibrationStats | None  # the unpruned model's, for bias compensation
     token_ids: list[int]
-    scorer: "_OnePassScorer | None" = None
+    scorer: _OnePassScorer | None = None
 
 
 class _OnePassScorer:
@@ -248,7 +248,8 @@ class _OnePassScorer:
 
 def _score_and_plan(lazy: LazyModel, source: LazyLayers, ids: list[int], options, device, spill: Path,
                     say: Progress):
-    """Pass one: layer removal by block influence, then every kept layer's scores, then the plan."""
+    """Pass one: layer removal by block influence, then every kept layer's scores, then the plan. A uniform cut
+    recovered by reconstruction skips the scoring: its cut carries an _OnePassScorer instead. None: layers only."""
     from edgeprune.build.pruning.criteria import NEEDS_STATISTICS, score_layer
     from edgeprune.build.pruning.prune import check_family, plan_removals, prune_targets
 

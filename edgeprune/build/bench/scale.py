@@ -133,7 +133,8 @@ def run(progress) -> SuiteResult:
                 "SmolLM2's tokenizer; their quality numbers mean nothing and their evaluation is cut to 4 chunks of "
                 "256 tokens. Throughput: GB of stored weights read per second of wall time. The 8B prune names its "
                 "8 calibration sequences of 256 tokens, the layer-streamed path's default (32 for pruning and 64 for "
-                "the importance matrix would take about four times as long on 2 cores). Exit status 1 (a budget missed) still counts as a completed run."),
+                "the importance matrix would take about four times as long on 2 cores). Exit status 1 (a budget "
+                "missed) still counts as a completed run."),
         data={"rows": rows},
         sections=["## Results", table(
             ["run (measured)", "params (B)", "float32 GiB", "peak RSS GiB", "peak during", "wall s", "stages (s)",
