@@ -18,7 +18,7 @@ from edgeprune.build.calibration import collect_calibration
 from edgeprune.device.costmodel import decode_seconds_per_token
 from edgeprune.core.errors import EdgepruneError
 from edgeprune.build.loading import load_model
-from edgeprune.build.mixed import PROBE_CHUNKS, PROBE_CTX, choose_mix, measure_sensitivity, solve
+from edgeprune.build.mixed import LEAST_FILL, PROBE_CHUNKS, PROBE_CTX, choose_mix, measure_sensitivity, solve
 from edgeprune.core.texts import default_calibration_text
 from edgeprune.device.validation.quality import measure_perplexity
 from edgeprune.device.profiles import load_profile
@@ -87,6 +87,18 @@ def test_solver_keeps_the_byte_budget_and_spends_it_where_damage_falls(tiny_mode
     assert damages[0] > damages[1] > damages[2]
     logits = llama_cpp_logits(quantized.path, list(range(3, 60)))
     assert np.isfinite(logits).all()
+
+
+def test_solver_spends_the_named_size_even_where_more_bytes_look_useless(tiny_model):
+    """Weights on one type's grid: every type looks as good as any other. A mix at a size between Q4_0's and Q8_0's still spends its
+    bytes, between the least asked and the budget, where the unbounded solver takes the cheapest types."""
+    _, _, _, sensitivity = tiny_model
+    flat = dataclasses.replace(sensitivity, options={n: [dataclasses.replace(o, error=1.0) for o in options]
+                                                     for n, options in sensitivity.options.items()})
+    budget = sum(sensitivity.file_bytes_at({n: t for n in sensitivity.options}) for t in ("q4_0", "q8_0")) // 2
+    least = int(LEAST_FILL * budget)
+    assert solve(flat, max_file_bytes=budget).file_bytes < least
+    assert least <= solve(flat, max_file_bytes=budget, min_file_bytes=least).file_bytes <= budget
 
 
 def test_solver_keeps_the_decode_budget(tiny_model):

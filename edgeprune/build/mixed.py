@@ -60,6 +60,9 @@ PROBE_CTX, PROBE_CHUNKS = 512, 4
 # The knapsack's byte grid: bytes above each tensor's smallest type, in this many steps of the room; rounding up
 # each tensor's cost to a step leaves at most one step per tensor unspent (SmolLM2: 211 tensors, 0.2% of the room).
 KNAPSACK_STEPS = 100_000
+# A mix "at a named type's size" spends at least this share of its bytes: an estimator that sees no gain in more
+# bytes (weights already on one type's grid) would otherwise give a smaller file and call it a win at that size.
+LEAST_FILL = 0.995
 # Rows are quantized independently, so a tensor's error is estimated on every SAMPLE_EVERY-th row, quantized
 # alone, and scaled up; quantizing and reading back every row cost SmolLM2 about 20 s per type on 2 cores.
 SAMPLE_EVERY = 4
@@ -254,11 +257,12 @@ def _weighted_error(original, quantized, rows: int, weights: np.ndarray | None) 
     return (plain / rows if weights is None else float(per_column @ weights) * scale), plain
 
 
-def solve(sensitivity: Sensitivity, *, max_file_bytes: int, device=None,
+def solve(sensitivity: Sensitivity, *, max_file_bytes: int, min_file_bytes: int = 0, device=None,
           max_decode_s_per_token: float | None = None) -> MixedPlan:
-    """The least estimated KLD within the budgets: an exact multiple-choice knapsack over the file's bytes. A decode
-    budget is kept by pricing each option's decode seconds (the cost model's: its bytes at its type's measured
-    efficiency on `device`) at a Lagrange multiplier, raised by bisection until the choice is fast enough."""
+    """The least estimated KLD within the budgets: an exact multiple-choice knapsack over the file's bytes, spending
+    at least `min_file_bytes` where the types can. A decode budget is kept by pricing each option's decode seconds
+    (the cost model's: its bytes at its type's measured efficiency on `device`) at a Lagrange multiplier, raised by
+    bisection until the choice is fast enough; the speed then decides the bytes, and the least is dropped."""
     names = list(sensitivity.options)
     read = {t.name for t in read_per_token(sensitivity.size({n: sensitivity.options[n][0].type_name for n in names}))}
     seconds = {n: np.array([tensor_decode_seconds(TensorCost(n, 0, 0, o.type_name, o.nbytes), device)
@@ -268,9 +272,9 @@ def solve(sensitivity: Sensitivity, *, max_file_bytes: int, device=None,
     fixed = sensitivity.metadata_bytes + sum(_padded(t.nbytes) for t in sensitivity.fixed)
     costs = [np.array([_padded(o.nbytes) for o in sensitivity.options[n]]) for n in names]
 
-    def choose(multiplier: float) -> dict[str, str]:
+    def choose(multiplier: float, least: int = 0) -> dict[str, str]:
         values = [prices[n] + multiplier * seconds[n] for n in names]
-        picks = _knapsack(costs, values, max_file_bytes - fixed)
+        picks = _knapsack(costs, values, max_file_bytes - fixed, least - fixed)
         return {n: sensitivity.options[n][k].type_name for n, k in zip(names, picks)}
 
     def decode_s(types: dict[str, str]) -> float | None:
@@ -285,7 +289,7 @@ def solve(sensitivity: Sensitivity, *, max_file_bytes: int, device=None,
         wanted = f", {1 / max_decode_s_per_token:.1f} tok/s" if max_decode_s_per_token else ""
         raise EdgepruneError(f"even the smallest candidate types give {floor_bytes / MIB:.1f} MiB{speed}, over the "
                              f"budget ({max_file_bytes / MIB:.1f} MiB{wanted}): prune, or allow a smaller type")
-    types = choose(0.0)
+    types = choose(0.0, min_file_bytes)
     if max_decode_s_per_token is not None and decode_s(types) > max_decode_s_per_token:
         # Raise the multiplier until seconds outweigh estimated KLD enough (a large one picks the fastest choice
         # in the bytes, no slower than the smallest types, which keep the budget), then bisect down to the least
@@ -307,14 +311,16 @@ def solve(sensitivity: Sensitivity, *, max_file_bytes: int, device=None,
                      _bits_by_kind(sensitivity, types))
 
 
-def _knapsack(costs: list[np.ndarray], values: list[np.ndarray], capacity: int) -> list[int]:
-    """One option per item, the least total value with total cost within `capacity`: dynamic programming over
-    costs above each item's cheapest option, on a grid of KNAPSACK_STEPS steps rounded up, so it never overspends."""
+def _knapsack(costs: list[np.ndarray], values: list[np.ndarray], capacity: int, least: int = 0) -> list[int]:
+    """One option per item, the least total value with total cost within `capacity` and, where the options reach
+    it, at least `least`: dynamic programming over costs above each item's cheapest option, on a grid of
+    KNAPSACK_STEPS steps rounded up, so it never overspends (and counts a step per item short of `least`)."""
     base = [c - c.min() for c in costs]
     room = capacity - sum(int(c.min()) for c in costs)
     step = max(1, -(-room // KNAPSACK_STEPS))
     slots = room // step + 1
-    best = np.zeros(slots)  # least value of the items so far within each number of steps
+    best = np.full(slots, np.inf)  # least value of the items so far at exactly each number of steps
+    best[0] = 0.0
     picks = np.zeros((len(costs), slots), dtype=np.int16)
     for i, (cost, value) in enumerate(zip(base, values)):
         steps = -(-cost // step)
@@ -327,7 +333,11 @@ def _knapsack(costs: list[np.ndarray], values: list[np.ndarray], capacity: int) 
             better = candidate < new
             new[better], pick[better] = candidate[better], k
         best = new
-    chosen, left = [], slots - 1
+    short = least - sum(int(c.min()) for c in costs) + len(costs) * step  # rounding up overstates by < a step each
+    reachable = np.flatnonzero(np.isfinite(best))
+    floor = min(max(0, -(-short // step)), int(reachable[-1]))
+    left = floor + int(np.argmin(best[floor:]))
+    chosen = []
     for i in reversed(range(len(costs))):
         k = int(picks[i, left])
         chosen.append(k)
@@ -394,7 +404,8 @@ def choose_mix(float_gguf: str | Path, imatrix: dict[str, np.ndarray], quant: st
     if progress:
         progress(f"mixed precision: solving for {budget / MIB:.1f} MiB (the size of {quant})"
                  + (f" and {1 / max_s:.1f} tok/s on {profile.device.name}" if max_s else ""))
-    plan = solve(sensitivity, max_file_bytes=budget, device=device, max_decode_s_per_token=max_s)
+    plan = solve(sensitivity, max_file_bytes=budget, min_file_bytes=int(LEAST_FILL * budget), device=device,
+                 max_decode_s_per_token=max_s)
     plan.sensitivity_seconds = sensitivity.seconds
     plan.against_named = against_named(sensitivity, plan.types, named, quant)
     return plan
