@@ -12,7 +12,10 @@ nothing: every quantization block holds 32 consecutive weights of a row, and the
 with its residual channels, its MLP channels and each head's value channels shuffled, consistently, through every
 matrix and norm. Each new block then mixes weights from up to 32 old blocks, each on its own scale, which no block
 grid holds. The seed is fixed, so every run builds the same model; `python -m edgeprune.build.bench.offgrid`
-checks it: the same perplexity, and the grid's type no longer better than its neighbours.
+checks it: the same perplexity, and the grid's type no longer better than its neighbours. Measured (2 cores, 20
+chunks of the odd reference topics): SmolLM2 PPL 11.504 as shipped and off its grid, blk.3.attn_q's squared error
+at q4_1 from 0.0006 to 105.7 (q4_0 130.6, q5_0 32.4); Gemma 3 270M PPL 11.913 both, blk.3.ffn_up's at q5_0 from
+2.4e-5 to 3.79 (q4_1 13.8, q5_1 3.23).
 """
 
 from __future__ import annotations
