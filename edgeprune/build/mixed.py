@@ -54,9 +54,11 @@ CANDIDATE_TYPES = ("iq2_s", "q2_k", "iq3_xxs", "q3_k", "iq3_s", "iq4_xs", "q4_0"
 NEEDS_IMATRIX = ("iq2_s", "iq3_xxs")  # llama.cpp refuses these without an importance matrix
 # Each kind's KLD per unit of error is measured with that kind alone at the first of these it can store, on
 # PROBE_CHUNKS chunks of PROBE_CTX tokens of the calibration text: errors of a 4-bit quantization are those a
-# budget near Q4 trades, and 1024 scored tokens rank the kinds (their prices differ by orders of magnitude).
+# budget near Q4 trades, and 381 scored tokens rank the kinds (their prices differ by orders of magnitude). Each
+# probe is a forward pass over all the chunks' tokens, most of the pass's time: 4 chunks of 512 cost SmolLM2 23 s
+# a kind on 2 cores, and the whole pass 266 s; the pass is to stay under 2 minutes there.
 PROBE_TYPES = ("q4_0", "iq4_nl", "q4_k")
-PROBE_CTX, PROBE_CHUNKS = 512, 4
+PROBE_CTX, PROBE_CHUNKS = 256, 3
 # The knapsack's byte grid: bytes above each tensor's smallest type, in this many steps of the room; rounding up
 # each tensor's cost to a step leaves at most one step per tensor unspent (SmolLM2: 211 tensors, 0.2% of the room).
 KNAPSACK_STEPS = 100_000
@@ -64,8 +66,9 @@ KNAPSACK_STEPS = 100_000
 # bytes (weights already on one type's grid) would otherwise give a smaller file and call it a win at that size.
 LEAST_FILL = 0.995
 # Rows are quantized independently, so a tensor's error is estimated on every SAMPLE_EVERY-th row, quantized
-# alone, and scaled up; quantizing and reading back every row cost SmolLM2 about 20 s per type on 2 cores.
-SAMPLE_EVERY = 4
+# alone, and scaled up; quantizing and reading back every row cost SmolLM2 about 20 s per type on 2 cores, every
+# fourth row 42 s for all fifteen types. SmolLM2's narrowest matrices (192 rows) keep 24 rows of 576 weights.
+SAMPLE_EVERY = 8
 Progress = Callable[[str], None]
 
 
@@ -204,22 +207,28 @@ def _kld_per_error(float_gguf: Path, imatrix: dict, text: Text, sensitivity: Sen
                    say: Progress) -> dict[str, float]:
     """Each kind's measured KLD with that kind alone at a probe type, over the kind's summed relative error there:
     the KLD one unit of that kind's relative error costs. The other kinds are at q8_0 in the probe and in the
-    reference it is compared with: half the bytes of f16 to write and read, and the kind's KLD alone."""
+    reference it is compared with: half the bytes of f16 to write and read, and the kind's KLD alone. Two quantizer
+    passes serve every probe: the reference, and every kind at its probe type; each probe file is the reference
+    with one kind's tensors copied in from the second."""
     options = sensitivity.options
-    reference = quantize_gguf(float_gguf, tmp / "probe-reference.gguf", "Q8_0", imatrix=imatrix, threads=threads,
-                              tensor_types=_only(set(), "q8_0", options, rest="q8_0")).path
     kinds: dict[str, list[str]] = {}
     for name in options:
         kinds.setdefault(tensor_kind(name), []).append(name)
+    probes = {kind: probe for kind, names in kinds.items()
+              if (probe := next((t for t in PROBE_TYPES
+                                 if all(any(o.type_name == t for o in options[n]) for n in names)), None))}
+    reference = quantize_gguf(float_gguf, tmp / "probe-reference.gguf", "Q8_0", imatrix=imatrix, threads=threads,
+                              tensor_types=_only(set(), "q8_0", options, rest="q8_0")).path
+    at_probe = quantize_gguf(float_gguf, tmp / "probe-all.gguf", "Q8_0", imatrix=imatrix, threads=threads,
+                             tensor_types={n: probes.get(tensor_kind(n), "q8_0") for n in options}).path
+    reference_reader = gguf.GGUFReader(reference)
+    probed = {t.name: t for t in gguf.GGUFReader(at_probe).tensors}
     reference_topk = tmp / "reference-topk.npz"
     prices = {}
-    for i, (kind, names) in enumerate(sorted(kinds.items())):
-        probe = next((t for t in PROBE_TYPES if all(any(o.type_name == t for o in options[n]) for n in names)), None)
-        if probe is None:
-            continue
-        say(f"sensitivity: the KLD of {kind} alone at {probe} ({i + 1}/{len(kinds)})")
-        out = quantize_gguf(float_gguf, tmp / f"probe-{kind}.gguf", "Q8_0", imatrix=imatrix, threads=threads,
-                            tensor_types=_only(set(names), probe, options, rest="q8_0")).path
+    for i, (kind, probe) in enumerate(sorted(probes.items())):
+        say(f"sensitivity: the KLD of {kind} alone at {probe} ({i + 1}/{len(probes)})")
+        names = kinds[kind]
+        out = copy_gguf(reference_reader, tmp / f"probe-{kind}.gguf", replacements={n: probed[n] for n in names})
         against = ({"reference_topk": reference_topk} if reference_topk.exists()
                    else {"reference_gguf": reference, "save_topk": reference_topk})
         _, divergence = measure_perplexity(out, text, n_ctx=PROBE_CTX, max_chunks=PROBE_CHUNKS, threads=threads,
