@@ -48,7 +48,8 @@ from edgeprune.device.validation.quality import measure_perplexity
 # The types a tensor may take, each one quantizer pass over the row sample: every type llama.cpp stores from 2.5
 # bits a weight up, the K- and IQ-quants for 256-aligned rows, the 32-block types (iq4_nl among them) for any row
 # (SmolLM2's 576-wide and Gemma 3's 640-wide rows take no K-quant). Below 2.5 bits (iq2_xs, iq2_xxs, iq1_*) no
-# named type's budget reaches. Measured on SmolLM2 on one core: 54 s for all fifteen types, iq4_nl 13 s of it.
+# named type's budget reaches. Measured on SmolLM2 on 2 cores, every eighth row: 20 s for all fifteen types, iq4_nl
+# 4 s of it.
 CANDIDATE_TYPES = ("iq2_s", "q2_k", "iq3_xxs", "q3_k", "iq3_s", "iq4_xs", "q4_0", "iq4_nl", "q4_1", "q4_k", "q5_0",
                    "q5_1", "q5_k", "q6_k", "q8_0")
 NEEDS_IMATRIX = ("iq2_s", "iq3_xxs")  # llama.cpp refuses these without an importance matrix
@@ -56,7 +57,8 @@ NEEDS_IMATRIX = ("iq2_s", "iq3_xxs")  # llama.cpp refuses these without an impor
 # PROBE_CHUNKS chunks of PROBE_CTX tokens of the calibration text: errors of a 4-bit quantization are those a
 # budget near Q4 trades, and 381 scored tokens rank the kinds (their prices differ by orders of magnitude). Each
 # probe is a forward pass over all the chunks' tokens, most of the pass's time: 4 chunks of 512 cost SmolLM2 23 s
-# a kind on 2 cores, and the whole pass 266 s; the pass is to stay under 2 minutes there.
+# a kind on 2 cores, and the whole pass 266 s; 3 chunks of 256 cost 6 s a kind, and the pass 100 s (bench mixed;
+# Gemma 3 270M 228 s), under the 2 minutes it is to stay within on SmolLM2.
 PROBE_TYPES = ("q4_0", "iq4_nl", "q4_k")
 PROBE_CTX, PROBE_CHUNKS = 256, 3
 # The knapsack's byte grid: bytes above each tensor's smallest type, in this many steps of the room; rounding up
@@ -67,7 +69,8 @@ KNAPSACK_STEPS = 100_000
 LEAST_FILL = 0.995
 # Rows are quantized independently, so a tensor's error is estimated on every SAMPLE_EVERY-th row, quantized
 # alone, and scaled up; quantizing and reading back every row cost SmolLM2 about 20 s per type on 2 cores, every
-# fourth row 42 s for all fifteen types. SmolLM2's narrowest matrices (192 rows) keep 24 rows of 576 weights.
+# fourth row 42 s for all fifteen types, every eighth 20 s. SmolLM2's narrowest matrices (192 rows) keep 24 rows
+# of 576 weights.
 SAMPLE_EVERY = 8
 Progress = Callable[[str], None]
 

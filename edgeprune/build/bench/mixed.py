@@ -26,7 +26,7 @@ from edgeprune.build.calibration import collect_calibration
 from edgeprune.core.atomic import write_text_atomic
 from edgeprune.device.llamacpp.quantizer import dry_run_types
 from edgeprune.build.hostprobe import measure_host_profile
-from edgeprune.build.mixed import LEAST_FILL, Sensitivity, measure_sensitivity, solve
+from edgeprune.build.mixed import LEAST_FILL, SAMPLE_EVERY, Sensitivity, measure_sensitivity, solve
 from edgeprune.build.quantize import quantize_gguf
 from edgeprune.core.shapes import shape_of
 from edgeprune.core.texts import default_calibration_text, default_evaluation_text
@@ -114,13 +114,14 @@ def run(progress) -> SuiteResult:
         method=(
             f"Models: {'; '.join(m['name'] for m in models.values())}, each written as an F16 GGUF, the reference. "
             f"Importance matrix: edgeprune's calibration pass ({CALIB_SEQUENCES}×{CALIB_SEQ_LEN} tokens of "
-            f"'{calibration.name}'). Sensitivity: a quarter of every tensor's rows quantized by llama.cpp to each "
-            f"candidate type with that imatrix, the imatrix-weighted squared error measured, and each kind's error "
-            f"priced in KLD by quantizing that kind alone and measuring the file on the calibration text. Each named "
-            f"row is llama.cpp's type with the imatrix; each mix is solved in that file's bytes and quantized by "
-            f"llama.cpp with per-tensor overrides. PPL, mean KLD and top-1 agreement against the F16 reference on "
-            f"'{evaluation.name}' ({EVAL_CHUNKS} chunks of {EVAL_CTX} tokens; the reference's top-k log-probs with "
-            f"tail draws, as a validation bundle keeps them); decode tok/s llama-bench style, on {threads} threads. "
+            f"'{calibration.name}'). Sensitivity: one in {SAMPLE_EVERY} of every tensor's rows quantized by llama.cpp "
+            f"to each candidate type with that imatrix, the imatrix-weighted squared error measured, and each kind's "
+            f"error priced in KLD by quantizing that kind alone and measuring the file on the calibration text. "
+            f"Each named row is llama.cpp's type with the imatrix; each mix is solved in that file's bytes and "
+            f"quantized by llama.cpp with per-tensor overrides. PPL, mean KLD and top-1 agreement against the F16 "
+            f"reference on '{evaluation.name}' ({EVAL_CHUNKS} chunks of {EVAL_CTX} tokens; the reference's top-k "
+            f"log-probs with tail draws, as a validation bundle keeps them); decode tok/s llama-bench style, on "
+            f"{threads} threads. "
             f"Command: `{COMMAND}`."
         ),
         data={"rows": rows, "models": models, "speed_budget": speed_row, "estimators": estimators},
