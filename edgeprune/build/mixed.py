@@ -13,10 +13,12 @@ while the norms downstream scale them away. The same relative error still costs 
 different kinds of tensor (a query's passes through a softmax, a down projection's lands on the residual stream,
 the tied embedding's on the logits), so each kind's is priced in KLD: that kind alone is quantized to a probe type
 and the file's KLD against the float model measured by llama.cpp on the calibration text. The estimate of a mix is
-Σ_kind KLD-per-relative-error × Σ relative errors. On SmolLM2 off its grid (bench mixed) it predicted the measured
-KLD of held-out text within 8% at Q4_K_M's, Q4_0's and Q3_K_M's sizes, and its mixes had 29%, 63% and 46% less
-KLD than the named types. In runs beside it, raw imatrix-weighted errors summed one to one gave 19% and 22% less at
-Q4_K_M's and Q3_K_M's sizes, and priced by kind without the relative scale, 33% more at Q4_K_M's.
+Σ_kind KLD-per-relative-error × Σ relative errors. In bench mixed, on SmolLM2 and Gemma 3 270M moved off their
+grids, it ranked every file as the measured KLD of held-out text did (rank correlation 1.0; raw imatrix-weighted
+errors 0.57 and 0.94), predicted SmolLM2's mixes within 10% (Gemma's 8-30% high), and the mixes had 38%, 69% and
+47% less KLD than the named types at Q4_K_M's, Q4_0's and Q3_K_M's sizes (Gemma 25%, 60%, 33%). On SmolLM2 moved
+off its grid by noise, raw imatrix-weighted errors summed one to one gave 19% and 22% less at Q4_K_M's and
+Q3_K_M's sizes, and priced by kind without the relative scale, 33% more at Q4_K_M's.
 
 The solver is an exact multiple-choice knapsack over bytes (dynamic programming), with a decode-time budget kept by
 a Lagrange multiplier on each type's predicted decode seconds.
@@ -57,8 +59,8 @@ NEEDS_IMATRIX = ("iq2_s", "iq3_xxs")  # llama.cpp refuses these without an impor
 # PROBE_CHUNKS chunks of PROBE_CTX tokens of the calibration text: errors of a 4-bit quantization are those a
 # budget near Q4 trades, and 381 scored tokens rank the kinds (their prices differ by orders of magnitude). Each
 # probe is a forward pass over all the chunks' tokens, most of the pass's time: 4 chunks of 512 cost SmolLM2 23 s
-# a kind on 2 cores, and the whole pass 266 s; 3 chunks of 256 cost 6 s a kind, and the pass 100 s (bench mixed;
-# Gemma 3 270M 228 s), under the 2 minutes it is to stay within on SmolLM2.
+# a kind on 2 cores, and the whole pass 266 s; 3 chunks of 256 cost 6 s a kind, and the pass 106 s (bench mixed;
+# Gemma 3 270M 250 s), under the 2 minutes it is to stay within on SmolLM2.
 PROBE_TYPES = ("q4_0", "iq4_nl", "q4_k")
 PROBE_CTX, PROBE_CHUNKS = 256, 3
 # The knapsack's byte grid: bytes above each tensor's smallest type, in this many steps of the room; rounding up
