@@ -104,23 +104,24 @@ def test_runtime_without_deci_never_gets_adaptive(tiny):
 
 
 def test_mixed_candidates_are_ranked_by_their_measured_rows_only_when_asked(tiny):
-    """A mix keeps a measured share of its named type's loss (mixed_table.toml): at Q4_0's bytes it keeps less than
-    a third, less lossy than Q4_K_M itself, so asked for, it wins, priced as Q4_0; not asked for, no mix is offered.
-    A type without a measured mix row gets its named type's estimate, marked extrapolated, and the mix is preferred
-    on that tie."""
+    """A mix keeps a measured share of its named type's loss (mixed_table.toml), so asked for, the mix with the least
+    estimated loss wins, priced as its named type; not asked for, no mix is offered. A type without a measured mix
+    row gets its named type's estimate, marked extrapolated, and the mix is preferred on that tie."""
     shape = shape_of(tiny.model)
     quants = ("Q4_K_M", "Q4_0")
     named = make_plan(tiny, shape, budgeted(), quants=quants)
     assert named.chosen.candidate.label(shape) == "Q4_K_M"
     assert not any(e.candidate.mixed for e in [named.chosen, *named.rejected, *named.runners_up])
     mixed = make_plan(tiny, shape, budgeted(), quants=quants, mixed=True)
-    assert mixed.chosen.candidate.label(shape) == "Q4_0 mixed" and mixed.chosen.basis == "measured"
+    shares = load_quality_table()["mixed"]["mix"]
+    alone = {q: make_plan(tiny, shape, budgeted(), quants=(q,)).chosen for q in quants}
+    best = min(quants, key=lambda q: alone[q].quality_loss * shares[q])
+    assert mixed.chosen.candidate.label(shape) == f"{best} mixed" and mixed.chosen.basis == "measured"
     assert mixed.chosen.quality_loss < named.chosen.quality_loss
-    q4 = make_plan(tiny, shape, budgeted(), quants=("Q4_0",))
-    assert mixed.chosen.prediction.size.file_bytes == q4.chosen.prediction.size.file_bytes
-    assert mixed.chosen.quality_loss == pytest.approx(q4.chosen.quality_loss * load_quality_table()["mixed"]["mix"]["Q4_0"])
+    assert mixed.chosen.prediction.size.file_bytes == alone[best].prediction.size.file_bytes
+    assert mixed.chosen.quality_loss == pytest.approx(alone[best].quality_loss * shares[best])
     text = format_plan(mixed, "tiny", budgeted())
-    assert "chosen     Q4_0 mixed" in text and "mixed: each tensor gets" in mixed.why()
+    assert f"chosen     {best} mixed" in text and "mixed: each tensor gets" in mixed.why()
     no_row = make_plan(tiny, shape, budgeted(), quants=("Q5_K_M",), mixed=True)
     assert no_row.chosen.candidate.label(shape) == "Q5_K_M mixed" and no_row.chosen.estimate.endswith("!")
     q5 = make_plan(tiny, shape, budgeted(), quants=("Q5_K_M",))
@@ -145,7 +146,7 @@ def test_a_recovery_budget_adds_recovered_candidates_that_must_fit_it(tiny):
     assert chosen.candidate.recovered and chosen.candidate.allocation == "uniform"
     assert chosen.quality_loss < plain.chosen.quality_loss
     assert chosen.prediction.size.file_bytes / MIB <= q4 * 0.97
-    assert 0 < chosen.recovery_minutes < 1  # a tiny model: the measured minutes scaled by decoder parameters
+    assert 0 < chosen.recovery_minutes < 1  # a tiny model: the measured minutes scaled by its pass weights
     assert "+ distillation" in chosen.candidate.label(shape) and "recovered by distillation" in recovered.why()
     assert "recovery <= 15 min" in format_plan(recovered, "tiny", with_recovery(15))
     assert make_plan(tiny, shape, with_recovery(15), can_recover=False).chosen.candidate == plain.chosen.candidate

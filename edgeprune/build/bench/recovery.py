@@ -108,7 +108,7 @@ def run(progress) -> SuiteResult:
     names = [t.name for t in texts]
     if MODEL == "smollm2":
         write_text_atomic(RECOVERY_TABLE, recovery_table_toml(rows, names[0], options, teacher_seconds,
-                                                              shape_of(dense).decoder_params(), time.strftime("%Y-%m-%d")))
+                                                              shape_of(dense).pass_params(), time.strftime("%Y-%m-%d")))
         progress(f"recovery: wrote {RECOVERY_TABLE}")
     return SuiteResult(
         title=f"Recovery by distillation on {loaded.name}: one-shot, one-shot + distillation"
@@ -145,7 +145,7 @@ def _closed(one_shot: float, recovered: float, dense: float) -> float:
 
 
 def recovery_table_toml(rows: list[dict], text: str, options: DistillOptions, teacher_seconds: float,
-                        decoder_params: int, date: str) -> str:
+                        pass_params: int, date: str) -> str:
     """The planner's rows for recovered candidates (edgeprune.build.planner.load_quality_table): Δ log PPL against the
     dense model of one-shot pruning + distillation, per share of decoder parameters removed, and what recovery
     cost here. Points at ratios this run did not measure are kept from the table it replaces."""
@@ -166,7 +166,8 @@ def recovery_table_toml(rows: list[dict], text: str, options: DistillOptions, te
         f"# SmolLM2-135M-Instruct, MLP channels, one-shot pruning then {options.steps} distillation steps; PPL on",
         f"# {text}, {CHUNKS} chunks of 512 tokens (quality_table.toml's 20 chunks put the one-shot",
         "# models within 0.03 of this suite's). [cost] is what recovery took on the 2-core machine that measured it,",
-        "# the teacher's pass included; the planner scales it by decoder parameters.",
+        "# the teacher's pass included; the planner scales it by the weights a token's pass multiplies by",
+        "# (ModelShape.pass_params: decoder and output head).",
         "",
         "[recovered]",
         "# share of decoder parameters removed from MLP channels -> Δ log PPL, per allocation",
@@ -176,7 +177,7 @@ def recovery_table_toml(rows: list[dict], text: str, options: DistillOptions, te
         f"steps = {options.steps}",
         f"seconds_per_step = {per_step:.2f}",
         f"teacher_seconds = {teacher_seconds:.0f}",
-        f"decoder_params = {decoder_params}",
+        f"pass_params = {pass_params}",
         "",
         "[measured]",
         f'command = "{COMMAND}"',
