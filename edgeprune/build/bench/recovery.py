@@ -1,6 +1,6 @@
 """Recovery suite: how much of the loss of a deep cut distillation from the dense model wins back on SmolLM2-135M
-(EDGEPRUNE_RECOVERY_MODEL=gemma3: Gemma 3 270M, and EDGEPRUNE_RECOVERY_STEPS=N, fewer steps to fit a time budget,
-are reported only; recovery_table.toml is SmolLM2's at the default steps).
+(EDGEPRUNE_RECOVERY_MODEL=gemma3: Gemma 3 270M, EDGEPRUNE_RECOVERY_STEPS=N, fewer steps to fit a time budget, and
+EDGEPRUNE_RECOVERY_LR are reported only; recovery_table.toml is SmolLM2's with the default recipe).
 
 At 30% and 50% of decoder parameters removed (MLP channels, edgeprune's default pruning), three ways: one-shot
 retraining-free (the ridge reconstruction only), one-shot then distillation, and iterative (three pruning steps,
@@ -42,8 +42,10 @@ CHUNKS = 10  # 512-token chunks of each held-out text, as the pruning suite
 ITERATIVE_STEPS = 3
 ITERATIVE = os.environ.get("EDGEPRUNE_RECOVERY_ITERATIVE", "1") != "0"
 MODEL = os.environ.get("EDGEPRUNE_RECOVERY_MODEL", "smollm2")
-# distillation steps per recovery (DistillOptions' default unless set): fewer fit a larger model in a time budget
+# distillation steps per recovery and learning rate (DistillOptions' defaults unless set): fewer steps fit a larger
+# model in a time budget
 STEPS = int(os.environ.get("EDGEPRUNE_RECOVERY_STEPS", DistillOptions.steps))
+LEARNING_RATE = float(os.environ.get("EDGEPRUNE_RECOVERY_LR", DistillOptions.learning_rate))
 COMMAND = "python -m edgeprune.build.bench recovery"
 RECOVERY_TABLE = Path(__file__).resolve().parents[1] / "recovery_table.toml"
 
@@ -56,7 +58,7 @@ def run(progress) -> SuiteResult:
     dense = loaded.model
     calib_ids = loaded.tokenizer(default_calibration_text().content, add_special_tokens=False)["input_ids"]
     texts = [default_evaluation_text(), tempest_text()]
-    options = DistillOptions(steps=STEPS)
+    options = DistillOptions(steps=STEPS, learning_rate=LEARNING_RATE)
     recovery = recovery_texts()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="edgeprune-bench-recovery-") as tmp:
@@ -109,7 +111,7 @@ def run(progress) -> SuiteResult:
                         held_out_kld=[r.held_out_kld for r in results])
                 del pruned
     names = [t.name for t in texts]
-    if MODEL == "smollm2" and STEPS == DistillOptions.steps:
+    if MODEL == "smollm2" and options == DistillOptions():
         write_text_atomic(RECOVERY_TABLE, recovery_table_toml(rows, names[0], options, teacher_seconds,
                                                               shape_of(dense).pass_params(), time.strftime("%Y-%m-%d")))
         progress(f"recovery: wrote {RECOVERY_TABLE}")
