@@ -17,6 +17,8 @@ from edgeprune.core.shapes import LayerShape, ModelShape, shape_of
 MIB = 1 << 20
 # SmolLM2-135M, the model the table was measured on (FACTS): 30 layers of 9 heads of 64 over 3 KV heads, FFN 1536.
 SMOLLM2 = ModelShape(49152, 576, 64, (LayerShape(9, 3, 1536),) * 30, True)
+# Gemma 3 270M: 18 layers of 4 heads of 256 over one KV head, FFN 2048, a 262k vocabulary
+GEMMA3 = ModelShape(262144, 640, 256, (LayerShape(4, 1, 2048),) * 18, True)
 ONE_BLOCK = 3 * 576 * 32 * 30 / SMOLLM2.decoder_params()  # 32 FFN channels in every layer, as a decoder share
 
 
@@ -84,10 +86,21 @@ def test_recovered_rows_are_measured_points_below_the_retraining_free_curve(tabl
 def test_recovery_is_priced_by_the_weights_a_token_passes_through_not_the_decoder_alone(table):
     """Gemma 3 270M's decoder is a little smaller than SmolLM2's, but its 262k-token head is 1.7× its decoder:
     distill.estimate timed its recovery at 1.82× SmolLM2's on one machine."""
-    gemma3 = ModelShape(262144, 640, 256, (LayerShape(4, 1, 2048),) * 18, True)
-    assert gemma3.decoder_params() < SMOLLM2.decoder_params()
-    ratio = recovery_minutes(gemma3, table) / recovery_minutes(SMOLLM2, table)
+    assert GEMMA3.decoder_params() < SMOLLM2.decoder_params()
+    ratio = recovery_minutes(GEMMA3, table) / recovery_minutes(SMOLLM2, table)
     assert ratio == pytest.approx(1.99, abs=0.01)
+
+
+def test_recovered_estimates_are_measured_only_on_the_model_recovery_was_measured_on(table):
+    """recovery_table.toml is SmolLM2's: on Gemma 3 270M distillation widened the in-domain gap instead (bench
+    recovery), so another model's recovered estimate is marked extrapolated, not passed off as measured."""
+    share = table["recovery"]["recovered"]["uniform"][1][0]
+    for shape, basis in ((SMOLLM2, "measured"), (GEMMA3, "extrapolated")):
+        layer = shape.layers[0]
+        n_ff = layer.n_ff - round(share * shape.decoder_params() / (3 * shape.hidden_size * shape.n_layers))
+        every_head = layer.n_head // layer.n_head_kv
+        assert estimated_loss(Candidate("Q8_0", n_ff, every_head, 0, "uniform", recovered=True), shape,
+                              load_quality_table(shape))[1] == basis
 
 
 # A tiny shape: 2 layers, hidden 64, 4 heads of 16 over 2 KV heads, FFN 128. 32 FFN channels are 1/6 of the

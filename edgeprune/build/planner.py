@@ -249,6 +249,9 @@ def estimated_loss(candidate: Candidate, base: ModelShape, table: dict) -> tuple
     bases = [basis, _curve_basis(curve, mlp_removed / decoder)]
     if heads_removed or candidate.layers_removed:  # heads_factor and per_layer_removed are estimates, not rows
         bases.append("extrapolated")
+    if candidate.recovered and table["recovery"]["measured"]["shape"] != [base.vocab_size, base.hidden_size,
+                                                                           base.n_layers]:
+        bases.append("extrapolated")  # recovery measured on another model: Gemma 3 270M's did not follow SmolLM2's
     return quant + loss + pruning["per_layer_removed"] * candidate.layers_removed, max(bases, key=list(BASES).index)
 
 

@@ -29,7 +29,7 @@ from edgeprune.core.fetch import MODELS
 from edgeprune.build.loading import load_model
 from edgeprune.build.pruning import PruneOptions, prune_model
 from edgeprune.build.pruning.distill import DistillOptions, TeacherCache, distill, windows
-from edgeprune.core.shapes import shape_of
+from edgeprune.core.shapes import ModelShape, shape_of
 from edgeprune.core.texts import default_calibration_text, default_evaluation_text, recovery_texts, tempest_text
 from edgeprune.device.validation.quality import measure_perplexity
 from edgeprune.device.validation.results import MIB
@@ -113,7 +113,7 @@ def run(progress) -> SuiteResult:
     names = [t.name for t in texts]
     if MODEL == "smollm2" and options == DistillOptions():
         write_text_atomic(RECOVERY_TABLE, recovery_table_toml(rows, names[0], options, teacher_seconds,
-                                                              shape_of(dense).pass_params(), time.strftime("%Y-%m-%d")))
+                                                              shape_of(dense), time.strftime("%Y-%m-%d")))
         progress(f"recovery: wrote {RECOVERY_TABLE}")
     return SuiteResult(
         title=f"Recovery by distillation on {loaded.name}: one-shot, one-shot + distillation"
@@ -150,7 +150,7 @@ def _closed(one_shot: float, recovered: float, dense: float) -> float:
 
 
 def recovery_table_toml(rows: list[dict], text: str, options: DistillOptions, teacher_seconds: float,
-                        pass_params: int, date: str) -> str:
+                        shape: ModelShape, date: str) -> str:
     """The planner's rows for recovered candidates (edgeprune.build.planner.load_quality_table): Δ log PPL against the
     dense model of one-shot pruning + distillation, per share of decoder parameters removed, and what recovery
     cost here. Points at ratios this run did not measure are kept from the table it replaces."""
@@ -182,10 +182,12 @@ def recovery_table_toml(rows: list[dict], text: str, options: DistillOptions, te
         f"steps = {options.steps}",
         f"seconds_per_step = {per_step:.2f}",
         f"teacher_seconds = {teacher_seconds:.0f}",
-        f"pass_params = {pass_params}",
+        f"pass_params = {shape.pass_params()}",
         "",
         "[measured]",
         f'command = "{COMMAND}"',
         f'date = "{date}"',
+        "# the model measured (vocabulary, width, layers): the planner marks recovered estimates of others extrapolated",
+        f"shape = {[shape.vocab_size, shape.hidden_size, shape.n_layers]}",
     ]
     return "\n".join(lines) + "\n"
