@@ -54,6 +54,24 @@ def test_sensitivity_measures_every_type_each_row_width_allows(tiny_model):
     assert sensitivity.options["blk.0.ffn_down.weight"][0].type_name == "iq2_s"  # 512-wide: the smallest
 
 
+def test_a_copy_takes_the_named_tensors_from_another_file_and_refuses_one_it_lacks(tiny_model, tmp_path):
+    """How each sensitivity probe is made: the reference with one kind's tensors copied in from another file, of
+    another type; a name the file does not hold is refused by name, not skipped."""
+    from edgeprune.device.gguf_copy import copy_gguf
+
+    _, float_gguf, _, _ = tiny_model
+    q4 = quantize_gguf(float_gguf, tmp_path / "q4.gguf", "Q4_0").path
+    quantized = {t.name: t for t in gguf.GGUFReader(q4).tensors}
+    reference = gguf.GGUFReader(float_gguf)
+    name = "blk.1.attn_q.weight"
+    probe = copy_gguf(reference, tmp_path / "probe.gguf", replacements={name: quantized[name]})
+    types = file_types(probe)
+    assert types[name] == "q4_0" and all(t == file_types(float_gguf)[n] for n, t in types.items() if n != name)
+    with pytest.raises(ValueError, match="cannot replace blk.9.attn_q.weight: no such tensor"):
+        copy_gguf(reference, tmp_path / "bad.gguf", replacements={"blk.9.attn_q.weight": quantized[name]})
+    assert not (tmp_path / "bad.gguf").exists()
+
+
 def test_errors_are_priced_in_kld_measured_by_kind(tiny_model, tmp_path):
     """Each kind alone at its probe type prices its relative error in KLD; the priced estimate of every tensor at
     q4_0 then predicts the KLD llama.cpp measures for that file, where raw summed errors are no KLD at all."""
@@ -90,8 +108,9 @@ def test_solver_keeps_the_byte_budget_and_spends_it_where_damage_falls(tiny_mode
 
 
 def test_solver_spends_the_named_size_even_where_more_bytes_look_useless(tiny_model):
-    """Weights on one type's grid: every type looks as good as any other. A mix at a size between Q4_0's and Q8_0's still spends its
-    bytes, between the least asked and the budget, where the unbounded solver takes the cheapest types."""
+    """Weights on one type's grid: every type looks as good as any other. A mix at a size between Q4_0's and Q8_0's
+    still spends its bytes, between the least asked and the budget, where the unbounded solver takes the cheapest
+    types."""
     _, _, _, sensitivity = tiny_model
     flat = dataclasses.replace(sensitivity, options={n: [dataclasses.replace(o, error=1.0) for o in options]
                                                      for n, options in sensitivity.options.items()})

@@ -330,7 +330,8 @@ def _knapsack(costs: list[np.ndarray], values: list[np.ndarray], capacity: int, 
     it, at least `least`: dynamic programming over costs above each item's cheapest option, on a grid of
     KNAPSACK_STEPS steps rounded up, so it never overspends (and counts a step per item short of `least`)."""
     base = [c - c.min() for c in costs]
-    room = capacity - sum(int(c.min()) for c in costs)
+    cheapest = sum(int(c.min()) for c in costs)
+    room = capacity - cheapest
     step = max(1, -(-room // KNAPSACK_STEPS))
     slots = room // step + 1
     best = np.full(slots, np.inf)  # least value of the items so far at exactly each number of steps
@@ -347,7 +348,7 @@ def _knapsack(costs: list[np.ndarray], values: list[np.ndarray], capacity: int, 
             better = candidate < new
             new[better], pick[better] = candidate[better], k
         best = new
-    short = least - sum(int(c.min()) for c in costs) + len(costs) * step  # rounding up overstates by < a step each
+    short = least - cheapest + len(costs) * step  # rounding up overstates by < a step each
     reachable = np.flatnonzero(np.isfinite(best))
     floor = min(max(0, -(-short // step)), int(reachable[-1]))
     left = floor + int(np.argmin(best[floor:]))

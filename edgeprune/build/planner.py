@@ -177,7 +177,8 @@ class Plan:
             reason += "; each less lossy one breaks a budget (below)"
         if self.chosen.candidate.recovered:
             reason += (f"; recovered by distillation from the unpruned model, about {self.chosen.recovery_minutes:.0f} "
-                       "min here (what recovery_table.toml measured on 2 cores, scaled by the weights a token's pass multiplies by)")
+                       "min here (what recovery_table.toml measured on 2 cores, scaled by the weights a token's pass "
+                       "multiplies by)")
         if self.chosen.candidate.mixed:
             reason += (f"; mixed: each tensor gets the llama.cpp type that gives the least estimated KLD in all "
                        f"(its measured error per tensor and type, priced by kind in measured KLD), in "
@@ -199,7 +200,7 @@ def load_quality_table(base: ModelShape | None = None) -> dict:
     package = resources.files("edgeprune.build")
     tables = [tomllib.loads(package.joinpath(name).read_text(encoding="utf-8")) for name in QUALITY_TABLES
               if package.joinpath(name).is_file()]
-    shape = [base.vocab_size, base.hidden_size, base.n_layers] if base is not None else None
+    shape = base.table_key if base is not None else None
     table = next((t for t in tables if t["measured"]["shape"] == shape), tables[0])
     mixed = tomllib.loads(package.joinpath("mixed_table.toml").read_text(encoding="utf-8"))
     mix = next((m for m in mixed.get("models", {}).values() if m["shape"] == shape), mixed["mix"])
@@ -249,8 +250,7 @@ def estimated_loss(candidate: Candidate, base: ModelShape, table: dict) -> tuple
     bases = [basis, _curve_basis(curve, mlp_removed / decoder)]
     if heads_removed or candidate.layers_removed:  # heads_factor and per_layer_removed are estimates, not rows
         bases.append("extrapolated")
-    if candidate.recovered and table["recovery"]["measured"]["shape"] != [base.vocab_size, base.hidden_size,
-                                                                           base.n_layers]:
+    if candidate.recovered and table["recovery"]["measured"]["shape"] != base.table_key:
         bases.append("extrapolated")  # recovery measured on another model: Gemma 3 270M's did not follow SmolLM2's
     return quant + loss + pruning["per_layer_removed"] * candidate.layers_removed, max(bases, key=list(BASES).index)
 
@@ -382,7 +382,7 @@ def plan_notes(source: ConversionInput, base: ModelShape, profile, table: dict) 
         notes.append(f"uniform widths only: llama.cpp's {family_of(source.config).gguf_arch} loader creates every "
                      "layer at layer 0's widths, and no other architecture holds this family's norms")
     measured = table["measured"]
-    if [base.vocab_size, base.hidden_size, base.n_layers] != measured["shape"]:
+    if base.table_key != measured["shape"]:
         notes.append(f"quality estimates from {measured['model']}'s measured rows: the table has none for this model")
     return tuple(notes)
 

@@ -58,6 +58,11 @@ class ModelShape:
         d, hd = self.hidden_size, self.head_dim
         return sum(2 * d * hd * (l.n_head + l.n_head_kv) + 3 * d * l.n_ff for l in self.layers)
 
+    @property
+    def table_key(self) -> list[int]:
+        """Vocabulary, width and layers: how the measured tables name the model they measured."""
+        return [self.vocab_size, self.hidden_size, self.n_layers]
+
     def pass_params(self) -> int:
         """The weights each token's forward pass multiplies by: the decoder's and the output head's (tied or not),
         which sets the cost of training and of a teacher's pass. Gemma 3 270M's head is 1.7× its decoder."""

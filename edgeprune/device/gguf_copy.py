@@ -15,6 +15,9 @@ def copy_gguf(reader: gguf.GGUFReader, path: Path, *, drop_prefixes: tuple[str, 
     keeps only every n-th row: a sample that quantizes as the whole would, row for row, in a fraction of the time.
     A tensor named in `replacements` is taken from there instead (the same tensor in another file, of any type)."""
     changes, replacements = changes or {}, replacements or {}
+    unknown = sorted(set(replacements) - {t.name for t in reader.tensors})
+    if unknown:
+        raise ValueError(f"cannot replace {', '.join(unknown)}: no such tensor in the GGUF being copied")
     writer = gguf.GGUFWriter(path, reader.fields["general.architecture"].contents())
     for field in reader.fields.values():
         if field.name.startswith(("GGUF.", *drop_prefixes)) or field.name == "general.architecture":

@@ -66,7 +66,7 @@ def run(progress) -> SuiteResult:
             del loaded
             sensitivity = measure_sensitivity(reference, imatrix, text=calibration, threads=threads,
                                               progress=progress)
-            models[key] = {"name": name, "shape": [shape.vocab_size, shape.hidden_size, shape.n_layers],
+            models[key] = {"name": name, "shape": shape.table_key,
                            "sensitivity_seconds": sensitivity.seconds, "kld_per_error": sensitivity.kld_per_error}
             topk = tmp / "reference-topk.npz"
 

@@ -134,7 +134,7 @@ def run(progress, model: str = "smollm2") -> SuiteResult:
     shape = shape_of(loaded.model)
     path = QUALITY_TABLE if model == "smollm2" else QUALITY_TABLE.with_name(f"quality_table_{model}.toml")
     write_text_atomic(path, quality_table_toml(quant_rows, prune_rows, time.strftime("%Y-%m-%d"),
-                                               [shape.vocab_size, shape.hidden_size, shape.n_layers], model,
+                                               shape.table_key, model,
                                                allocations))
     CHECKPOINT.unlink(missing_ok=True)
     progress(f"quality: wrote {path}")

@@ -188,6 +188,6 @@ def recovery_table_toml(rows: list[dict], text: str, options: DistillOptions, te
         f'command = "{COMMAND}"',
         f'date = "{date}"',
         "# the model measured (vocabulary, width, layers): the planner marks recovered estimates of others extrapolated",
-        f"shape = {[shape.vocab_size, shape.hidden_size, shape.n_layers]}",
+        f"shape = {shape.table_key}",
     ]
     return "\n".join(lines) + "\n"
