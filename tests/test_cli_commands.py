@@ -190,9 +190,12 @@ def tight(tiny, tmp_path_factory) -> Path:
 
 
 def test_plan_recovery_minutes_lets_a_recovered_cut_win(tiny, tight):
-    recovered = json.loads(_ok(run_cli("plan", str(tiny), "--profile", str(tight), "--json", "--recovery-minutes",
-                                       "5")).stdout)["chosen"]  # unasked, this profile gives no recovery time
+    plan = json.loads(_ok(run_cli("plan", str(tiny), "--profile", str(tight), "--json", "--recovery-minutes",
+                                  "5")).stdout)  # unasked, this profile gives no recovery time
+    recovered = plan["chosen"]
     assert recovered["recovered"] and "+ distillation" in recovered["label"] and recovered["recovery_minutes"] < 5
+    # `plan` reads no weights, so it cannot time a recovery here, and says whose minutes it quotes
+    assert "measured recovery_table.toml" in plan["why"] and "not timed here" in plan["why"]
 
 
 def test_search_measured_keeps_the_candidate_llama_cpp_scores_best_in_plan_and_export(tiny, tight, tmp_path):

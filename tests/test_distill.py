@@ -74,6 +74,38 @@ def test_distillation_brings_the_pruned_student_closer_on_held_out_windows(tiny_
     assert again.resumed_from == 60 and all(torch.equal(trained[n], p) for n, p in untrained.named_parameters())
 
 
+def test_low_rank_recovery_is_merged_into_a_student_of_the_same_shape(tiny_bpe_llama, recovery_file, tmp_path):
+    """Adapters train, then fold into the projections: the student ends with the parameters it started with, each
+    of the same shape, and closer to its teacher; a resumed call returns the same weights."""
+    options = DistillOptions(steps=60, batch_size=4, seq_len=64, top_k=16, held_out=4, eval_every=20, patience=5,
+                             lora_rank=8, learning_rate=1e-3)
+    student, cache, _, _ = _student_and_teacher(tiny_bpe_llama, recovery_file, options, tmp_path)
+    untrained = copy.deepcopy(student)
+    shapes = {n: p.shape for n, p in student.state_dict().items()}
+    result = distill(student, cache, options, tmp_path / "ckpt.pt")
+    assert {n: p.shape for n, p in student.state_dict().items()} == shapes
+    assert result.held_out_kld[-1] < 0.95 * result.held_out_kld[0], result.held_out_kld
+    start = dict(untrained.named_parameters())
+    changed = {n for n, p in student.named_parameters() if not torch.equal(start[n], p)}
+    assert "model.layers.0.mlp.down_proj.weight" in changed and "model.embed_tokens.weight" not in changed
+    again = distill(untrained, cache, options, tmp_path / "ckpt.pt")
+    trained = dict(student.named_parameters())
+    assert again.resumed_from == 60 and all(torch.allclose(trained[n], p) for n, p in untrained.named_parameters())
+
+
+def test_a_merged_adapter_computes_what_the_adapter_did():
+    from edgeprune.build.pruning.distill import LowRankAdapter
+
+    torch.manual_seed(0)
+    adapter = LowRankAdapter(torch.nn.Linear(12, 7, bias=False), 3, torch.Generator().manual_seed(1))
+    torch.nn.init.normal_(adapter.lora_b)
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        adapted = adapter(x)
+        assert not torch.allclose(adapted, adapter.base(x))
+        assert torch.allclose(adapter.merge()(x), adapted, atol=1e-5)
+
+
 def test_a_run_that_only_hurts_ends_with_the_weights_of_its_best_measurement(tiny_bpe_llama, recovery_file, tmp_path):
     """A learning rate far too high: every held-out measurement after the first is worse, so the student ends with
     the weights it started from, and the best-weights file is gone."""

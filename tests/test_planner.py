@@ -146,12 +146,13 @@ def test_a_recovery_budget_adds_recovered_candidates_that_must_fit_it(tiny):
     assert chosen.candidate.recovered and chosen.candidate.allocation == "uniform"
     assert chosen.quality_loss < plain.chosen.quality_loss
     assert chosen.prediction.size.file_bytes / MIB <= q4 * 0.97
-    assert 0 < chosen.recovery_minutes < 1  # a tiny model: the measured minutes scaled by its pass weights
+    assert 0 < chosen.recovery_minutes < 1  # a tiny model's recovery, timed on this machine
+    assert recovered.recovery_basis == "timed on this machine" and "min timed on this machine" in recovered.why()
     assert "+ distillation" in chosen.candidate.label(shape) and "recovered by distillation" in recovered.why()
     assert "recovery <= 15 min" in format_plan(recovered, "tiny", with_recovery(15))
     assert make_plan(tiny, shape, with_recovery(15), can_recover=False).chosen.candidate == plain.chosen.candidate
 
-    too_short = make_plan(tiny, shape, with_recovery(chosen.recovery_minutes / 2))
+    too_short = make_plan(tiny, shape, with_recovery(1e-6))
     assert not too_short.chosen.candidate.recovered
     assert any(str(v).startswith("recovery ") and v.unit == "min" for e in too_short.rejected for v in e.violations)
     with pytest.raises(EdgepruneError, match="--search measured builds candidates without recovery"):

@@ -118,7 +118,7 @@ class Evaluated:
     quality_loss: float  # estimated Δ log PPL
     basis: str  # a key of BASES: how the quality table backs quality_loss
     violations: list[Violation] = field(default_factory=list)
-    recovery_minutes: float | None = None  # estimated recovery time on the build host, for a recovered candidate
+    recovery_minutes: float | None = None  # estimated recovery time, for a recovered candidate (Plan.recovery_basis)
 
     @property
     def estimate(self) -> str:
@@ -155,6 +155,7 @@ class Plan:
     runners_up: list[Evaluated] = field(default_factory=list)  # the next feasible ones, least lossy first
     measured: list = field(default_factory=list)  # edgeprune.build.search.MeasuredLoss, after `--search measured`
     notes: tuple[str, ...] = ()  # what the family's architecture rules out, whose measurements the estimates are
+    recovery_basis: str = ""  # where the recovered candidates' minutes come from (recovery_cost)
 
     def to_dict(self) -> dict:
         return {
@@ -177,8 +178,7 @@ class Plan:
             reason += "; each less lossy one breaks a budget (below)"
         if self.chosen.candidate.recovered:
             reason += (f"; recovered by distillation from the unpruned model, about {self.chosen.recovery_minutes:.0f} "
-                       "min here (what recovery_table.toml measured on 2 cores, scaled by the weights a token's pass "
-                       "multiplies by)")
+                       f"min {self.recovery_basis}")
         if self.chosen.candidate.mixed:
             reason += (f"; mixed: each tensor gets the llama.cpp type that gives the least estimated KLD in all "
                        f"(its measured error per tensor and type, priced by kind in measured KLD), in "
@@ -217,6 +217,28 @@ def recovery_minutes(base: ModelShape, table: dict) -> float:
     cost = table["recovery"]["cost"]
     seconds = cost["teacher_seconds"] + cost["steps"] * cost["seconds_per_step"]
     return seconds * base.pass_params() / cost["pass_params"] / 60
+
+
+TIMED_HERE = "timed on this machine"
+TABLE_MACHINE = ("on the 2-core machine that measured recovery_table.toml, scaled by the weights a token's pass "
+                 "multiplies by (not timed here: the weights are not loaded)")
+
+
+def recovery_cost(source: ConversionInput, base: ModelShape, table: dict,
+                  progress: Callable[[str], None] | None = None) -> tuple[float, str]:
+    """Minutes of recovery by distillation with the default steps, and where that figure comes from. With the
+    weights in memory (an export), one teacher batch and one training step are timed on this machine, as the
+    export's budget check times them: distill.estimate put SmolLM2's recovery at 37.6 min on a 2-core AVX2-only
+    EPYC, where the table's minutes say 12.1, so a plan there chose a recovery its export then refused. Without them (`plan`
+    from the shapes alone) the table's minutes, scaled, and said to be so."""
+    model = source.model
+    if model is None or next(model.parameters()).device.type == "meta":
+        return recovery_minutes(base, table), TABLE_MACHINE
+    from edgeprune.build.pruning.distill import DistillOptions, estimate
+
+    if progress:
+        progress("planning: timing a step of recovery by distillation on this machine")
+    return estimate(model, DistillOptions()).minutes, TIMED_HERE
 
 
 def estimated_loss(candidate: Candidate, base: ModelShape, table: dict) -> tuple[float, str]:
@@ -331,12 +353,13 @@ def violations(prediction: Prediction, profile) -> list[Violation]:
 
 
 def evaluate(source: ConversionInput, base: ModelShape, candidates: list[Candidate], profile, table: dict,
-             progress: Callable[[str], None] | None = None) -> list[Evaluated]:
+             progress: Callable[[str], None] | None = None, minutes: float | None = None) -> list[Evaluated]:
     """Price and rank each candidate. A mix is priced as its named type: the solve keeps within that type's bytes,
-    and within the profile's decode budget with the same margin (edgeprune.build.mixed.choose_mix)."""
+    and within the profile's decode budget with the same margin (edgeprune.build.mixed.choose_mix). `minutes` is
+    what recovering a recovered candidate takes (recovery_cost)."""
     sizes: dict = {}
     out = []
-    minutes, budget = recovery_minutes(base, table), profile.budgets.recovery_minutes
+    budget = profile.budgets.recovery_minutes
     for i, c in enumerate(candidates):
         shape = c.shape(base)
         key = (c.quant, shape)
@@ -362,7 +385,8 @@ def make_plan(source: ConversionInput, base: ModelShape, profile, *, quants: tup
     quants = quants or profile.runtime.quant_types
     recovered = tuple(table["recovery"]["recovered"]) if can_recover and profile.budgets.recovery_minutes else ()
     candidates = enumerate_candidates(base, quants, allow_deci(source, profile), mixed, recovered)
-    evaluated = evaluate(source, base, candidates, profile, table, progress)
+    minutes, basis = recovery_cost(source, base, table, progress) if recovered else (None, "")
+    evaluated = evaluate(source, base, candidates, profile, table, progress, minutes)
     feasible = sorted((e for e in evaluated if e.feasible), key=lambda e: (e.quality_loss, not e.candidate.mixed))
     if not feasible:
         raise EdgepruneError(_impossible(source, base, evaluated, profile, table))
@@ -372,7 +396,8 @@ def make_plan(source: ConversionInput, base: ModelShape, profile, *, quants: tup
     nearest = sorted((e for e in infeasible if e not in better), key=lambda e: sum(v.excess for v in e.violations))
     rejected = (better + nearest)[:SHOWN_REJECTED]
     return Plan(profile.name, profile.device.name, base, chosen, rejected, len(evaluated), len(feasible),
-                Frontier.of(evaluated, profile.budgets), runners_up=feasible[1:1 + RUNNERS_UP], notes=plan_notes(source, base, profile, table))
+                Frontier.of(evaluated, profile.budgets), runners_up=feasible[1:1 + RUNNERS_UP],
+                notes=plan_notes(source, base, profile, table), recovery_basis=basis)
 
 
 def plan_notes(source: ConversionInput, base: ModelShape, profile, table: dict) -> tuple[str, ...]:

@@ -70,8 +70,11 @@ class DistillOptions:
     eval_every: int = 20  # steps between held-out KL measurements
     patience: int = 2  # held-out measurements without improvement before stopping
     seed: int = 0
+    lora_rank: int = 0  # 0: train every decoder weight; r: train rank-r adapters on its projections, merged at the end
 
     def validate(self) -> None:
+        if self.lora_rank < 0:
+            raise EdgepruneError(f"distillation lora_rank must be 0 (every weight) or more, got {self.lora_rank}")
         for name in ("steps", "batch_size", "seq_len", "top_k", "held_out", "eval_every", "patience"):
             if getattr(self, name) < 1:
                 raise EdgepruneError(f"distillation {name} must be at least 1, got {getattr(self, name)}")
@@ -145,6 +148,7 @@ def estimate(teacher: torch.nn.Module, options: DistillOptions, rounds: int = 1)
     with torch.inference_mode():
         teacher(tokens, use_cache=False).logits.float().log_softmax(-1).topk(options.top_k, dim=-1)
     forward = time.perf_counter() - start
+    adapters = _adapted(teacher, options.lora_rank, options.seed) if options.lora_rank else []
     trained = {name for name, _ in _trainable(teacher)}
     wanted = {name: p.requires_grad for name, p in teacher.named_parameters()}
     for name, parameter in teacher.named_parameters():
@@ -155,7 +159,8 @@ def estimate(teacher: torch.nn.Module, options: DistillOptions, rounds: int = 1)
     finally:
         for name, parameter in teacher.named_parameters():
             parameter.grad = None
-            parameter.requires_grad_(wanted[name])
+            parameter.requires_grad_(wanted.get(name, False))
+        _remove(adapters, merge=False)
     step = time.perf_counter() - start
     evaluations = -(-options.held_out // options.batch_size) * (options.steps // options.eval_every + 1)
     batches = -(-(options.steps * options.batch_size + options.held_out) // options.batch_size)
@@ -229,8 +234,52 @@ def topk_kl(student_logits: torch.Tensor, logp: torch.Tensor, ids: torch.Tensor,
 
 
 def _trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    """The decoder layers' weights (and the final norm): what distillation changes; embeddings and head stay."""
+    """What distillation changes: the decoder layers' weights and the final norm, or, while low-rank adapters are
+    in place, the adapters and the norms; embeddings and head stay."""
+    if any(isinstance(m, LowRankAdapter) for m in model.modules()):
+        return [(n, p) for n, p in model.named_parameters()
+                if n.endswith((".lora_a", ".lora_b")) or n.endswith("norm.weight")]
     return [(n, p) for n, p in model.named_parameters() if n.startswith("model.layers.") or n == "model.norm.weight"]
+
+
+class LowRankAdapter(torch.nn.Module):
+    """A frozen projection plus a trained rank-r update B·A (LoRA), which `merge` folds back into the projection's
+    weight: the exported model keeps its shape and its cost, no adapter is shipped."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int, generator: torch.Generator):
+        super().__init__()
+        self.base = base
+        bound = 1 / math.sqrt(base.in_features)
+        self.lora_a = torch.nn.Parameter(
+            (torch.rand(rank, base.in_features, generator=generator) * 2 - 1).mul_(bound).to(base.weight))
+        self.lora_b = torch.nn.Parameter(torch.zeros(base.out_features, rank).to(base.weight))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.lora_a.t()) @ self.lora_b.t()
+
+    def merge(self) -> torch.nn.Linear:
+        with torch.no_grad():
+            self.base.weight += self.lora_b @ self.lora_a
+        return self.base
+
+
+def _adapted(model: torch.nn.Module, rank: int, seed: int) -> list[tuple[torch.nn.Module, str, LowRankAdapter]]:
+    """Put an adapter on every linear projection of the decoder layers; returns where each went."""
+    generator = torch.Generator().manual_seed(seed)
+    placed = []
+    for layer in model.model.layers:
+        for parent in list(layer.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    adapter = LowRankAdapter(child, rank, generator)
+                    setattr(parent, name, adapter)
+                    placed.append((parent, name, adapter))
+    return placed
+
+
+def _remove(placed: list[tuple[torch.nn.Module, str, LowRankAdapter]], merge: bool) -> None:
+    for parent, name, adapter in placed:
+        setattr(parent, name, adapter.merge() if merge else adapter.base)
 
 
 def _digest(named: list[tuple[str, torch.nn.Parameter]], options: DistillOptions, cache: TeacherCache) -> str:
@@ -284,6 +333,7 @@ def distill(student: torch.nn.Module, cache: TeacherCache, options: DistillOptio
     options.validate()
     start = time.perf_counter()
     device = next(student.parameters()).device
+    adapters = _adapted(student, options.lora_rank, options.seed) if options.lora_rank else []
     named = _trainable(student)
     for parameter in student.parameters():
         parameter.requires_grad_(False)
@@ -341,6 +391,7 @@ def distill(student: torch.nn.Module, cache: TeacherCache, options: DistillOptio
         student.eval()
         for parameter in student.parameters():
             parameter.requires_grad_(False)
+        _remove(adapters, merge=True)  # an interrupted run is resumed from its checkpoint, merged or not
     if not finished:
         _save(checkpoint, key, named, None, state)
         best.unlink(missing_ok=True)
