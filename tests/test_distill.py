@@ -93,6 +93,24 @@ def test_low_rank_recovery_is_merged_into_a_student_of_the_same_shape(tiny_bpe_l
     assert again.resumed_from == 60 and all(torch.allclose(trained[n], p) for n, p in untrained.named_parameters())
 
 
+def test_export_with_distill_rank_ships_merged_weights_in_the_pruned_shape(tiny_bpe_llama, recovery_file, tmp_path):
+    """--distill-rank trains adapters at their own rate; the GGUF holds only the model's own tensors (the converter
+    refuses any it does not map, by name), in the shape plain pruning gives."""
+    args = [str(tiny_bpe_llama), "--profile", "x86-laptop-16gb", "--quant", "Q8_0", "--ffn", "0.5",
+            "--recovery-text", str(recovery_file), "--eval-chunks", "1", "--eval-fixed", "--eval-ctx", "128"]
+    result = run_cli("export", *args, "--distill-steps", "20", "--distill-rank", "4", "--out", str(tmp_path / "lora"),
+                     timeout=900)
+    report = json.loads((tmp_path / "lora" / "report.json").read_text())
+    assert result.returncode == (0 if report["validation"]["passed"] else 1), result.stderr[-3000:]
+    distillation = report["export"]["pruning"]["distillation"]
+    assert distillation["options"]["lora_rank"] == 4 and distillation["options"]["learning_rate"] == 1e-3
+    assert distillation["steps"][0]["steps"] >= 1
+    plain = run_cli("export", *args, "--distill-steps", "1", "--out", str(tmp_path / "plain"), timeout=900)
+    assert plain.returncode in (0, 1), plain.stderr[-3000:]
+    plain_layers = json.loads((tmp_path / "plain" / "report.json").read_text())["export"]["pruning"]["layers"]
+    assert report["export"]["pruning"]["layers"] == plain_layers
+
+
 def test_a_merged_adapter_computes_what_the_adapter_did():
     from edgeprune.build.pruning.distill import LowRankAdapter
 

@@ -130,6 +130,18 @@ def test_export_flags_that_would_do_nothing_are_refused(tiny_model, recovery_fil
     assert "loading" not in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("extra, expected", [
+    (["--distill-rank", "8"], "--distill-rank does nothing without --distill-steps"),
+    (["--distill-steps", "5", "--distill-rank", "-1"], "--distill-rank must be 0 (train every weight) or more, got -1"),
+])
+def test_a_low_rank_recovery_without_a_recovery_is_refused(tiny_model, tmp_path, extra, expected):
+    out = tmp_path / "out"
+    r = run_cli("export", str(tiny_model), "--profile", "x86-laptop-16gb", "--out", str(out), "--quant", "Q8_0",
+                "--ffn", "0.5", *extra)
+    assert_clean_failure(r, out, expected)
+    assert "loading" not in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("content, expected", [
     (b"\xff\xfe not UTF-8", "recovery.txt is not utf-8 (byte 0)"),
     (b"short", "recovery text recovery.txt has at most 5 tokens; a distillation window needs 256"),

@@ -38,17 +38,22 @@ def with_scale(options: ExportOptions, calib_sequences: int | None, streaming: s
 
 
 def with_recovery(options: ExportOptions, distill_steps: int, prune_steps: int | None,
-                  recovery_text: Path | None) -> ExportOptions:
+                  recovery_text: Path | None, distill_rank: int = 0) -> ExportOptions:
     """Apply the recovery flags to ExportOptions (and its PruneOptions)."""
-    from edgeprune.build.pruning.distill import DistillOptions
+    from edgeprune.build.pruning.distill import LORA_LEARNING_RATE, DistillOptions
 
     if distill_steps < 0:
         raise EdgepruneError(f"--distill-steps must be 0 (off) or more, got {distill_steps}")
+    if distill_rank < 0:
+        raise EdgepruneError(f"--distill-rank must be 0 (train every weight) or more, got {distill_rank}")
+    if distill_rank and not distill_steps:
+        raise EdgepruneError("--distill-rank does nothing without --distill-steps: give both, or drop --distill-rank")
     if prune_steps is not None:
         if options.prune is None:
             raise EdgepruneError("--prune-steps needs pruning flags (--ffn, --heads or --layers) to split into steps")
         options.prune.steps = prune_steps
-    options.distill = DistillOptions(steps=distill_steps) if distill_steps else None
+    low_rank = {"lora_rank": distill_rank, "learning_rate": LORA_LEARNING_RATE} if distill_rank else {}
+    options.distill = DistillOptions(steps=distill_steps, **low_rank) if distill_steps else None
     options.recovery_text = recovery_text
     return options
 

@@ -33,9 +33,9 @@ from edgeprune.core.errors import EdgepruneError
 @text_options
 @scale_options
 def export(model, profile_name, quant, out_dir, calib, no_imatrix, mix, allow_pickle, search, heads, ffn, layers,
-           method, allocation, distill_steps, prune_steps, recovery_text, recovery_minutes, eval_path, threads,
-           eval_chunks, eval_precision, eval_fixed, eval_ctx, host_profile, on_device, calib_sequences, streaming,
-           device):
+           method, allocation, distill_steps, distill_rank, prune_steps, recovery_text, recovery_minutes, eval_path,
+           threads, eval_chunks, eval_precision, eval_fixed, eval_ctx, host_profile, on_device, calib_sequences,
+           streaming, device):
     """Export MODEL (a Hugging Face Llama directory or a llama GGUF) for a device profile.
 
     The profile decides: the planner picks the quant type and the pruning that meet its budgets with the least
@@ -65,7 +65,7 @@ def export(model, profile_name, quant, out_dir, calib, no_imatrix, mix, allow_pi
                             host_profile=profile_option(host_profile) if host_profile else None, on_device=on_device,
                             prune=prune, search=search, mix=mix)
     options = with_recovery(with_scale(options, calib_sequences, streaming, device), distill_steps, prune_steps,
-                            recovery_text)
+                            recovery_text, distill_rank)
     result = export_model(model, profile, out_dir, options, progress)
     click.echo(result.summary)
     click.echo(f"wrote {result.gguf}, {result.report_path} and the validation bundle {result.bundle} "
