@@ -153,7 +153,16 @@ class RecoveryEstimate:
 
 def estimate(teacher: torch.nn.Module, options: DistillOptions, rounds: int = 1) -> RecoveryEstimate:
     """Time one teacher batch and one training step (forward, backward) of `teacher`, leaving its weights as they
-    are, for `rounds` pruning steps each trained `options.steps`; before any window is cut, however many."""
+    are, for `rounds` pruning steps each trained `options.steps`; before any window is cut, however many. One timing
+    at a time: a build's targets share one model (`--jobs 2`), whose trainable flags a timing sets and restores."""
+    with _TIMING:
+        return _timed(teacher, options, rounds)
+
+
+_TIMING = threading.Lock()
+
+
+def _timed(teacher: torch.nn.Module, options: DistillOptions, rounds: int) -> RecoveryEstimate:
     device = next(teacher.parameters()).device
     tokens = torch.randint(0, teacher.config.vocab_size, (options.batch_size, options.seq_len), device=device)
     start = time.perf_counter()
