@@ -229,8 +229,8 @@ def recovery_cost(source: ConversionInput, base: ModelShape, table: dict,
     """Minutes of recovery by distillation with the default steps, and where that figure comes from. With the
     weights in memory (an export), one teacher batch and one training step are timed on this machine, as the
     export's budget check times them: distill.estimate put SmolLM2's recovery at 37.6 min on a 2-core AVX2-only
-    EPYC, where the table's minutes say 12.1, so a plan there chose a recovery its export then refused. Without them (`plan`
-    from the shapes alone) the table's minutes, scaled, and said to be so."""
+    EPYC, where the table's minutes say 12.1, so a plan there chose a recovery its export then refused. Without
+    them (`plan` from the shapes alone) the table's minutes, scaled, and said to be so."""
     model = source.model
     if model is None or next(model.parameters()).device.type == "meta":
         return recovery_minutes(base, table), TABLE_MACHINE

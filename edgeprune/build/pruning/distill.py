@@ -76,7 +76,8 @@ class DistillOptions:
     adapters; on Gemma adapters save nothing (its 262k-token head dominates a step: 20 steps took 641 s against
     573 s). The default stays every weight at 1e-4, the recipe recovery_table.toml measures. A ridge refit of
     o_proj and down_proj towards the dense model's residual stream after distillation (32 × 256 calibration
-    tokens, the one-shot's reconstruction run again) undoes what distillation won: SmolLM2 16.01 / 72.38 to 16.89 / 83.89."""
+    tokens, the one-shot's reconstruction run again) undoes what distillation won: SmolLM2 16.01 / 72.38 to
+    16.89 / 83.89."""
 
     steps: int = 120
     batch_size: int = 4
