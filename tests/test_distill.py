@@ -81,6 +81,9 @@ def test_low_rank_recovery_is_merged_into_a_student_of_the_same_shape(tiny_bpe_l
                              lora_rank=8, learning_rate=1e-3)
     student, cache, _, _ = _student_and_teacher(tiny_bpe_llama, recovery_file, options, tmp_path)
     untrained = copy.deepcopy(student)
+    other = copy.deepcopy(student)  # the same shapes and norms, another projection: the adapters saved do not fit it
+    with torch.no_grad():
+        other.model.layers[0].mlp.down_proj.weight.mul_(0.5)
     shapes = {n: p.shape for n, p in student.state_dict().items()}
     result = distill(student, cache, options, tmp_path / "ckpt.pt")
     assert {n: p.shape for n, p in student.state_dict().items()} == shapes
@@ -91,6 +94,7 @@ def test_low_rank_recovery_is_merged_into_a_student_of_the_same_shape(tiny_bpe_l
     again = distill(untrained, cache, options, tmp_path / "ckpt.pt")
     trained = dict(student.named_parameters())
     assert again.resumed_from == 60 and all(torch.allclose(trained[n], p) for n, p in untrained.named_parameters())
+    assert distill(other, cache, options, tmp_path / "ckpt.pt").resumed_from == 0
 
 
 def test_export_with_distill_rank_ships_merged_weights_in_the_pruned_shape(tiny_bpe_llama, recovery_file, tmp_path):

@@ -360,13 +360,15 @@ def distill(student: torch.nn.Module, cache: TeacherCache, options: DistillOptio
     options.validate()
     start = time.perf_counter()
     device = next(student.parameters()).device
+    # the student's starting decoder weights, whatever trains them: adapters start from the seed, but a checkpoint of
+    # adapters fits only the weights they were trained on
+    key = _digest(_trainable(student), options, cache)
     adapters = _adapted(student, options.lora_rank, options.seed) if options.lora_rank else []
     named = _trainable(student)
     for parameter in student.parameters():
         parameter.requires_grad_(False)
     for _, parameter in named:
         parameter.requires_grad_(True)
-    key = _digest(named, options, cache)
     optimizer = torch.optim.AdamW([p for _, p in named], lr=options.learning_rate, weight_decay=0.0)
     state = {"step": 0, "best": math.inf, "best_step": 0, "since_best": 0, "held_out_kld": [], "train_loss": [],
              "stopped": False}
