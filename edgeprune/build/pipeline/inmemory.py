@@ -13,6 +13,7 @@ from edgeprune.build.calibration import collect_calibration
 from edgeprune.build.loading import load_model
 from edgeprune.build.pipeline.options import RECOVERY_DIR, Progress
 from edgeprune.build.pipeline.stages import Chosen, FloatModel, Run
+from edgeprune.build.planner import TIMED_HERE
 from edgeprune.core.shapes import shape_of
 from edgeprune.core.texts import read_text_file
 
@@ -55,15 +56,26 @@ def shape(run: Run, chosen: Chosen) -> tuple[object, dict | None]:
         return model, None
     from edgeprune.build.pruning import prune_model
 
-    budget = run.profile.budgets.recovery_minutes if run.profile is not None else None
-    recovery = Distillation(prepared, chosen.distillation, model, run.out_dir, run.say, budget, chosen.prune.steps) \
-        if chosen.distillation is not None else None
+    recovery = Distillation(prepared, chosen.distillation, model, run.out_dir, run.say, _unchecked_budget(run, chosen),
+                            chosen.prune.steps) if chosen.distillation is not None else None
     pruned = prepared.timed("prune", prune_model, copy.deepcopy(model) if prepared.shared else model,
                             prepared.tokens, chosen.prune, progress=run.say, recover=recovery)
     details = _prune_summary(pruned)
     if recovery is not None:
         details["distillation"] = recovery.summary()
     return pruned.model, details
+
+
+def _unchecked_budget(run: Run, chosen: Chosen) -> float | None:
+    """The recovery budget the export still has to time its recovery against: none where the planner chose this
+    recovery, for it timed the same one on this machine and kept it within the budget."""
+    from edgeprune.build.pruning.distill import DistillOptions
+
+    plan = chosen.plan
+    if plan is not None and plan.chosen.candidate.recovered and plan.recovery_basis == TIMED_HERE \
+            and chosen.distillation == DistillOptions():
+        return None
+    return run.profile.budgets.recovery_minutes if run.profile is not None else None
 
 
 def write_float(run: Run, model, float_gguf: Path) -> None:
