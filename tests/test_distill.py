@@ -4,6 +4,7 @@ teacher on held-out windows, and a run interrupted by a real signal resumes to t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import signal
@@ -18,7 +19,7 @@ from conftest import CLI_ENV, run_cli
 
 from edgeprune.build.loading import load_model
 from edgeprune.build.pruning import PruneOptions, prune_model
-from edgeprune.build.pruning.distill import DistillOptions, TeacherCache, distill, topk_kl, windows
+from edgeprune.build.pruning.distill import DistillOptions, TeacherCache, distill, recovery_loss, topk_kl, windows
 from edgeprune.core.texts import default_calibration_text
 
 
@@ -44,6 +45,27 @@ def test_topk_kl_is_the_kl_divergence_when_k_covers_the_vocabulary():
     assert float(topk_kl(teacher, top.values, top.indices, tail)) == pytest.approx(0.0, abs=1e-5)
 
 
+def test_the_recovery_loss_mixes_the_kl_with_the_next_token_cross_entropy():
+    torch.manual_seed(0)
+    teacher, student = torch.randn(2, 5, 30), torch.randn(2, 5, 30)
+    tokens = torch.randint(0, 30, (2, 5))
+    top = torch.log_softmax(teacher, -1).topk(8, dim=-1)
+    tail = torch.log1p(-top.values.exp().sum(-1))
+    kl = topk_kl(student, top.values, top.indices, tail)
+    nll = -torch.log_softmax(student, -1)[:, :-1].gather(-1, tokens[:, 1:, None]).mean()  # position t predicts t + 1
+    args = (student, tokens, top.values, top.indices, tail)
+    assert torch.allclose(recovery_loss(*args, 0.0), kl)
+    assert torch.allclose(recovery_loss(*args, 1.0), nll)
+    assert torch.allclose(recovery_loss(*args, 0.25), 0.75 * kl + 0.25 * nll)
+
+
+def test_a_label_weight_outside_zero_to_one_is_refused():
+    from edgeprune.core.errors import EdgepruneError
+
+    with pytest.raises(EdgepruneError, match="label_weight must be within 0 to 1, got 1.5"):
+        DistillOptions(label_weight=1.5).validate()
+
+
 def _student_and_teacher(model_path, recovery_file, options, directory):
     """A tiny Llama pruned to half its MLP channels, and its teacher's cached outputs on the recovery file."""
     from edgeprune.core.texts import read_text_file
@@ -58,15 +80,16 @@ def _student_and_teacher(model_path, recovery_file, options, directory):
 
 
 def test_distillation_brings_the_pruned_student_closer_on_held_out_windows(tiny_bpe_llama, recovery_file, tmp_path):
-    options = DistillOptions(steps=60, batch_size=4, seq_len=64, top_k=16, held_out=4, eval_every=20, patience=5)
+    options = DistillOptions(steps=60, batch_size=4, seq_len=64, top_k=16, held_out=4, eval_every=20, patience=5,
+                             label_weight=0.0)
     student, cache, train, held = _student_and_teacher(tiny_bpe_llama, recovery_file, options, tmp_path)
     assert train.shape == (240, 64) and held.shape == (4, 64)
     before = [p.detach().clone() for p in student.model.embed_tokens.parameters()]
     untrained = copy.deepcopy(student)
     result = distill(student, cache, options, tmp_path / "ckpt.pt")
     assert result.steps == 60 and result.resumed_from == 0 and result.kept_step == 60
-    assert result.held_out_kld[-1] < 0.95 * result.held_out_kld[0], result.held_out_kld
-    assert sorted(result.held_out_kld, reverse=True) == result.held_out_kld  # better at every measurement
+    assert result.held_out_loss[-1] < 0.95 * result.held_out_loss[0], result.held_out_loss
+    assert sorted(result.held_out_loss, reverse=True) == result.held_out_loss  # better at every measurement
     assert all(torch.equal(a, b) for a, b in zip(before, student.model.embed_tokens.parameters()))  # head stays
     # the finished run's checkpoint makes the same call on the same student return at once, with the same weights
     again = distill(untrained, cache, options, tmp_path / "ckpt.pt")
@@ -74,11 +97,27 @@ def test_distillation_brings_the_pruned_student_closer_on_held_out_windows(tiny_
     assert again.resumed_from == 60 and all(torch.equal(trained[n], p) for n, p in untrained.named_parameters())
 
 
+def test_recovery_with_labels_fits_the_held_out_windows_own_next_tokens(tiny_bpe_llama, recovery_file, tmp_path):
+    """The label share trains on the text itself: against a random teacher, which knows nothing of it, the student's
+    cross-entropy on held-out windows of the text falls all the same."""
+    options = DistillOptions(steps=40, batch_size=4, seq_len=64, top_k=16, held_out=4, eval_every=20, patience=5,
+                             label_weight=1.0, learning_rate=1e-3)
+    student, cache, _, held = _student_and_teacher(tiny_bpe_llama, recovery_file, options, tmp_path)
+
+    def held_out_nll() -> float:
+        with torch.no_grad():
+            return float(student(held, labels=held, use_cache=False).loss)
+
+    before = held_out_nll()
+    distill(student, cache, dataclasses.replace(options, patience=99), tmp_path / "ckpt.pt")
+    assert held_out_nll() < 0.9 * before
+
+
 def test_low_rank_recovery_is_merged_into_a_student_of_the_same_shape(tiny_bpe_llama, recovery_file, tmp_path):
     """Adapters train, then fold into the projections: the student ends with the parameters it started with, each
     of the same shape, and closer to its teacher; a resumed call returns the same weights."""
     options = DistillOptions(steps=60, batch_size=4, seq_len=64, top_k=16, held_out=4, eval_every=20, patience=5,
-                             lora_rank=8, learning_rate=1e-3)
+                             lora_rank=8, learning_rate=1e-3, label_weight=0.0)
     student, cache, _, _ = _student_and_teacher(tiny_bpe_llama, recovery_file, options, tmp_path)
     untrained = copy.deepcopy(student)
     other = copy.deepcopy(student)  # the same shapes and norms, another projection: the adapters saved do not fit it
@@ -87,7 +126,7 @@ def test_low_rank_recovery_is_merged_into_a_student_of_the_same_shape(tiny_bpe_l
     shapes = {n: p.shape for n, p in student.state_dict().items()}
     result = distill(student, cache, options, tmp_path / "ckpt.pt")
     assert {n: p.shape for n, p in student.state_dict().items()} == shapes
-    assert result.held_out_kld[-1] < 0.95 * result.held_out_kld[0], result.held_out_kld
+    assert result.held_out_loss[-1] < 0.95 * result.held_out_loss[0], result.held_out_loss
     start = dict(untrained.named_parameters())
     changed = {n for n, p in student.named_parameters() if not torch.equal(start[n], p)}
     assert "model.layers.0.mlp.down_proj.weight" in changed and "model.embed_tokens.weight" not in changed
@@ -132,11 +171,11 @@ def test_a_run_that_only_hurts_ends_with_the_weights_of_its_best_measurement(tin
     """A learning rate far too high: every held-out measurement after the first is worse, so the student ends with
     the weights it started from, and the best-weights file is gone."""
     options = DistillOptions(steps=40, batch_size=4, seq_len=64, top_k=16, held_out=4, eval_every=20, patience=5,
-                             learning_rate=0.05)
+                             learning_rate=0.05, label_weight=0.0)
     student, cache, _, _ = _student_and_teacher(tiny_bpe_llama, recovery_file, options, tmp_path)
     untrained = copy.deepcopy(student)
     result = distill(student, cache, options, tmp_path / "ckpt.pt")
-    assert result.steps == 40 and min(result.held_out_kld[1:]) > result.held_out_kld[0], result.held_out_kld
+    assert result.steps == 40 and min(result.held_out_loss[1:]) > result.held_out_loss[0], result.held_out_loss
     assert result.kept_step == 0
     start = dict(untrained.named_parameters())
     assert all(torch.equal(start[n], p) for n, p in student.named_parameters())
@@ -156,7 +195,7 @@ def test_an_interrupted_recovery_resumes_to_the_same_gguf(tiny_bpe_llama, recove
     whole = run_cli("export", *args, "--out", str(tmp_path / "whole"), timeout=900)
     verdict = json.loads((tmp_path / "whole" / "report.json").read_text())["validation"]["passed"]
     assert whole.returncode == (0 if verdict else 1), whole.stderr[-3000:]
-    assert "pruning step 2/2 done" in whole.stderr and "distillation: held-out KL" in whole.stderr
+    assert "pruning step 2/2 done" in whole.stderr and "distillation: held-out loss" in whole.stderr
 
     out, log = tmp_path / "resumed", tmp_path / "interrupted.log"
     with open(log, "w") as err:
@@ -207,7 +246,7 @@ def test_the_planner_chooses_recovery_when_the_profile_gives_it_time(tiny_bpe_ll
                      "--eval-ctx", "128", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]  # the plan meets the file budget; speed is predicted
     plan_line = next(line for line in result.stderr.splitlines() if "] plan: " in line)
-    assert "+ distillation" in plan_line and "distillation: held-out KL" in result.stderr
+    assert "+ distillation" in plan_line and "distillation: held-out loss" in result.stderr
     export = json.loads((out / "report.json").read_text())["export"]
     assert export["plan"]["chosen"]["recovered"] and export["plan"]["chosen"]["recovery_minutes"] < 5
     distillation = export["pruning"]["distillation"]
@@ -245,7 +284,7 @@ def test_a_build_distils_every_recovered_target_from_one_teacher_pass(tiny_bpe_l
     assert all("+ distillation" in o.entry["plan"] for o in result.targets)
     teacher_lines = [line for line in said if "distillation: teacher top-" in line]
     assert teacher_lines and all(line.startswith("[a 1/2]") for line in teacher_lines)
-    assert any(line.startswith("[b 2/2] distillation: held-out KL") for line in said)
+    assert any(line.startswith("[b 2/2] distillation: held-out loss") for line in said)
 
     from edgeprune.build.pruning.distill import TeacherCache, windows
     from edgeprune.core.texts import read_text_file

@@ -108,7 +108,7 @@ def run(progress) -> SuiteResult:
                         removed=pruned.removed_params / pruned.decoder_params_before,
                         distill_steps=sum(r.steps for r in results),
                         distill_seconds=round(sum(r.seconds for r in results), 1),
-                        held_out_kld=[r.held_out_kld for r in results])
+                        held_out_loss=[r.held_out_loss for r in results])
                 del pruned
     names = [t.name for t in texts]
     if MODEL == "smollm2" and options == DistillOptions():
@@ -168,8 +168,9 @@ def recovery_table_toml(rows: list[dict], text: str, options: DistillOptions, te
         "# Estimated quality loss of a pruned model recovered by distillation (edgeprune.build.pruning.distill), as",
         "# Δ log(perplexity) against the dense model, the measure of quality_table.toml. Written by",
         f"# `{COMMAND}` (edgeprune/build/bench/recovery.py): rerun it rather than edit.",
-        f"# SmolLM2-135M-Instruct, MLP channels, one-shot pruning then {options.steps} distillation steps; PPL on",
-        f"# {text}, {CHUNKS} chunks of 512 tokens (quality_table.toml's 20 chunks put the one-shot",
+        f"# SmolLM2-135M-Instruct, MLP channels, one-shot pruning then {options.steps} distillation steps (DistillOptions'",
+        f"# defaults: {options.label_weight:g} of the loss the text's next tokens); PPL on {text},",
+        f"# {CHUNKS} chunks of 512 tokens (quality_table.toml's 20 chunks put the one-shot",
         "# models within 0.03 of this suite's). [cost] is what recovery took on the 2-core machine that measured it,",
         "# the teacher's pass included; the planner scales it by the weights a token's pass multiplies by",
         "# (ModelShape.pass_params: decoder and output head).",

@@ -3,12 +3,12 @@
 The teacher's top-k log-probabilities and its tail mass (the representation of a validation bundle) are computed
 once, before pruning, chunk by chunk into files on disk (`TeacherCache`), so neither all teacher logits nor the
 teacher itself need to stay in memory while the student trains. The loss is KL(teacher ‖ student) over the top-k
-tokens plus the tail. Every weight of the decoder layers is trained (full fine-tuning of the kept weights); the
+tokens plus the tail, mixed with the cross-entropy of the text's own next tokens (`recovery_loss`). Every weight of the decoder layers is trained (full fine-tuning of the kept weights); the
 embeddings and the output head stay as they are, so the exported shape, and the planner's cost model, do not change.
 
 Training sequences are windows spread evenly over the recovery texts (texts.recovery_texts: broader than the
-calibration text and free of every evaluation text), an equal share from each; a few are held out, and their KL
-divergence is the stop rule. Ctrl-C or SIGTERM ends the current step, then writes a checkpoint; the same run started again resumes
+calibration text and free of every evaluation text), an equal share from each; a few are held out, and the loss
+on them is the stop rule. Ctrl-C or SIGTERM ends the current step, then writes a checkpoint; the same run started again resumes
 from it and gives the same weights as a run that was never interrupted.
 """
 
@@ -42,53 +42,36 @@ LORA_LEARNING_RATE = 1e-3
 @dataclass(frozen=True)
 class DistillOptions:
     """How long and how hard to distil, per pruning step. Measured on SmolLM2-135M at 30% of decoder parameters
-    removed through MLP channels, on both held-out texts (odd reference topics; The Tempest), the recovery texts
-    free of both (texts.recovery_texts). The recipe's shape (120 steps of 4 windows of 256 tokens, every decoder
-    weight, lr 1e-4) is the one measured before; what changed is the text, which had held 19% of the odd topics'
-    passages through the even ones. At 40 steps on one core (torch PPL, 6 chunks of 512 each; one-shot 17.07 /
-    106.42, dense 13.46 / 37.57): constant 1e-4 15.96 / 72.25 (31% / 50% of the gap won back, held-out KL 0.543);
-    4 warm-up steps then cosine from 2e-4 to a tenth 15.97 / 71.48 (30% / 51%, KL 0.550): no gain, so constant.
-    On the former texts: 5e-5 / 1e-4 / 2e-4 / 3e-4 at 120 steps tied within 0.03 on mean Δ log PPL; 1e-4 wins
-    back most of the in-domain gap. 120 steps (`python -m edgeprune.build.bench recovery`, llama.cpp, 10 chunks):
-    14.82 / 110.97 to 13.75 / 62.95 (dense 11.74 / 37.41), 35% / 65% of the gap, held-out KL still falling (0.595
-    to 0.380); on the former, leaking texts 13.62 / 60.76 (39% / 68%). Half of the in-domain gap is not reached.
-    Two more levers at 40 steps on 2 cores (torch PPL, 6 chunks; one-shot 17.18 / 107.01, dense 13.38 / 37.65),
-    against the same windows with the teacher run alongside (16.01 / 72.38: 31% / 50%): twice the reference's
-    share of windows (Shakespeare 1 : reference 2 : docstrings 1) 16.08 / 73.49 (29% / 48%); the teacher's hidden
-    states after every layer matched as well (the layers' mean squared error over the teacher's mean square, ×10,
-    as large as the KL at the start) 16.00 / 73.10 (31% / 49%). Neither wins, so the text stays an equal share
-    of each and the signal the top-k logits alone, which a cache on disk can hold.
-    Gemma 3 270M at 30% (bench recovery, EDGEPRUNE_RECOVERY_MODEL=gemma3, 20 steps to fit 15 minutes on a 2-core
-    AVX2 machine, teacher's pass included; dense 11.24 / 44.66, one-shot 14.57 / 119.07): lr 1e-4 17.19 / 84.70,
-    The Tempest's gap 46% won back but the reference topics' 79% wider (KLD against dense 0.27 to 0.50), while
-    the recovery windows' held-out KL fell 0.69 to 0.59. lr 2e-5 (EDGEPRUNE_RECOVERY_LR) 13.68 / 77.62: 27% / 56%
-    won back, KLD 0.25, held-out KL 0.46. Gemma wants a fifth of SmolLM2's rate; the default stays SmolLM2's, the
-    model recovery_table.toml measures, until one rate is measured on both.
-    The same measure on both models (torch PPL, 6 chunks of 512, 2 cores, the windows above; script in the stop 37
-    note). SmolLM2 at 40 steps (one-shot 17.18 / 107.01, dense 13.38 / 37.65): every weight at 1e-4 16.01 / 72.38
-    (31% / 50%, held-out KL 0.543), at 2e-5 16.52 / 82.04 (17% / 36%, KL 0.626); rank-16 adapters on every
-    projection at 1e-3 (lora_rank, LORA_LEARNING_RATE) 16.17 / 73.36 (27% / 49%, KL 0.557), rank 64 16.26 / 70.94
-    (24% / 52%, KL 0.533: the lowest held-out KL, not the most won back in-domain). Gemma 3 270M at 20 steps
-    (one-shot 16.92 / 114.00, dense 13.01 / 42.55): every weight at 2e-5 15.98 / 75.23 (24% / 54%, KL 0.459);
-    adapters at 1e-3 16.04 / 76.45 (22% / 53%, KL 0.452). So every weight wants 1e-4 on SmolLM2 and a fifth of it
-    on Gemma, while adapters at 1e-3 recover both, a little less than each model's own best rate. A step of the
-    pruned SmolLM2 (distill.estimate, alone on the machine) takes 12.0 s training every weight, 10.4 s with
-    adapters; on Gemma adapters save nothing (its 262k-token head dominates a step: 20 steps took 641 s against
-    573 s). The default stays every weight at 1e-4, the recipe recovery_table.toml measures. A ridge refit of
-    o_proj and down_proj towards the dense model's residual stream after distillation (32 × 256 calibration
-    tokens, the one-shot's reconstruction run again) undoes what distillation won: SmolLM2 16.01 / 72.38 to
-    16.89 / 83.89."""
+    removed through MLP channels, then on Gemma 3 270M, against both held-out texts (odd reference topics; The
+    Tempest) and the recovery texts free of both (texts.recovery_texts). Torch PPL, 6 chunks of 512 tokens, on a
+    2-core AVX2-only EPYC, every run 40 steps of 4 windows of 256 tokens (SmolLM2 one-shot 17.18 / 107.01, dense
+    13.38 / 37.65; "won back" is the share of the one-shot model's PPL gap to the dense model):
+    - KL to the teacher's top-k alone, every weight at 1e-4: 16.01 / 72.38, 31% / 50% won back. Each lever tried on
+      it moved little: lr 2e-5 17% / 36%; warm-up then cosine 30% / 51%; the teacher's hidden states matched too
+      31% / 49%; twice the reference topics' share of windows 29% / 48%; rank-16 adapters (lora_rank) at 1e-3 27% /
+      49%, rank 64 24% / 52%; only the MLP weights trained 27% / 45%; a ridge refit afterwards undid it (8% / 33%);
+      120 steps (llama.cpp, 10 chunks) 35% / 65%.
+    - Half the loss on the windows' own next tokens (label_weight 0.5): 14.34 / 67.09, 75% / 58% won back (held-out
+      KL to the teacher 0.594 against 0.543: the student leaves the teacher where the text disagrees with it).
+      LABEL_WEIGHT_QUARTER. The dense model trained the same way (the share of this that is adaptation to the
+      recovery texts, which the dense model gets too): DENSE_CONTROL.
+    40 steps, with the teacher's pass over their windows, fit 15 minutes on that machine (a step 12-13 s, the
+    pass about 4 min); 120 steps took 38. Gemma 3 270M wants a fifth of SmolLM2's rate for KL alone (at 1e-4 its
+    in-domain gap widened 79%; 2e-5 won back 24% / 54% in 20 steps, adapters at 1e-3 22% / 53%). Adapters save 13%
+    of a step on SmolLM2 and nothing on Gemma, whose 262k-token head dominates a step. The stop rule measures the
+    training loss on the held-out windows."""
 
-    steps: int = 120
+    steps: int = 40
     batch_size: int = 4
     seq_len: int = 256
     learning_rate: float = 1e-4
     top_k: int = 64
     held_out: int = 8  # held-out windows for the stop rule
-    eval_every: int = 20  # steps between held-out KL measurements
+    eval_every: int = 20  # steps between held-out loss measurements
     patience: int = 2  # held-out measurements without improvement before stopping
     seed: int = 0
     lora_rank: int = 0  # 0: train every decoder weight; r: train rank-r adapters on its projections, merged at the end
+    label_weight: float = 0.5  # the loss's share given to the windows' own next tokens (recovery_loss)
 
     def validate(self) -> None:
         if self.lora_rank < 0:
@@ -96,6 +79,8 @@ class DistillOptions:
         for name in ("steps", "batch_size", "seq_len", "top_k", "held_out", "eval_every", "patience"):
             if getattr(self, name) < 1:
                 raise EdgepruneError(f"distillation {name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.label_weight <= 1:
+            raise EdgepruneError(f"distillation label_weight must be within 0 to 1, got {self.label_weight}")
         if not self.learning_rate > 0:
             raise EdgepruneError(f"distillation learning rate must be positive, got {self.learning_rate}")
 
@@ -106,9 +91,9 @@ class DistillResult:
     stopped_early: bool
     resumed_from: int  # the step a checkpoint gave back (0: a fresh run)
     seconds: float  # this run's
-    held_out_kld: list[float]  # the stop rule's measurements, first before any step
+    held_out_loss: list[float]  # the stop rule's measurements, first before any step
     train_loss: list[float]
-    kept_step: int  # the step whose weights the student ends with: the best held-out KL
+    kept_step: int  # the step whose weights the student ends with: the best held-out loss
 
 
 def windows(texts: list[Text], tokenizer, options: DistillOptions, bos_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,6 +245,18 @@ def topk_kl(student_logits: torch.Tensor, logp: torch.Tensor, ids: torch.Tensor,
     return kl.mean()
 
 
+def recovery_loss(student_logits: torch.Tensor, tokens: torch.Tensor, logp: torch.Tensor, ids: torch.Tensor,
+                  tail: torch.Tensor, label_weight: float) -> torch.Tensor:
+    """The training loss: the teacher's top-k KL, and with `label_weight` of the whole the cross-entropy of the
+    window's own next tokens, which the teacher's logits only approximate (DistillOptions says what it won)."""
+    kl = topk_kl(student_logits, logp, ids, tail)
+    if not label_weight:
+        return kl
+    vocab = student_logits.shape[-1]
+    nll = torch.nn.functional.cross_entropy(student_logits[:, :-1].float().reshape(-1, vocab), tokens[:, 1:].reshape(-1))
+    return (1 - label_weight) * kl + label_weight * nll
+
+
 def _trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     """What distillation changes: the decoder layers' weights and the final norm, or, while low-rank adapters are
     in place, the adapters and the norms; embeddings and head stay."""
@@ -370,9 +367,9 @@ def distill(student: torch.nn.Module, cache: TeacherCache, options: DistillOptio
     for _, parameter in named:
         parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW([p for _, p in named], lr=options.learning_rate, weight_decay=0.0)
-    state = {"step": 0, "best": math.inf, "best_step": 0, "since_best": 0, "held_out_kld": [], "train_loss": [],
+    state = {"step": 0, "best": math.inf, "best_step": 0, "since_best": 0, "held_out_loss": [], "train_loss": [],
              "stopped": False}
-    best = checkpoint.with_name(checkpoint.stem + "-best.pt")  # the weights at the best held-out KL so far
+    best = checkpoint.with_name(checkpoint.stem + "-best.pt")  # the weights at the best held-out loss so far
     resumed_from = 0
     if checkpoint.is_file():
         saved = torch.load(checkpoint, map_location=device, weights_only=False)
@@ -391,21 +388,22 @@ def distill(student: torch.nn.Module, cache: TeacherCache, options: DistillOptio
         with _DeferredInterrupt() as interrupt:
             while state["step"] < options.steps and not state["stopped"]:
                 step = state["step"]
-                if step % options.eval_every == 0 and len(state["held_out_kld"]) <= step // options.eval_every:
+                if step % options.eval_every == 0 and len(state["held_out_loss"]) <= step // options.eval_every:
                     _held_out_check(student, cache, options, state, named, best, progress)
                     if state["stopped"]:
                         break
                 first = step * options.batch_size % n_train
                 rows = slice(first, first + options.batch_size)
                 tokens, logp, ids, tail = cache.batch("train", rows, device)
-                loss = topk_kl(student(tokens, use_cache=False).logits, logp, ids, tail)
+                loss = recovery_loss(student(tokens, use_cache=False).logits, tokens, logp, ids, tail,
+                                     options.label_weight)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 state["train_loss"].append(float(loss.detach()))
                 state["step"] = step + 1
                 if progress:
-                    progress(f"distillation: step {step + 1}/{options.steps}, KL {state['train_loss'][-1]:.4f}")
+                    progress(f"distillation: step {step + 1}/{options.steps}, loss {state['train_loss'][-1]:.4f}")
                 if interrupt.received is not None:
                     _save(checkpoint, key, named, optimizer, state)
                     interrupt.raise_now()
@@ -414,7 +412,7 @@ def distill(student: torch.nn.Module, cache: TeacherCache, options: DistillOptio
             if not finished and state["best_step"] != state["step"]:
                 _copy_into(named, torch.load(best, map_location=device, weights_only=True))
                 if progress:
-                    progress(f"distillation: keeping the weights of step {state['best_step']}, the best held-out KL "
+                    progress(f"distillation: keeping the weights of step {state['best_step']}, the best held-out loss "
                              f"({state['best']:.4f})")
     finally:
         student.eval()
@@ -425,12 +423,12 @@ def distill(student: torch.nn.Module, cache: TeacherCache, options: DistillOptio
         _save(checkpoint, key, named, None, state)
         best.unlink(missing_ok=True)
     return DistillResult(state["step"], state["stopped"], resumed_from, time.perf_counter() - start,
-                         state["held_out_kld"], state["train_loss"], state["best_step"])
+                         state["held_out_loss"], state["train_loss"], state["best_step"])
 
 
 def _held_out_check(student, cache: TeacherCache, options: DistillOptions, state: dict, named, best: Path,
                     progress) -> None:
-    """The stop rule: held-out KL against the teacher; `patience` measurements without a new best end training.
+    """The stop rule: the training loss on held-out windows; `patience` measurements without a new best end training.
     A new best's weights are saved to `best`, which training ends with (a later step can only be worse there)."""
     device = next(student.parameters()).device
     with torch.no_grad():
@@ -439,19 +437,20 @@ def _held_out_check(student, cache: TeacherCache, options: DistillOptions, state
         for start in range(0, n, options.batch_size):
             rows = slice(start, start + options.batch_size)
             tokens, logp, ids, tail = cache.batch("held", rows, device)
-            part = topk_kl(student(tokens, use_cache=False).logits, logp, ids, tail)
+            part = recovery_loss(student(tokens, use_cache=False).logits, tokens, logp, ids, tail,
+                                 options.label_weight)
             total += float(part) * len(logp)
-    kld = total / n
-    state["held_out_kld"].append(kld)
-    if kld < state["best"]:
-        state["best"], state["best_step"], state["since_best"] = kld, state["step"], 0
+    loss = total / n
+    state["held_out_loss"].append(loss)
+    if loss < state["best"]:
+        state["best"], state["best_step"], state["since_best"] = loss, state["step"], 0
         with atomic_output(best) as tmp:
             torch.save([p.detach() for _, p in named], tmp)
     else:
         state["since_best"] += 1
         state["stopped"] = state["since_best"] >= options.patience
     if progress:
-        progress(f"distillation: held-out KL {kld:.4f} at step {state['step']}"
+        progress(f"distillation: held-out loss {loss:.4f} at step {state['step']}"
                  + (" (no better for the last measurements: stopping)" if state["stopped"] else ""))
 
 
