@@ -250,7 +250,7 @@ def test_the_planner_chooses_recovery_when_the_profile_gives_it_time(tiny_bpe_ll
     export = json.loads((out / "report.json").read_text())["export"]
     assert export["plan"]["chosen"]["recovered"] and export["plan"]["chosen"]["recovery_minutes"] < 5
     distillation = export["pruning"]["distillation"]
-    assert distillation["options"]["steps"] == 120 and distillation["steps"][0]["steps"] >= 1
+    assert distillation["options"]["steps"] == DistillOptions().steps and distillation["steps"][0]["steps"] >= 1
     assert not (out / ".edgeprune-recovery").exists()
 
 
