@@ -95,7 +95,7 @@ def recovery_options(fn):
     fn = click.option("--distill-rank", type=int, default=0, show_default=True,
                       help="With --distill-steps: train rank-R adapters on every projection (LoRA, at a learning rate "
                            "of 1e-3) instead of every weight (0), merged back before export: one rate that "
-                           "recovers both SmolLM2 and Gemma 3.")(fn)
+                           "recovered both SmolLM2 and Gemma 3 with the KL alone.")(fn)
     fn = click.option("--distill-steps", type=int, default=0, show_default=True,
                       help="Recover a pruned model by distillation from the unpruned one, up to this many steps per "
                            "pruning step (0: off). Ctrl-C keeps a checkpoint; the same command resumes.")(fn)

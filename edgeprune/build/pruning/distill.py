@@ -57,8 +57,9 @@ class DistillOptions:
       dense model gets too: trained the same way it goes 13.38 / 37.65 to 11.28 / 33.42. Against the unpruned
       model, which is what a user ships instead, the pruned one still wins back three quarters of the gap.
     40 steps, with the teacher's pass over their windows, fit 15 minutes on that machine (a step 12-13 s, the
-    pass about 4 min); 120 steps took 38. Gemma 3 270M wants a fifth of SmolLM2's rate for KL alone (at 1e-4 its
-    in-domain gap widened 79%; 2e-5 won back 24% / 54% in 20 steps, adapters at 1e-3 22% / 53%). Adapters save 13%
+    pass about 4 min); 120 steps took 38. Gemma 3 270M (20 steps; one-shot 16.92 / 114.00, dense 13.01 / 42.55)
+    wants a fifth of SmolLM2's rate: with labels at 2e-5 14.93 / 72.60 (51% / 58%), at 1e-4 18.03 / 77.38 (the
+    in-domain gap 28% wider; The Tempest's 51% won back); KL alone at 2e-5 24% / 54%, adapters at 1e-3 22% / 53%. Adapters save 13%
     of a step on SmolLM2 and nothing on Gemma, whose 262k-token head dominates a step. The stop rule measures the
     training loss on the held-out windows."""
 
