@@ -3,13 +3,14 @@
 The teacher's top-k log-probabilities and its tail mass (the representation of a validation bundle) are computed
 once, before pruning, chunk by chunk into files on disk (`TeacherCache`), so neither all teacher logits nor the
 teacher itself need to stay in memory while the student trains. The loss is KL(teacher ‖ student) over the top-k
-tokens plus the tail, mixed with the cross-entropy of the text's own next tokens (`recovery_loss`). Every weight of the decoder layers is trained (full fine-tuning of the kept weights); the
-embeddings and the output head stay as they are, so the exported shape, and the planner's cost model, do not change.
+tokens plus the tail, mixed with the cross-entropy of the text's own next tokens (`recovery_loss`). Every weight
+of the decoder layers is trained (full fine-tuning of the kept weights); the embeddings and the output head stay as
+they are, so the exported shape, and the planner's cost model, do not change.
 
 Training sequences are windows spread evenly over the recovery texts (texts.recovery_texts: broader than the
 calibration text and free of every evaluation text), an equal share from each; a few are held out, and the loss
-on them is the stop rule. Ctrl-C or SIGTERM ends the current step, then writes a checkpoint; the same run started again resumes
-from it and gives the same weights as a run that was never interrupted.
+on them is the stop rule. Ctrl-C or SIGTERM ends the current step, then writes a checkpoint; the same run started
+again resumes from it and gives the same weights as a run that was never interrupted.
 """
 
 from __future__ import annotations
@@ -59,9 +60,9 @@ class DistillOptions:
     40 steps, with the teacher's pass over their windows, fit 15 minutes on that machine (a step 12-13 s, the
     pass about 4 min); 120 steps took 38. Gemma 3 270M (20 steps; one-shot 16.92 / 114.00, dense 13.01 / 42.55)
     wants a fifth of SmolLM2's rate: with labels at 2e-5 14.93 / 72.60 (51% / 58%), at 1e-4 18.03 / 77.38 (the
-    in-domain gap 28% wider; The Tempest's 51% won back); KL alone at 2e-5 24% / 54%, adapters at 1e-3 22% / 53%. Adapters save 13%
-    of a step on SmolLM2 and nothing on Gemma, whose 262k-token head dominates a step. The stop rule measures the
-    training loss on the held-out windows."""
+    in-domain gap 28% wider; The Tempest's 51% won back); KL alone at 2e-5 24% / 54%, adapters at 1e-3 22% /
+    53%. Adapters save 13% of a step on SmolLM2 and nothing on Gemma, whose 262k-token head dominates a step. The
+    stop rule measures the training loss on the held-out windows."""
 
     steps: int = 40
     batch_size: int = 4
@@ -240,7 +241,10 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 def topk_kl(student_logits: torch.Tensor, logp: torch.Tensor, ids: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
     """Mean KL(teacher ‖ student) per position, over the teacher's top-k tokens and the rest taken as one."""
-    student = torch.log_softmax(student_logits.float(), -1)
+    return _topk_kl(torch.log_softmax(student_logits.float(), -1), logp, ids, tail)
+
+
+def _topk_kl(student: torch.Tensor, logp: torch.Tensor, ids: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
     mine = student.gather(-1, ids.long())
     my_tail = _log1mexp(torch.logsumexp(mine, -1))
     kl = (logp.exp() * (logp - mine)).sum(-1) + tail.exp() * (tail - my_tail)
@@ -250,12 +254,13 @@ def topk_kl(student_logits: torch.Tensor, logp: torch.Tensor, ids: torch.Tensor,
 def recovery_loss(student_logits: torch.Tensor, tokens: torch.Tensor, logp: torch.Tensor, ids: torch.Tensor,
                   tail: torch.Tensor, label_weight: float) -> torch.Tensor:
     """The training loss: the teacher's top-k KL, and with `label_weight` of the whole the cross-entropy of the
-    window's own next tokens, which the teacher's logits only approximate (DistillOptions says what it won)."""
-    kl = topk_kl(student_logits, logp, ids, tail)
+    window's own next tokens, which the teacher's logits only approximate (DistillOptions says what it won). The
+    student's log-probs are taken once for both: on Gemma's 262k-token vocabulary a copy is 1 GB a step."""
+    student = torch.log_softmax(student_logits.float(), -1)
+    kl = _topk_kl(student, logp, ids, tail)
     if not label_weight:
         return kl
-    vocab = student_logits.shape[-1]
-    nll = torch.nn.functional.cross_entropy(student_logits[:, :-1].float().reshape(-1, vocab), tokens[:, 1:].reshape(-1))
+    nll = torch.nn.functional.nll_loss(student[:, :-1].reshape(-1, student.shape[-1]), tokens[:, 1:].reshape(-1))
     return (1 - label_weight) * kl + label_weight * nll
 
 
